@@ -1,0 +1,176 @@
+"""One exception tree for every pattern in the chain.
+
+Callers branch on three questions: is it worth retrying later (``TransientError``), will it
+never succeed (``PermanentError``), or did we refuse to even try (``RejectedError``, which
+carries ``retry_after`` so HTTP layers can answer 429/503 with ``Retry-After``)?
+Every ``str()`` is one line so logs and dead-letter records stay greppable.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "AttemptTimeout",
+    "Backpressure",
+    "BulkheadFull",
+    "CircuitOpen",
+    "ConfigError",
+    "DeadlineExceeded",
+    "DeferralError",
+    "NotIdempotent",
+    "PermanentError",
+    "RateLimited",
+    "RejectedError",
+    "RetriesExhausted",
+    "Shed",
+    "TidegateError",
+    "TransientError",
+]
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+class TidegateError(Exception):
+    """Root of every error Tidegate raises on purpose."""
+
+    def __str__(self) -> str:
+        return _one_line(super().__str__())
+
+
+class ConfigError(TidegateError, ValueError):
+    """A configuration value is missing, unknown or out of range."""
+
+
+class TransientError(TidegateError):
+    """The call may succeed later: worth retrying (with backoff, if idempotent)."""
+
+
+class PermanentError(TidegateError):
+    """The call will never succeed as made: never retried, dead-lettered at once."""
+
+
+class RejectedError(TransientError):
+    """Refused before calling the dependency (fail fast); never retried inside a chain.
+
+    ``retry_after`` (seconds) tells the caller when trying again makes sense, if known.
+    """
+
+    reason = "rejected"
+
+    def __init__(
+        self,
+        message: str | None = None,
+        *,
+        retry_after: float | None = None,
+        dependency: str | None = None,
+    ) -> None:
+        self.retry_after = retry_after
+        self.dependency = dependency
+        if message is None:
+            message = self.reason.replace("_", " ")
+            if dependency:
+                message = f"{dependency}: {message}"
+        if retry_after is not None:
+            message = f"{message} (retry after {retry_after:.3f}s)"
+        super().__init__(message)
+
+    def __reduce__(self):  # keep attributes across pickling (Celery, multiprocessing)
+        return (_rebuild, (type(self), self.args, self.__dict__))
+
+
+def _rebuild(cls, args, state):
+    obj = cls.__new__(cls)
+    Exception.__init__(obj, *args)
+    obj.__dict__.update(state)
+    return obj
+
+
+class CircuitOpen(RejectedError):
+    """The dependency's circuit breaker is OPEN (or HALF_OPEN with all trial slots taken)."""
+
+    reason = "circuit_open"
+
+
+class BulkheadFull(RejectedError):
+    """All of the dependency's concurrency slots are busy and the wait ran out."""
+
+    reason = "bulkhead_full"
+
+
+class RateLimited(RejectedError):
+    """The caller (key) exceeded its rate: HTTP 429 with Retry-After."""
+
+    reason = "rate_limited"
+
+
+class Shed(RejectedError):
+    """Dropped on purpose under load to save higher-priority work: HTTP 503."""
+
+    reason = "shed"
+
+    def __init__(
+        self,
+        message: str | None = None,
+        *,
+        priority: object = None,
+        retry_after: float | None = None,
+        dependency: str | None = None,
+    ) -> None:
+        self.priority = priority
+        if message is None and priority is not None:
+            name = getattr(priority, "name", str(priority))
+            message = f"{self.reason.replace('_', ' ')} priority {name}"
+            if dependency:
+                message = f"{dependency}: {message}"
+        super().__init__(message, retry_after=retry_after, dependency=dependency)
+
+
+class Backpressure(Shed):
+    """Shed because a downstream queue is too deep: the producer should slow down."""
+
+    reason = "backpressure"
+
+
+class DeadlineExceeded(TransientError):
+    """The total time budget for the call is spent."""
+
+
+class AttemptTimeout(DeadlineExceeded):
+    """One attempt ran past its per-attempt timeout (the budget may allow another)."""
+
+
+class RetriesExhausted(TransientError):
+    """Every allowed attempt failed with a transient error; ``last_exception`` says why."""
+
+    def __init__(
+        self,
+        message: str | None = None,
+        *,
+        last_exception: BaseException | None = None,
+        attempts: int = 0,
+        dependency: str | None = None,
+    ) -> None:
+        self.last_exception = last_exception
+        self.attempts = attempts
+        self.dependency = dependency
+        if message is None:
+            who = f"{dependency}: " if dependency else ""
+            last = (
+                f": {type(last_exception).__name__}: {last_exception}"
+                if last_exception is not None
+                else ""
+            )
+            message = f"{who}retries exhausted after {attempts} attempt(s){last}"
+        super().__init__(message)
+
+    def __reduce__(self):
+        return (_rebuild, (type(self), self.args, self.__dict__))
+
+
+class NotIdempotent(PermanentError):
+    """A retry was asked for a non-idempotent call that carries no idempotency key."""
+
+
+class DeferralError(TidegateError):
+    """The queue-for-later store failed: the request was NOT stored."""
