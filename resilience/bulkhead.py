@@ -1,0 +1,143 @@
+"""Bulkhead: a concurrency limit per dependency, with a bounded wait and a clear rejection.
+
+Sync work runs in the bulkhead's own thread pool (size = ``max_concurrent``) so an attempt
+can be abandoned on timeout; the slot is released only when the work really finishes, so
+abandoned work stays bounded by the limit and the pool's queue never grows. Async callers
+take the same slots (one limit per dependency, whichever style calls it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import math
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from . import metrics
+from .errors import BulkheadFull, ConfigError
+
+__all__ = ["Bulkhead", "BulkheadConfig"]
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class BulkheadConfig:
+    """Seed: payments 20, search 50. ``max_wait`` 0 rejects at once when full."""
+
+    max_concurrent: int = 20
+    max_wait: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.max_concurrent, int) and self.max_concurrent >= 1):
+            raise ConfigError(
+                f"bulkhead max_concurrent must be an integer >= 1, got {self.max_concurrent!r}"
+            )
+        if not (self.max_wait >= 0 and math.isfinite(self.max_wait)):
+            raise ConfigError(f"bulkhead max_wait must be >= 0 s and finite, got {self.max_wait!r}")
+
+
+class Bulkhead:
+    def __init__(self, name: str, config: BulkheadConfig | None = None) -> None:
+        self.name = name
+        self.config = config or BulkheadConfig()
+        self._slots = threading.BoundedSemaphore(self.config.max_concurrent)
+        self._in_use = 0
+        self._count_lock = threading.Lock()
+        self._pool: ThreadPoolExecutor | None = None
+        self._pool_lock = threading.Lock()
+
+    @property
+    def in_use(self) -> int:
+        """Slots taken, including abandoned work still running."""
+        return self._in_use
+
+    def _taken(self) -> None:
+        with self._count_lock:
+            self._in_use += 1
+
+    def _reject(self) -> None:
+        metrics.REJECTIONS.labels(dependency=self.name, reason=BulkheadFull.reason).inc()
+        raise BulkheadFull(
+            f"{self.name}: bulkhead full ({self.config.max_concurrent} concurrent calls)",
+            dependency=self.name,
+        )
+
+    def acquire(self, max_wait: float | None = None) -> None:
+        """Take a slot, waiting at most ``max_wait`` (default: the config's), or BulkheadFull."""
+        wait = self.config.max_wait if max_wait is None else max_wait
+        ok = self._slots.acquire(timeout=wait) if wait > 0 else self._slots.acquire(blocking=False)
+        if not ok:
+            self._reject()
+        self._taken()
+
+    async def aacquire(self, max_wait: float | None = None) -> None:
+        """Async :meth:`acquire`: polls briefly under contention instead of blocking the loop."""
+        wait = self.config.max_wait if max_wait is None else max_wait
+        if not self._slots.acquire(blocking=False):
+            loop = asyncio.get_running_loop()
+            end = loop.time() + wait
+            pause = 0.0005
+            while True:
+                left = end - loop.time()
+                if left <= 0:
+                    self._reject()
+                await asyncio.sleep(min(pause, left))
+                if self._slots.acquire(blocking=False):
+                    break
+                pause = min(pause * 2, 0.01)
+        self._taken()
+
+    def release(self) -> None:
+        with self._count_lock:
+            self._in_use -= 1
+        self._slots.release()
+
+    def _executor(self) -> ThreadPoolExecutor:
+        if self._pool is None:
+            with self._pool_lock:
+                if self._pool is None:
+                    self._pool = ThreadPoolExecutor(
+                        max_workers=self.config.max_concurrent,
+                        thread_name_prefix=f"bulkhead-{self.name}",
+                    )
+        return self._pool
+
+    def submit(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> Future[T]:
+        """Take a slot and run ``fn`` in the pool (context variables follow it).
+
+        The slot is released when ``fn`` returns, even if the caller stopped waiting.
+        """
+        self.acquire()
+        ctx = contextvars.copy_context()
+        try:
+            future = self._executor().submit(ctx.run, fn, *args, **kwargs)
+        except BaseException:
+            self.release()
+            raise
+        future.add_done_callback(lambda _f: self.release())
+        return future
+
+    def call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Run ``fn`` inline under a slot (no timeout, no thread hop)."""
+        self.acquire()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            self.release()
+
+    async def acall(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        await self.aacquire()
+        try:
+            return await fn(*args, **kwargs)
+        finally:
+            self.release()
+
+    def shutdown(self, wait: bool = False) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=wait, cancel_futures=True)
+            self._pool = None

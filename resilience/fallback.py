@@ -1,0 +1,258 @@
+"""Fallbacks: what a call returns when the dependency is unavailable.
+
+Small strategy objects, composed in order with ``|`` (``CachedValue(...) | DefaultValue([])``):
+the first one that can serve wins. They trigger on circuit open, bulkhead full, deadline
+exceeded, retries exhausted and other transient errors; never on a permanent error (the
+request itself is wrong, a stale answer would hide it).
+
+Results are typed so callers can render them: :class:`Unavailable` (fail gracefully) and
+:class:`Deferred` (queued for later). Queue-for-later never loses a request silently: if the
+sink cannot store it, the next strategy runs, and if none is left, :class:`DeferralError`.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+from . import metrics
+from .errors import DeferralError, TidegateError
+from .stores import Cache
+
+__all__ = [
+    "CachedValue",
+    "CallContext",
+    "DefaultValue",
+    "DeferralSink",
+    "Deferred",
+    "DeferredRequest",
+    "Fallback",
+    "FallbackChain",
+    "Graceful",
+    "MemoryDeferralSink",
+    "NoFallback",
+    "QueueForLater",
+    "Unavailable",
+    "default_cache_key",
+]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class CallContext:
+    """What a fallback may know about the call it stands in for."""
+
+    dependency: str
+    task: str
+    args: tuple = ()
+    kwargs: dict = field(default_factory=dict)
+    idempotency_key: str | None = None
+    priority: int = 1
+
+
+@dataclass(frozen=True)
+class Unavailable:
+    """'Fail gracefully': a result the caller renders instead of an error page."""
+
+    dependency: str
+    reason: str
+    message: str
+
+
+@dataclass(frozen=True)
+class Deferred:
+    """'Queue for later': the request was stored under ``id`` and will be replayed."""
+
+    id: str
+    dependency: str
+
+
+@dataclass(frozen=True)
+class DeferredRequest:
+    """Everything needed to replay a call once the dependency recovers."""
+
+    dependency: str
+    task: str
+    args: tuple = ()
+    kwargs: dict = field(default_factory=dict)
+    idempotency_key: str | None = None
+    priority: int = 1
+    reason: str = ""
+    first_deferred_at: float = field(default_factory=time.time)
+    deferrals: int = 1
+
+
+@runtime_checkable
+class DeferralSink(Protocol):
+    """A queue-for-later store (the SQS one lives in workers/)."""
+
+    def defer(self, request: DeferredRequest) -> str:
+        """Store the request and return its id; raise DeferralError if it was NOT stored."""
+
+
+class MemoryDeferralSink:
+    """An in-process sink for tests and single-process demos."""
+
+    def __init__(self) -> None:
+        self.requests: dict[str, DeferredRequest] = {}
+        self._lock = threading.Lock()
+
+    def defer(self, request: DeferredRequest) -> str:
+        rid = uuid.uuid4().hex
+        with self._lock:
+            self.requests[rid] = request
+        return rid
+
+
+class NoFallback(TidegateError):
+    """Raised by a strategy that cannot serve this call: the next one is tried."""
+
+
+class Fallback:
+    """Base strategy. ``recover`` returns a stand-in result or raises :class:`NoFallback`."""
+
+    kind = "none"
+
+    def recover(self, ctx: CallContext, error: BaseException) -> Any:
+        raise NoFallback(f"{ctx.dependency}: no fallback")
+
+    def on_success(self, ctx: CallContext, result: Any) -> None:
+        """Called with every successful result (the cached fallback stores it)."""
+
+    def __or__(self, other: Fallback) -> FallbackChain:
+        return FallbackChain((*_items(self), *_items(other)))
+
+
+def _items(f: Fallback) -> tuple[Fallback, ...]:
+    return f.strategies if isinstance(f, FallbackChain) else (f,)
+
+
+class FallbackChain(Fallback):
+    """Strategies tried in order."""
+
+    def __init__(self, strategies: tuple[Fallback, ...]) -> None:
+        self.strategies = tuple(strategies)
+        self.kind = "|".join(s.kind for s in self.strategies)
+
+    def recover(self, ctx: CallContext, error: BaseException) -> Any:
+        last: BaseException | None = None
+        for s in self.strategies:
+            try:
+                return s.recover(ctx, error)
+            except (NoFallback, DeferralError) as exc:
+                last = exc
+        assert last is not None
+        raise last
+
+    def on_success(self, ctx: CallContext, result: Any) -> None:
+        for s in self.strategies:
+            s.on_success(ctx, result)
+
+    def __repr__(self) -> str:
+        return " | ".join(map(repr, self.strategies))
+
+
+def default_cache_key(ctx: CallContext) -> str:
+    """Dependency, task and arguments: one cached answer per distinct call."""
+    kw = ",".join(f"{k}={v!r}" for k, v in sorted(ctx.kwargs.items()))
+    return f"{ctx.dependency}:{ctx.task}:{ctx.args!r}:{kw}"
+
+
+class CachedValue(Fallback):
+    """Serve the last good answer, if it is at most ``ttl`` seconds old."""
+
+    kind = "cached"
+
+    def __init__(
+        self, cache: Cache, ttl: float, key: Callable[[CallContext], str] = default_cache_key
+    ) -> None:
+        from .timeout import check_timeout
+
+        self.cache = cache
+        self.ttl = check_timeout(ttl, "cached fallback ttl")
+        self.key = key
+
+    def on_success(self, ctx: CallContext, result: Any) -> None:
+        self.cache.set(self.key(ctx), result, self.ttl)
+
+    def recover(self, ctx: CallContext, error: BaseException) -> Any:
+        entry = self.cache.get(self.key(ctx))
+        if entry is None or entry.age > self.ttl:
+            raise NoFallback(f"{ctx.dependency}: no cached value within {self.ttl:g}s")
+        return entry.value
+
+    def __repr__(self) -> str:
+        return f"CachedValue(ttl={self.ttl:g})"
+
+
+class DefaultValue(Fallback):
+    """A default/empty answer; pass a factory (``list``) for mutable values."""
+
+    kind = "default"
+
+    def __init__(self, value_or_factory: Any = None) -> None:
+        self.value_or_factory = value_or_factory
+
+    def recover(self, ctx: CallContext, error: BaseException) -> Any:
+        v = self.value_or_factory
+        return v() if callable(v) else copy.deepcopy(v)
+
+    def __repr__(self) -> str:
+        return f"DefaultValue({self.value_or_factory!r})"
+
+
+class Graceful(Fallback):
+    """Return :class:`Unavailable` with a message fit for users."""
+
+    kind = "graceful"
+
+    def __init__(self, message: str | None = None) -> None:
+        self.message = message
+
+    def recover(self, ctx: CallContext, error: BaseException) -> Unavailable:
+        reason = getattr(error, "reason", None) or type(error).__name__
+        message = self.message or f"{ctx.dependency} is temporarily unavailable"
+        return Unavailable(ctx.dependency, str(reason), message)
+
+    def __repr__(self) -> str:
+        return f"Graceful({self.message!r})"
+
+
+class QueueForLater(Fallback):
+    """Store the request in a :class:`DeferralSink`; return :class:`Deferred`."""
+
+    kind = "queue"
+
+    def __init__(self, sink: DeferralSink) -> None:
+        self.sink = sink
+
+    def recover(self, ctx: CallContext, error: BaseException) -> Deferred:
+        request = DeferredRequest(
+            dependency=ctx.dependency,
+            task=ctx.task,
+            args=tuple(ctx.args),
+            kwargs=dict(ctx.kwargs),
+            idempotency_key=ctx.idempotency_key,
+            priority=int(ctx.priority),
+            reason=f"{type(error).__name__}: {error}",
+        )
+        try:
+            rid = self.sink.defer(request)
+        except DeferralError:
+            metrics.DEFERRALS.labels(dependency=ctx.dependency, result="failed").inc()
+            raise
+        except Exception as exc:
+            metrics.DEFERRALS.labels(dependency=ctx.dependency, result="failed").inc()
+            raise DeferralError(f"{ctx.dependency}: request not stored: {exc}") from exc
+        metrics.DEFERRALS.labels(dependency=ctx.dependency, result="stored").inc()
+        return Deferred(rid, ctx.dependency)
+
+    def __repr__(self) -> str:
+        return f"QueueForLater({type(self.sink).__name__})"

@@ -1,0 +1,504 @@
+"""The chain for one dependency, built from the policy file, applied as a call or decorator.
+
+Outermost first (DESIGN.md)::
+
+    RateLimiter > LoadShedder > Fallback > Deadline > Retry > CircuitBreaker > Bulkhead
+    > Timeout > call
+
+Policy file: one ``[dependencies.NAME]`` table per dependency (see :meth:`PolicyConfig.
+from_mapping`); absent values take the seed's defaults.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import random
+import threading
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from . import deadline as _deadline
+from . import metrics
+from .breaker import BreakerConfig, CircuitBreaker
+from .bulkhead import Bulkhead, BulkheadConfig
+from .clock import SYSTEM_CLOCK, Clock
+from .errors import ConfigError, PermanentError, RejectedError, TransientError
+from .fallback import (
+    CachedValue,
+    CallContext,
+    DefaultValue,
+    DeferralSink,
+    Fallback,
+    Graceful,
+    NoFallback,
+    QueueForLater,
+)
+from .latency import LatencyRecorder
+from .ratelimit import RateLimitConfig, RateLimiter
+from .retry import Retrier, RetryBudget, RetryConfig
+from .shedding import LoadShedder, Priority
+from .stores import Cache, MemoryCache, MemoryStore, StateStore
+from .timeout import Timeout, check_timeout
+
+__all__ = [
+    "FallbackSpec",
+    "Policy",
+    "PolicyConfig",
+    "PolicyRegistry",
+    "build_fallback",
+    "build_policies",
+]
+
+T = TypeVar("T")
+
+FALLBACK_KINDS = ("none", "cached", "default", "graceful", "queue")
+LEAD_KEYS = frozenset({"queue", "url", "tasks"})  # read by workers/, ignored here
+
+
+@dataclass(frozen=True)
+class FallbackSpec:
+    kind: str = "none"
+    ttl: float = 300.0  # cached: how stale an answer may be served
+    value: Any = None  # default: the value returned
+    message: str | None = None  # graceful: what users read
+
+    def __post_init__(self) -> None:
+        if self.kind not in FALLBACK_KINDS:
+            raise ConfigError(
+                f"fallback kind must be one of {', '.join(FALLBACK_KINDS)}, got {self.kind!r}"
+            )
+        check_timeout(self.ttl, "fallback ttl_s")
+
+
+@dataclass(frozen=True)
+class PolicyConfig:
+    """One dependency's policy. Seed defaults: 80 ms per attempt, 200 ms in total.
+
+    ``retry=None`` means the seed's schedule. A non-idempotent dependency may not declare a
+    retry (ConfigError): its calls retry only when they carry an idempotency key.
+    """
+
+    name: str = "default"
+    timeout: float = 0.08
+    deadline: float = 0.2
+    idempotent: bool = False
+    retry: RetryConfig | None = None
+    breaker: BreakerConfig = field(default_factory=BreakerConfig)
+    bulkhead: BulkheadConfig = field(default_factory=BulkheadConfig)
+    rate_limit: RateLimitConfig | None = None
+    fallback: FallbackSpec = field(default_factory=FallbackSpec)
+
+    def __post_init__(self) -> None:
+        check_timeout(self.timeout, f"{self.name}: timeout")
+        check_timeout(self.deadline, f"{self.name}: deadline")
+        if self.timeout > self.deadline:
+            raise ConfigError(
+                f"{self.name}: per-attempt timeout {self.timeout}s exceeds the deadline "
+                f"{self.deadline}s"
+            )
+        if not isinstance(self.idempotent, bool):
+            raise ConfigError(f"{self.name}: idempotent must be true or false")
+        if not self.idempotent and self.retry is not None and self.retry.max_attempts > 1:
+            raise ConfigError(
+                f"{self.name}: not idempotent, so it may not declare a retry; calls carrying "
+                "an idempotency key retry with the default schedule (or set idempotent = true)"
+            )
+
+    @property
+    def retry_config(self) -> RetryConfig:
+        return self.retry or RetryConfig()
+
+    @classmethod
+    def from_mapping(cls, name: str, table: Mapping[str, Any]) -> PolicyConfig:
+        """Parse one ``[dependencies.NAME]`` table; unknown keys are a ConfigError."""
+        where = f"dependencies.{name}"
+        table = dict(table)
+        for k in LEAD_KEYS:
+            table.pop(k, None)
+        kw: dict[str, Any] = {"name": name}
+        top = {
+            "idempotent": ("idempotent", 1),
+            "timeout_ms": ("timeout", 1000),
+            "deadline_ms": ("deadline", 1000),
+        }
+        sections: dict[str, dict[str, tuple[str, float]]] = {
+            "retry": {
+                "max_attempts": ("max_attempts", 1),
+                "base_s": ("base", 1),
+                "max_wait_s": ("max_wait", 1),
+            },
+            "breaker": {
+                "failure_rate": ("failure_rate", 1),
+                "window_s": ("window", 1),
+                "minimum_calls": ("minimum_calls", 1),
+                "open_s": ("open_duration", 1),
+                "half_open_calls": ("half_open_calls", 1),
+                "slow_call_ms": ("slow_call_duration", 1000),
+                "slow_call_rate": ("slow_call_rate", 1),
+            },
+            "bulkhead": {
+                "max_concurrent": ("max_concurrent", 1),
+                "max_wait_ms": ("max_wait", 1000),
+            },
+            "rate_limit": {"rate_per_s": ("rate", 1), "burst": ("burst", 1)},
+            "fallback": {
+                "kind": ("kind", 1),
+                "ttl_s": ("ttl", 1),
+                "value": ("value", 1),
+                "message": ("message", 1),
+            },
+        }
+        builders = {
+            "retry": RetryConfig,
+            "breaker": BreakerConfig,
+            "bulkhead": BulkheadConfig,
+            "rate_limit": RateLimitConfig,
+            "fallback": FallbackSpec,
+        }
+
+        def convert(path: str, value: Any, scale: float) -> Any:
+            if scale == 1:
+                return value
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise ConfigError(f"{path} must be a number, got {value!r}")
+            return value / scale
+
+        for key, value in table.items():
+            path = f"{where}.{key}"
+            if key in top:
+                attr, scale = top[key]
+                kw[attr] = convert(path, value, scale)
+            elif key in sections:
+                if not isinstance(value, Mapping):
+                    raise ConfigError(f"{path} must be a table")
+                known = sections[key]
+                args: dict[str, Any] = {}
+                for sub, subval in value.items():
+                    if sub not in known:
+                        raise ConfigError(
+                            f"unknown key {path}.{sub} (expected one of {', '.join(known)})"
+                        )
+                    attr, scale = known[sub]
+                    args[attr] = convert(f"{path}.{sub}", subval, scale)
+                try:
+                    kw[key] = builders[key](**args)
+                except TypeError as exc:  # e.g. rate_limit without rate_per_s
+                    raise ConfigError(f"{path}: {exc}") from None
+                except ConfigError as exc:
+                    raise ConfigError(f"{path}: {exc}") from None
+            else:
+                raise ConfigError(
+                    f"unknown key {path} (expected one of {', '.join([*top, *sections])})"
+                )
+        return cls(**kw)
+
+
+def build_fallback(
+    spec: FallbackSpec,
+    *,
+    dependency: str,
+    cache: Cache | None = None,
+    deferral_sink: DeferralSink | None = None,
+) -> Fallback | None:
+    """The strategy a spec names. A queue fallback without a sink is refused (never lose it)."""
+    if spec.kind == "none":
+        return None
+    if spec.kind == "cached":
+        return CachedValue(cache if cache is not None else MemoryCache(), spec.ttl)
+    if spec.kind == "default":
+        return DefaultValue(spec.value)
+    if spec.kind == "graceful":
+        return Graceful(spec.message)
+    if deferral_sink is None:
+        raise ConfigError(f"{dependency}: fallback kind 'queue' needs a deferral sink")
+    return QueueForLater(deferral_sink)
+
+
+def _task_name(fn: Callable[..., Any]) -> str:
+    name = getattr(fn, "name", None)  # Celery tasks carry their registered name
+    if isinstance(name, str):
+        return name
+    return f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', repr(fn))}"
+
+
+class Policy:
+    """One dependency's chain. Thread-safe; ``call`` for sync, ``acall`` for asyncio."""
+
+    def __init__(
+        self,
+        config: PolicyConfig,
+        *,
+        store: StateStore | None = None,
+        clock: Clock = SYSTEM_CLOCK,
+        cache: Cache | None = None,
+        deferral_sink: DeferralSink | None = None,
+        fallback: Fallback | None = None,
+        shedder: LoadShedder | None = None,
+        retry_budget: RetryBudget | None = None,
+        rng: Any = random,
+    ) -> None:
+        self.config = config
+        self.name = config.name
+        self.clock = clock
+        self.store: StateStore = store if store is not None else MemoryStore(clock)
+        self.breaker = CircuitBreaker(self.name, config.breaker, self.store, clock)
+        self.bulkhead = Bulkhead(self.name, config.bulkhead)
+        self.timeout = Timeout(config.timeout, self.bulkhead, clock)
+        self.retry_budget = retry_budget or RetryBudget(
+            name=self.name, store=self.store, clock=clock
+        )
+        self.retrier = Retrier(
+            config.retry_config, name=self.name, budget=self.retry_budget, clock=clock, rng=rng
+        )
+        self.rate_limiter = (
+            RateLimiter(self.name, config.rate_limit, self.store, clock)
+            if config.rate_limit
+            else None
+        )
+        self.shedder = shedder
+        self.fallback = (
+            fallback
+            if fallback is not None
+            else build_fallback(
+                config.fallback, dependency=self.name, cache=cache, deferral_sink=deferral_sink
+            )
+        )
+        self.latency = LatencyRecorder()
+        self._fallback_on = (TransientError, *config.retry_config.retry_on)
+        self._duration = metrics.CALL_DURATION.labels(dependency=self.name)
+        self._outcomes = {
+            o: metrics.CALLS.labels(dependency=self.name, outcome=o)
+            for o in ("success", "failure", "rejected", "fallback")
+        }
+
+    # -- layers shared by sync and async
+    def _admit(self, priority: Priority, client: str | None) -> None:
+        try:
+            if self.rate_limiter is not None:
+                self.rate_limiter.acquire(client or "-")
+            if self.shedder is not None:
+                self.shedder.admit(priority)
+        except RejectedError:
+            self._outcomes["rejected"].inc()
+            raise
+
+    def _retryable(self, idempotency_key: str | None) -> bool:
+        return self.config.idempotent or idempotency_key is not None
+
+    def _recover(self, ctx: CallContext, error: BaseException) -> Any:
+        if (
+            self.fallback is None
+            or isinstance(error, PermanentError)
+            or not isinstance(error, self._fallback_on)
+        ):
+            self._outcomes["rejected" if isinstance(error, RejectedError) else "failure"].inc()
+            raise error
+        try:
+            result = self.fallback.recover(ctx, error)
+        except NoFallback:
+            self._outcomes["failure"].inc()
+            raise error from None
+        except BaseException:
+            self._outcomes["failure"].inc()
+            raise
+        self._outcomes["fallback"].inc()
+        metrics.FALLBACKS.labels(dependency=self.name, kind=self.fallback.kind).inc()
+        return result
+
+    def _observe(self, seconds: float) -> None:
+        self.latency.record(seconds)
+        self._duration.observe(seconds)
+
+    def _succeeded(self, ctx: CallContext, result: Any) -> None:
+        self._outcomes["success"].inc()
+        if self.fallback is not None:
+            self.fallback.on_success(ctx, result)
+
+    # -- sync
+    def call(
+        self,
+        fn: Callable[..., T],
+        *args: Any,
+        idempotency_key: str | None = None,
+        priority: Priority | str | int = Priority.HIGH,
+        client: str | None = None,
+        **kwargs: Any,
+    ) -> T | Any:
+        """Run ``fn(*args, **kwargs)`` through the chain. ``client`` keys the rate limit."""
+        prio = Priority.parse(priority)
+        self._admit(prio, client)
+        ctx = CallContext(self.name, _task_name(fn), args, kwargs, idempotency_key, int(prio))
+
+        def attempt() -> T:
+            permit = self.breaker.acquire()
+            start = self.clock.now()
+            try:
+                result = self.timeout.call(fn, *args, **kwargs)
+            except BaseException as exc:
+                took = self.clock.now() - start
+                self.breaker.record(permit, exc, took)
+                self._observe(took)
+                raise
+            took = self.clock.now() - start
+            self.breaker.record(permit, None, took)
+            self._observe(took)
+            return result
+
+        try:
+            with _deadline.deadline_scope(self.config.deadline, clock=self.clock):
+                result = self.retrier.call(attempt, retryable=self._retryable(idempotency_key))
+        except Exception as exc:
+            return self._recover(ctx, exc)
+        self._succeeded(ctx, result)
+        return result
+
+    # -- async
+    async def acall(
+        self,
+        fn: Callable[..., Awaitable[T]],
+        *args: Any,
+        idempotency_key: str | None = None,
+        priority: Priority | str | int = Priority.HIGH,
+        client: str | None = None,
+        **kwargs: Any,
+    ) -> T | Any:
+        """Await ``fn(*args, **kwargs)`` through the chain."""
+        prio = Priority.parse(priority)
+        self._admit(prio, client)
+        ctx = CallContext(self.name, _task_name(fn), args, kwargs, idempotency_key, int(prio))
+
+        async def attempt() -> T:
+            permit = self.breaker.acquire()
+            start = self.clock.now()
+            try:
+                result = await self.timeout.acall(fn, *args, **kwargs)
+            except BaseException as exc:
+                took = self.clock.now() - start
+                self.breaker.record(permit, exc, took)
+                self._observe(took)
+                raise
+            took = self.clock.now() - start
+            self.breaker.record(permit, None, took)
+            self._observe(took)
+            return result
+
+        try:
+            with _deadline.deadline_scope(self.config.deadline, clock=self.clock):
+                result = await self.retrier.acall(
+                    attempt, retryable=self._retryable(idempotency_key)
+                )
+        except Exception as exc:
+            return self._recover(ctx, exc)
+        self._succeeded(ctx, result)
+        return result
+
+    # -- decorator
+    def guard(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+        """``@policy.guard``: every call of ``fn`` runs through the chain (sync or async)."""
+        if inspect.iscoroutinefunction(fn):
+
+            @functools.wraps(fn)
+            async def aguarded(*args: Any, **kwargs: Any) -> Any:
+                return await self.acall(fn, *args, **kwargs)
+
+            return aguarded
+
+        @functools.wraps(fn)
+        def guarded(*args: Any, **kwargs: Any) -> Any:
+            return self.call(fn, *args, **kwargs)
+
+        return guarded
+
+    def __repr__(self) -> str:
+        return f"Policy({self.name!r}, breaker={self.breaker.state.value})"
+
+
+def build_policies(
+    tables: Mapping[str, Mapping[str, Any]],
+    store: StateStore | None = None,
+    deferral_sink: DeferralSink | None = None,
+    cache: Cache | None = None,
+    *,
+    clock: Clock = SYSTEM_CLOCK,
+    shedder: LoadShedder | None = None,
+) -> dict[str, Policy]:
+    """One :class:`Policy` per ``[dependencies.NAME]`` table, sharing one store."""
+    store = store if store is not None else MemoryStore(clock)
+    return {
+        name: Policy(
+            PolicyConfig.from_mapping(name, table),
+            store=store,
+            clock=clock,
+            cache=cache,
+            deferral_sink=deferral_sink,
+            shedder=shedder,
+        )
+        for name, table in tables.items()
+    }
+
+
+class PolicyRegistry:
+    """One place to get the policy (and breaker) of a dependency by name.
+
+    Unknown names get a policy with the seed defaults, created once, as Resilience4j's
+    registries do.
+    """
+
+    def __init__(
+        self,
+        policies: Mapping[str, Policy] | None = None,
+        *,
+        store: StateStore | None = None,
+        clock: Clock = SYSTEM_CLOCK,
+        deferral_sink: DeferralSink | None = None,
+        cache: Cache | None = None,
+    ) -> None:
+        self._policies: dict[str, Policy] = dict(policies or {})
+        self.store = store if store is not None else MemoryStore(clock)
+        self.clock = clock
+        self.deferral_sink = deferral_sink
+        self.cache = cache
+        self._lock = threading.Lock()
+
+    @classmethod
+    def from_tables(
+        cls,
+        tables: Mapping[str, Mapping[str, Any]],
+        store: StateStore | None = None,
+        deferral_sink: DeferralSink | None = None,
+        cache: Cache | None = None,
+        *,
+        clock: Clock = SYSTEM_CLOCK,
+    ) -> PolicyRegistry:
+        store = store if store is not None else MemoryStore(clock)
+        policies = build_policies(tables, store, deferral_sink, cache, clock=clock)
+        return cls(policies, store=store, clock=clock, deferral_sink=deferral_sink, cache=cache)
+
+    def policy(self, name: str) -> Policy:
+        with self._lock:
+            p = self._policies.get(name)
+            if p is None:
+                p = self._policies[name] = Policy(
+                    PolicyConfig(name=name),
+                    store=self.store,
+                    clock=self.clock,
+                    deferral_sink=self.deferral_sink,
+                    cache=self.cache,
+                )
+            return p
+
+    __getitem__ = policy
+
+    def breaker(self, name: str) -> CircuitBreaker:
+        return self.policy(name).breaker
+
+    def names(self) -> list[str]:
+        return sorted(self._policies)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._policies
+
+    def __iter__(self):
+        return iter(self.names())

@@ -1,0 +1,291 @@
+"""Retry on tenacity: the seed's backoff with jitter, an idempotency gate, deadline-aware
+stopping and a retry budget.
+
+Schedule (``attempt`` is 1-based, the attempt about to start)::
+
+    attempt 1: 0 (immediate)
+    attempt n>1: 2^(n-1) * base + U(0, 2^(n-2) * base), capped at max_wait
+    -> base 1 s: 2-3 s, 4-6 s, 8-12 s; tests use milliseconds.
+
+Only transient errors retry (``TransientError`` and the configured ``retry_on`` types);
+``RejectedError`` (circuit open, bulkhead full, ...) and ``PermanentError`` surface at once.
+A retry never starts a sleep that would end past the current deadline: it stops before.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import threading
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import tenacity
+from tenacity.wait import wait_base
+
+from . import deadline as _deadline
+from . import metrics
+from .clock import SYSTEM_CLOCK, Clock
+from .errors import (
+    ConfigError,
+    DeadlineExceeded,
+    NotIdempotent,
+    PermanentError,
+    RejectedError,
+    RetriesExhausted,
+    TransientError,
+)
+from .stores import MemoryStore, StateStore
+
+__all__ = [
+    "Retrier",
+    "RetryBudget",
+    "RetryConfig",
+    "SeedBackoff",
+    "backoff_delay",
+    "is_retryable",
+    "retry_call",
+]
+
+T = TypeVar("T")
+
+
+def _exc_tuple(value: Any) -> tuple[type[BaseException], ...]:
+    if isinstance(value, type):
+        value = (value,)
+    value = tuple(value)
+    for v in value:
+        if not (isinstance(v, type) and issubclass(v, BaseException)):
+            raise ConfigError(f"retry_on must hold exception types, got {v!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class RetryConfig:
+    """Seed defaults: 4 attempts, base 1 s, no wait above 30 s."""
+
+    max_attempts: int = 4
+    base: float = 1.0
+    max_wait: float = 30.0
+    retry_on: tuple[type[BaseException], ...] = (OSError, TimeoutError)
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.max_attempts, int) and self.max_attempts >= 1):
+            raise ConfigError(
+                f"retry max_attempts must be an integer >= 1, got {self.max_attempts!r}"
+            )
+        if not (self.base > 0 and math.isfinite(self.base)):
+            raise ConfigError(f"retry base must be > 0 s, got {self.base!r}")
+        if not (self.max_wait > 0 and math.isfinite(self.max_wait)):
+            raise ConfigError(
+                f"retry max_wait must be > 0 s (never infinite), got {self.max_wait!r}"
+            )
+        object.__setattr__(self, "retry_on", _exc_tuple(self.retry_on))
+
+
+def backoff_delay(attempt: int, config: RetryConfig | None = None, rng: Any = random) -> float:
+    """Seconds to wait before ``attempt`` (1-based); 0 for attempt 1.
+
+    Workers use it for a Celery countdown: ``backoff_delay(self.request.retries + 2, cfg)``
+    is the wait before the next attempt when ``retries`` retries already ran.
+    """
+    cfg = config or RetryConfig()
+    if attempt < 1:
+        raise ConfigError(f"attempt numbers start at 1, got {attempt}")
+    if attempt == 1:
+        return 0.0
+    n = attempt - 1  # the n-th retry
+    fixed = (2**n) * cfg.base
+    jitter = rng.uniform(0.0, (2 ** (n - 1)) * cfg.base)
+    return min(fixed + jitter, cfg.max_wait)
+
+
+class SeedBackoff(wait_base):
+    """The seed's schedule as a tenacity wait strategy."""
+
+    def __init__(self, base: float = 1.0, max_wait: float = 30.0, rng: Any = random) -> None:
+        self.config = RetryConfig(base=base, max_wait=max_wait)
+        self.rng = rng
+
+    def __call__(self, retry_state: tenacity.RetryCallState) -> float:
+        return backoff_delay(retry_state.attempt_number + 1, self.config, self.rng)
+
+
+def is_retryable(exc: BaseException, config: RetryConfig | None = None) -> bool:
+    """Transient (or a configured type) and not a rejection or permanent error."""
+    if isinstance(exc, RejectedError | PermanentError):
+        return False
+    retry_on = config.retry_on if config is not None else RetryConfig.retry_on
+    return isinstance(exc, (TransientError, *retry_on))
+
+
+class RetryBudget:
+    """Retries allowed while ``retries + 1 <= ratio * requests + min_per_second * window``.
+
+    As Finagle's and Envoy's budgets: 20% of traffic plus a floor, over a rolling window.
+    Requests are counted locally and merged into the store every ``flush_interval``, so the
+    success path pays no round trip; spending a retry is one atomic store call.
+    """
+
+    def __init__(
+        self,
+        ratio: float = 0.2,
+        min_per_second: float = 10.0,
+        window: float = 10.0,
+        *,
+        name: str = "default",
+        store: StateStore | None = None,
+        clock: Clock = SYSTEM_CLOCK,
+        flush_interval: float = 1.0,
+    ) -> None:
+        if not 0 <= ratio <= 1:
+            raise ConfigError(f"retry budget ratio must be in [0, 1], got {ratio!r}")
+        if min_per_second < 0:
+            raise ConfigError(f"retry budget min_per_second must be >= 0, got {min_per_second!r}")
+        if not window > 0:
+            raise ConfigError(f"retry budget window must be > 0 s, got {window!r}")
+        self.ratio, self.min_per_second, self.window = ratio, min_per_second, window
+        self.name = name
+        self.store: StateStore = store if store is not None else MemoryStore(clock)
+        self.clock = clock
+        self.flush_interval = 0.0 if isinstance(self.store, MemoryStore) else flush_interval
+        self._pending = 0
+        self._last_flush = -math.inf
+        self._lock = threading.Lock()
+
+    @property
+    def floor(self) -> float:
+        return self.min_per_second * self.window
+
+    def _take_pending(self) -> int:
+        with self._lock:
+            n, self._pending = self._pending, 0
+            self._last_flush = self.clock.now()
+            return n
+
+    def record_request(self, n: int = 1) -> None:
+        """Count a first attempt (not a retry)."""
+        with self._lock:
+            self._pending += n
+            due = self.clock.now() - self._last_flush >= self.flush_interval
+        if due:
+            self.store.budget_add(self.name, self._take_pending(), self.window)
+
+    def try_spend(self) -> bool:
+        """Take one retry from the budget; False means: do not retry."""
+        return self.store.budget_spend(
+            self.name, self._take_pending(), self.ratio, self.floor, self.window
+        )
+
+
+class _StopBeforeDeadline(tenacity.stop.stop_base):
+    """Stop when the upcoming sleep would end at or past the deadline."""
+
+    def __call__(self, retry_state: tenacity.RetryCallState) -> bool:
+        d = _deadline.current()
+        return d is not None and retry_state.upcoming_sleep >= d.remaining()
+
+
+class _StopOnBudget(tenacity.stop.stop_base):
+    def __init__(self, budget: RetryBudget) -> None:
+        self.budget = budget
+
+    def __call__(self, retry_state: tenacity.RetryCallState) -> bool:
+        return not self.budget.try_spend()
+
+
+class Retrier:
+    """Runs an attempt function under the retry policy of one dependency.
+
+    ``retryable=False`` (a non-idempotent call without key) runs exactly once and surfaces
+    the error as is. When retries stop, the error is :class:`RetriesExhausted` (attempts or
+    budget spent) or :class:`DeadlineExceeded` (no time left for the next wait), both chained
+    to the last failure.
+    """
+
+    def __init__(
+        self,
+        config: RetryConfig | None = None,
+        *,
+        name: str = "default",
+        budget: RetryBudget | None = None,
+        clock: Clock = SYSTEM_CLOCK,
+        rng: Any = random,
+    ) -> None:
+        self.config = config or RetryConfig()
+        self.name = name
+        self.budget = budget
+        self.clock = clock
+        self.wait = SeedBackoff(self.config.base, self.config.max_wait, rng)
+        stop = tenacity.stop_after_attempt(self.config.max_attempts) | _StopBeforeDeadline()
+        if budget is not None:
+            stop = stop | _StopOnBudget(budget)  # consulted last: spends only on a real retry
+        self._kwargs = dict(
+            stop=stop,
+            wait=self.wait,
+            retry=tenacity.retry_if_exception(lambda e: is_retryable(e, self.config)),
+            before_sleep=self._before_sleep,
+            retry_error_callback=self._give_up,
+        )
+        self._sync = tenacity.Retrying(sleep=clock.sleep, **self._kwargs)
+
+    def _before_sleep(self, retry_state: tenacity.RetryCallState) -> None:
+        metrics.RETRIES.labels(dependency=self.name).inc()
+
+    def _give_up(self, retry_state: tenacity.RetryCallState) -> Any:
+        last = retry_state.outcome.exception() if retry_state.outcome else None
+        attempts = retry_state.attempt_number
+        if attempts < self.config.max_attempts:
+            d = _deadline.current()
+            if d is not None and retry_state.upcoming_sleep >= d.remaining():
+                raise DeadlineExceeded(
+                    f"{self.name}: deadline leaves no room for attempt {attempts + 1} "
+                    f"(wait {retry_state.upcoming_sleep:.3f}s, {d.remaining():.3f}s left); "
+                    f"last error: {type(last).__name__}: {last}"
+                ) from last
+            raise RetriesExhausted(
+                f"{self.name}: retry budget exhausted after {attempts} attempt(s); "
+                f"last error: {type(last).__name__}: {last}",
+                last_exception=last,
+                attempts=attempts,
+                dependency=self.name,
+            ) from last
+        raise RetriesExhausted(
+            last_exception=last, attempts=attempts, dependency=self.name
+        ) from last
+
+    def call(self, attempt: Callable[[], T], *, retryable: bool = True) -> T:
+        if self.budget is not None:
+            self.budget.record_request()
+        if not retryable or self.config.max_attempts == 1:
+            return attempt()
+        return self._sync(attempt)
+
+    async def acall(self, attempt: Callable[[], Awaitable[T]], *, retryable: bool = True) -> T:
+        if self.budget is not None:
+            self.budget.record_request()
+        if not retryable or self.config.max_attempts == 1:
+            return await attempt()
+        # a fresh controller per call: tenacity keeps iteration state per thread, and many
+        # coroutines share one thread
+        return await tenacity.AsyncRetrying(sleep=self.clock.asleep, **self._kwargs)(attempt)
+
+
+def retry_call(
+    fn: Callable[[], T],
+    config: RetryConfig | None = None,
+    *,
+    idempotent: bool,
+    idempotency_key: str | None = None,
+    **retrier_kwargs: Any,
+) -> T:
+    """Retry ``fn`` on its own. Asking to retry a non-idempotent call without a key is refused
+    with :class:`NotIdempotent` (a programming error), before ``fn`` runs."""
+    cfg = config or RetryConfig()
+    if not idempotent and idempotency_key is None and cfg.max_attempts > 1:
+        raise NotIdempotent(
+            "refusing to retry a non-idempotent call without an idempotency key "
+            "(pass idempotency_key=..., or max_attempts=1)"
+        )
+    return Retrier(cfg, **retrier_kwargs).call(fn)
