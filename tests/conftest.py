@@ -1,0 +1,205 @@
+"""Shared fixtures: real Redis, RabbitMQ, a moto SQS server, simulators and Celery workers.
+
+Isolation: ``TIDEGATE_TEST_SLOT`` (0-5, default 0) picks the Redis databases and the RabbitMQ
+vhost, so two test runs on one machine do not trample each other's queues.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import tomllib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import redis
+
+from tests.support.procs import ROOT, MotoServer, Sim, Worker, wait_until
+
+SLOT = int(os.environ.get("TIDEGATE_TEST_SLOT", "0"))
+_SLOT_DBS = [(10, 11), (12, 13), (14, 15), (2, 3), (4, 5), (6, 7)]
+BROKER_DB, STATE_DB = _SLOT_DBS[SLOT]
+REDIS_BROKER_URL = f"redis://127.0.0.1:6379/{BROKER_DB}"
+STATE_REDIS_URL = f"redis://127.0.0.1:6379/{STATE_DB}"
+VHOST = f"tidegate_test_{SLOT}"
+AMQP_URL = f"amqp://guest:guest@127.0.0.1:5672/{VHOST}"
+SIM_NAMES = ("payments", "search", "email", "pricing")
+
+
+def _services(*names: str) -> None:
+    subprocess.run([str(ROOT / "scripts" / "services.sh"), *names], check=True, timeout=180)
+
+
+@pytest.fixture(scope="session")
+def artifacts() -> Path:
+    path = ROOT / "artifacts"
+    path.mkdir(exist_ok=True)
+    return path
+
+
+@pytest.fixture(scope="session")
+def redis_up() -> str:
+    _services("redis")
+    return REDIS_BROKER_URL
+
+
+@pytest.fixture(scope="session")
+def rabbitmq_up() -> str:
+    _services("rabbitmq")
+    existing = subprocess.run(["rabbitmqctl", "-q", "list_vhosts"], capture_output=True,
+                              text=True, timeout=60).stdout.split()
+    if VHOST not in existing:
+        subprocess.run(["rabbitmqctl", "-q", "add_vhost", VHOST], check=True, timeout=60)
+        subprocess.run(["rabbitmqctl", "-q", "set_permissions", "-p", VHOST, "guest", ".*",
+                        ".*", ".*"], check=True, timeout=60)
+    return AMQP_URL
+
+
+@pytest.fixture
+def state_redis(redis_up: str) -> Iterator[redis.Redis]:
+    """A clean Redis database for shared state (breakers, limiters, idempotency keys)."""
+    client = redis.Redis.from_url(STATE_REDIS_URL, socket_timeout=5, socket_connect_timeout=2)
+    client.flushdb()
+    yield client
+    client.close()
+
+
+@dataclass(frozen=True)
+class Broker:
+    name: str  # "redis" or "amqp"
+    url: str
+
+
+def _purge_amqp(url: str, queues: list[str]) -> None:
+    """Empty the queues but keep them: kombu's global producer pool remembers what it declared,
+    so a deleted queue would not be re-declared and messages would be dropped unroutable."""
+    from kombu import Connection
+
+    from workers.application import create_app
+    from workers.settings import load_settings
+
+    app = create_app(load_settings(broker_url=url))
+    with Connection(url, connect_timeout=5) as conn:
+        app.tidegate_topology.declare(conn)
+        channel = conn.channel()
+        for q in queues:
+            channel.queue_purge(q)
+    app.close()
+
+
+@pytest.fixture(params=["redis", "amqp"])
+def broker(request: pytest.FixtureRequest, policy_file: Path) -> Broker:
+    """Each broker Tidegate supports, emptied before the test."""
+    from workers.topology import load_topology
+
+    topology = load_topology(policy_file)
+    names = list(topology.work_queues) + [topology.dead_letter_queue(q)
+                                          for q in topology.work_queues]
+    if request.param == "redis":
+        request.getfixturevalue("redis_up")
+        redis.Redis.from_url(REDIS_BROKER_URL, socket_timeout=5).flushdb()
+        return Broker("redis", REDIS_BROKER_URL)
+    url = request.getfixturevalue("rabbitmq_up")
+    _purge_amqp(url, names)
+    return Broker("amqp", url)
+
+
+@pytest.fixture(scope="session")
+def session_tmp(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("tidegate")
+
+
+@pytest.fixture(scope="session")
+def _sims(session_tmp: Path) -> Iterator[dict[str, Sim]]:
+    sims = {name: Sim(name, session_tmp) for name in SIM_NAMES}
+    yield sims
+    for sim in sims.values():
+        sim.stop()
+
+
+@pytest.fixture
+def sims(_sims: dict[str, Sim]) -> dict[str, Sim]:
+    """The four downstream simulators, reset to healthy with empty ledgers."""
+    for sim in _sims.values():
+        sim.reset()
+    return _sims
+
+
+@pytest.fixture(scope="session")
+def policy_file(_sims: dict[str, Sim], session_tmp: Path) -> Path:
+    """The shipped policy file with each dependency's URL pointing at its simulator."""
+    text = (ROOT / "workers" / "policy.toml").read_text()
+    for name, sim in _sims.items():
+        text = re.sub(rf'(\[dependencies\.{name}\][^\[]*?url = )"[^"]*"', rf'\1"{sim.url}"',
+                      text, flags=re.S)
+    path = session_tmp / "policy.toml"
+    path.write_text(text)
+    urls = {n: t["url"] for n, t in tomllib.loads(text)["dependencies"].items()}
+    assert urls == {n: s.url for n, s in _sims.items()}, urls
+    return path
+
+
+def tidegate_env(broker: Broker, policy_file: Path, **extra: str) -> dict[str, str]:
+    """Environment for a Tidegate subprocess on ``broker``."""
+    return {
+        "TIDEGATE_BROKER_URL": broker.url,
+        "TIDEGATE_REDIS_URL": STATE_REDIS_URL,
+        "TIDEGATE_POLICY_FILE": str(policy_file),
+        **extra,
+    }
+
+
+@pytest.fixture
+def settings(broker: Broker, policy_file: Path):
+    from workers.settings import load_settings
+
+    return load_settings(broker_url=broker.url, redis_url=STATE_REDIS_URL,
+                         policy_file=policy_file)
+
+
+@pytest.fixture
+def celery_app(settings):
+    from workers.application import create_app
+
+    app = create_app(settings)
+    yield app
+    app.close()
+
+
+@pytest.fixture
+def producer(celery_app):
+    from producers import Producer
+
+    return Producer(celery_app)
+
+
+@pytest.fixture
+def start_worker(broker: Broker, policy_file: Path, tmp_path: Path, state_redis):
+    """Start ``celery -A workers worker -Q QUEUES`` subprocesses; all stopped at teardown."""
+    started: list[Worker] = []
+
+    def start(queues: str, *, ready: bool = True, env: dict[str, str] | None = None,
+              **options) -> Worker:
+        worker = Worker(queues, tidegate_env(broker, policy_file, **(env or {})), tmp_path,
+                        **options)
+        started.append(worker)
+        return worker.wait_ready() if ready else worker
+
+    yield start
+    for worker in started:
+        worker.stop()
+
+
+@pytest.fixture(scope="session")
+def moto_sqs(session_tmp: Path) -> Iterator[MotoServer]:
+    """An SQS endpoint: a moto server on a free loopback port, for the whole session."""
+    server = MotoServer(session_tmp)
+    yield server
+    server.stop()
+
+
+__all__ = ["AMQP_URL", "REDIS_BROKER_URL", "STATE_REDIS_URL", "Broker", "tidegate_env",
+           "wait_until"]

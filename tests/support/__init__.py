@@ -1,0 +1,1 @@
+"""Helpers that start and watch real processes for the integration tests."""

@@ -1,0 +1,2 @@
+"""Operator tooling on top of producers/, workers/ and resilience/: the CLI, the downstream
+simulator, the exporter and the status page."""

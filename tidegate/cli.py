@@ -1,0 +1,114 @@
+"""The ``tidegate`` command. Each sub-command imports what it needs only when it runs, so
+``tidegate --help`` is fast and a broken broker URL cannot stop ``tidegate downstream``.
+
+Errors that Tidegate raises on purpose print as one line and exit non-zero (2 for bad input,
+3 for an unavailable broker or store); anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Annotated, Any
+
+import typer
+
+from resilience.errors import ConfigError, PermanentError, TidegateError, TransientError
+
+app = typer.Typer(
+    no_args_is_help=True,
+    add_completion=False,
+    help="Tidegate: resilient Celery pipelines (enqueue, workers' tools, simulators).",
+)
+
+EXIT_BAD_INPUT = 2
+EXIT_UNAVAILABLE = 3
+
+
+def fail(message: str, code: int = EXIT_BAD_INPUT) -> typer.Exit:
+    typer.echo(f"tidegate: error: {message}", err=True)
+    return typer.Exit(code)
+
+
+def parse_json(option: str, text: str, kind: type) -> Any:
+    """Parse a JSON option, naming the option when it is malformed or of the wrong shape."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise fail(f"{option} is not valid JSON: {exc.msg} at column {exc.colno}") from None
+    if not isinstance(value, kind):
+        raise fail(f"{option} must be a JSON {'array' if kind is list else 'object'}")
+    return value
+
+
+@app.command()
+def enqueue(
+    task: Annotated[str, typer.Argument(help="Task name, e.g. payments.charge")],
+    args: Annotated[str, typer.Option(help="Positional arguments as a JSON array")] = "[]",
+    kwargs: Annotated[str, typer.Option(help="Keyword arguments as a JSON object")] = "{}",
+    priority: Annotated[str, typer.Option(help="critical, high, medium or low")] = "high",
+    idempotency_key: Annotated[
+        str | None, typer.Option(help="Makes the task safe to retry")
+    ] = None,
+    queue: Annotated[str | None, typer.Option(help="Override the routed queue")] = None,
+    deadline_ms: Annotated[int | None, typer.Option(help="Total budget for the job")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON")] = False,
+) -> None:
+    """Enqueue one task through the Producer (the same checks as the HTTP API)."""
+    parsed_args = parse_json("--args", args, list)
+    parsed_kwargs = parse_json("--kwargs", kwargs, dict)
+    from producers import Producer
+
+    result = Producer().enqueue(
+        task, parsed_args, parsed_kwargs, priority=priority, idempotency_key=idempotency_key,
+        queue=queue, deadline_s=deadline_ms / 1000 if deadline_ms else None,
+    )
+    if as_json:
+        typer.echo(json.dumps({"id": result.id, "state": result.state, "queue": result.queue,
+                               "task": result.task, "priority": result.priority.name.lower(),
+                               "idempotency_key": result.idempotency_key}))
+    else:
+        typer.echo(f"{result.state} {result.id} on {result.queue} ({result.priority.name})")
+
+
+@app.command()
+def downstream(
+    name: Annotated[str, typer.Option(help="Dependency this simulator plays")] = "downstream",
+    port: Annotated[int, typer.Option(help="Port to listen on")] = 8101,
+    host: Annotated[str, typer.Option(help="Address to bind")] = "127.0.0.1",
+) -> None:
+    """Run a downstream simulator (switch behaviour with POST /control, read GET /ledger)."""
+    from tidegate.downstream import serve
+
+    serve(name, host, port)
+
+
+def main() -> None:
+    """Entry point: run the CLI, turning Tidegate's own errors into one-line messages."""
+    try:
+        code = app(standalone_mode=False)  # returns the exit code of a typer.Exit
+        sys.exit(code if isinstance(code, int) else 0)
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except typer.Abort:
+        sys.exit(1)
+    except (ConfigError, PermanentError) as exc:
+        typer.echo(f"tidegate: error: {exc}", err=True)
+        sys.exit(EXIT_BAD_INPUT)
+    except TransientError as exc:
+        typer.echo(f"tidegate: error: {exc}", err=True)
+        sys.exit(EXIT_UNAVAILABLE)
+    except TidegateError as exc:
+        typer.echo(f"tidegate: error: {exc}", err=True)
+        sys.exit(1)
+    except Exception as exc:  # click usage errors arrive here in standalone_mode=False
+        import click
+
+        if isinstance(exc, click.ClickException):
+            exc.show()
+            sys.exit(exc.exit_code)
+        raise
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,159 @@
+"""A downstream simulator: the HTTP dependency that tests, the demo and the benchmarks call.
+
+Its behaviour switches at run time (``POST /control``): healthy, failing with an error rate,
+down, hanging, or slow. It keeps a ledger of the effects it applied per idempotency key
+(``GET /ledger``) and honours the key like a real payments API does: a repeated key returns
+the first result and applies nothing. So a test can prove that an effect happened exactly
+once, and also count how often a key was *attempted* (``requests``), which shows whether a
+non-idempotent task was run again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from fastapi import FastAPI, Header, HTTPException, Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
+
+Mode = Literal["healthy", "failing", "down", "hanging", "slow"]
+
+
+class Control(BaseModel):
+    """The behaviour to switch to."""
+
+    mode: Mode = "healthy"
+    error_rate: float = Field(default=1.0, ge=0.0, le=1.0)  # for "failing"
+    error_status: int = Field(default=503, ge=400, le=599)
+    latency_ms: float = Field(default=0.0, ge=0.0, le=120_000)  # added to every answer
+    hang_s: float = Field(default=30.0, ge=0.0, le=600)  # for "hanging": then 504
+    apply_then_fail: bool = False  # apply the effect, then answer an error (outcome unknown)
+    price_cents: int = 1999
+
+
+@dataclass
+class Effect:
+    op: str
+    payload: Any
+    applied_at: float
+    requests: int = 1
+    result: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Ledger:
+    effects: dict[str, Effect] = field(default_factory=dict)
+    requests: int = 0
+    failed: int = 0
+    duplicates: int = 0
+
+    def snapshot(self) -> dict[str, Any]:
+        return {
+            "applied": len(self.effects),
+            "requests": self.requests,
+            "failed": self.failed,
+            "duplicates": self.duplicates,
+            "effects": {
+                k: {"op": e.op, "requests": e.requests, "applied_at": e.applied_at,
+                    "payload": e.payload}
+                for k, e in self.effects.items()
+            },
+        }
+
+
+def create_app(name: str = "downstream", seed: int | None = None) -> FastAPI:
+    """The simulator for one dependency named ``name``."""
+    app = FastAPI(title=f"tidegate downstream simulator: {name}")
+    state = {"control": Control(), "ledger": Ledger(), "attempts": {}}
+    rng = random.Random(seed)
+
+    async def behave(control: Control) -> None:
+        """Apply the switched-in behaviour before an answer; raise to answer an error."""
+        if control.latency_ms:
+            await asyncio.sleep(control.latency_ms / 1000)
+        if control.mode == "down":
+            raise HTTPException(503, f"{name} is down")
+        if control.mode == "hanging":
+            await asyncio.sleep(control.hang_s)
+            raise HTTPException(504, f"{name} hung for {control.hang_s}s")
+        if control.mode == "failing" and rng.random() < control.error_rate:
+            raise HTTPException(control.error_status, f"{name} failed (simulated)")
+
+    @app.post("/effects/{op}")
+    async def effect(op: str, request: Request,
+                     idempotency_key: str | None = Header(default=None)) -> JSONResponse:
+        control: Control = state["control"]
+        ledger: Ledger = state["ledger"]
+        ledger.requests += 1
+        key = idempotency_key or f"anon-{uuid.uuid4()}"
+        try:
+            payload = await request.json()
+        except ValueError:
+            raise HTTPException(400, "body must be JSON") from None
+        seen = ledger.effects.get(key)
+        if seen is not None:
+            seen.requests += 1
+        if control.apply_then_fail and control.mode == "failing":
+            if seen is None:
+                ledger.effects[key] = Effect(op, payload, time.time())
+            ledger.failed += 1
+            raise HTTPException(control.error_status, f"{name} failed after applying (simulated)")
+        try:
+            await behave(control)
+        except HTTPException:
+            ledger.failed += 1
+            state["attempts"][key] = state["attempts"].get(key, 0) + 1
+            raise
+        if seen is not None:
+            ledger.duplicates += 1
+            return JSONResponse({**seen.result, "duplicate": True})
+        result = {"id": str(uuid.uuid4()), "op": op, "key": key, "service": name}
+        ledger.effects[key] = Effect(op, payload, time.time(), result=result)
+        return JSONResponse({**result, "duplicate": False})
+
+    @app.get("/price")
+    async def price(sku: str = "default") -> dict[str, Any]:
+        control: Control = state["control"]
+        state["ledger"].requests += 1
+        await behave(control)
+        return {"sku": sku, "price_cents": control.price_cents, "at": time.time()}
+
+    @app.post("/control")
+    async def set_control(control: Control) -> dict[str, Any]:
+        state["control"] = control
+        return control.model_dump()
+
+    @app.get("/control")
+    async def get_control() -> dict[str, Any]:
+        return state["control"].model_dump()
+
+    @app.get("/ledger")
+    async def ledger() -> dict[str, Any]:
+        snap = state["ledger"].snapshot()
+        snap["failed_attempts"] = dict(state["attempts"])
+        return snap
+
+    @app.post("/reset")
+    async def reset() -> dict[str, str]:
+        state["control"], state["ledger"], state["attempts"] = Control(), Ledger(), {}
+        return {"status": "reset"}
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        mode = state["control"].mode
+        ok = mode in ("healthy", "slow")
+        return JSONResponse({"name": name, "mode": mode}, status_code=200 if ok else 503)
+
+    return app
+
+
+def serve(name: str, host: str, port: int) -> None:
+    """Run the simulator until interrupted."""
+    import uvicorn
+
+    uvicorn.run(create_app(name), host=host, port=port, log_level="warning", access_log=False)

@@ -1,0 +1,89 @@
+"""The Celery app: ``celery -A workers worker -Q payments``.
+
+Configured for the way Tidegate promises work is delivered: JSON only (pickle is refused on
+both ends), prefetch 1 so a worker pulls one task at a time at its own pace, late ack decided
+per task (idempotent work only, see ``workers.resilient``), bounded time limits as the outer
+timeout backstop, and a broker connection that gives up after the connect timeout instead of
+hanging. The same app runs unchanged on Redis, RabbitMQ and SQS URLs.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import Celery
+
+from workers.settings import Settings, get_settings
+from workers.topology import DEFAULT_QUEUE, Topology, load_topology
+
+TASK_MODULES = ("workers.tasks.payments", "workers.tasks.search", "workers.tasks.email")
+
+
+def transport_options(settings: Settings) -> dict[str, Any]:
+    """Per-transport options; each bounds every wait it can."""
+    connect, read = settings.connect_timeout_s, settings.read_timeout_s
+    if settings.transport == "redis":
+        return {
+            # The visibility timeout must exceed the longest task's hard limit, or Redis
+            # redelivers a task that is still running (Settings.check enforces it).
+            "visibility_timeout": settings.visibility_timeout_s,
+            "priority_steps": [0, 3, 6, 9],
+            "sep": ":",
+            "queue_order_strategy": "priority",
+            "socket_connect_timeout": connect,
+            "socket_timeout": read + 5,  # above the BRPOP timeout (1 s) so polls do not trip it
+            "retry_on_timeout": False,
+            "health_check_interval": 25,
+        }
+    if settings.transport == "amqp":
+        # Publisher confirms: a publish returns only once the broker has the message.
+        return {"confirm_publish": True, "connect_timeout": connect, "read_timeout": read,
+                "write_timeout": read}
+    if settings.transport == "sqs":
+        return {
+            "region": settings.sqs_region,
+            "visibility_timeout": settings.visibility_timeout_s,
+            "wait_time_seconds": 1,
+            "polling_interval": 0.2,
+            "is_secure": (settings.sqs_endpoint_url or "https").startswith("https"),
+        }
+    return {}
+
+
+def create_app(settings: Settings | None = None, topology: Topology | None = None) -> Celery:
+    """Build the Celery app from settings and the topology (both read once)."""
+    settings = settings or get_settings()
+    topology = topology or load_topology(settings.policy_file)
+
+    def route(name: str, args: Any, kwargs: Any, options: Any, task: Any = None, **kw: Any):
+        return {"queue": topology.queue_for_task(name)}
+
+    app = Celery("tidegate", broker=settings.broker_url, include=list(TASK_MODULES))
+    app.conf.update(
+        task_serializer="json",
+        result_serializer="json",
+        accept_content=["json"],
+        result_accept_content=["json"],
+        event_serializer="json",
+        task_ignore_result=True,
+        task_queues=topology.kombu_queues(),
+        task_default_queue=DEFAULT_QUEUE,
+        task_default_exchange=DEFAULT_QUEUE,
+        task_default_routing_key=DEFAULT_QUEUE,
+        task_create_missing_queues=False,
+        task_routes=(route,),
+        task_acks_late=False,
+        task_soft_time_limit=settings.task_soft_time_limit_s,
+        task_time_limit=settings.task_hard_time_limit_s,
+        worker_prefetch_multiplier=1,
+        worker_cancel_long_running_tasks_on_connection_loss=True,
+        worker_hijack_root_logger=False,
+        broker_connection_timeout=settings.connect_timeout_s,
+        broker_connection_retry_on_startup=True,
+        broker_connection_max_retries=10,
+        broker_transport_options=transport_options(settings),
+        broker_pool_limit=10,
+    )
+    app.tidegate_settings = settings  # type: ignore[attr-defined]
+    app.tidegate_topology = topology  # type: ignore[attr-defined]
+    return app

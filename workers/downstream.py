@@ -1,0 +1,86 @@
+"""HTTP calls from tasks to their dependencies, with timeouts that follow the deadline.
+
+Errors are sorted into the one tree: connection problems, timeouts, 429 and 5xx are
+transient (worth retrying if the work is idempotent); other 4xx are permanent.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import httpx
+
+from resilience.deadline import client_timeout
+from resilience.errors import PermanentError, TransientError
+from workers.settings import Settings, get_settings
+from workers.topology import load_topology
+
+IDEMPOTENCY_HEADER = "Idempotency-Key"
+
+
+class DownstreamError(TransientError):
+    """The dependency answered with a retryable failure (5xx, 429) or not at all."""
+
+    def __init__(self, message: str, *, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class DownstreamRejected(PermanentError):
+    """The dependency refused the request as made (4xx other than 408/429)."""
+
+    def __init__(self, message: str, *, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class DownstreamClient:
+    """A pooled HTTP client for one dependency. Never waits longer than its timeouts."""
+
+    def __init__(self, name: str, base_url: str, settings: Settings) -> None:
+        self.name = name
+        self.base_url = base_url.rstrip("/")
+        self._connect = settings.connect_timeout_s
+        self._read = settings.read_timeout_s
+        self._http = httpx.Client(base_url=self.base_url, timeout=self._timeouts())
+
+    def _timeouts(self) -> httpx.Timeout:
+        # Inside a deadline scope every phase shrinks to what is left of the budget.
+        read = client_timeout(self._read)
+        return httpx.Timeout(read, connect=min(self._connect, read))
+
+    def request(
+        self, method: str, path: str, *, json: Any = None, idempotency_key: str | None = None,
+        params: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        headers = {IDEMPOTENCY_HEADER: idempotency_key} if idempotency_key else {}
+        try:
+            response = self._http.request(
+                method, path, json=json, params=params, headers=headers, timeout=self._timeouts()
+            )
+        except httpx.TimeoutException as exc:
+            raise DownstreamError(f"{self.name}: timed out calling {path}: {exc!r}") from exc
+        except httpx.TransportError as exc:
+            raise DownstreamError(f"{self.name}: cannot reach {self.base_url}: {exc!r}") from exc
+        status = response.status_code
+        if status >= 500 or status in (408, 429):
+            raise DownstreamError(f"{self.name}: {path} answered {status}", status=status)
+        if status >= 400:
+            raise DownstreamRejected(f"{self.name}: {path} refused ({status}): "
+                                     f"{response.text[:200]}", status=status)
+        return response.json()
+
+    def post(self, path: str, payload: Any, *, idempotency_key: str | None = None) -> dict:
+        return self.request("POST", path, json=payload, idempotency_key=idempotency_key)
+
+    def get(self, path: str, **params: Any) -> dict[str, Any]:
+        return self.request("GET", path, params=params)
+
+
+@functools.cache
+def client_for(name: str) -> DownstreamClient:
+    """The process-wide client for the dependency ``name`` from the policy file."""
+    settings = get_settings()
+    dependency = load_topology(settings.policy_file).dependency(name)
+    return DownstreamClient(name, dependency.url, settings)

@@ -1,0 +1,28 @@
+"""The message headers Tidegate adds to every task, read back on the worker side.
+
+Celery merges custom headers into ``task.request``; these names are the contract between
+producers, workers, the dead-letter tooling and the replayer.
+"""
+
+from __future__ import annotations
+
+IDEMPOTENCY_KEY = "tidegate_idempotency_key"
+PRIORITY = "tidegate_priority"
+DEADLINE = "tidegate_deadline"  # wall-clock epoch seconds: the enqueuer's total budget
+ENQUEUED_AT = "tidegate_enqueued_at"
+ATTEMPT = "tidegate_attempt"  # 1 for the first delivery; counted by the resilient task
+FIRST_SEEN = "tidegate_first_seen"
+ALL = (IDEMPOTENCY_KEY, PRIORITY, DEADLINE, ENQUEUED_AT, ATTEMPT, FIRST_SEEN)
+
+
+def read(request: object, name: str, default: object = None) -> object:
+    """A Tidegate header from a Celery ``task.request`` (custom headers become attributes)."""
+    value = getattr(request, name, None)
+    if value is None:
+        value = (getattr(request, "headers", None) or {}).get(name)
+    return default if value is None else value
+
+
+def idempotency_key(request: object, explicit: str | None = None) -> str | None:
+    """The task's idempotency key: an explicit argument wins over the message header."""
+    return explicit or read(request, IDEMPOTENCY_KEY)  # type: ignore[return-value]

@@ -1,0 +1,117 @@
+"""Settings from the environment (prefix ``TIDEGATE_``), validated once at start-up.
+
+A wrong value becomes a :class:`~resilience.errors.ConfigError` that names the variable, so an
+operator sees ``TIDEGATE_BROKER_URL: ...`` instead of a traceback from deep inside kombu.
+Every client Tidegate builds takes its connect/read timeouts from here: none is infinite.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from resilience.errors import ConfigError
+
+BROKER_SCHEMES = frozenset({"redis", "rediss", "amqp", "amqps", "pyamqp", "sqs", "memory"})
+DEFAULT_POLICY_FILE = Path(__file__).with_name("policy.toml")
+
+
+class Settings(BaseSettings):
+    """Process settings. Immutable: build a new one (``model_copy(update=...)``) to change."""
+
+    model_config = SettingsConfigDict(env_prefix="TIDEGATE_", frozen=True, extra="ignore")
+
+    broker_url: str = "redis://127.0.0.1:6379/0"
+    redis_url: str = "redis://127.0.0.1:6379/1"
+    policy_file: Path = DEFAULT_POLICY_FILE
+
+    sqs_endpoint_url: str | None = None
+    sqs_region: str = "us-east-1"
+    aws_access_key_id: SecretStr | None = None
+    aws_secret_access_key: SecretStr | None = None
+
+    api_tokens: SecretStr = SecretStr("")
+    api_max_body_bytes: int = Field(default=256 * 1024, gt=0)
+    rabbitmq_management_url: str | None = "http://127.0.0.1:15672"
+
+    connect_timeout_s: float = Field(default=2.0, gt=0, le=60)
+    read_timeout_s: float = Field(default=5.0, gt=0, le=300)
+    publish_timeout_s: float = Field(default=5.0, gt=0, le=300)
+
+    task_soft_time_limit_s: float = Field(default=60.0, gt=0)
+    task_hard_time_limit_s: float = Field(default=90.0, gt=0)
+    visibility_timeout_s: int = Field(default=3600, gt=0)
+
+    @field_validator("broker_url")
+    @classmethod
+    def _known_broker(cls, value: str) -> str:
+        scheme = urlsplit(value).scheme.split("+")[0]
+        if scheme not in BROKER_SCHEMES:
+            raise ValueError(
+                f"unsupported scheme {scheme!r}; use one of {', '.join(sorted(BROKER_SCHEMES))}"
+            )
+        return value
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_scheme(cls, value: str) -> str:
+        if urlsplit(value).scheme not in {"redis", "rediss", "unix"}:
+            raise ValueError("must be a redis://, rediss:// or unix:// URL")
+        return value
+
+    @field_validator("policy_file")
+    @classmethod
+    def _policy_exists(cls, value: Path) -> Path:
+        if not value.is_file():
+            raise ValueError(f"no such file: {value}")
+        return value
+
+    @property
+    def transport(self) -> str:
+        """The kombu transport family: ``redis``, ``amqp``, ``sqs`` or ``memory``."""
+        scheme = urlsplit(self.broker_url).scheme.split("+")[0]
+        return {"rediss": "redis", "amqps": "amqp", "pyamqp": "amqp"}.get(scheme, scheme)
+
+    def tokens(self) -> frozenset[str]:
+        """The API bearer tokens (comma-separated in ``TIDEGATE_API_TOKENS``)."""
+        raw = self.api_tokens.get_secret_value()
+        return frozenset(t.strip() for t in raw.split(",") if t.strip())
+
+    def check(self) -> Settings:
+        """Cross-field rules that a single field cannot express."""
+        if self.task_soft_time_limit_s >= self.task_hard_time_limit_s:
+            raise ConfigError(
+                "TIDEGATE_TASK_SOFT_TIME_LIMIT_S must be below TIDEGATE_TASK_HARD_TIME_LIMIT_S"
+            )
+        if self.visibility_timeout_s <= self.task_hard_time_limit_s:
+            raise ConfigError(
+                "TIDEGATE_VISIBILITY_TIMEOUT_S must exceed TIDEGATE_TASK_HARD_TIME_LIMIT_S, "
+                "or Redis/SQS redeliver tasks that are still running"
+            )
+        return self
+
+
+def _describe(error: ValidationError) -> str:
+    parts = []
+    for item in error.errors():
+        field = "_".join(str(p) for p in item["loc"]).upper()
+        parts.append(f"TIDEGATE_{field}: {item['msg']}")
+    return "; ".join(parts)
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Read and validate settings; raise ConfigError naming the bad variable."""
+    try:
+        return Settings(**overrides).check()  # type: ignore[arg-type]
+    except ValidationError as exc:
+        raise ConfigError(f"invalid setting: {_describe(exc)}") from None
+
+
+@functools.cache
+def get_settings() -> Settings:
+    """The process-wide settings, read once."""
+    return load_settings()

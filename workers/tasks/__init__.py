@@ -1,0 +1,1 @@
+"""Example tasks, one module per dependency: payments, search, email."""

@@ -1,0 +1,159 @@
+"""Queue topology, declared once: one work queue per dependency, each with a dead-letter queue.
+
+The policy file names each dependency's queue and the task-name patterns routed to it; the
+Celery app, producers, depth probes and the dead-letter tooling all read this one object.
+One queue per dependency is the bulkhead at the broker: a hanging payments provider fills the
+``payments`` queue, while ``celery -A workers worker -Q search`` keeps draining search.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+from kombu import Exchange, Queue
+
+from resilience.errors import ConfigError
+from resilience.shedding import Priority
+
+DEFAULT_QUEUE = "default"
+DLQ_SUFFIX = ".dlq"
+DLX_EXCHANGE = "tidegate.dlx"
+WORKER_KEYS = frozenset({"queue", "url", "tasks"})
+
+# kombu's Redis transport pops priority 0 first (sub-lists "<queue>\x06\x16<n>" for 3, 6, 9);
+# RabbitMQ delivers the highest number first. Celery users expect CRITICAL to jump the queue on
+# both, so the number sent depends on the transport.
+_REDIS_PRIORITY = {Priority.CRITICAL: 0, Priority.HIGH: 3, Priority.MEDIUM: 6, Priority.LOW: 9}
+_AMQP_PRIORITY = {Priority.CRITICAL: 9, Priority.HIGH: 6, Priority.MEDIUM: 3, Priority.LOW: 0}
+AMQP_MAX_PRIORITY = 9
+
+
+@dataclass(frozen=True)
+class Dependency:
+    """One downstream dependency: where its work queues, where it lives, its policy table."""
+
+    name: str
+    queue: str
+    url: str
+    tasks: tuple[str, ...]
+    policy: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
+
+
+@dataclass(frozen=True)
+class Topology:
+    """All dependencies and the queues they imply."""
+
+    dependencies: tuple[Dependency, ...]
+
+    @property
+    def work_queues(self) -> tuple[str, ...]:
+        seen: dict[str, None] = {}
+        for dep in self.dependencies:
+            seen.setdefault(dep.queue)
+        seen.setdefault(DEFAULT_QUEUE)
+        return tuple(seen)
+
+    def dependency(self, name: str) -> Dependency:
+        for dep in self.dependencies:
+            if dep.name == name:
+                return dep
+        known = ", ".join(d.name for d in self.dependencies)
+        raise ConfigError(f"unknown dependency {name!r}; known: {known}")
+
+    def dependency_for_queue(self, queue: str) -> Dependency | None:
+        """The dependency whose tasks feed ``queue`` (the first one that declares tasks)."""
+        owners = [d for d in self.dependencies if d.queue == queue]
+        return next((d for d in owners if d.tasks), owners[0] if owners else None)
+
+    def queue_for_task(self, task_name: str) -> str:
+        for dep in self.dependencies:
+            if any(fnmatch.fnmatchcase(task_name, pattern) for pattern in dep.tasks):
+                return dep.queue
+        return DEFAULT_QUEUE
+
+    def check_queue(self, queue: str) -> str:
+        if queue not in self.work_queues:
+            raise ConfigError(
+                f"unknown queue {queue!r}; known: {', '.join(self.work_queues)}"
+            )
+        return queue
+
+    @staticmethod
+    def dead_letter_queue(queue: str) -> str:
+        return f"{queue}{DLQ_SUFFIX}"
+
+    def kombu_queues(self) -> list[Queue]:
+        """The work queues as kombu declares them (what a worker consumes by default).
+
+        On RabbitMQ each work queue dead-letters natively (``x-dead-letter-exchange``) into its
+        DLQ and supports priorities; other transports ignore the arguments.
+        """
+        return [
+            Queue(
+                name,
+                Exchange(name, type="direct", durable=True),
+                routing_key=name,
+                durable=True,
+                queue_arguments={
+                    "x-max-priority": AMQP_MAX_PRIORITY,
+                    "x-dead-letter-exchange": DLX_EXCHANGE,
+                    "x-dead-letter-routing-key": self.dead_letter_queue(name),
+                },
+            )
+            for name in self.work_queues
+        ]
+
+    def dead_letter_kombu_queues(self) -> list[Queue]:
+        """One DLQ per work queue, bound to the dead-letter exchange. Never consumed by default."""
+        dlx = Exchange(DLX_EXCHANGE, type="direct", durable=True)
+        return [
+            Queue(self.dead_letter_queue(n), dlx, routing_key=self.dead_letter_queue(n),
+                  durable=True)
+            for n in self.work_queues
+        ]
+
+    def declare(self, connection: Any) -> None:
+        """Declare every work queue and DLQ on ``connection`` (idempotent on every broker)."""
+        channel = connection.default_channel
+        for queue in self.dead_letter_kombu_queues() + self.kombu_queues():
+            queue(channel).declare()
+
+
+def broker_priority(priority: Priority, transport: str) -> int | None:
+    """The message priority number for ``transport`` (None where the broker has none: SQS)."""
+    if transport == "redis":
+        return _REDIS_PRIORITY[priority]
+    if transport == "amqp":
+        return _AMQP_PRIORITY[priority]
+    return None
+
+
+def load_topology(path: Path) -> Topology:
+    """Parse the policy file's ``[dependencies.*]`` tables into a Topology."""
+    try:
+        data = tomllib.loads(path.read_text())
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"TIDEGATE_POLICY_FILE {path}: {exc}") from None
+    tables = data.get("dependencies")
+    if not isinstance(tables, dict) or not tables:
+        raise ConfigError(f"TIDEGATE_POLICY_FILE {path}: no [dependencies.NAME] tables")
+    deps = []
+    for name, table in tables.items():
+        if not isinstance(table, dict):
+            raise ConfigError(f"{path}: dependencies.{name} must be a table")
+        queue = table.get("queue", name)
+        url = table.get("url")
+        if not isinstance(url, str) or not url.startswith(("http://", "https://")):
+            raise ConfigError(f"{path}: dependencies.{name}.url must be an http(s) URL")
+        tasks = table.get("tasks", [f"{name}.*"])
+        if not isinstance(tasks, list) or not all(isinstance(t, str) for t in tasks):
+            raise ConfigError(f"{path}: dependencies.{name}.tasks must be a list of patterns")
+        policy = {k: v for k, v in table.items() if k not in WORKER_KEYS}
+        deps.append(Dependency(name, queue, url, tuple(tasks), MappingProxyType(policy)))
+    return Topology(tuple(deps))
