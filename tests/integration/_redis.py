@@ -1,0 +1,109 @@
+"""Helpers for the shared-state tests: a dedicated Redis db, and process entry points
+(importable, so multiprocessing's spawn start method can run them)."""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+
+REDIS_URL = os.environ.get("TIDEGATE_STATE_TEST_URL", "redis://127.0.0.1:6379/9")
+
+
+def client():
+    from resilience.stores import redis_client
+
+    return redis_client(REDIS_URL, socket_timeout=2.0, socket_connect_timeout=2.0)
+
+
+def new_prefix() -> str:
+    return f"tgtest-{uuid.uuid4().hex[:8]}"
+
+
+def store(prefix: str):
+    from resilience.stores import RedisStore
+
+    return RedisStore(client(), prefix=prefix)
+
+
+def breaker(prefix: str, name: str, **cfg):
+    from resilience.breaker import BreakerConfig, CircuitBreaker
+
+    return CircuitBreaker(name, BreakerConfig(**cfg), store(prefix))
+
+
+def wait_until(predicate, timeout: float = 10.0, interval: float = 0.02) -> bool:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return predicate()
+
+
+# ----------------------------------------------------------------- process entry points
+
+
+def watch_until_open(prefix, name, cfg, ready, out, timeout=20.0):
+    """Call successfully until the shared breaker rejects; report how it ended."""
+    from resilience.errors import CircuitOpen
+
+    b = breaker(prefix, name, **cfg)
+    ready.set()
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        try:
+            b.record(b.acquire(), None, 0.001)
+        except CircuitOpen:
+            out.put(("open", os.getpid()))
+            return
+        time.sleep(0.005)
+    out.put(("timeout", os.getpid()))
+
+
+def fail_until_open(prefix, name, cfg, out, timeout=20.0):
+    from resilience.errors import CircuitOpen, TransientError
+
+    b = breaker(prefix, name, **cfg)
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        try:
+            b.record(b.acquire(), TransientError("down"), 0.001)
+        except CircuitOpen:
+            out.put(("open", os.getpid()))
+            return
+        time.sleep(0.005)
+    out.put(("timeout", os.getpid()))
+
+
+def grab_trials(prefix, name, cfg, stop, out):
+    """Try to get permits until told to stop; report every permit granted, hold it."""
+    from resilience.errors import CircuitOpen
+
+    b = breaker(prefix, name, **cfg)
+    held = []
+    while not stop.is_set():
+        try:
+            permit = b.acquire()
+        except CircuitOpen:
+            time.sleep(0.005)
+            continue
+        held.append(permit)
+        out.put(("probe" if permit.probe else "normal", os.getpid()))
+    for permit in held:
+        b.record(permit, None, 0.001)
+    out.put(("done", os.getpid()))
+
+
+def hammer_limiter(prefix, name, rate, burst, start_at, seconds, out):
+    from resilience.ratelimit import RateLimitConfig, RateLimiter
+
+    rl = RateLimiter(name, RateLimitConfig(rate=rate, burst=burst), store(prefix))
+    while time.time() < start_at:
+        time.sleep(0.001)
+    allowed = 0
+    while time.time() < start_at + seconds:
+        ok, _ = rl.try_acquire("global")
+        allowed += ok
+        time.sleep(0.001)
+    out.put(allowed)

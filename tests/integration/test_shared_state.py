@@ -1,0 +1,150 @@
+"""Shared state on real Redis across processes (spawned, as Celery prefork children are not)."""
+
+from __future__ import annotations
+
+import contextlib
+import multiprocessing as mp
+import queue
+import time
+
+import pytest
+import redis
+
+from resilience.breaker import BreakerConfig, BreakerState, CircuitBreaker
+from resilience.clock import FakeClock
+from resilience.errors import CircuitOpen, TransientError
+from resilience.stores import RedisStore, redis_client
+
+from . import _redis
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
+
+CTX = mp.get_context("spawn")
+
+
+@pytest.fixture
+def prefix():
+    try:
+        _redis.client().ping()
+    except redis.RedisError as exc:
+        pytest.skip(f"no Redis at {_redis.REDIS_URL}: {exc}")
+    p = _redis.new_prefix()
+    yield p
+    RedisStore(_redis.client(), prefix=p).clear()  # our prefix only
+
+
+def _collect(out, n, timeout=30.0):
+    got = []
+    end = time.monotonic() + timeout
+    while len(got) < n and time.monotonic() < end:
+        with contextlib.suppress(queue.Empty):
+            got.append(out.get(timeout=0.2))
+    return got
+
+
+def test_lua_breaker_follows_the_same_transitions_on_a_driven_clock(prefix):
+    clock = FakeClock(start=1_000_000.0)
+    store = RedisStore(_redis.client(), prefix=prefix, clock=clock)
+    cfg = BreakerConfig(minimum_calls=4, open_duration=30.0)
+    b = CircuitBreaker("lua", cfg, store, clock)
+    for _ in range(4):
+        b.record(b.acquire(), TransientError("x"), 0.001)
+    assert b.state is BreakerState.OPEN
+    clock.advance(30)
+    trial = b.acquire()
+    assert trial.probe
+    with pytest.raises(CircuitOpen):
+        b.acquire()
+    b.record(trial, None, 0.01)
+    assert b.state is BreakerState.CLOSED
+    assert store.client.exists(store.key("breaker", "lua", "state"))
+    assert store.key("breaker", "lua", "state") == "{" + prefix + ":breaker:lua}:state"
+
+
+def test_failures_in_one_process_open_the_breaker_for_all(prefix):
+    cfg = {"minimum_calls": 5, "window": 10.0, "open_duration": 30.0, "sync_interval": 0.25}
+    out = CTX.Queue()
+    readies = [CTX.Event() for _ in range(3)]
+    watchers = [
+        CTX.Process(target=_redis.watch_until_open, args=(prefix, "shared", cfg, r, out))
+        for r in readies
+    ]
+    for p in watchers:
+        p.start()
+    assert all(r.wait(30) for r in readies)
+    failer = CTX.Process(target=_redis.fail_until_open, args=(prefix, "shared", cfg, out))
+    failer.start()
+    results = _collect(out, 4)
+    for p in [*watchers, failer]:
+        p.join(10)
+    assert [r[0] for r in results] == ["open"] * 4, results
+
+
+def test_half_open_lets_exactly_one_trial_through_cluster_wide(prefix):
+    cfg = {"minimum_calls": 5, "open_duration": 3.0, "half_open_calls": 1, "sync_interval": 0.25}
+    _redis.breaker(prefix, "probe", **cfg).force_open(3.0)
+    out, stop = CTX.Queue(), CTX.Event()
+    procs = [
+        CTX.Process(target=_redis.grab_trials, args=(prefix, "probe", cfg, stop, out))
+        for _ in range(4)
+    ]
+    for p in procs:
+        p.start()
+    first = _collect(out, 1, timeout=30)
+    assert first and first[0][0] == "probe", first
+    time.sleep(1.0)  # an observation window (under the 3 s probe lease), not synchronisation
+    stop.set()
+    rest = _collect(out, 4, timeout=30)
+    for p in procs:
+        p.join(10)
+    grants = [r for r in first + rest if r[0] != "done"]
+    assert grants == first, f"more than one trial call ran: {grants}"
+    b = _redis.breaker(prefix, "probe", **cfg)
+    assert _redis.wait_until(lambda: b.state is BreakerState.CLOSED)
+
+
+def test_global_rate_limit_holds_across_processes(prefix):
+    rate, seconds, burst = 50.0, 3.0, 1
+    out = CTX.Queue()
+    start_at = time.time() + 3.0  # after the spawned interpreters are up
+    procs = [
+        CTX.Process(
+            target=_redis.hammer_limiter,
+            args=(prefix, "global", rate, burst, start_at, seconds, out),
+        )
+        for _ in range(4)
+    ]
+    for p in procs:
+        p.start()
+    counts = _collect(out, 4, timeout=40)
+    for p in procs:
+        p.join(10)
+    assert len(counts) == 4
+    expected = rate * seconds + burst
+    assert abs(sum(counts) - expected) <= 0.1 * expected, (counts, expected)
+    assert all(c > 0 for c in counts)  # every process got a share
+
+
+def test_redis_down_never_fails_a_call_and_says_so():
+    from prometheus_client import REGISTRY
+
+    dead = redis_client("redis://127.0.0.1:1/0", socket_timeout=0.05, socket_connect_timeout=0.05)
+    store = RedisStore(dead, prefix="down", name="redis-down-test")
+    b = CircuitBreaker("down", BreakerConfig(minimum_calls=3), store)
+    assert b.call(lambda: 1) == 1
+    assert store.degraded
+    assert (
+        REGISTRY.get_sample_value("tidegate_state_store_degraded", {"store": "redis-down-test"})
+        == 1
+    )
+    for _ in range(3):
+        with pytest.raises(TransientError):
+            b.call(lambda: (_ for _ in ()).throw(TransientError("x")))
+    assert b.state is BreakerState.OPEN  # still protects, on local state
+
+
+def test_client_without_timeouts_is_refused():
+    from resilience.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="socket_timeout"):
+        RedisStore(redis.Redis.from_url(_redis.REDIS_URL))
