@@ -46,6 +46,11 @@ def transport_options(settings: Settings) -> dict[str, Any]:
             "wait_time_seconds": 1,
             "polling_interval": 0.2,
             "is_secure": (settings.sqs_endpoint_url or "https").startswith("https"),
+            "client-config": {
+                "connect_timeout": connect,
+                "read_timeout": read + 1,  # above wait_time_seconds (long polling)
+                "retries": {"max_attempts": 3, "mode": "standard"},
+            },
         }
     return {}
 

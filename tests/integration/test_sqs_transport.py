@@ -1,0 +1,54 @@
+"""The same app on Celery's SQS transport, against a moto server (a smoke test: moto is slow)."""
+
+from __future__ import annotations
+
+import boto3
+import pytest
+
+from tests.conftest import STATE_REDIS_URL, Broker, tidegate_env
+from tests.support.procs import Worker, wait_until
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def sqs_broker(moto_sqs, redis_up) -> Broker:
+    return Broker("sqs", f"sqs://testing:testing@127.0.0.1:{moto_sqs.port}/")
+
+
+def test_payments_worker_on_sqs(sqs_broker, moto_sqs, sims, policy_file, tmp_path, monkeypatch):
+    from producers import Producer
+    from workers.application import create_app
+    from workers.settings import load_settings
+
+    for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.setenv(var, "testing")
+    settings = load_settings(broker_url=sqs_broker.url, redis_url=STATE_REDIS_URL,
+                             policy_file=policy_file, sqs_endpoint_url=moto_sqs.url)
+    app = create_app(settings)
+    producer = Producer(app)
+    for i in range(3):
+        producer.enqueue("payments.charge", [f"acct-{i}", 100 + i], idempotency_key=f"sqs-{i}")
+    producer.enqueue("search.index", ["doc-sqs"])
+
+    env = tidegate_env(sqs_broker, policy_file, TIDEGATE_SQS_ENDPOINT_URL=moto_sqs.url,
+                       AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing")
+    worker = Worker("payments", env, tmp_path, concurrency=2).wait_ready(90)
+    try:
+        wait_until(lambda: sims["payments"].ledger()["applied"] == 3, 90, interval=0.3,
+                   message="3 charges consumed over SQS")
+        effects = sims["payments"].ledger()["effects"]
+        assert sorted(effects) == ["sqs-0", "sqs-1", "sqs-2"]
+        assert all(e["requests"] == 1 for e in effects.values())
+    finally:
+        worker.stop()
+        app.close()
+
+    # `search` was never consumed: the message is still in its SQS queue.
+    sqs = boto3.client("sqs", endpoint_url=moto_sqs.url, region_name="us-east-1",
+                       aws_access_key_id="testing", aws_secret_access_key="testing")
+    url = sqs.get_queue_url(QueueName="search")["QueueUrl"]
+    attrs = sqs.get_queue_attributes(QueueUrl=url, AttributeNames=["All"])["Attributes"]
+    assert int(attrs["ApproximateNumberOfMessages"]) + int(
+        attrs["ApproximateNumberOfMessagesNotVisible"]) == 1
+    assert sims["search"].ledger()["requests"] == 0
