@@ -83,6 +83,17 @@ def downstream(
     serve(name, host, port)
 
 
+@app.command()
+def feed(
+    rate: Annotated[float, typer.Option(min=0.01, help="Jobs per second")] = 2.0,
+    count: Annotated[int | None, typer.Option(help="Stop after this many jobs")] = None,
+) -> None:
+    """Enqueue a steady stream of mixed example jobs (what `make run` shows working)."""
+    from tidegate.feed import run
+
+    run(rate, count)
+
+
 def main() -> None:
     """Entry point: run the CLI, turning Tidegate's own errors into one-line messages."""
     try:

@@ -1,0 +1,101 @@
+"""Settings and topology: bad values become one clear error naming what is wrong."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from resilience.errors import ConfigError
+from resilience.shedding import Priority
+from workers.settings import DEFAULT_POLICY_FILE, load_settings
+from workers.topology import broker_priority, load_topology
+
+
+def test_defaults_are_bounded():
+    s = load_settings()
+    assert s.broker_url == "redis://127.0.0.1:6379/0"
+    assert 0 < s.connect_timeout_s <= 60 and 0 < s.read_timeout_s <= 300
+    assert s.task_soft_time_limit_s < s.task_hard_time_limit_s < s.visibility_timeout_s
+
+
+@pytest.mark.parametrize(
+    ("overrides", "named"),
+    [
+        ({"broker_url": "kafka://x"}, "TIDEGATE_BROKER_URL"),
+        ({"redis_url": "http://x"}, "TIDEGATE_REDIS_URL"),
+        ({"connect_timeout_s": 0}, "TIDEGATE_CONNECT_TIMEOUT_S"),
+        ({"read_timeout_s": -1}, "TIDEGATE_READ_TIMEOUT_S"),
+        ({"policy_file": "/nonexistent/policy.toml"}, "TIDEGATE_POLICY_FILE"),
+        ({"visibility_timeout_s": 10, "task_hard_time_limit_s": 20,
+          "task_soft_time_limit_s": 5}, "TIDEGATE_VISIBILITY_TIMEOUT_S"),
+    ],
+)
+def test_bad_setting_names_the_variable(overrides, named):
+    with pytest.raises(ConfigError, match=named):
+        load_settings(**overrides)
+
+
+def test_bad_setting_from_environment(monkeypatch):
+    monkeypatch.setenv("TIDEGATE_READ_TIMEOUT_S", "forever")
+    with pytest.raises(ConfigError, match="TIDEGATE_READ_TIMEOUT_S"):
+        load_settings()
+
+
+def test_tokens_are_secret_and_split(monkeypatch):
+    monkeypatch.setenv("TIDEGATE_API_TOKENS", " a1, b2 ,,")
+    s = load_settings()
+    assert s.tokens() == {"a1", "b2"}
+    assert "a1" not in repr(s) and "a1" not in str(s.model_dump())
+
+
+@pytest.mark.parametrize(("url", "transport"), [
+    ("redis://h/0", "redis"), ("rediss://h/0", "redis"), ("amqp://h//", "amqp"),
+    ("pyamqp://h//", "amqp"), ("sqs://", "sqs"),
+])
+def test_transport_family(url, transport):
+    assert load_settings(broker_url=url).transport == transport
+
+
+def test_default_topology_one_queue_per_dependency():
+    topo = load_topology(DEFAULT_POLICY_FILE)
+    assert topo.work_queues == ("payments", "search", "email", "default")
+    assert topo.queue_for_task("payments.charge") == "payments"
+    assert topo.queue_for_task("search.index") == "search"
+    assert topo.queue_for_task("reports.build") == "default"
+    assert topo.dead_letter_queue("email") == "email.dlq"
+    assert topo.dependency_for_queue("payments").name == "payments"  # not pricing
+    args = {q.name: q.queue_arguments for q in topo.kombu_queues()}
+    assert args["payments"]["x-dead-letter-routing-key"] == "payments.dlq"
+    assert {q.name for q in topo.dead_letter_kombu_queues()} == {
+        "payments.dlq", "search.dlq", "email.dlq", "default.dlq"}
+
+
+def test_unknown_queue_and_dependency():
+    topo = load_topology(DEFAULT_POLICY_FILE)
+    with pytest.raises(ConfigError, match="unknown queue 'nope'"):
+        topo.check_queue("nope")
+    with pytest.raises(ConfigError, match="unknown dependency"):
+        topo.dependency("nope")
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("not toml [", "TIDEGATE_POLICY_FILE"),
+    ("[other]\nx = 1\n", "no \\[dependencies.NAME\\]"),
+    ('[dependencies.a]\nurl = "ftp://x"\n', "dependencies.a.url"),
+    ('[dependencies.a]\nurl = "http://x"\ntasks = "a.*"\n', "dependencies.a.tasks"),
+])
+def test_bad_policy_file(tmp_path: Path, text, message):
+    path = tmp_path / "p.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=message):
+        load_topology(path)
+
+
+def test_priorities_per_transport():
+    """CRITICAL is consumed first on both brokers, whose number orders are opposite."""
+    order = [Priority.CRITICAL, Priority.HIGH, Priority.MEDIUM, Priority.LOW]
+    redis = [broker_priority(p, "redis") for p in order]
+    amqp = [broker_priority(p, "amqp") for p in order]
+    assert redis == sorted(redis) and amqp == sorted(amqp, reverse=True)
+    assert broker_priority(Priority.LOW, "sqs") is None
