@@ -1,0 +1,201 @@
+"""Depth probes against the truth on real brokers: Redis, RabbitMQ and SQS (moto server)."""
+
+from __future__ import annotations
+
+import time
+
+import boto3
+import pytest
+import redis
+
+from resilience.shedding import Priority
+from tests.conftest import STATE_REDIS_URL
+from workers.depth import (
+    DepthUnavailable,
+    QueueDepth,
+    RedisDepthProbe,
+    SharedDepthCache,
+    SQSDepthProbe,
+    drain_from_samples,
+    probe_for,
+)
+
+pytestmark = pytest.mark.integration
+
+
+def _publish(producer, task: str, priorities: list[Priority]) -> None:
+    for i, p in enumerate(priorities):
+        producer.enqueue(task, [f"doc-{i}"], priority=p)
+
+
+def test_depth_matches_truth_on_each_broker(broker, settings, producer, celery_app):
+    """ready counts every priority; taking messages without ack moves them to in_flight."""
+    probe = probe_for(settings)
+    assert probe.depth("search").ready == 0
+    t0 = time.time()
+    prios = [Priority.LOW] * 3 + [Priority.MEDIUM] * 2 + [Priority.HIGH] * 4 + [Priority.CRITICAL]
+    _publish(producer, "search.index", prios)
+    producer.enqueue("email.send", ["a@example.com", "hi", "body"])
+
+    d = probe.depth("search")
+    assert (d.queue, d.ready, d.delayed) == ("search", 10, None)
+    assert d.backlog == 10
+    assert probe.depth("email").ready == 1
+    assert probe.depth("payments").ready == 0
+
+    if broker.name == "redis":
+        r = redis.Redis.from_url(broker.url)
+        lengths = {k: r.llen(k) for k in ("search", "search:3", "search:6", "search:9")}
+        assert lengths == {"search": 1, "search:3": 4, "search:6": 2, "search:9": 3}
+        assert d.source == "redis"
+        assert d.in_flight == 0
+        assert d.oldest_age_s is not None
+        assert 0 <= d.oldest_age_s <= time.time() - t0 + 1
+    else:
+        assert d.source.startswith("rabbitmq")
+        assert d.consumers == 0
+        assert d.oldest_age_s is None
+
+    # Take 3 messages without acking them: they leave "ready" and (Redis) show as in flight.
+    with celery_app.connection_for_read() as conn:
+        channel = conn.channel()
+        taken = [channel.basic_get("search", no_ack=False) for _ in range(3)]
+        assert all(m is not None for m in taken)
+        d = probe.depth("search")
+        assert d.ready == 7
+        if broker.name == "redis":
+            assert d.in_flight == 3
+            assert probe.depth("email").in_flight == 0  # filtered by queue
+        for m in taken:
+            channel.basic_ack(m.delivery_tag)
+    assert probe.depth("search").ready == 7
+    if broker.name == "redis":
+        assert probe.depth("search").in_flight == 0
+
+
+def test_redis_oldest_age_reads_the_next_message_out(redis_up):
+    """The tail of each priority list is its oldest; the queue's oldest is the oldest tail."""
+    import json
+
+    r = redis.Redis.from_url(redis_up)
+    r.delete("agetest", "agetest:3", "agetest:9")
+    now = time.time()
+
+    def msg(t: float) -> str:
+        return json.dumps({"headers": {"tidegate_enqueued_at": t}, "body": ""})
+
+    r.lpush("agetest:9", msg(now - 50), msg(now - 5))  # tail = now-50
+    r.lpush("agetest:3", msg(now - 20))
+    r.lpush("agetest", msg(now - 1))
+    d = RedisDepthProbe(r, clock=lambda: now).depth("agetest")
+    assert d.ready == 4
+    assert d.oldest_age_s == pytest.approx(50, abs=0.01)
+    r.delete("agetest", "agetest:3", "agetest:9")
+
+
+def test_rabbitmq_unknown_queue_and_unreachable_broker(rabbitmq_up):
+    from workers.depth import RabbitMQDepthProbe
+
+    probe = RabbitMQDepthProbe(rabbitmq_up, management_url=None)
+    with pytest.raises(DepthUnavailable, match="no queue 'nope'"):
+        probe.depth("nope")
+    dead = RabbitMQDepthProbe("amqp://guest:guest@127.0.0.1:1//", connect_timeout=0.5)
+    started = time.monotonic()
+    with pytest.raises(DepthUnavailable):
+        dead.depth("search")
+    assert time.monotonic() - started < 10
+
+
+def test_sqs_depth_counts_visible_in_flight_and_delayed(moto_sqs):
+    client = boto3.client("sqs", endpoint_url=moto_sqs.url, region_name="us-east-1",
+                          aws_access_key_id="testing", aws_secret_access_key="testing")
+    url = client.create_queue(QueueName="depth-q")["QueueUrl"]
+    client.purge_queue(QueueUrl=url)
+    for i in range(5):
+        client.send_message(QueueUrl=url, MessageBody=f"m{i}")
+    for i in range(2):
+        client.send_message(QueueUrl=url, MessageBody=f"late{i}", DelaySeconds=600)
+    got = client.receive_message(QueueUrl=url, MaxNumberOfMessages=2, VisibilityTimeout=600)
+    assert len(got["Messages"]) == 2
+
+    probe = SQSDepthProbe(client)
+    d = probe.depth("depth.q")  # dots become dashes, as kombu names SQS queues
+    assert (d.ready, d.in_flight, d.delayed) == (3, 2, 2)
+    assert d.backlog == 5
+    assert d.oldest_age_s is None and d.source == "sqs"
+    with pytest.raises(DepthUnavailable, match="no queue"):
+        probe.depth("missing")
+
+
+def test_probe_for_sqs_settings(moto_sqs, policy_file, monkeypatch):
+    from workers.settings import load_settings
+
+    settings = load_settings(broker_url=f"sqs://testing:testing@127.0.0.1:{moto_sqs.port}/",
+                             sqs_endpoint_url=moto_sqs.url, policy_file=policy_file)
+    client = boto3.client("sqs", endpoint_url=moto_sqs.url, region_name="us-east-1",
+                          aws_access_key_id="testing", aws_secret_access_key="testing")
+    url = client.create_queue(QueueName="probe-for")["QueueUrl"]
+    client.send_message(QueueUrl=url, MessageBody="x")
+    probe = probe_for(settings)
+    assert isinstance(probe, SQSDepthProbe)
+    assert probe.depth("probe-for").ready == 1
+
+
+class CountingProbe:
+    def __init__(self) -> None:
+        self.calls = 0
+        self.ready = 100
+
+    def depth(self, queue: str) -> QueueDepth:
+        self.calls += 1
+        return QueueDepth(queue, self.ready, 0, None, None, None, "fake", time.time())
+
+
+def test_shared_cache_probes_once_per_ttl_across_processes(state_redis):
+    probe = CountingProbe()
+    clients = [redis.Redis.from_url(STATE_REDIS_URL, socket_timeout=2) for _ in range(5)]
+    # five "processes"
+    caches = [SharedDepthCache(probe, c, ttl_s=30, window_s=60) for c in clients]
+    for _ in range(20):
+        for cache in caches:
+            assert cache.depth("q").ready == 100
+    assert probe.calls == 1
+
+    caches[0].record_published("q", 7)
+    caches[3].record_published("q")
+    est = caches[1].estimate("q")
+    assert (est.reading.ready, est.published_since, est.backlog) == (100, 8, 108)
+
+
+def test_shared_cache_measures_the_drain_rate(state_redis):
+    probe = CountingProbe()
+    now = [1000.0]
+    probe_clock = CountingProbe.depth
+
+    def depth(self, queue):
+        self.calls += 1
+        return QueueDepth(queue, self.ready, 0, None, None, None, "fake", now[0])
+
+    CountingProbe.depth = depth  # readings stamped with the fake clock
+    try:
+        cache = SharedDepthCache(probe, state_redis, ttl_s=0.5, clock=lambda: now[0])
+        assert cache.estimate("q").drain_rate is None  # one reading: no rate yet
+        # 1 s later: 40 published, backlog 100 -> 90: 50 consumed in 1 s.
+        cache.record_published("q", 40)
+        now[0] += 1.0
+        probe.ready = 90
+        assert cache.estimate("q").drain_rate == pytest.approx(50)
+    finally:
+        CountingProbe.depth = probe_clock
+
+
+def test_drain_from_samples_uses_the_window_and_never_goes_negative():
+    # newest first: [time, published, backlog]
+    assert drain_from_samples([[10, 0, 5]], 10) is None
+    assert drain_from_samples([[10, 100, 50], [8, 0, 0]], 10) == pytest.approx(25)
+    # nothing counted as published but the backlog fell: at least that
+    assert drain_from_samples([[10, 0, 10], [8, 0, 30]], 10) == pytest.approx(10)
+    # backlog grew by more than published (an uncounted publisher): 0, not negative
+    assert drain_from_samples([[10, 0, 50], [8, 0, 10]], 10) == 0
+    # samples older than the window are ignored
+    assert drain_from_samples([[100, 10, 0], [99, 0, 0], [1, -1000, 0]], 10) == 10

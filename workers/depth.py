@@ -1,0 +1,545 @@
+"""Queue depth, read the same way from Redis, RabbitMQ and SQS.
+
+Depth is Tidegate's backpressure signal (producers throttle on it) and its autoscaling signal
+(the exporter publishes it). Each probe is exact where the broker allows and says ``None``
+where it cannot know (never a guess dressed up as a number):
+
+=========  ==================================  ==================  ======================
+broker     ready                               in flight           oldest message age
+=========  ==================================  ==================  ======================
+Redis      LLEN of the list + priority lists   kombu ``unacked``   enqueue-time header at
+           (``q``, ``q:3``, ``q:6``, ``q:9``)  hash, per queue     the tail (next to pop)
+RabbitMQ   passive ``queue.declare``           management API      None (AMQP cannot peek)
+SQS        ApproximateNumberOfMessages         ...NotVisible       None (not exposed)
+=========  ==================================  ==================  ======================
+
+:class:`SharedDepthCache` puts one reading per queue per TTL in Redis, so a hundred producers
+cost the broker one probe per TTL, and estimates the drain rate (messages/s consumed) from a
+shared publish counter and successive readings; Retry-After is computed from it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass
+from typing import Any, Protocol, runtime_checkable
+from urllib.parse import quote, unquote, urlsplit
+
+from resilience.errors import ConfigError, TransientError
+from workers import headers as h
+from workers.settings import Settings
+from workers.topology import Topology
+
+__all__ = [
+    "DepthProbe",
+    "DepthUnavailable",
+    "QueueDepth",
+    "RabbitMQDepthProbe",
+    "RedisDepthProbe",
+    "SQSDepthProbe",
+    "SharedDepthCache",
+    "probe_for",
+    "sqs_queue_name",
+]
+
+log = logging.getLogger(__name__)
+
+
+class DepthUnavailable(TransientError):
+    """The broker could not be asked (unreachable, timed out, or the queue does not exist)."""
+
+
+@dataclass(frozen=True)
+class QueueDepth:
+    """One reading of one queue. ``None`` means the broker cannot tell, not zero."""
+
+    queue: str
+    ready: int  # waiting to be delivered
+    in_flight: int | None  # delivered to a consumer, not yet acked
+    delayed: int | None  # published but not yet deliverable (SQS DelaySeconds)
+    oldest_age_s: float | None  # age of the message that waits longest
+    consumers: int | None
+    source: str  # "redis", "rabbitmq", "rabbitmq+management", "sqs"
+    measured_at: float  # epoch seconds
+
+    @property
+    def backlog(self) -> int:
+        """What still has to be delivered: ready plus delayed where known."""
+        return self.ready + (self.delayed or 0)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> QueueDepth:
+        return cls(**json.loads(text))
+
+
+@runtime_checkable
+class DepthProbe(Protocol):
+    """Reads one queue's depth from the broker; raises :class:`DepthUnavailable`."""
+
+    def depth(self, queue: str) -> QueueDepth: ...
+
+
+# -- Redis ---------------------------------------------------------------------------------
+
+
+class RedisDepthProbe:
+    """Exact depth on kombu's Redis transport.
+
+    kombu LPUSHes and BRPOPs, so the tail of each list is the next message out and the oldest
+    in that list; the oldest of the tails is the queue's oldest message. Delivered-but-unacked
+    messages sit in the ``unacked`` hash as ``[message, exchange, routing_key]``; Celery
+    publishes to the queue's name as routing key, which is how they are told apart.
+    ETA/countdown tasks are held (unacked) by the worker that reserved them: counted in flight.
+    """
+
+    source = "redis"
+
+    def __init__(
+        self,
+        client: Any,
+        *,
+        sep: str = ":",
+        priority_steps: Iterable[int] = (0, 3, 6, 9),
+        unacked_key: str = "unacked",
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.client = client
+        self.sep = sep
+        self.steps = tuple(sorted(set(priority_steps)))
+        self.unacked_key = unacked_key
+        self.clock = clock
+
+    def lists(self, queue: str) -> list[str]:
+        """The Redis keys that hold ``queue``'s ready messages (one per priority step)."""
+        return [queue if step == 0 else f"{queue}{self.sep}{step}" for step in self.steps]
+
+    def depth(self, queue: str) -> QueueDepth:
+        return self.depths([queue])[queue]
+
+    def depths(self, queues: Iterable[str]) -> dict[str, QueueDepth]:
+        """Several queues with one pipeline and one pass over the unacked hash."""
+        import redis
+
+        queues = list(queues)
+        try:
+            pipe = self.client.pipeline(transaction=False)
+            for q in queues:
+                for key in self.lists(q):
+                    pipe.llen(key)
+                    pipe.lindex(key, -1)
+            raw = pipe.execute()
+            in_flight = self._in_flight(set(queues))
+        except (redis.RedisError, OSError) as exc:
+            raise DepthUnavailable(f"redis depth probe failed: {exc}") from None
+        now = self.clock()
+        out: dict[str, QueueDepth] = {}
+        per_queue = 2 * len(self.steps)
+        for i, q in enumerate(queues):
+            chunk = raw[i * per_queue:(i + 1) * per_queue]
+            ready = sum(int(n) for n in chunk[0::2])
+            ages = [a for a in (_enqueued_at(t) for t in chunk[1::2]) if a is not None]
+            oldest = max(0.0, now - min(ages)) if ages else None
+            out[q] = QueueDepth(q, ready, in_flight.get(q, 0), None, oldest, None,
+                                self.source, now)
+        return out
+
+    def _in_flight(self, queues: set[str]) -> dict[str, int]:
+        counts = dict.fromkeys(queues, 0)
+        for _, value in self.client.hscan_iter(self.unacked_key, count=500):
+            try:
+                _, exchange, routing_key = json.loads(value)
+            except (ValueError, TypeError):
+                continue
+            name = routing_key or exchange
+            if name in counts:
+                counts[name] += 1
+        return counts
+
+
+def _enqueued_at(raw: bytes | str | None) -> float | None:
+    """The producer's enqueue time from a kombu Redis message (None if absent/unreadable)."""
+    if not raw:
+        return None
+    try:
+        message = json.loads(raw)
+        value = (message.get("headers") or {}).get(h.ENQUEUED_AT)
+        return float(value) if value is not None else None
+    except (ValueError, TypeError, AttributeError):
+        return None
+
+
+# -- RabbitMQ ------------------------------------------------------------------------------
+
+
+class RabbitMQDepthProbe:
+    """Ready and consumers from a passive ``queue.declare``; unacked from the management API.
+
+    The passive declare is exact and cheap but knows nothing of unacked messages; the
+    management API does (``messages_unacknowledged``) but its figures lag by its collection
+    interval (5 s by default). Without the management plugin ``in_flight`` is None.
+    AMQP offers no way to read a message without taking it, so the oldest age is None.
+    """
+
+    source = "rabbitmq"
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        management_url: str | None = None,
+        connect_timeout: float = 2.0,
+        read_timeout: float = 5.0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.url = url
+        self.management_url = management_url.rstrip("/") if management_url else None
+        self.connect_timeout = connect_timeout
+        self.read_timeout = read_timeout
+        self.clock = clock
+        self._conn: Any = None
+        self._lock = threading.Lock()
+        parts = urlsplit(url)
+        self.vhost = unquote(parts.path[1:]) if len(parts.path) > 1 else "/"
+        self._auth = (unquote(parts.username or "guest"), unquote(parts.password or "guest"))
+        self._management_down_until = 0.0
+
+    def _channel(self) -> Any:
+        from kombu import Connection
+
+        if self._conn is None:
+            self._conn = Connection(self.url, connect_timeout=self.connect_timeout,
+                                    transport_options={"read_timeout": self.read_timeout,
+                                                       "write_timeout": self.read_timeout})
+            self._conn.ensure_connection(max_retries=1, timeout=self.connect_timeout)
+        return self._conn.default_channel
+
+    def _reset(self) -> None:
+        if self._conn is not None:
+            with contextlib.suppress(Exception):
+                self._conn.release()
+        self._conn = None
+
+    def depth(self, queue: str) -> QueueDepth:
+        from amqp.exceptions import NotFound
+
+        with self._lock:
+            try:
+                _, ready, consumers = self._channel().queue_declare(queue=queue, passive=True)
+            except NotFound:
+                self._reset()
+                raise DepthUnavailable(f"rabbitmq: no queue {queue!r} in vhost "
+                                       f"{self.vhost!r}") from None
+            except Exception as exc:  # socket, connection closed, timeout: all transient
+                self._reset()
+                raise DepthUnavailable(f"rabbitmq depth probe failed: {exc}") from None
+        in_flight, source = self._unacked(queue), self.source
+        if in_flight is not None:
+            source = "rabbitmq+management"
+        return QueueDepth(queue, int(ready), in_flight, None, None, int(consumers), source,
+                          self.clock())
+
+    def _unacked(self, queue: str) -> int | None:
+        if not self.management_url or self.clock() < self._management_down_until:
+            return None
+        import httpx
+
+        url = (f"{self.management_url}/api/queues/{quote(self.vhost, safe='')}/"
+               f"{quote(queue, safe='')}")
+        try:
+            response = httpx.get(url, auth=self._auth, timeout=httpx.Timeout(
+                self.read_timeout, connect=self.connect_timeout))
+            response.raise_for_status()
+            return int(response.json().get("messages_unacknowledged", 0))
+        except (httpx.HTTPError, ValueError, TypeError) as exc:
+            # Not enabled or not reachable: ask again in a minute, not on every probe.
+            log.debug("rabbitmq management API unavailable at %s: %s", self.management_url, exc)
+            self._management_down_until = self.clock() + 60
+            return None
+
+    def close(self) -> None:
+        with self._lock:
+            self._reset()
+
+
+# -- SQS -----------------------------------------------------------------------------------
+
+
+def sqs_queue_name(queue: str, prefix: str = "") -> str:
+    """The SQS queue name kombu uses for a Celery queue (dots become dashes, bar ``.fifo``)."""
+    if queue.endswith(".fifo"):
+        return prefix + queue[:-5].replace(".", "-") + ".fifo"
+    return prefix + queue.replace(".", "-")
+
+
+class SQSDepthProbe:
+    """SQS's approximate counters (eventually consistent, by AWS's own description).
+
+    ``oldest_age_s`` is None: SQS publishes ApproximateAgeOfOldestMessage only as a CloudWatch
+    metric, not as a queue attribute (and moto has no CloudWatch feed for it).
+    """
+
+    source = "sqs"
+    ATTRIBUTES = ("ApproximateNumberOfMessages", "ApproximateNumberOfMessagesNotVisible",
+                  "ApproximateNumberOfMessagesDelayed")
+
+    def __init__(self, client: Any, *, prefix: str = "",
+                 clock: Callable[[], float] = time.time) -> None:
+        self.client = client
+        self.prefix = prefix
+        self.clock = clock
+        self._urls: dict[str, str] = {}
+
+    def _url(self, queue: str) -> str:
+        if queue not in self._urls:
+            name = sqs_queue_name(queue, self.prefix)
+            self._urls[queue] = self.client.get_queue_url(QueueName=name)["QueueUrl"]
+        return self._urls[queue]
+
+    def depth(self, queue: str) -> QueueDepth:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            attrs = self.client.get_queue_attributes(
+                QueueUrl=self._url(queue), AttributeNames=list(self.ATTRIBUTES))["Attributes"]
+        except ClientError as exc:
+            self._urls.pop(queue, None)
+            code = exc.response.get("Error", {}).get("Code", "")
+            if "NonExistentQueue" in code or "QueueDoesNotExist" in code:
+                raise DepthUnavailable(f"sqs: no queue {sqs_queue_name(queue, self.prefix)!r}"
+                                       ) from None
+            raise DepthUnavailable(f"sqs depth probe failed: {exc}") from None
+        except BotoCoreError as exc:
+            raise DepthUnavailable(f"sqs depth probe failed: {exc}") from None
+        return QueueDepth(queue, int(attrs.get(self.ATTRIBUTES[0], 0)),
+                          int(attrs.get(self.ATTRIBUTES[1], 0)),
+                          int(attrs.get(self.ATTRIBUTES[2], 0)), None, None, self.source,
+                          self.clock())
+
+
+def sqs_client(settings: Settings) -> Any:
+    """A boto3 SQS client with bounded connect/read timeouts and few retries."""
+    import boto3
+    from botocore.config import Config
+
+    parts = urlsplit(settings.broker_url)
+    key = settings.aws_access_key_id.get_secret_value() if settings.aws_access_key_id else None
+    secret = (settings.aws_secret_access_key.get_secret_value()
+              if settings.aws_secret_access_key else None)
+    if key is None and parts.username:  # sqs://KEY:SECRET@host/ as kombu reads it
+        key, secret = unquote(parts.username), unquote(parts.password or "")
+    endpoint = settings.sqs_endpoint_url
+    if endpoint is None and parts.hostname and parts.hostname != "localhost" and parts.port:
+        endpoint = f"http://{parts.hostname}:{parts.port}"
+    config = Config(connect_timeout=settings.connect_timeout_s,
+                    read_timeout=settings.read_timeout_s,
+                    retries={"max_attempts": 2, "mode": "standard"})
+    return boto3.client("sqs", region_name=settings.sqs_region, endpoint_url=endpoint,
+                        aws_access_key_id=key, aws_secret_access_key=secret, config=config)
+
+
+def probe_for(settings: Settings, topology: Topology | None = None) -> DepthProbe:
+    """The probe for the configured broker (by the scheme of ``TIDEGATE_BROKER_URL``)."""
+    transport = settings.transport
+    if transport == "redis":
+        from resilience.stores import redis_client
+
+        client = redis_client(settings.broker_url, socket_timeout=settings.read_timeout_s,
+                              socket_connect_timeout=settings.connect_timeout_s)
+        return RedisDepthProbe(client)
+    if transport == "amqp":
+        return RabbitMQDepthProbe(settings.broker_url,
+                                  management_url=settings.rabbitmq_management_url,
+                                  connect_timeout=settings.connect_timeout_s,
+                                  read_timeout=settings.read_timeout_s)
+    if transport == "sqs":
+        return SQSDepthProbe(sqs_client(settings))
+    raise ConfigError(f"no depth probe for the {transport!r} transport")
+
+
+# -- the shared cache and the drain rate ---------------------------------------------------
+
+_REFRESH_LUA = """
+-- KEYS: reading, samples, lock ; ARGV: reading json, ttl ms, sample json, keep, window s, now
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+redis.call('DEL', KEYS[3])  -- the refresh lock: the reading's age now decides
+redis.call('LPUSH', KEYS[2], ARGV[3])
+redis.call('LTRIM', KEYS[2], 0, tonumber(ARGV[4]) - 1)
+redis.call('EXPIRE', KEYS[2], math.ceil(tonumber(ARGV[5]) * 4))
+return redis.call('LRANGE', KEYS[2], 0, -1)
+"""
+
+
+@dataclass(frozen=True)
+class DepthEstimate:
+    """A (possibly cached) reading plus what Tidegate producers published since it."""
+
+    reading: QueueDepth
+    published_since: int
+    drain_rate: float | None  # messages/s taken off the queue; None until two readings
+
+    @property
+    def backlog(self) -> int:
+        return self.reading.backlog + self.published_since
+
+
+class SharedDepthCache:
+    """One broker probe per queue per ``ttl_s`` across every process that shares Redis.
+
+    The first caller after expiry takes a ``SET NX`` lock and probes; the others read the
+    cached reading (or the stale one while the probe runs). A failing probe keeps the lock
+    until it expires, so a broken broker is not asked by every process at once. Producers
+    count what they publish (:meth:`record_published`), so :meth:`estimate` is
+    ``reading + published since`` and a flood cannot overshoot by a TTL's worth of messages.
+    Each refresh stores a sample ``(time, published counter, backlog)``; the drain rate over
+    ``window_s`` is ``(published delta - backlog delta) / elapsed``, at least the fall in
+    backlog.
+    If Redis is down, every process probes for itself (depth stays available).
+    """
+
+    def __init__(
+        self,
+        probe: DepthProbe,
+        redis_client: Any,
+        *,
+        ttl_s: float = 0.25,
+        window_s: float = 10.0,
+        prefix: str = "tidegate:depth",
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        if not ttl_s > 0 or not window_s > ttl_s:
+            raise ConfigError("depth cache needs ttl_s > 0 and window_s > ttl_s")
+        self.probe = probe
+        self.redis = redis_client
+        self.ttl_s = ttl_s
+        self.window_s = window_s
+        self.prefix = prefix
+        self.clock = clock
+        self._refresh = redis_client.register_script(_REFRESH_LUA)
+        self._local: dict[str, tuple[QueueDepth, float | None]] = {}
+
+    def _key(self, queue: str, what: str) -> str:
+        return f"{self.prefix}:{{{queue}}}:{what}"
+
+    def record_published(self, queue: str, count: int = 1) -> None:
+        """Count messages a producer published to ``queue`` (best effort; never raises)."""
+        import redis
+
+        with contextlib.suppress(redis.RedisError, OSError):
+            self.redis.incrby(self._key(queue, "published"), count)
+
+    def depth(self, queue: str) -> QueueDepth:
+        """The freshest shared reading (at most ``ttl_s`` old unless the probe is failing)."""
+        return self.estimate(queue).reading
+
+    def estimate(self, queue: str) -> DepthEstimate:
+        """Reading + what was published since + drain rate, in one Redis round trip."""
+        import redis
+
+        try:
+            raw, published, drain = self.redis.mget(
+                self._key(queue, "reading"), self._key(queue, "published"),
+                self._key(queue, "drain"))
+        except (redis.RedisError, OSError):
+            return self._local_estimate(queue)
+        published = int(published or 0)
+        reading = _parse(raw)
+        if reading is None or self.clock() - reading[0].measured_at >= self.ttl_s:
+            fresh = self._maybe_refresh(queue, published)
+            if fresh is not None:
+                return fresh
+            if reading is None:  # another process is probing and nothing is cached yet
+                return self._direct(queue, published)
+        depth, published_at = reading
+        return DepthEstimate(depth, max(0, published - published_at),
+                             float(drain) if drain is not None else None)
+
+    def drain_rate(self, queue: str) -> float | None:
+        """Messages/s consumed from ``queue`` lately (None until two readings exist)."""
+        return self.estimate(queue).drain_rate
+
+    def _maybe_refresh(self, queue: str, published: int) -> DepthEstimate | None:
+        import redis
+
+        ttl_ms = max(1, int(self.ttl_s * 1000))
+        try:
+            if not self.redis.set(self._key(queue, "lock"), b"1", nx=True, px=ttl_ms):
+                return None
+        except (redis.RedisError, OSError):
+            return self._local_estimate(queue)
+        return self._direct(queue, published)
+
+    def _direct(self, queue: str, published: int) -> DepthEstimate:
+        import redis
+
+        depth = self.probe.depth(queue)
+        sample = json.dumps([depth.measured_at, published, depth.backlog])
+        try:
+            samples = self._refresh(
+                keys=[self._key(queue, "reading"), self._key(queue, "samples"),
+                      self._key(queue, "lock")],
+                args=[json.dumps([json.loads(depth.to_json()), published]),
+                      int(self.window_s * 4000), sample, 64, self.window_s, depth.measured_at])
+            drain = drain_from_samples([json.loads(s) for s in samples], self.window_s)
+            if drain is not None:
+                self.redis.set(self._key(queue, "drain"), repr(drain),
+                               px=int(self.window_s * 4000))
+            else:
+                cached = self.redis.get(self._key(queue, "drain"))
+                drain = float(cached) if cached is not None else None
+        except (redis.RedisError, OSError, ValueError):
+            drain = None
+        return DepthEstimate(depth, 0, drain)
+
+    def _local_estimate(self, queue: str) -> DepthEstimate:
+        """Redis is down: probe at most once per TTL in this process."""
+        cached = self._local.get(queue)
+        now = self.clock()
+        if cached is None or now - cached[0].measured_at >= self.ttl_s:
+            depth = self.probe.depth(queue)
+            drain = None
+            if cached is not None and depth.measured_at > cached[0].measured_at:
+                drain = max(0.0, (cached[0].backlog - depth.backlog)
+                            / (depth.measured_at - cached[0].measured_at)) or cached[1]
+            self._local[queue] = cached = (depth, drain)
+        return DepthEstimate(cached[0], 0, cached[1])
+
+
+def _parse(raw: bytes | None) -> tuple[QueueDepth, int] | None:
+    if raw is None:
+        return None
+    try:
+        fields, published = json.loads(raw)
+        return QueueDepth(**fields), int(published)
+    except (ValueError, TypeError):
+        return None
+
+
+def drain_from_samples(samples: list[list[float]], window_s: float) -> float | None:
+    """Drain rate from ``[time, published counter, backlog]`` samples, newest first.
+
+    consumed = published delta - backlog delta; at least the fall in backlog (publishers
+    that do not count, e.g. plain ``apply_async``, make the first figure an underestimate).
+    """
+    if len(samples) < 2:
+        return None
+    newest = samples[0]
+    oldest = None
+    for s in samples[1:]:
+        if newest[0] - s[0] > window_s:
+            break
+        oldest = s
+    if oldest is None or newest[0] <= oldest[0]:
+        return None
+    elapsed = newest[0] - oldest[0]
+    consumed = (newest[1] - oldest[1]) - (newest[2] - oldest[2])
+    rate = max(consumed, oldest[2] - newest[2], 0) / elapsed
+    return rate if math.isfinite(rate) else None
