@@ -201,5 +201,23 @@ def moto_sqs(session_tmp: Path) -> Iterator[MotoServer]:
     server.stop()
 
 
+def sqs_env(moto: MotoServer, prefix: str) -> dict[str, str]:
+    """Environment pointing a Tidegate process's queue-for-later store at ``moto``."""
+    return {
+        "TIDEGATE_SQS_ENDPOINT_URL": moto.url,
+        "TIDEGATE_AWS_ACCESS_KEY_ID": "testing",
+        "TIDEGATE_AWS_SECRET_ACCESS_KEY": "testing",
+        "TIDEGATE_DEFERRAL_QUEUE_PREFIX": prefix,
+    }
+
+
+@pytest.fixture
+def deferral_prefix() -> str:
+    """A fresh SQS queue-name prefix: each test gets its own deferral queues on moto."""
+    import uuid
+
+    return f"t{uuid.uuid4().hex[:10]}-"
+
+
 __all__ = ["AMQP_URL", "REDIS_BROKER_URL", "STATE_REDIS_URL", "Broker", "tidegate_env",
            "wait_until"]

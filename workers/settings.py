@@ -46,6 +46,18 @@ class Settings(BaseSettings):
     task_hard_time_limit_s: float = Field(default=90.0, gt=0)
     visibility_timeout_s: int = Field(default=3600, gt=0)
 
+    # Queue for later (docs/queue-for-later.md). Queues are "tidegate-deferred-<dependency>"
+    # (+ "-dlq") unless named or given by URL: "email=https://sqs.../q,search=my-queue".
+    deferral_queue_prefix: str = "tidegate-deferred-"
+    deferral_queues: str = ""
+    deferral_dlqs: str = ""
+    deferral_max_receive_count: int = Field(default=10, ge=1, le=1000)
+    deferral_retention_s: int = Field(default=14 * 24 * 3600, ge=60, le=14 * 24 * 3600)
+    deferral_near_retention_s: int = Field(default=24 * 3600, ge=0)
+    sqs_max_attempts: int = Field(default=3, ge=1, le=10)
+    replay_visibility_timeout_s: int = Field(default=60, ge=1, le=12 * 3600)
+    replay_max_queue_depth: int = Field(default=500, ge=1)
+
     @field_validator("broker_url")
     @classmethod
     def _known_broker(cls, value: str) -> str:
@@ -54,6 +66,12 @@ class Settings(BaseSettings):
             raise ValueError(
                 f"unsupported scheme {scheme!r}; use one of {', '.join(sorted(BROKER_SCHEMES))}"
             )
+        return value
+
+    @field_validator("deferral_queues", "deferral_dlqs")
+    @classmethod
+    def _dependency_map(cls, value: str) -> str:
+        parse_dependency_map(value)
         return value
 
     @field_validator("redis_url")
@@ -93,6 +111,17 @@ class Settings(BaseSettings):
                 "or Redis/SQS redeliver tasks that are still running"
             )
         return self
+
+
+def parse_dependency_map(text: str) -> dict[str, str]:
+    """``"email=https://sqs.../q,search=name"`` -> ``{"email": ..., "search": "name"}``."""
+    result: dict[str, str] = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        name, sep, value = item.partition("=")
+        if not sep or not name.strip() or not value.strip():
+            raise ValueError(f"expected DEPENDENCY=QUEUE_NAME_OR_URL, got {item!r}")
+        result[name.strip()] = value.strip()
+    return result
 
 
 def _describe(error: ValidationError) -> str:

@@ -1,0 +1,517 @@
+"""Queue for later on SQS: one queue of deferred requests per dependency, with its own DLQ.
+
+:class:`SqsDeferralStore` is the :class:`~resilience.fallback.DeferralSink` that the
+queue-for-later fallback writes to while a dependency is down, and the source the replayer
+drains when it is back. Promises it keeps:
+
+* ``defer`` returns only after SQS acknowledged the ``SendMessage``; an unreachable endpoint,
+  a refused call or a too-large entry raises :class:`~resilience.errors.DeferralError`, so a
+  request is never reported "deferred" unless it is in SQS;
+* every entry carries an idempotency key (one is assigned when the request has none): replay
+  is at-least-once at the queue, exactly-once at the dependency, and hinges on that key;
+* a message the replayer cannot use (undecodable, unknown task) is simply not deleted: SQS
+  redelivers it and, after ``maxReceiveCount`` receives, its redrive policy moves it to the DLQ.
+
+Queues are created when missing (with the redrive policy and retention) or used as given when
+configured by URL. The boto3 client has connect/read timeouts and bounded retries: no call
+can hang.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from . import metrics
+from .errors import ConfigError, DeferralError
+from .fallback import DeferredRequest
+
+__all__ = [
+    "ENTRY_VERSION",
+    "SQS_MAX_BATCH",
+    "DeferredEntry",
+    "DeferredEntryTooLarge",
+    "QueueStats",
+    "SqsClientConfig",
+    "SqsDeferralStore",
+    "SqsQueueSpec",
+    "decode_entry",
+    "encode_entry",
+    "sqs_client",
+]
+
+log = logging.getLogger(__name__)
+
+ENTRY_VERSION = 1
+SQS_MAX_BATCH = 10  # ReceiveMessage / DeleteMessageBatch limit
+SQS_MAX_RETENTION_S = 14 * 24 * 3600
+DEFAULT_MAX_MESSAGE_BYTES = 262_144  # SQS's historical default, used until the queue says
+
+NEAR_RETENTION = metrics._get_or_create(
+    metrics.Gauge,
+    "tidegate_deferred_near_retention",
+    "Deferred entries seen (last drain or listing) within the warning margin of the SQS "
+    "retention period: they will be dropped by SQS unless replayed.",
+    ("dependency",),
+)
+OLDEST_AGE = metrics._get_or_create(
+    metrics.Gauge,
+    "tidegate_deferred_oldest_age_seconds",
+    "Age in SQS of the oldest deferred entry seen (last drain or listing).",
+    ("dependency",),
+)
+DEFERRED_DEPTH = metrics._get_or_create(
+    metrics.Gauge,
+    "tidegate_deferred_depth",
+    "Approximate number of deferred entries waiting in SQS, by queue (deferred or dlq).",
+    ("dependency", "queue"),
+)
+
+
+class DeferredEntryTooLarge(DeferralError):
+    """The encoded entry exceeds the SQS queue's MaximumMessageSize: it was not stored."""
+
+
+@dataclass(frozen=True)
+class SqsClientConfig:
+    """How to reach SQS. Credentials left ``None`` fall back to boto3's default chain."""
+
+    endpoint_url: str | None = None
+    region: str = "us-east-1"
+    access_key_id: str | None = field(default=None, repr=False)
+    secret_access_key: str | None = field(default=None, repr=False)
+    connect_timeout: float = 2.0
+    read_timeout: float = 5.0
+    max_attempts: int = 3  # botocore "standard" retry mode, first attempt included
+
+    def __post_init__(self) -> None:
+        for name in ("connect_timeout", "read_timeout"):
+            value = getattr(self, name)
+            if not (isinstance(value, int | float) and 0 < value <= 300):
+                raise ConfigError(f"SQS {name} must be in (0, 300] seconds, got {value!r}")
+        if not (isinstance(self.max_attempts, int) and 1 <= self.max_attempts <= 10):
+            raise ConfigError(f"SQS max_attempts must be 1-10, got {self.max_attempts!r}")
+
+
+def sqs_client(cfg: SqsClientConfig) -> Any:
+    """A boto3 SQS client that cannot hang: finite timeouts, bounded retries."""
+    import boto3
+    from botocore.config import Config
+
+    config = Config(
+        connect_timeout=cfg.connect_timeout,
+        read_timeout=cfg.read_timeout,
+        retries={"max_attempts": cfg.max_attempts, "mode": "standard"},
+        max_pool_connections=20,
+    )
+    return boto3.session.Session().client(
+        "sqs",
+        endpoint_url=cfg.endpoint_url,
+        region_name=cfg.region,
+        aws_access_key_id=cfg.access_key_id,
+        aws_secret_access_key=cfg.secret_access_key,
+        config=config,
+    )
+
+
+def _is_url(value: str) -> bool:
+    return value.startswith(("http://", "https://"))
+
+
+def _check_queue_name(value: str, what: str) -> str:
+    if _is_url(value):
+        return value
+    ok = 1 <= len(value) <= 80 and all(c.isalnum() or c in "-_" for c in value)
+    if not ok:
+        raise ConfigError(
+            f"{what} {value!r} is not a legal SQS queue name (1-80 of A-Z a-z 0-9 - _) "
+            "nor a queue URL"
+        )
+    return value
+
+
+@dataclass(frozen=True)
+class SqsQueueSpec:
+    """One dependency's deferral queue and its DLQ, each a queue name or a queue URL.
+
+    Names are created if missing, with ``RedrivePolicy`` (``max_receive_count``) and
+    ``retention_s``; URLs are used as given and never modified.
+    """
+
+    dependency: str
+    queue: str
+    dead_letter_queue: str
+    max_receive_count: int = 10
+    retention_s: int = SQS_MAX_RETENTION_S
+    near_retention_s: int = 24 * 3600  # entries closer than this to expiry are flagged
+
+    def __post_init__(self) -> None:
+        _check_queue_name(self.queue, f"{self.dependency}: deferral queue")
+        _check_queue_name(self.dead_letter_queue, f"{self.dependency}: deferral DLQ")
+        if not (isinstance(self.max_receive_count, int) and 1 <= self.max_receive_count <= 1000):
+            raise ConfigError(
+                f"{self.dependency}: max_receive_count must be 1-1000, "
+                f"got {self.max_receive_count!r}"
+            )
+        retention_ok = isinstance(self.retention_s, int) and self.retention_s >= 60
+        if not (retention_ok and self.retention_s <= SQS_MAX_RETENTION_S):
+            raise ConfigError(
+                f"{self.dependency}: retention must be 60-{SQS_MAX_RETENTION_S} s, "
+                f"got {self.retention_s!r}"
+            )
+        if not (isinstance(self.near_retention_s, int) and self.near_retention_s >= 0):
+            raise ConfigError(f"{self.dependency}: near_retention_s must be >= 0")
+
+    @classmethod
+    def named(cls, dependency: str, prefix: str = "tidegate-deferred-", **kw: Any) -> SqsQueueSpec:
+        """``tidegate-deferred-email`` and ``tidegate-deferred-email-dlq``."""
+        base = f"{prefix}{dependency}".replace(".", "-")
+        return cls(dependency, base, f"{base}-dlq", **kw)
+
+
+# --------------------------------------------------------------------------- entries
+
+
+def encode_entry(request: DeferredRequest) -> str:
+    """The JSON body stored in SQS (versioned, so old entries stay readable)."""
+    return json.dumps(
+        {
+            "v": ENTRY_VERSION,
+            "dependency": request.dependency,
+            "task": request.task,
+            "args": list(request.args),
+            "kwargs": dict(request.kwargs),
+            "idempotency_key": request.idempotency_key,
+            "priority": int(request.priority),
+            "reason": request.reason,
+            "first_deferred_at": request.first_deferred_at,
+            "deferrals": int(request.deferrals),
+        },
+        separators=(",", ":"),
+        allow_nan=False,
+    )
+
+
+def decode_entry(body: str) -> DeferredRequest:
+    """Parse a stored body; a ValueError names what is wrong (the entry is poison)."""
+    data = json.loads(body)
+    if not isinstance(data, dict):
+        raise ValueError("entry is not a JSON object")
+    if data.get("v") != ENTRY_VERSION:
+        raise ValueError(f"unknown entry version {data.get('v')!r}")
+    missing = [k for k in ("dependency", "task", "idempotency_key") if not data.get(k)]
+    if missing:
+        raise ValueError(f"entry lacks {', '.join(missing)}")
+    if not isinstance(data.get("args", []), list) or not isinstance(data.get("kwargs", {}), dict):
+        raise ValueError("entry args must be a list and kwargs an object")
+    return DeferredRequest(
+        dependency=str(data["dependency"]),
+        task=str(data["task"]),
+        args=tuple(data.get("args", [])),
+        kwargs=dict(data.get("kwargs", {})),
+        idempotency_key=str(data["idempotency_key"]),
+        priority=int(data.get("priority", 1)),
+        reason=str(data.get("reason", "")),
+        first_deferred_at=float(data.get("first_deferred_at", 0.0)),
+        deferrals=int(data.get("deferrals", 1)),
+    )
+
+
+@dataclass(frozen=True)
+class DeferredEntry:
+    """One received SQS message: the request (None if it is poison) and SQS's view of it."""
+
+    message_id: str
+    receipt_handle: str
+    receive_count: int
+    sent_at: float  # epoch seconds: when this message entered SQS (retention counts from here)
+    request: DeferredRequest | None
+    error: str | None = None  # why ``request`` is None
+    body_bytes: int = 0
+
+    def age(self, now: float | None = None) -> float:
+        return max(0.0, (time.time() if now is None else now) - self.sent_at)
+
+
+@dataclass(frozen=True)
+class QueueStats:
+    """Approximate counts from GetQueueAttributes (SQS never gives exact ones)."""
+
+    visible: int
+    in_flight: int
+    delayed: int
+    dead: int
+
+    @property
+    def total(self) -> int:
+        return self.visible + self.in_flight + self.delayed
+
+
+@dataclass(frozen=True)
+class _Resolved:
+    url: str
+    dlq_url: str
+    max_bytes: int
+    retention_s: int
+    max_receive_count: int | None
+
+
+# --------------------------------------------------------------------------- the store
+
+
+class SqsDeferralStore:
+    """Deferred requests of one dependency in SQS. Thread-safe; queues resolved lazily."""
+
+    def __init__(self, spec: SqsQueueSpec, client: Any) -> None:
+        self.spec = spec
+        self.client = client
+        self._lock = threading.Lock()
+        self._resolved: _Resolved | None = None
+
+    @property
+    def dependency(self) -> str:
+        return self.spec.dependency
+
+    def __repr__(self) -> str:
+        return f"SqsDeferralStore({self.spec.dependency!r}, queue={self.spec.queue!r})"
+
+    # -- plumbing
+    def _error(self, action: str, exc: BaseException) -> DeferralError:
+        return DeferralError(
+            f"{self.dependency}: {action} failed on SQS queue {self.spec.queue}: "
+            f"{type(exc).__name__}: {exc}"
+        )
+
+    def _call(self, action: str, fn: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(**kwargs)
+        except DeferralError:
+            raise
+        except Exception as exc:  # botocore errors, sockets, credentials: all "not done"
+            raise self._error(action, exc) from exc
+
+    def _url_of(self, name_or_url: str, attributes: dict[str, str] | None) -> str:
+        if _is_url(name_or_url):
+            return name_or_url
+        try:
+            return self.client.create_queue(QueueName=name_or_url, Attributes=attributes or {})[
+                "QueueUrl"
+            ]
+        except Exception as exc:
+            if "QueueAlreadyExists" not in str(exc) and "QueueNameExists" not in str(exc):
+                raise
+            # It exists with other attributes: adopt it and set ours below.
+            return self.client.get_queue_url(QueueName=name_or_url)["QueueUrl"]
+
+    def resolve(self) -> _Resolved:
+        """Find (or create) both queues and read their limits. Retried until it succeeds."""
+        resolved = self._resolved
+        if resolved is not None:
+            return resolved
+        with self._lock:
+            if self._resolved is None:
+                self._resolved = self._call("resolving queues", self._resolve)
+            return self._resolved
+
+    def _resolve(self) -> _Resolved:
+        spec = self.spec
+        retention = {"MessageRetentionPeriod": str(spec.retention_s)}
+        dlq_url = self._url_of(spec.dead_letter_queue, retention)
+        if _is_url(spec.queue):
+            url = spec.queue
+        else:
+            dlq_arn = self.client.get_queue_attributes(
+                QueueUrl=dlq_url, AttributeNames=["QueueArn"]
+            )["Attributes"]["QueueArn"]
+            ours = {
+                **retention,
+                "RedrivePolicy": json.dumps(
+                    {"deadLetterTargetArn": dlq_arn, "maxReceiveCount": spec.max_receive_count}
+                ),
+            }
+            url = self._url_of(spec.queue, ours)
+            self.client.set_queue_attributes(QueueUrl=url, Attributes=ours)
+        attrs = self.client.get_queue_attributes(
+            QueueUrl=url,
+            AttributeNames=["MaximumMessageSize", "MessageRetentionPeriod", "RedrivePolicy"],
+        )["Attributes"]
+        redrive = json.loads(attrs.get("RedrivePolicy") or "{}")
+        if not redrive:
+            log.warning("deferral queue %s has no redrive policy: poison entries never leave it",
+                        url)
+        return _Resolved(
+            url=url,
+            dlq_url=dlq_url,
+            max_bytes=int(attrs.get("MaximumMessageSize", DEFAULT_MAX_MESSAGE_BYTES)),
+            retention_s=int(attrs.get("MessageRetentionPeriod", spec.retention_s)),
+            max_receive_count=int(redrive["maxReceiveCount"]) if redrive else None,
+        )
+
+    # -- DeferralSink
+    def defer(self, request: DeferredRequest) -> str:
+        """Store ``request``; return the SQS MessageId. DeferralError if it was NOT stored."""
+        if request.dependency != self.dependency:
+            raise DeferralError(
+                f"request for {request.dependency!r} sent to the {self.dependency!r} deferral queue"
+            )
+        if not request.idempotency_key:
+            request = replace(request, idempotency_key=f"deferred-{uuid.uuid4().hex}")
+        try:
+            body = encode_entry(request)
+        except (TypeError, ValueError) as exc:
+            raise DeferralError(
+                f"{self.dependency}: request is not JSON-serialisable: {exc}"
+            ) from exc
+        resolved = self.resolve()
+        size = len(body.encode())
+        if size > resolved.max_bytes:
+            raise DeferredEntryTooLarge(
+                f"{self.dependency}: deferred entry is {size} bytes; the SQS queue's "
+                f"MaximumMessageSize is {resolved.max_bytes} bytes"
+            )
+        response = self._call(
+            "SendMessage", self.client.send_message, QueueUrl=resolved.url, MessageBody=body
+        )
+        message_id = response.get("MessageId")
+        if not message_id:
+            raise DeferralError(f"{self.dependency}: SendMessage returned no MessageId")
+        return str(message_id)
+
+    # -- replay side
+    def receive(
+        self, max_messages: int = SQS_MAX_BATCH, *, visibility_timeout: int, wait_s: int = 0
+    ) -> list[DeferredEntry]:
+        """Up to ``max_messages`` (<= 10) entries, hidden from others for the visibility timeout."""
+        resolved = self.resolve()
+        response = self._call(
+            "ReceiveMessage",
+            self.client.receive_message,
+            QueueUrl=resolved.url,
+            MaxNumberOfMessages=max(1, min(SQS_MAX_BATCH, max_messages)),
+            VisibilityTimeout=visibility_timeout,
+            WaitTimeSeconds=wait_s,
+            MessageSystemAttributeNames=["ApproximateReceiveCount", "SentTimestamp"],
+        )
+        return [self._entry(m) for m in response.get("Messages", [])]
+
+    @staticmethod
+    def _entry(message: dict[str, Any]) -> DeferredEntry:
+        attrs = message.get("Attributes", {})
+        body = message.get("Body", "")
+        request, error = None, None
+        try:
+            request = decode_entry(body)
+        except (ValueError, TypeError, KeyError) as exc:
+            error = f"{type(exc).__name__}: {exc}"
+        return DeferredEntry(
+            message_id=message["MessageId"],
+            receipt_handle=message["ReceiptHandle"],
+            receive_count=int(attrs.get("ApproximateReceiveCount", 1)),
+            sent_at=int(attrs.get("SentTimestamp", 0)) / 1000.0,
+            request=request,
+            error=error,
+            body_bytes=len(body.encode()),
+        )
+
+    def delete(self, entries: Sequence[DeferredEntry]) -> list[DeferredEntry]:
+        """Delete in batches of 10; return the entries SQS did NOT delete (they reappear)."""
+        failed: list[DeferredEntry] = []
+        resolved = self.resolve()
+        for start in range(0, len(entries), SQS_MAX_BATCH):
+            chunk = entries[start : start + SQS_MAX_BATCH]
+            try:
+                response = self._call(
+                    "DeleteMessageBatch",
+                    self.client.delete_message_batch,
+                    QueueUrl=resolved.url,
+                    Entries=[{"Id": str(i), "ReceiptHandle": e.receipt_handle}
+                             for i, e in enumerate(chunk)],
+                )
+            except DeferralError as exc:
+                log.warning("%s", exc)
+                failed.extend(chunk)
+                continue
+            for item in response.get("Failed", []):
+                entry = chunk[int(item["Id"])]
+                log.warning("%s: could not delete deferred entry %s: %s %s", self.dependency,
+                            entry.message_id, item.get("Code"), item.get("Message"))
+                failed.append(entry)
+        return failed
+
+    def release(self, entries: Iterable[DeferredEntry]) -> None:
+        """Make received entries visible again now (best effort: else after the timeout)."""
+        items = list(entries)
+        resolved = self.resolve()
+        for start in range(0, len(items), SQS_MAX_BATCH):
+            chunk = items[start : start + SQS_MAX_BATCH]
+            try:
+                self._call(
+                    "ChangeMessageVisibilityBatch",
+                    self.client.change_message_visibility_batch,
+                    QueueUrl=resolved.url,
+                    Entries=[{"Id": str(i), "ReceiptHandle": e.receipt_handle,
+                              "VisibilityTimeout": 0} for i, e in enumerate(chunk)],
+                )
+            except DeferralError as exc:
+                log.warning("%s (entries reappear after their visibility timeout)", exc)
+
+    def stats(self) -> QueueStats:
+        resolved = self.resolve()
+        names = ["ApproximateNumberOfMessages", "ApproximateNumberOfMessagesNotVisible",
+                 "ApproximateNumberOfMessagesDelayed"]
+        main = self._call("GetQueueAttributes", self.client.get_queue_attributes,
+                          QueueUrl=resolved.url, AttributeNames=names)["Attributes"]
+        dead = self._call("GetQueueAttributes", self.client.get_queue_attributes,
+                          QueueUrl=resolved.dlq_url, AttributeNames=names[:1])["Attributes"]
+        stats = QueueStats(int(main.get(names[0], 0)), int(main.get(names[1], 0)),
+                           int(main.get(names[2], 0)), int(dead.get(names[0], 0)))
+        DEFERRED_DEPTH.labels(dependency=self.dependency, queue="deferred").set(stats.total)
+        DEFERRED_DEPTH.labels(dependency=self.dependency, queue="dlq").set(stats.dead)
+        return stats
+
+    def peek(self, limit: int = 100, *, hold_s: int = 30) -> list[DeferredEntry]:
+        """Look at up to ``limit`` entries without consuming them.
+
+        SQS has no true peek: each entry is received (hidden for ``hold_s`` so one listing
+        sees distinct entries) and released at the end. Every peek counts as one receive
+        toward the redrive policy's maxReceiveCount.
+        """
+        seen: dict[str, DeferredEntry] = {}
+        try:
+            while len(seen) < limit:
+                batch = self.receive(min(SQS_MAX_BATCH, limit - len(seen)),
+                                     visibility_timeout=hold_s)
+                fresh = [e for e in batch if e.message_id not in seen]
+                if not fresh:
+                    break
+                seen.update((e.message_id, e) for e in fresh)
+        finally:
+            self.release(seen.values())
+        entries = sorted(seen.values(), key=lambda e: e.sent_at)
+        self.observe_ages(entries)
+        return entries
+
+    # -- retention
+    @property
+    def retention_s(self) -> int:
+        return self.resolve().retention_s
+
+    def near_retention(self, entry: DeferredEntry, now: float | None = None) -> bool:
+        """True when SQS will drop ``entry`` within the spec's warning margin."""
+        return entry.age(now) >= self.retention_s - self.spec.near_retention_s
+
+    def observe_ages(self, entries: Sequence[DeferredEntry]) -> None:
+        """Publish the oldest age and the near-retention count of entries just seen."""
+        if not entries:
+            return
+        now = time.time()
+        OLDEST_AGE.labels(dependency=self.dependency).set(max(e.age(now) for e in entries))
+        NEAR_RETENTION.labels(dependency=self.dependency).set(
+            sum(self.near_retention(e, now) for e in entries)
+        )
