@@ -31,3 +31,8 @@ fmt: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache artifacts demo-out
+
+## bench: every benchmark, ratios against same-run baselines, written to bench/RESULTS.md
+bench: $(STAMP)
+	@scripts/services.sh redis rabbitmq
+	@$(BIN)/python bench/run_all.py
