@@ -77,7 +77,8 @@ def create_app(settings: Settings | None = None, topology: Topology | None = Non
         task_default_routing_key=DEFAULT_QUEUE,
         task_create_missing_queues=False,
         task_routes=(route,),
-        task_acks_late=False,
+        task_acks_late=False,  # ResilientTask acks late: after deciding the outcome
+        worker_consumer="workers.poison:PoisonAwareConsumer",  # poison -> DLQ, not dropped
         task_soft_time_limit=settings.task_soft_time_limit_s,
         task_time_limit=settings.task_hard_time_limit_s,
         worker_prefetch_multiplier=1,

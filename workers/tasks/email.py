@@ -1,20 +1,23 @@
-"""``email.send``: idempotent by key; queues for later when the email service is down."""
+"""``email.send``: idempotent by key; queued for later when the email service is down.
+
+The queue-for-later store comes from ``workers.deferral.sink_for("email")``; without one, a
+failing email follows the normal path (broker retries, then the dead-letter queue).
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
-from celery import shared_task
-
-from workers import headers
 from workers.downstream import client_for
+from workers.resilient import resilient_task
 
 
-@shared_task(name="email.send", bind=True)
+@resilient_task("email.send", dependency="email", idempotent=True)
 def send(self: Any, to: str, subject: str, body: str = "",
-         idempotency_key: str | None = None) -> dict[str, Any]:
+         idempotency_key: str | None = None) -> Any:
     """Send one email through the email service."""
-    return client_for("email").post(
-        "/effects/send", {"to": to, "subject": subject, "body": body},
-        idempotency_key=headers.idempotency_key(self.request, idempotency_key) or self.request.id,
+    return self.write(
+        "email", client_for("email").post, "/effects/send",
+        {"to": to, "subject": subject, "body": body},
+        idempotency_key=self.idempotency_key or self.request.id,
     )

@@ -1,0 +1,121 @@
+"""Poison messages: what Celery would log and discard goes to the dead-letter queue instead.
+
+Celery's consumer drops a message whose body cannot be decoded, whose task name is unknown,
+or that is not a task message at all (``on_decode_error`` / ``on_unknown_task`` /
+``on_unknown_message`` log it and ack or reject it). This consumer looks at each message
+before Celery's handler does; a poison message is published to its queue's DLQ, with the
+reason, and only then acked, and the worker goes on consuming. Arguments that do not fit the
+task's signature are caught here too, before a worker slot is spent on them.
+
+Installed by ``worker_consumer`` in :mod:`workers.application`.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from typing import Any
+
+from celery.worker.consumer import Consumer
+
+from workers import deadletter as dl
+from workers import headers as h
+
+log = logging.getLogger("tidegate.worker")
+
+
+class Poison(Exception):
+    """Why a message cannot run: ``reason`` is one of the dead-letter reasons."""
+
+    def __init__(self, reason: str, message: str, **fields: Any) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.fields = fields
+
+
+def _origin_queue(app: Any, message: Any, task: str | None) -> str:
+    topology = app.tidegate_topology
+    queue = (getattr(message, "delivery_info", None) or {}).get("routing_key")
+    if queue in topology.work_queues:
+        return queue
+    return topology.queue_for_task(task) if task else topology.work_queues[-1]
+
+
+def check_message(app: Any, message: Any) -> None:
+    """Raise :class:`Poison` if ``message`` cannot run as a task of ``app``."""
+    headers = message.headers if isinstance(message.headers, dict) else None
+    if headers is None or "task" not in headers:
+        # Not a protocol-2 task message: Celery may still read it as protocol 1.
+        try:
+            payload = message.decode()
+        except Exception as exc:
+            raise Poison(dl.UNDECODABLE, f"body cannot be decoded: {exc}") from exc
+        if not (isinstance(payload, dict) and "task" in payload):
+            raise Poison(dl.UNDECODABLE, "not a task message (no task name in headers or body)")
+        return
+    name = headers["task"]
+    task = app.tasks.get(name)
+    if task is None or str(name).startswith("celery."):
+        raise Poison(dl.UNKNOWN_TASK, f"no task named {name!r} is registered", task=name)
+    try:
+        body = message.decode()
+    except Exception as exc:
+        raise Poison(dl.UNDECODABLE, f"body cannot be decoded: {exc}", task=name) from exc
+    if not (isinstance(body, list | tuple) and len(body) == 3 and isinstance(body[0], list | tuple)
+            and isinstance(body[1], dict)):
+        raise Poison(dl.UNDECODABLE, "body is not [args, kwargs, embed]", task=name)
+    try:
+        inspect.signature(task.run).bind(*body[0], **body[1])
+    except TypeError as exc:
+        raise Poison(dl.INVALID_ARGUMENTS, f"{name}: {exc}", task=name, args=list(body[0]),
+                     kwargs=dict(body[1])) from exc
+    except ValueError:  # no signature to check (a C function): let it run
+        return
+
+
+def dead_letter_poison(app: Any, message: Any, poison: Poison) -> dl.DeadLetter:
+    headers = message.headers if isinstance(message.headers, dict) else {}
+    task = poison.fields.get("task")
+    record = dl.DeadLetter(
+        reason=poison.reason, queue=_origin_queue(app, message, task), task=task,
+        task_id=headers.get("id"), args=poison.fields.get("args", []),
+        kwargs=poison.fields.get("kwargs", {}),
+        headers={k: v for k, v in headers.items() if k.startswith("tidegate_")},
+        idempotency_key=headers.get(h.IDEMPOTENCY_KEY),
+        idempotent=getattr(app.tasks.get(task), "idempotent", None) if task else None,
+        attempts=int(headers.get("retries") or 0) + 1,
+        first_seen=headers.get(h.FIRST_SEEN) or headers.get(h.ENQUEUED_AT),
+        raw_body=None if poison.reason == dl.INVALID_ARGUMENTS else dl._text(message.body),
+        worker=getattr(app, "_tidegate_hostname", None) or dl.socket.gethostname(),
+    ).with_error(poison)
+    dl.DeadLetters(app).publish(record)
+    return record
+
+
+class PoisonAwareConsumer(Consumer):
+    """Celery's consumer, with poison messages dead-lettered instead of dropped."""
+
+    def create_task_handler(self, *args: Any, **kwargs: Any):
+        handle = super().create_task_handler(*args, **kwargs)
+        app = self.app
+        app._tidegate_hostname = self.hostname
+
+        def on_task_received(message: Any) -> Any:
+            try:
+                check_message(app, message)
+            except Poison as poison:
+                try:
+                    record = dead_letter_poison(app, message, poison)
+                except dl.DeadLetterError as err:
+                    requeue = app.tidegate_settings.transport != "amqp"
+                    log.error("poison message not dead-lettered (%s); rejecting, requeue=%s",
+                              err, requeue)
+                    message.reject(requeue=requeue)
+                    return None
+                message.ack()
+                log.error("poison message dead-lettered as %s (record %s): %s", poison.reason,
+                          record.id, poison)
+                return None
+            return handle(message)
+
+        return on_task_received

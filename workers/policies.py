@@ -1,0 +1,106 @@
+"""The per-dependency chains of a worker process, built once from the topology.
+
+One :class:`~resilience.policy.PolicyRegistry` per process, its breakers, limiters and retry
+budgets shared through Redis (``TIDEGATE_REDIS_URL``) so every worker sees the same circuit.
+The chains are built *without* their fallback: a resilient task decides which fallback may
+stand in for which step (a stale price may stand in for a read, never a default for a charge),
+so the fallbacks are kept beside the chains (:func:`fallback_for`).
+
+Built lazily and per process id, so a prefork child never uses its parent's sockets.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+from resilience.fallback import CachedValue, DefaultValue, Fallback, Graceful, QueueForLater
+from resilience.policy import Policy, PolicyConfig, PolicyRegistry
+from resilience.stores import RedisCache, RedisStore, redis_client
+from workers.idempotency import IdempotencyStore, ttl_from_env
+from workers.settings import Settings
+from workers.topology import Topology
+
+log = logging.getLogger(__name__)
+
+STATE_TIMEOUT_S = 0.5  # Redis state calls are on every task's path: never wait long
+
+
+@dataclass
+class WorkerState:
+    """Everything a worker process shares between its tasks."""
+
+    registry: PolicyRegistry
+    configs: dict[str, PolicyConfig]
+    fallbacks: dict[str, Fallback | None]
+    idempotency: IdempotencyStore
+    pid: int
+
+    def policy(self, dependency: str) -> Policy:
+        return self.registry.policy(dependency)
+
+    def fallback_for(self, dependency: str) -> Fallback | None:
+        return self.fallbacks.get(dependency)
+
+
+_lock = threading.Lock()
+_state: dict[int, WorkerState] = {}
+
+
+def _deferral_sink(dependency: str) -> Any:
+    """The queue-for-later sink, if ``workers.deferral`` (the SQS store) is installed."""
+    try:
+        from workers.deferral import sink_for  # type: ignore[import-not-found]
+    except ImportError:
+        return None
+    try:
+        return sink_for(dependency)
+    except Exception as exc:  # a broken sink must not stop the worker: the fallback is off
+        log.warning("no queue-for-later sink for %s: %s", dependency, exc)
+        return None
+
+
+def _fallback(config: PolicyConfig, cache: RedisCache) -> Fallback | None:
+    spec = config.fallback
+    if spec.kind == "cached":
+        return CachedValue(cache, spec.ttl)
+    if spec.kind == "default":
+        return DefaultValue(spec.value)
+    if spec.kind == "graceful":
+        return Graceful(spec.message)
+    if spec.kind == "queue":
+        sink = _deferral_sink(config.name)
+        return QueueForLater(sink) if sink is not None else None
+    return None
+
+
+def build_state(settings: Settings, topology: Topology) -> WorkerState:
+    client = redis_client(settings.redis_url, socket_timeout=STATE_TIMEOUT_S,
+                          socket_connect_timeout=STATE_TIMEOUT_S)
+    store = RedisStore(client)
+    cache = RedisCache(client)
+    configs = {d.name: PolicyConfig.from_mapping(d.name, d.policy) for d in topology.dependencies}
+    # Fallback() never serves: the chain raises and the task picks the fallback per step.
+    policies = {name: Policy(cfg, store=store, fallback=Fallback())
+                for name, cfg in configs.items()}
+    registry = PolicyRegistry(policies, store=store)
+    fallbacks = {name: _fallback(cfg, cache) for name, cfg in configs.items()}
+    idem = IdempotencyStore(redis_client(settings.redis_url, socket_timeout=2.0,
+                                         socket_connect_timeout=2.0), ttl_from_env())
+    return WorkerState(registry, configs, fallbacks, idem, os.getpid())
+
+
+def state_for(app: Any) -> WorkerState:
+    """This process's state for ``app`` (built on first use)."""
+    pid = os.getpid()
+    key = id(app) ^ pid
+    state = _state.get(key)
+    if state is None:
+        with _lock:
+            state = _state.get(key)
+            if state is None:
+                state = _state[key] = build_state(app.tidegate_settings, app.tidegate_topology)
+    return state

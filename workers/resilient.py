@@ -1,0 +1,383 @@
+"""``ResilientTask``: the delivery-semantics table of DESIGN.md, for every task that uses it.
+
+Declare a task with its dependency and whether it is idempotent::
+
+    @resilient_task("payments.charge", dependency="payments", idempotent=False)
+    def charge(self, account, amount_cents, idempotency_key=None):
+        return self.write("payments", client.post, "/effects/charge", {...},
+                          idempotency_key=self.idempotency_key)
+
+Each delivery then goes: arguments checked against the signature -> a mark taken in the
+idempotency store -> the body, whose downstream calls run through the dependency's chain
+(``self.read`` / ``self.write`` / ``self.optional``) -> the outcome decided here:
+
+========================================  =========================  ======================
+situation                                 idempotent (or keyed)      not idempotent
+========================================  =========================  ======================
+transient failure after calling           broker retry (countdown)   dead-letter
+retries exhausted                         dead-letter (or queue      --
+                                          for later if configured)
+refused before calling (circuit open,     queue for later if         queue for later if
+bulkhead full, state store down)          configured, else broker    configured, else
+                                          retry; dead-letter after   broker retry; same
+                                          the last attempt
+permanent failure / bad arguments         dead-letter at once        dead-letter at once
+redelivered after a worker died           runs again                 dead-letter: outcome
+                                                                     unknown
+duplicate of a finished task              acked, not run             acked, not run
+========================================  =========================  ======================
+
+Every message is acked late (after this decision), and a dead-letter copy is published with
+confirms before that ack. Short waits between attempts happen in-process inside the
+dependency's deadline (the chain's retry); longer ones go back to the broker as a countdown so
+no worker slot sleeps for seconds.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import dataclasses
+import inspect
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from celery import Task, shared_task
+from celery.exceptions import Reject, Retry, SoftTimeLimitExceeded
+
+from resilience.errors import PermanentError, RejectedError, TransientError
+from resilience.fallback import (
+    CallContext,
+    DeferralError,
+    Deferred,
+    Graceful,
+    NoFallback,
+    QueueForLater,
+)
+from resilience.retry import backoff_delay
+from resilience.shedding import Priority
+from workers import deadletter as dl
+from workers import headers as h
+from workers.errors import InvalidPayload
+from workers.idempotency import MarkState, StoreUnavailable, mark_key
+from workers.policies import WorkerState, state_for
+
+log = logging.getLogger("tidegate.worker")
+
+__all__ = ["Execution", "ResilientTask", "current_execution", "resilient_task"]
+
+RETRYABLE = (TransientError, OSError, TimeoutError)
+_current: contextvars.ContextVar[Execution | None] = contextvars.ContextVar(
+    "tidegate_execution", default=None
+)
+
+
+@dataclass
+class Execution:
+    """One delivery of one task: what the chain and the outcome decision need to know."""
+
+    task: str
+    task_id: str
+    queue: str
+    args: tuple
+    kwargs: dict
+    headers: dict
+    idempotency_key: str | None
+    idempotent: bool  # declared idempotent, or carries an idempotency key
+    attempt: int
+    max_attempts: int
+    priority: Priority
+    first_seen: float
+    worker: str
+    effect_attempted: bool = False  # a write reached (or may have reached) a dependency
+    fallbacks: list[str] = field(default_factory=list)
+
+    @property
+    def mark(self) -> str:
+        return mark_key(self.idempotency_key, self.task_id)
+
+    @property
+    def last_attempt(self) -> bool:
+        return self.attempt >= self.max_attempts
+
+
+def current_execution() -> Execution | None:
+    return _current.get()
+
+
+def _jsonable(value: Any) -> Any:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {"type": type(value).__name__, **dataclasses.asdict(value)}
+    return value
+
+
+class ResilientTask(Task):
+    """Base class; set ``dependency`` and ``idempotent`` (``resilient_task`` does)."""
+
+    abstract = True
+    dependency: str | None = None
+    idempotent: bool = False
+    acks_late = True  # every task: the outcome is decided before the ack
+    reject_on_worker_lost = True  # a prefork child died: redeliver, the mark decides
+    max_retries = None  # attempts are counted against the dependency's retry policy
+
+    # -- the steps a task body calls -----------------------------------------------------
+    @property
+    def execution(self) -> Execution:
+        ex = _current.get()
+        if ex is None:
+            raise RuntimeError(f"{self.name}: no delivery in progress (call it through Celery)")
+        return ex
+
+    @property
+    def idempotency_key(self) -> str | None:
+        """The key to send downstream: the caller's key (None when it gave none)."""
+        return self.execution.idempotency_key
+
+    def read(self, dependency: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """A read: on failure or refusal the dependency's cached/default fallback answers."""
+        return self._step(dependency, fn, args, kwargs, kind="read")
+
+    def write(self, dependency: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """An effect: never replaced by a default; queued for later when configured."""
+        return self._step(dependency, fn, args, kwargs, kind="write")
+
+    def optional(self, dependency: str, fn: Callable[..., Any], *args: Any,
+                 message: str | None = None, **kwargs: Any) -> Any:
+        """A non-critical step: on failure it returns :class:`Unavailable` and the task goes on."""
+        return self._step(dependency, fn, args, kwargs, kind="optional", message=message)
+
+    def _step(self, dependency: str, fn: Callable[..., Any], args: tuple, kwargs: dict, *,
+              kind: str, message: str | None = None) -> Any:
+        ex = self.execution
+        state = state_for(self.app)
+        policy = state.policy(dependency)
+        fallback = state.fallback_for(dependency)
+        name = f"{dependency}:{getattr(fn, '__name__', 'call')}"
+
+        def invoked() -> Any:
+            if kind != "read":
+                ex.effect_attempted = True
+            return fn(*args, **kwargs)
+
+        invoked.name = name  # type: ignore[attr-defined]  (the chain labels calls by it)
+        ctx = CallContext(dependency, name, args, kwargs, ex.idempotency_key, int(ex.priority))
+        try:
+            result = policy.call(invoked, idempotency_key=ex.idempotency_key,
+                                 priority=ex.priority)
+        except PermanentError:
+            raise
+        except RETRYABLE as exc:
+            return self._fall_back(ex, dependency, kind, fallback, ctx, exc, message)
+        if kind == "read" and fallback is not None:
+            fallback.on_success(ctx, result)
+        return result
+
+    def _fall_back(self, ex: Execution, dependency: str, kind: str, fallback: Any,
+                   ctx: CallContext, exc: BaseException, message: str | None) -> Any:
+        if kind == "read" and fallback is not None and fallback.kind in ("cached", "default"):
+            try:
+                value = fallback.recover(ctx, exc)
+            except NoFallback:
+                raise exc from None
+            ex.fallbacks.append(f"{dependency}:{fallback.kind}")
+            log.warning("%s[%s]: %s unavailable (%s); served the %s fallback", ex.task,
+                        ex.task_id, dependency, exc, fallback.kind)
+            return value
+        if kind == "optional":
+            ex.fallbacks.append(f"{dependency}:graceful")
+            log.warning("%s[%s]: optional step on %s failed gracefully: %s", ex.task, ex.task_id,
+                        dependency, exc)
+            return Graceful(message).recover(ctx, exc)
+        refused = isinstance(exc, RejectedError)
+        if kind == "write" and isinstance(fallback, QueueForLater) and (
+            refused or (ex.idempotent and ex.last_attempt)
+        ):
+            whole = CallContext(dependency, ex.task, tuple(ex.args), dict(ex.kwargs),
+                                ex.idempotency_key or ex.task_id, int(ex.priority))
+            try:
+                deferred = fallback.recover(whole, exc)
+            except DeferralError as err:
+                log.error("%s[%s]: queue-for-later failed (%s); normal failure path", ex.task,
+                          ex.task_id, err)
+                raise exc from None
+            ex.fallbacks.append(f"{dependency}:queue")
+            return deferred
+        raise exc
+
+    # -- one delivery ------------------------------------------------------------------------
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        req = self.request
+        if req.called_directly or req.is_eager:
+            ex = self._execution(args, kwargs)
+            token = _current.set(ex)
+            try:
+                return self.run(*args, **kwargs)
+            finally:
+                _current.reset(token)
+        ex = self._execution(args, kwargs)
+        token = _current.set(ex)
+        try:
+            return self._deliver(state_for(self.app), ex, args, kwargs)
+        finally:
+            _current.reset(token)
+
+    def _execution(self, args: tuple, kwargs: dict) -> Execution:
+        req = self.request
+        state = state_for(self.app)
+        tidegate = {n: v for n in h.ALL if (v := h.read(req, n)) is not None}
+        key = h.idempotency_key(req, kwargs.get("idempotency_key"))
+        dependency = self.dependency or ""
+        config = state.configs.get(dependency)
+        max_attempts = config.retry_config.max_attempts if config else 1
+        try:
+            priority = Priority.parse(tidegate.get(h.PRIORITY, Priority.HIGH))
+        except Exception:
+            priority = Priority.HIGH
+        delivery = req.delivery_info or {}
+        queue = delivery.get("routing_key") or self.app.tidegate_topology.queue_for_task(self.name)
+        if queue.endswith(".dlq") or queue not in self.app.tidegate_topology.work_queues:
+            queue = self.app.tidegate_topology.queue_for_task(self.name)
+        return Execution(
+            task=self.name, task_id=req.id or "", queue=queue, args=tuple(args),
+            kwargs=dict(kwargs), headers=tidegate, idempotency_key=key,
+            idempotent=bool(self.idempotent or key), attempt=(req.retries or 0) + 1,
+            max_attempts=max_attempts, priority=priority,
+            first_seen=float(tidegate.get(h.FIRST_SEEN) or tidegate.get(h.ENQUEUED_AT)
+                             or time.time()),
+            worker=req.hostname or "-",
+        )
+
+    def _deliver(self, state: WorkerState, ex: Execution, args: tuple, kwargs: dict) -> Any:
+        try:
+            inspect.signature(self.run).bind(*args, **kwargs)
+        except TypeError as exc:
+            return self._dead_letter(state, ex, dl.INVALID_ARGUMENTS,
+                                     InvalidPayload(f"{self.name}: {exc}"), mark=False)
+        deadline = ex.headers.get(h.DEADLINE)
+        if deadline is not None and float(deadline) < time.time():
+            return self._dead_letter(state, ex, "deadline_expired", TransientError(
+                f"the enqueuer's deadline passed {time.time() - float(deadline):.1f}s before "
+                "a worker took the task"), mark=False)
+        try:
+            mark = state.idempotency.begin(self.name, ex.mark, worker=ex.worker)
+        except StoreUnavailable as exc:
+            return self._retry_or_dead_letter(state, ex, exc, nothing_called=True)
+        if mark.state is MarkState.DONE:
+            log.info("%s[%s]: duplicate of a finished task (key %s); acked, not run", ex.task,
+                     ex.task_id, ex.mark)
+            return mark.result
+        if mark.state is MarkState.DEAD:
+            log.info("%s[%s]: duplicate of dead-lettered record %s; acked, not run", ex.task,
+                     ex.task_id, mark.result)
+            return None
+        if mark.state is MarkState.STARTED:
+            if not ex.idempotent:
+                ex.effect_attempted = True
+                return self._dead_letter(state, ex, dl.OUTCOME_UNKNOWN, RuntimeError(
+                    f"a previous delivery started on {mark.worker} at {mark.at} and never "
+                    "finished (worker lost?): not run again, the effect may have happened"))
+            log.warning("%s[%s]: redelivered after an unfinished run on %s; running again "
+                        "(idempotent)", ex.task, ex.task_id, mark.worker)
+        try:
+            result = self.run(*args, **kwargs)
+        except Retry:
+            raise
+        except SoftTimeLimitExceeded as exc:
+            reason = dl.OUTCOME_UNKNOWN if (ex.effect_attempted and not ex.idempotent) \
+                else dl.TIME_LIMIT
+            return self._dead_letter(state, ex, reason, exc)
+        except PermanentError as exc:
+            return self._dead_letter(state, ex, dl.PERMANENT, exc)
+        except RETRYABLE as exc:
+            return self._retry_or_dead_letter(state, ex, exc,
+                                              nothing_called=not ex.effect_attempted)
+        except Exception as exc:  # a bug in the task: keep the message, with its traceback
+            return self._dead_letter(state, ex, dl.BUG, exc)
+        if isinstance(result, Deferred):
+            state.idempotency.release(self.name, ex.mark)
+            log.warning("%s[%s]: %s unavailable; deferred as %s (queue for later)", ex.task,
+                        ex.task_id, result.dependency, result.id)
+            return _jsonable(result)
+        result = _jsonable(result)
+        state.idempotency.finish(self.name, ex.mark, result)
+        if ex.fallbacks:
+            log.warning("%s[%s]: done degraded (fallbacks: %s)", ex.task, ex.task_id,
+                        ", ".join(ex.fallbacks))
+        return result
+
+    # -- outcomes ------------------------------------------------------------------------
+    def _retry_or_dead_letter(self, state: WorkerState, ex: Execution, exc: BaseException, *,
+                              nothing_called: bool) -> Any:
+        if nothing_called:
+            # Refused before any effect (circuit open, bulkhead full, a read failed, the
+            # store is down): trying again later is safe even for non-idempotent work.
+            with contextlib.suppress(StoreUnavailable):
+                state.idempotency.release(self.name, ex.mark)
+            if not ex.last_attempt:
+                return self._retry_later(state, ex, exc)
+            return self._dead_letter(state, ex, dl.REJECTIONS_EXHAUSTED
+                                     if isinstance(exc, RejectedError | StoreUnavailable)
+                                     else dl.RETRIES_EXHAUSTED, exc)
+        if not ex.idempotent:
+            return self._dead_letter(state, ex, dl.TRANSIENT_NOT_IDEMPOTENT, exc)
+        if not ex.last_attempt:
+            return self._retry_later(state, ex, exc)
+        return self._dead_letter(state, ex, dl.RETRIES_EXHAUSTED, exc)
+
+    def _retry_later(self, state: WorkerState, ex: Execution, exc: BaseException) -> Any:
+        config = state.configs[self.dependency].retry_config if self.dependency in state.configs \
+            else None
+        delay = backoff_delay(ex.attempt + 1, config)
+        retry_after = getattr(exc, "retry_after", None)
+        if retry_after:
+            delay = max(delay, min(float(retry_after), config.max_wait if config else 30.0))
+        headers = {**ex.headers, h.ATTEMPT: ex.attempt + 1, h.FIRST_SEEN: ex.first_seen}
+        log.warning("%s[%s]: attempt %d/%d failed (%s: %s); retry in %.2fs through the broker",
+                    ex.task, ex.task_id, ex.attempt, ex.max_attempts, type(exc).__name__, exc,
+                    delay)
+        raise self.retry(countdown=delay, headers=headers, exc=exc)
+
+    def _dead_letter(self, state: WorkerState, ex: Execution, reason: str,
+                     exc: BaseException | None, *, mark: bool = True) -> dict[str, Any]:
+        record = dl.DeadLetter(
+            reason=reason, queue=ex.queue, task=ex.task, task_id=ex.task_id,
+            args=list(ex.args), kwargs=dict(ex.kwargs),
+            headers={**ex.headers, h.ATTEMPT: ex.attempt, h.FIRST_SEEN: ex.first_seen},
+            idempotency_key=ex.idempotency_key, idempotent=ex.idempotent, attempts=ex.attempt,
+            worker=ex.worker, first_seen=ex.first_seen,
+        ).with_error(exc)
+        try:
+            dl.DeadLetters(self.app).publish(record)
+        except dl.DeadLetterError as err:
+            # Not stored: the message must not be acked. RabbitMQ's native dead-lettering
+            # takes a rejected message; elsewhere it goes back to the queue.
+            requeue = self.app.tidegate_settings.transport != "amqp"
+            log.error("%s[%s]: %s; rejecting (requeue=%s)", ex.task, ex.task_id, err, requeue)
+            raise Reject(str(err), requeue=requeue) from err
+        if mark:
+            try:
+                state.idempotency.dead(self.name, ex.mark, record.id)
+            except StoreUnavailable:
+                log.warning("%s[%s]: could not mark as dead-lettered", ex.task, ex.task_id)
+        log.error("%s[%s]: dead-lettered to %s as %s (record %s): %s: %s", ex.task, ex.task_id,
+                  self.app.tidegate_topology.dead_letter_queue(ex.queue), reason, record.id,
+                  record.exception_type, record.exception_message)
+        return {"dead_lettered": record.id, "reason": reason}
+
+
+def resilient_task(name: str, *, dependency: str, idempotent: bool,
+                   **options: Any) -> Callable[[Callable[..., Any]], ResilientTask]:
+    """Declare a task: its name (which routes it to its queue), dependency and idempotency."""
+    if not isinstance(idempotent, bool):
+        raise TypeError("idempotent must be True or False")
+
+    def decorate(fn: Callable[..., Any]) -> ResilientTask:
+        return shared_task(name=name, bind=True, base=ResilientTask, dependency=dependency,
+                           idempotent=idempotent, **options)(fn)
+
+    return decorate
+
