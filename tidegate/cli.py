@@ -14,6 +14,7 @@ from typing import Annotated, Any
 import typer
 
 from resilience.errors import ConfigError, PermanentError, TidegateError, TransientError
+from tidegate import cli_depth
 
 app = typer.Typer(
     no_args_is_help=True,
@@ -92,6 +93,9 @@ def feed(
     from tidegate.feed import run
 
     run(rate, count)
+
+
+cli_depth.register(app)  # depth, exporter
 
 
 def main() -> None:

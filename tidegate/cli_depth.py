@@ -1,0 +1,130 @@
+"""``tidegate depth`` (one row per queue, or JSON) and ``tidegate exporter``."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Annotated, Any
+
+import typer
+
+from resilience.errors import TransientError
+
+__all__ = ["depth", "exporter", "register"]
+
+COLUMNS = ("name", "ready", "in_flight", "delayed", "oldest_age_s", "consumers", "dead_letter",
+           "deferred", "backlog", "desired_workers", "target_per_worker", "processing_s",
+           "source", "error")
+
+
+class DepthUnreadable(TransientError):
+    """No queue's depth could be read: the broker is down or refusing us."""
+
+
+def _document(snapshot: Any) -> dict[str, Any]:
+    doc = snapshot.to_dict()
+    return {
+        "taken_at": doc["taken_at"],
+        "queues": [{k: q[k] for k in COLUMNS} for q in doc["queues"]],
+        "breakers": doc["breakers"],
+        "errors": doc["errors"],
+    }
+
+
+def _num(value: Any, unit: str = "") -> str:
+    if value is None:
+        return "[dim]—[/dim]"
+    if isinstance(value, float):
+        return f"{value:.1f}{unit}" if value >= 10 else f"{value:.2f}{unit}"
+    return f"{value}{unit}"
+
+
+def _table(doc: dict[str, Any]) -> Any:
+    from rich.console import Group
+    from rich.table import Table
+
+    table = Table(title=f"queue depth at {time.strftime('%H:%M:%S')}", title_justify="left")
+    for header in ("queue", "ready", "in flight", "oldest", "DLQ", "deferred", "consumers",
+                   "desired"):
+        table.add_column(header, justify="left" if header == "queue" else "right",
+                         no_wrap=True)
+    for q in doc["queues"]:
+        dlq = _num(q["dead_letter"])
+        if q["dead_letter"]:
+            dlq = f"[bold red]{dlq}[/bold red]"
+        name = q["name"] if not q["error"] else f"{q['name']} [red](unreadable)[/red]"
+        table.add_row(name, _num(q["ready"]), _num(q["in_flight"]), _num(q["oldest_age_s"], "s"),
+                      dlq, _num(q["deferred"]), _num(q["consumers"]), _num(q["desired_workers"]))
+    breakers = Table(title="breakers", title_justify="left")
+    for header in ("dependency", "queue", "state", "trial in"):
+        breakers.add_column(header)
+    colour = {"closed": "green", "half_open": "yellow", "open": "bold white on red"}
+    for b in doc["breakers"]:
+        style = colour.get(b["state"], "dim")
+        breakers.add_row(b["dependency"], b["queue"], f"[{style}]{b['state']}[/{style}]",
+                         _num(b["retry_after_s"], "s") if b["state"] == "open" else "")
+    parts: list[Any] = [table, breakers]
+    parts += [f"[yellow]! {e}[/yellow]" for e in doc["errors"]]
+    return Group(*parts)
+
+
+def depth(
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON (one line per reading)")]
+    = False,
+    watch: Annotated[bool, typer.Option("--watch", help="Redraw until interrupted")] = False,
+    interval: Annotated[float, typer.Option(min=0.2, help="Seconds between readings (--watch)")]
+    = 2.0,
+) -> None:
+    """Depth per queue: ready, in flight, oldest age, dead-letter, deferred, desired workers."""
+    from tidegate.snapshot import Observer
+    from workers.settings import get_settings
+
+    observer = Observer(get_settings(), ttl_s=interval / 2 if watch else 0.001)
+
+    def read() -> dict[str, Any]:
+        doc = _document(observer.snapshot())
+        if doc["queues"] and all(q["error"] for q in doc["queues"]):
+            raise DepthUnreadable(f"no queue depth could be read: {doc['queues'][0]['error']}")
+        return doc
+
+    if not watch:
+        doc = read()
+        if as_json:
+            typer.echo(json.dumps(doc))
+        else:
+            from rich.console import Console
+
+            Console().print(_table(doc))
+        return
+    try:
+        if as_json:
+            while True:
+                typer.echo(json.dumps(read()))
+                time.sleep(interval)
+        from rich.live import Live
+
+        with Live(_table(read()), auto_refresh=False) as live:
+            while True:
+                time.sleep(interval)
+                live.update(_table(read()), refresh=True)
+    except KeyboardInterrupt:
+        return
+
+
+def exporter(
+    host: Annotated[str, typer.Option(help="Address to bind")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=1, max=65535, help="Port to listen on")] = 9808,
+    interval: Annotated[float, typer.Option(min=0.1, help="Seconds between samples")] = 1.0,
+    ttl: Annotated[float, typer.Option(min=0.05, help="Seconds a reading is reused")] = 1.0,
+    history: Annotated[float, typer.Option(min=10, help="Seconds of history on the page")]
+    = 600.0,
+) -> None:
+    """Serve /metrics (Prometheus), the status page (/) and /api/status."""
+    from tidegate.exporter import serve
+
+    serve(host, port, interval_s=interval, ttl_s=ttl, history_s=history)
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(depth)
+    app.command()(exporter)

@@ -1,0 +1,201 @@
+"""``tidegate exporter``: queue depth, desired workers and breaker states for Prometheus/KEDA.
+
+A custom collector reads an :class:`~tidegate.snapshot.Observer` on scrape; the observer's
+TTL cache bounds how often the broker is probed however many scrapers there are. A sampler
+thread also takes a snapshot every ``interval_s`` so the status page has history and the
+autoscaler's stabilisation window sees a steady stream of readings.
+
+Served on one port: ``/metrics`` (Prometheus text), ``/`` (the status page, see
+:mod:`tidegate.status`), ``/api/status`` (JSON) and ``/healthz``.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Iterable, Iterator
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from resilience.shedding import Priority
+from tidegate.snapshot import Observer, Snapshot
+
+__all__ = ["DepthCollector", "Sampler", "build_registry", "serve"]
+
+log = logging.getLogger(__name__)
+
+BREAKER_GAUGE = {"closed": 0, "half_open": 1, "open": 2}
+REJECTION_REASONS = ("rate_limited", "circuit_open", "bulkhead_full")
+
+# queue gauges: (metric name, help, QueueView attribute)
+QUEUE_GAUGES = (
+    ("tidegate_queue_ready_messages", "Messages waiting to be delivered.", "ready"),
+    ("tidegate_queue_in_flight_messages", "Messages delivered to a worker, not yet acked.",
+     "in_flight"),
+    ("tidegate_queue_delayed_messages", "Messages published but not deliverable yet.",
+     "delayed"),
+    ("tidegate_queue_oldest_message_age_seconds", "Age of the message waiting longest.",
+     "oldest_age_s"),
+    ("tidegate_queue_consumers", "Consumers attached to the queue (where the broker says).",
+     "consumers"),
+    ("tidegate_queue_backlog_messages", "Ready plus in flight: what the autoscaler sizes for.",
+     "backlog"),
+    ("tidegate_dead_letter_messages", "Messages in the queue's dead-letter queue.",
+     "dead_letter"),
+    ("tidegate_deferred_messages", "Requests queued for later (SQS) for this queue.",
+     "deferred"),
+    ("tidegate_desired_workers", "Workers this queue should run now (stabilised).",
+     "desired_workers"),
+    ("tidegate_target_backlog_per_worker_messages",
+     "Backlog one worker may hold and meet the acceptable wait.", "target_per_worker"),
+    ("tidegate_task_processing_seconds", "Mean recent task time (or the configured default).",
+     "processing_s"),
+)
+
+CLUSTER_COUNTERS = (
+    ("tidegate_cluster_sheds", "Requests shed under load, all processes.", ("priority",)),
+    ("tidegate_cluster_rejections", "Calls refused before the dependency (rate limit, open "
+     "circuit, full bulkhead), all processes.", ("dependency", "reason")),
+    ("tidegate_cluster_retries", "Retry attempts started, all processes.", ("dependency",)),
+    ("tidegate_cluster_dead_letters", "Tasks dead-lettered, all processes.", ("queue",)),
+)
+
+
+class DepthCollector(Collector):
+    """Turns an observer's snapshot into metric families on every scrape."""
+
+    def __init__(self, observer: Observer) -> None:
+        self.observer = observer
+
+    def describe(self) -> Iterable:
+        return []  # values are read on collect; do not probe at registration
+
+    def collect(self) -> Iterator:
+        started = time.perf_counter()
+        snap = self.observer.snapshot()
+        yield from queue_families(snap)
+        yield from breaker_families(snap)
+        yield from counter_families(snap, self.observer)
+        meta = GaugeMetricFamily("tidegate_exporter_snapshot_age_seconds",
+                                 "Age of the snapshot served (bounded by the cache TTL).")
+        meta.add_metric([], max(0.0, time.time() - snap.taken_at))
+        yield meta
+        took = GaugeMetricFamily("tidegate_exporter_collect_seconds",
+                                 "Time spent producing this scrape.")
+        took.add_metric([], time.perf_counter() - started)
+        yield took
+
+
+def queue_families(snap: Snapshot) -> Iterator[GaugeMetricFamily]:
+    up = GaugeMetricFamily("tidegate_queue_up", "1 if the queue's depth could be read.",
+                           labels=["queue"])
+    for q in snap.queues:
+        up.add_metric([q.name], 0 if q.error else 1)
+    yield up
+    for name, doc, attr in QUEUE_GAUGES:
+        family = GaugeMetricFamily(name, doc, labels=["queue"])
+        for q in snap.queues:
+            value = getattr(q, attr)
+            if value is not None:  # unknown is absent, never a made-up zero
+                family.add_metric([q.name], float(value))
+        yield family
+
+
+def breaker_families(snap: Snapshot) -> Iterator[GaugeMetricFamily]:
+    state = GaugeMetricFamily("tidegate_breaker_state",
+                              "Shared circuit breaker state: 0 closed, 1 half-open, 2 open.",
+                              labels=["dependency", "queue"])
+    retry = GaugeMetricFamily("tidegate_breaker_retry_after_seconds",
+                              "Seconds until an open breaker lets a trial call through.",
+                              labels=["dependency", "queue"])
+    known = GaugeMetricFamily("tidegate_breaker_state_known",
+                              "0 while the shared state store cannot be read.",
+                              labels=["dependency", "queue"])
+    for b in snap.breakers:
+        labels = [b.dependency, b.queue]
+        known.add_metric(labels, 0 if b.state == "unknown" else 1)
+        if b.state in BREAKER_GAUGE:
+            state.add_metric(labels, BREAKER_GAUGE[b.state])
+            retry.add_metric(labels, b.retry_after_s)
+    yield from (state, retry, known)
+
+
+def counter_families(snap: Snapshot, observer: Observer) -> Iterator[CounterMetricFamily]:
+    """Cluster totals, with a zero series for every known label set (no gaps in rate())."""
+    deps = [d.name for d in observer.topology.dependencies]
+    defaults: dict[str, list[dict[str, str]]] = {
+        "tidegate_cluster_sheds": [{"priority": p.name.lower()} for p in Priority],
+        "tidegate_cluster_rejections": [{"dependency": d, "reason": r} for d in deps
+                                        for r in REJECTION_REASONS],
+        "tidegate_cluster_retries": [{"dependency": d} for d in deps],
+        "tidegate_cluster_dead_letters": [{"queue": q} for q in observer.topology.work_queues],
+    }
+    for name, doc, labels in CLUSTER_COUNTERS:
+        family = CounterMetricFamily(name, doc, labels=list(labels))
+        values: dict[tuple[str, ...], float] = {
+            tuple(d.get(k, "") for k in labels): 0.0 for d in defaults[name]}
+        for row_labels, value in snap.counters.get(name, []):
+            values[tuple(row_labels.get(k, "") for k in labels)] = value
+        for key, value in sorted(values.items()):
+            family.add_metric(list(key), value)
+        yield family
+
+
+def build_registry(observer: Observer) -> CollectorRegistry:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(DepthCollector(observer))
+    return registry
+
+
+def render(registry: CollectorRegistry) -> bytes:
+    return generate_latest(registry)
+
+
+class Sampler:
+    """Takes a snapshot every ``interval_s`` into the status page's history."""
+
+    def __init__(self, observer: Observer, history, interval_s: float = 1.0) -> None:
+        self.observer = observer
+        self.history = history
+        self.interval_s = interval_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="tidegate-sampler", daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.history.add(self.observer.snapshot())
+            except Exception:
+                log.exception("snapshot failed")
+            self._stop.wait(self.interval_s)
+
+    def start(self) -> Sampler:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(self.interval_s + 5)
+
+
+def serve(host: str, port: int, *, interval_s: float = 1.0, ttl_s: float = 1.0,
+          history_s: float = 600.0) -> None:
+    """Run the exporter and status page until interrupted."""
+    import uvicorn
+
+    from tidegate.status import History, create_app
+    from workers.settings import get_settings
+
+    observer = Observer(get_settings(), ttl_s=ttl_s)
+    history = History(max_age_s=history_s)
+    sampler = Sampler(observer, history, interval_s).start()
+    app = create_app(observer, history, build_registry(observer))
+    log.info("tidegate exporter on http://%s:%d/metrics", host, port)
+    try:
+        uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False,
+                    timeout_keep_alive=5)
+    finally:
+        sampler.stop()

@@ -1,0 +1,216 @@
+"""One reading of the whole system: what the exporter, ``tidegate depth`` and the status page show.
+
+Per work queue: depth (ready, in flight, delayed, oldest age, consumers), its dead-letter
+queue's depth, the deferred count, and the desired workers; per dependency: the shared
+breaker state; and the cluster-wide counters (:mod:`workers.cluster_metrics`).
+
+A reading is cached for ``ttl_s`` and taken by one caller at a time, so a scrape storm (two
+Prometheus replicas, a status page left open on ten screens) costs the broker one probe per
+queue per TTL. A probe that fails marks that queue's figures ``None`` with the error beside
+them; it never hides the other queues.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from resilience.errors import TidegateError
+from resilience.policy import PolicyConfig
+from resilience.stores import RedisStore, redis_client
+from workers.autoscale import Autoscaler, ProcessingTimes, load_scaling_policies
+from workers.cluster_metrics import read_cluster_counters
+from workers.depth import DepthProbe, QueueDepth, probe_for
+from workers.settings import Settings
+from workers.topology import Topology, load_topology
+
+__all__ = ["BreakerView", "Observer", "QueueView", "Snapshot"]
+
+log = logging.getLogger(__name__)
+
+STATE_TIMEOUT_S = 1.0
+
+DeferredCount = Callable[[str], "int | None"]
+
+
+@dataclass(frozen=True)
+class QueueView:
+    name: str
+    ready: int | None
+    in_flight: int | None
+    delayed: int | None
+    oldest_age_s: float | None
+    consumers: int | None
+    source: str | None
+    dead_letter: int | None
+    deferred: int | None
+    backlog: int | None  # ready + in flight: what the autoscaler sizes for
+    desired_workers: int | None
+    target_per_worker: int | None
+    processing_s: float | None
+    processing_observed: bool
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class BreakerView:
+    dependency: str
+    queue: str
+    state: str  # closed, open, half_open, or unknown (state store unreachable)
+    retry_after_s: float
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    taken_at: float  # epoch seconds
+    queues: tuple[QueueView, ...]
+    breakers: tuple[BreakerView, ...]
+    counters: dict[str, list[tuple[dict[str, str], float]]] = field(default_factory=dict)
+    errors: tuple[str, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "taken_at": self.taken_at,
+            "queues": [asdict(q) for q in self.queues],
+            "breakers": [asdict(b) for b in self.breakers],
+            "counters": {k: [{"labels": lb, "value": v} for lb, v in rows]
+                         for k, rows in self.counters.items()},
+            "errors": list(self.errors),
+        }
+
+
+def _deferred_from_workers(settings: Settings) -> DeferredCount | None:
+    """The SQS queue-for-later depth per queue, if ``workers.deferral`` provides one."""
+    try:
+        from workers import deferral  # type: ignore[attr-defined]
+    except ImportError:
+        return None
+    count = getattr(deferral, "deferred_count", None)
+    return count if callable(count) else None
+
+
+class Observer:
+    """Takes (and caches) snapshots. Thread-safe."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        topology: Topology | None = None,
+        *,
+        probe: DepthProbe | None = None,
+        autoscaler: Autoscaler | None = None,
+        state_client: Any = None,
+        deferred: DeferredCount | None = None,
+        ttl_s: float = 1.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.settings = settings
+        self.topology = topology or load_topology(settings.policy_file)
+        self.probe = probe or probe_for(settings, self.topology)
+        if autoscaler is None:
+            default, per_queue = load_scaling_policies(settings.policy_file)
+            autoscaler = Autoscaler(per_queue, default)
+        self.autoscaler = autoscaler
+        self.state = state_client or redis_client(
+            settings.redis_url, socket_timeout=STATE_TIMEOUT_S,
+            socket_connect_timeout=STATE_TIMEOUT_S)
+        self.store = RedisStore(self.state, name="exporter")
+        self.processing = ProcessingTimes(self.state)
+        self.deferred = deferred if deferred is not None else _deferred_from_workers(settings)
+        self.breaker_configs = {
+            d.name: (d.queue, PolicyConfig.from_mapping(d.name, d.policy).breaker)
+            for d in self.topology.dependencies
+        }
+        self.ttl_s = ttl_s
+        self.clock = clock
+        self._lock = threading.Lock()
+        self._cached: tuple[float, Snapshot] | None = None
+
+    # -- reading
+    def snapshot(self) -> Snapshot:
+        """The latest snapshot, at most ``ttl_s`` old."""
+        with self._lock:
+            now = self.clock()
+            if self._cached is not None and now - self._cached[0] < self.ttl_s:
+                return self._cached[1]
+            snap = self._take()
+            self._cached = (self.clock(), snap)
+            return snap
+
+    def _depths(self, names: list[str]) -> dict[str, QueueDepth | Exception]:
+        many = getattr(self.probe, "depths", None)
+        if callable(many):
+            try:
+                return dict(many(names))
+            except Exception as exc:
+                return dict.fromkeys(names, exc)
+        out: dict[str, QueueDepth | Exception] = {}
+        for name in names:
+            try:
+                out[name] = self.probe.depth(name)
+            except Exception as exc:  # DepthUnavailable and its like: shown, not raised
+                out[name] = exc
+        return out
+
+    def _take(self) -> Snapshot:
+        errors: list[str] = []
+        queues = list(self.topology.work_queues)
+        dlqs = [self.topology.dead_letter_queue(q) for q in queues]
+        depths = self._depths(queues + dlqs)
+        views = [self._queue_view(q, depths[q], depths[dlq], errors)
+                 for q, dlq in zip(queues, dlqs, strict=True)]
+        breakers = self._breakers(errors)
+        try:
+            counters = read_cluster_counters(self.state)
+        except Exception as exc:
+            errors.append(f"cluster counters: {_one_line(exc)}")
+            counters = {}
+        return Snapshot(time.time(), tuple(views), tuple(breakers), counters, tuple(errors))
+
+    def _queue_view(self, name: str, depth: QueueDepth | Exception,
+                    dlq: QueueDepth | Exception, errors: list[str]) -> QueueView:
+        dead_letter = dlq.ready + (dlq.in_flight or 0) if isinstance(dlq, QueueDepth) else None
+        deferred = None
+        if self.deferred is not None:
+            try:
+                deferred = self.deferred(name)
+            except Exception as exc:
+                errors.append(f"deferred count for {name}: {_one_line(exc)}")
+        if not isinstance(depth, QueueDepth):
+            message = _one_line(depth)
+            errors.append(f"{name}: {message}")
+            return QueueView(name, None, None, None, None, None, None, dead_letter, deferred,
+                             None, None, None, None, False, message)
+        backlog = depth.ready + (depth.in_flight or 0)
+        try:
+            processing = self.processing.mean(name)
+        except Exception as exc:
+            errors.append(f"processing time for {name}: {_one_line(exc)}")
+            processing = None
+        decision = self.autoscaler.decide(name, backlog, processing)
+        return QueueView(
+            name, depth.ready, depth.in_flight, depth.delayed, depth.oldest_age_s,
+            depth.consumers, depth.source, dead_letter, deferred, backlog, decision.desired,
+            decision.target_per_worker, decision.processing_s, decision.observed)
+
+    def _breakers(self, errors: list[str]) -> list[BreakerView]:
+        views = []
+        for name, (queue, cfg) in self.breaker_configs.items():
+            snap = self.store.breaker_read(name, cfg)
+            if self.store.degraded:
+                # The store answered from local memory: that is not the cluster's state.
+                views.append(BreakerView(name, queue, "unknown", 0.0))
+                continue
+            views.append(BreakerView(name, queue, snap.state, round(snap.retry_after, 3)))
+        if self.store.degraded:
+            errors.append("state store unreachable: breaker states unknown")
+        return views
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc) if isinstance(exc, TidegateError) else f"{type(exc).__name__}: {exc}"
+    return " ".join(text.split())

@@ -1,0 +1,125 @@
+"""The status page: live depth per queue, breaker states, DLQ and deferred counts.
+
+Served by the exporter (same process, same snapshots). The page is static HTML + one script
++ one stylesheet from ``tidegate/static`` (no build step, nothing fetched from outside); it
+polls ``/api/status`` and draws the charts as SVG. It is meant for a wall screen: an open
+breaker turns its tile and a banner red, a shed storm (sheds above ``storm_per_s`` over the
+last ``storm_window_s``) turns the banner amber, both readable from across the room.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
+
+from tidegate.snapshot import Observer, Snapshot
+
+__all__ = ["History", "create_app"]
+
+STATIC = Path(__file__).with_name("static")
+METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+def _total(snap: Snapshot, family: str, **match: str) -> float:
+    return sum(v for labels, v in snap.counters.get(family, [])
+               if all(labels.get(k) == want for k, want in match.items()))
+
+
+class History:
+    """The last ``max_age_s`` of snapshots, oldest first (bounded in time and in count)."""
+
+    def __init__(self, max_age_s: float = 600.0, max_points: int = 3600) -> None:
+        self.max_age_s = max_age_s
+        self._items: deque[Snapshot] = deque(maxlen=max_points)
+        self._lock = threading.Lock()
+
+    def add(self, snap: Snapshot) -> None:
+        with self._lock:
+            if self._items and self._items[-1].taken_at >= snap.taken_at:
+                return  # the same cached snapshot twice
+            self._items.append(snap)
+            while self._items and self._items[0].taken_at < snap.taken_at - self.max_age_s:
+                self._items.popleft()
+
+    def items(self) -> list[Snapshot]:
+        with self._lock:
+            return list(self._items)
+
+    def rate(self, window_s: float, family: str, **match: str) -> float:
+        """Per-second increase of a cluster counter over the last ``window_s``."""
+        items = self.items()
+        if len(items) < 2:
+            return 0.0
+        last = items[-1]
+        first = next((s for s in items if s.taken_at >= last.taken_at - window_s), items[0])
+        if last.taken_at <= first.taken_at:
+            return 0.0
+        delta = _total(last, family, **match) - _total(first, family, **match)
+        return max(0.0, delta) / (last.taken_at - first.taken_at)
+
+
+def status_document(observer: Observer, history: History, *, storm_per_s: float,
+                    storm_window_s: float) -> dict[str, Any]:
+    snap = observer.snapshot()
+    history.add(snap)
+    items = history.items()
+    series: dict[str, dict[str, list]] = {}
+    for q in snap.queues:
+        series[q.name] = {"ready": [], "in_flight": [], "dead_letter": [], "desired": []}
+    times = []
+    for item in items:
+        times.append(round(item.taken_at, 3))
+        by_name = {q.name: q for q in item.queues}
+        for name, s in series.items():
+            view = by_name.get(name)
+            s["ready"].append(view.ready if view else None)
+            s["in_flight"].append(view.in_flight if view else None)
+            s["dead_letter"].append(view.dead_letter if view else None)
+            s["desired"].append(view.desired_workers if view else None)
+    sheds = history.rate(storm_window_s, "tidegate_cluster_sheds")
+    rate_limited = history.rate(storm_window_s, "tidegate_cluster_rejections",
+                                reason="rate_limited")
+    doc = snap.to_dict()
+    doc.update({
+        "history": {"t": times, "queues": series, "window_s": history.max_age_s},
+        "sheds_per_s": round(sheds, 3),
+        "rate_limited_per_s": round(rate_limited, 3),
+        "shed_storm": sheds >= storm_per_s,
+        "storm_per_s": storm_per_s,
+    })
+    return doc
+
+
+def create_app(observer: Observer, history: History, registry: Any, *,
+               storm_per_s: float = 1.0, storm_window_s: float = 10.0) -> FastAPI:
+    """The exporter's HTTP app: /metrics, /, /api/status, /healthz, /static."""
+    from tidegate.exporter import render
+
+    app = FastAPI(title="Tidegate status", docs_url=None, redoc_url=None, openapi_url=None)
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+
+    @app.get("/metrics")
+    def metrics() -> Response:
+        return Response(render(registry), media_type=METRICS_CONTENT_TYPE)
+
+    @app.get("/api/status")
+    def status() -> JSONResponse:
+        return JSONResponse(status_document(observer, history, storm_per_s=storm_per_s,
+                                            storm_window_s=storm_window_s),
+                            headers={"Cache-Control": "no-store"})
+
+    @app.get("/")
+    def page() -> FileResponse:
+        return FileResponse(STATIC / "status.html", headers={"Cache-Control": "no-store"})
+
+    @app.get("/healthz")
+    def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    return app
