@@ -193,6 +193,26 @@ def start_worker(broker: Broker, policy_file: Path, tmp_path: Path, state_redis)
         worker.stop()
 
 
+@pytest.fixture
+def start_worker_on(policy_file: Path, tmp_path: Path, state_redis):
+    """Like ``start_worker`` for a broker the test made itself: ``start_worker_on(broker)``."""
+    started: list[Worker] = []
+
+    def bind(broker: Broker):
+        def start(queues: str, *, ready: bool = True, env: dict[str, str] | None = None,
+                  **options) -> Worker:
+            worker = Worker(queues, tidegate_env(broker, policy_file, **(env or {})),
+                            tmp_path, **options)
+            started.append(worker)
+            return worker.wait_ready() if ready else worker
+
+        return start
+
+    yield bind
+    for worker in started:
+        worker.stop()
+
+
 @pytest.fixture(scope="session")
 def moto_sqs(session_tmp: Path) -> Iterator[MotoServer]:
     """An SQS endpoint: a moto server on a free loopback port, for the whole session."""
