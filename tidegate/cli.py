@@ -14,7 +14,7 @@ from typing import Annotated, Any
 import typer
 
 from resilience.errors import ConfigError, PermanentError, TidegateError, TransientError
-from tidegate import cli_depth
+from tidegate import cli_deferred, cli_depth
 
 app = typer.Typer(
     no_args_is_help=True,
@@ -96,6 +96,8 @@ def feed(
 
 
 cli_depth.register(app)  # depth, exporter
+cli_deferred.register(app)  # replayer, deferred list|replay
+app.add_typer(__import__("tidegate.cli_dlq").cli_dlq.dlq, name="dlq")  # dead-letter queues
 
 
 def main() -> None:
