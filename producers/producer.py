@@ -1,28 +1,58 @@
 """Enqueue jobs onto the work queues, refusing bad input before it reaches a broker.
 
-Every call validates the task name, the queue and the JSON payload, publishes with publisher
-confirms where the broker has them, and turns a broker that cannot be reached within the
-connect timeout into :class:`~workers.errors.BrokerUnavailable`, never a hang.
+Every call validates the task name, the queue and the JSON payload, then passes the gates in
+the order of DESIGN.md's chain: the per-client rate limit (429), queue-for-later when the
+dependency's circuit is open, and the depth throttle (503, LOW shed first, CRITICAL never).
+It publishes with publisher confirms, a publish timeout and ``mandatory`` on RabbitMQ, and
+turns a broker that cannot be reached within the connect timeout into
+:class:`~workers.errors.BrokerUnavailable`, never a hang.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
+import logging
 import time
 import uuid
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from celery import Celery
 from kombu.exceptions import KombuError, OperationalError
 
-from resilience.errors import ConfigError
+from resilience.errors import ConfigError, RateLimited, TidegateError
+from resilience.ratelimit import RateLimitConfig, RateLimiter
 from resilience.shedding import Priority
+from resilience.stores import RedisStore, redis_client
 from workers import headers as h
+from workers.depth import SharedDepthCache, probe_for
 from workers.errors import BrokerUnavailable, InvalidPayload, UnknownQueue, UnknownTask
-from workers.topology import broker_priority
+from workers.settings import Settings
+from workers.topology import Topology, broker_priority
+
+from . import metrics
+from .backpressure import Throttle, load_backpressure
+from .deferral import DeferralGate
+
+__all__ = ["AUTO", "AsyncProducer", "EnqueueResult", "Job", "Producer", "client_limiter",
+           "state_client"]
+
+log = logging.getLogger(__name__)
 
 State = Literal["queued", "deferred"]
+STATE_TIMEOUT_S = 0.5  # shared-state calls sit on every enqueue: never wait long on Redis
+
+
+class _Auto:
+    def __repr__(self) -> str:
+        return "AUTO"
+
+
+AUTO: Any = _Auto()
+"""Build the component from the app's settings (pass None to go without it)."""
 
 
 @dataclass(frozen=True)
@@ -36,27 +66,98 @@ class EnqueueResult:
     priority: Priority
     idempotency_key: str | None = None
 
+    def to_dict(self) -> dict[str, Any]:
+        return {"id": self.id, "state": self.state, "queue": self.queue, "task": self.task,
+                "priority": self.priority.name.lower(), "idempotency_key": self.idempotency_key}
+
+
+@dataclass(frozen=True)
+class Job:
+    """One job of a batch (the same fields as :meth:`Producer.enqueue`)."""
+
+    task: str
+    args: tuple[Any, ...] | list[Any] = ()
+    kwargs: Mapping[str, Any] = field(default_factory=dict)
+    priority: Priority | str | int = Priority.HIGH
+    idempotency_key: str | None = None
+    queue: str | None = None
+    deadline_s: float | None = None
+    task_id: str | None = None
+
+
+@dataclass(frozen=True)
+class _Prepared:
+    task: str
+    args: list[Any]
+    kwargs: dict[str, Any]
+    priority: Priority
+    queue: str
+    idempotency_key: str | None
+    deadline_s: float | None
+    task_id: str
+    started: float
+
+
+def state_client(settings: Settings) -> Any:
+    """The shared-state Redis client producers use (short timeouts: it is on every call)."""
+    return redis_client(settings.redis_url, socket_timeout=STATE_TIMEOUT_S,
+                        socket_connect_timeout=STATE_TIMEOUT_S)
+
+
+def build_throttle(settings: Settings, topology: Topology, client: Any = None) -> Throttle:
+    """The depth throttle from the policy file's ``[backpressure]`` tables."""
+    default, per_queue = load_backpressure(settings.policy_file, topology)
+    cache = SharedDepthCache(probe_for(settings, topology), client or state_client(settings))
+    return Throttle(cache, default, per_queue)
+
+
+def client_limiter(settings: Settings, config: RateLimitConfig, client: Any = None,
+                   name: str = "producer-client") -> RateLimiter:
+    """A per-client limiter shared by every producer through Redis (GCRA, one Lua call)."""
+    store = RedisStore(client or state_client(settings), name=name)
+    return RateLimiter(name, config, store)
+
 
 class Producer:
-    """Publishes tasks for the workers. Thread-safe; one per process is plenty."""
+    """Publishes tasks for the workers. Thread-safe; one per process is plenty.
 
-    def __init__(self, app: Celery | None = None, *, max_message_bytes: int | None = None):
+    ``throttle`` (depth backpressure) and ``deferral`` (queue-for-later on an open circuit)
+    are built from the settings unless given; ``limiter`` applies to calls that name a
+    ``client``. Pass ``None`` to go without a component.
+    """
+
+    def __init__(
+        self,
+        app: Celery | None = None,
+        *,
+        max_message_bytes: int | None = None,
+        throttle: Throttle | None = AUTO,
+        limiter: RateLimiter | None = None,
+        deferral: DeferralGate | None = AUTO,
+    ):
         if app is None:
             from workers import app as default_app
 
             app = default_app
         self.app = app
-        self.settings = app.tidegate_settings
-        self.topology = app.tidegate_topology
+        self.settings: Settings = app.tidegate_settings
+        self.topology: Topology = app.tidegate_topology
         self.max_message_bytes = max_message_bytes or self.settings.api_max_body_bytes
         app.loader.import_default_modules()
+        needs_state = throttle is AUTO or deferral is AUTO
+        state = state_client(self.settings) if needs_state else None
+        self.throttle = (build_throttle(self.settings, self.topology, state)
+                         if throttle is AUTO else throttle)
+        self.deferral = (DeferralGate.from_settings(self.settings, self.topology, state)
+                         if deferral is AUTO else deferral)
+        self.limiter = limiter
 
     # -- validation -------------------------------------------------------------------------
     def task_names(self) -> list[str]:
         return sorted(n for n in self.app.tasks if not n.startswith("celery."))
 
     def _check_task(self, task: str) -> None:
-        if task not in self.app.tasks or task.startswith("celery."):
+        if not isinstance(task, str) or task not in self.app.tasks or task.startswith("celery."):
             raise UnknownTask(f"unknown task {task!r}; known: {', '.join(self.task_names())}")
 
     def _check_payload(self, args: Any, kwargs: Any) -> None:
@@ -65,13 +166,66 @@ class Producer:
         if not isinstance(kwargs, dict):
             raise InvalidPayload(f"kwargs must be a JSON object, got {type(kwargs).__name__}")
         try:
-            size = len(json.dumps([list(args), kwargs]).encode())
+            size = len(json.dumps([list(args), kwargs], allow_nan=False).encode())
         except (TypeError, ValueError) as exc:
             raise InvalidPayload(f"arguments are not JSON-serialisable: {exc}") from None
         if size > self.max_message_bytes:
             raise InvalidPayload(
                 f"payload is {size} bytes; the limit is {self.max_message_bytes} bytes"
             )
+
+    def _prepare(self, task: str, args: Any, kwargs: Any, priority: Any,
+                 idempotency_key: str | None, queue: str | None, deadline_s: float | None,
+                 task_id: str | None) -> _Prepared:
+        kwargs = {} if kwargs is None else kwargs
+        prio = Priority.parse(priority)
+        self._check_task(task)
+        self._check_payload(args, kwargs)
+        target = queue or self.topology.queue_for_task(task)
+        try:
+            self.topology.check_queue(target)
+        except ConfigError as exc:
+            raise UnknownQueue(str(exc)) from None
+        if deadline_s is not None and not deadline_s > 0:
+            raise InvalidPayload(f"deadline must be > 0 seconds, got {deadline_s!r}")
+        if idempotency_key is not None and (
+            not isinstance(idempotency_key, str) or not 0 < len(idempotency_key) <= 255
+        ):
+            raise InvalidPayload("idempotency_key must be a string of 1-255 characters")
+        return _Prepared(task, list(args), dict(kwargs), prio, target, idempotency_key,
+                         deadline_s, task_id or str(uuid.uuid4()), time.monotonic())
+
+    # -- gates --------------------------------------------------------------------------------
+    def _rate_limit(self, p: _Prepared, client: str | None) -> None:
+        if client is None or self.limiter is None:
+            return
+        try:
+            self.limiter.acquire(client)
+        except RateLimited:
+            metrics.REFUSED.labels(queue=p.queue, priority=p.priority.name.lower(),
+                                   reason="rate_limited").inc()
+            raise
+
+    def _defer(self, p: _Prepared) -> EnqueueResult | None:
+        if self.deferral is None:
+            return None
+        deferred_id = self.deferral.maybe_defer(p.task, p.args, p.kwargs, p.priority,
+                                                p.idempotency_key)
+        if deferred_id is None:
+            return None
+        return self._done(EnqueueResult(deferred_id, "deferred", p.queue, p.task, p.priority,
+                                        p.idempotency_key))
+
+    def _wait_budget(self, p: _Prepared, max_wait_s: float | None) -> float | None:
+        if p.deadline_s is None:
+            return max_wait_s
+        default = self.throttle.config(p.queue).max_wait_s if self.throttle else 0.0
+        return min(default if max_wait_s is None else max_wait_s, p.deadline_s / 2)
+
+    def _done(self, result: EnqueueResult) -> EnqueueResult:
+        metrics.ENQUEUED.labels(queue=result.queue, priority=result.priority.name.lower(),
+                                state=result.state).inc()
+        return result
 
     # -- publishing -------------------------------------------------------------------------
     def enqueue(
@@ -85,40 +239,183 @@ class Producer:
         queue: str | None = None,
         deadline_s: float | None = None,
         task_id: str | None = None,
+        client: str | None = None,
+        max_wait_s: float | None = None,
     ) -> EnqueueResult:
-        """Publish one task; raise a typed error instead of publishing anything doubtful."""
-        kwargs = {} if kwargs is None else kwargs
-        prio = Priority.parse(priority)
-        self._check_task(task)
-        self._check_payload(args, kwargs)
-        target = queue or self.topology.queue_for_task(task)
+        """Publish one task, or raise a typed error instead of publishing anything doubtful.
+
+        ``client`` names the caller for the rate limit; ``max_wait_s`` bounds how long a
+        throttled call waits for admission (default: the queue's ``max_wait_ms``).
+        Raises RateLimited, Backpressure, BrokerUnavailable or a validation error.
+        """
+        p = self._prepare(task, args, kwargs, priority, idempotency_key, queue, deadline_s,
+                          task_id)
+        return self._enqueue_prepared(p, client, max_wait_s)
+
+    def _enqueue_prepared(self, p: _Prepared, client: str | None, max_wait_s: float | None,
+                          producer: Any = None) -> EnqueueResult:
+        self._rate_limit(p, client)
+        deferred = self._defer(p)
+        if deferred is not None:
+            return deferred
+        if self.throttle is not None:
+            self.throttle.admit(p.queue, p.priority, self._wait_budget(p, max_wait_s))
+        self._publish(p, producer)
+        return self._done(EnqueueResult(p.task_id, "queued", p.queue, p.task, p.priority,
+                                        p.idempotency_key))
+
+    def enqueue_many(
+        self, jobs: Iterable[Job], *, client: str | None = None, max_wait_s: float | None = None
+    ) -> list[EnqueueResult | TidegateError]:
+        """Enqueue a batch over one broker connection; one result or error per job, in order.
+
+        A job that fails validation or is refused does not stop the others, and nothing is
+        dropped silently: each position holds what happened to that job.
+        """
+        results: list[EnqueueResult | TidegateError] = []
+        with self._producer() as producer:
+            for job in jobs:
+                try:
+                    p = self._prepare(job.task, job.args, job.kwargs, job.priority,
+                                      job.idempotency_key, job.queue, job.deadline_s,
+                                      job.task_id)
+                    results.append(self._enqueue_prepared(p, client, max_wait_s, producer))
+                except TidegateError as exc:
+                    results.append(exc)
+        return results
+
+    @contextlib.contextmanager
+    def _producer(self) -> Iterator[Any]:
         try:
-            self.topology.check_queue(target)
-        except ConfigError as exc:
-            raise UnknownQueue(str(exc)) from None
-        if deadline_s is not None and not deadline_s > 0:
-            raise InvalidPayload(f"deadline must be > 0 seconds, got {deadline_s!r}")
+            with self.app.producer_or_acquire() as producer:
+                yield producer
+        except (OperationalError, KombuError, OSError, TimeoutError) as exc:
+            raise BrokerUnavailable(f"broker unreachable at {self._safe_broker()}: {exc}"
+                                    ) from None
+
+    def _publish_options(self) -> dict[str, Any]:
+        if self.settings.transport != "amqp":
+            return {}
+        # mandatory: a message that no queue would take comes back as an error instead of
+        # vanishing (kombu caches declarations per connection, so a queue deleted behind its
+        # back would otherwise swallow every publish). timeout/confirm_timeout: a broker under
+        # flow control blocks writes and withholds confirms; we give up instead of hanging.
+        t = self.settings.publish_timeout_s
+        return {"mandatory": True, "timeout": t, "confirm_timeout": t}
+
+    def _publish(self, p: _Prepared, producer: Any = None) -> None:
         now = time.time()
         message_headers = {
-            h.PRIORITY: prio.name,
+            h.PRIORITY: p.priority.name,
             h.ENQUEUED_AT: now,
-            h.IDEMPOTENCY_KEY: idempotency_key,
-            h.DEADLINE: now + deadline_s if deadline_s else None,
+            h.IDEMPOTENCY_KEY: p.idempotency_key,
+            h.DEADLINE: now + p.deadline_s if p.deadline_s else None,
         }
-        task_id = task_id or str(uuid.uuid4())
+        options = dict(
+            args=p.args, kwargs=p.kwargs, task_id=p.task_id, queue=p.queue,
+            priority=broker_priority(p.priority, self.settings.transport),
+            headers={k: v for k, v in message_headers.items() if v is not None},
+            retry=False, producer=producer, **self._publish_options(),
+        )
         try:
-            self.app.send_task(
-                task, args=list(args), kwargs=kwargs, task_id=task_id, queue=target,
-                priority=broker_priority(prio, self.settings.transport),
-                headers={k: v for k, v in message_headers.items() if v is not None},
-                retry=False,
-            )
+            try:
+                self.app.send_task(p.task, **options)
+            except Exception as exc:
+                if not _unroutable(exc):
+                    raise
+                # The queue vanished behind kombu's declaration cache: declare it again,
+                # forget what the cache remembers, and publish once more.
+                log.warning("publish to %s was unroutable; re-declaring the topology", p.queue)
+                self._redeclare()
+                self.app.send_task(p.task, **options)
         except (OperationalError, KombuError, OSError, TimeoutError) as exc:
+            self._refused(p, "broker_unavailable")
             raise BrokerUnavailable(
                 f"broker unreachable at {self._safe_broker()}: {exc}"
             ) from None
-        return EnqueueResult(task_id, "queued", target, task, prio, idempotency_key)
+        except Exception as exc:
+            if not _unroutable(exc) and not _amqp_error(exc):
+                raise
+            self._refused(p, "broker_unavailable")
+            raise BrokerUnavailable(f"broker refused the publish to {p.queue!r}: {exc}"
+                                    ) from None
+        if self.throttle is not None:
+            self.throttle.cache.record_published(p.queue)
+
+    def _refused(self, p: _Prepared, reason: str) -> None:
+        metrics.REFUSED.labels(queue=p.queue, priority=p.priority.name.lower(),
+                               reason=reason).inc()
+
+    def _redeclare(self) -> None:
+        with self.app.connection_for_write() as conn:
+            conn.ensure_connection(max_retries=1, timeout=self.settings.connect_timeout_s)
+            self.topology.declare(conn)
+        with self.app.producer_pool.acquire(block=True, timeout=self.settings.connect_timeout_s
+                                            ) as producer:
+            producer.connection.declared_entities.clear()
 
     def _safe_broker(self) -> str:
         """The broker URL without its password, for error messages and logs."""
         return self.app.connection_for_write().as_uri(include_password=False)
+
+
+def _unroutable(exc: BaseException) -> bool:
+    """py-amqp's error for a mandatory message that no queue took (reply code 312)."""
+    return getattr(exc, "reply_code", None) == 312 or getattr(exc, "code", None) == 312
+
+
+def _amqp_error(exc: BaseException) -> bool:
+    return type(exc).__module__.startswith("amqp")
+
+
+class AsyncProducer:
+    """The same producer for asyncio: throttle waits are ``asyncio.sleep``, not threads.
+
+    Broker and Redis calls are blocking clients, so they run in worker threads
+    (``asyncio.to_thread``); validation runs inline.
+    """
+
+    def __init__(self, producer: Producer | None = None) -> None:
+        self.producer = producer or Producer()
+
+    async def enqueue(
+        self,
+        task: str,
+        args: list[Any] | tuple[Any, ...] = (),
+        kwargs: dict[str, Any] | None = None,
+        *,
+        priority: Priority | str | int = Priority.HIGH,
+        idempotency_key: str | None = None,
+        queue: str | None = None,
+        deadline_s: float | None = None,
+        task_id: str | None = None,
+        client: str | None = None,
+        max_wait_s: float | None = None,
+    ) -> EnqueueResult:
+        pr = self.producer
+        p = pr._prepare(task, args, kwargs, priority, idempotency_key, queue, deadline_s,
+                        task_id)
+        await asyncio.to_thread(pr._rate_limit, p, client)
+        deferred = await asyncio.to_thread(pr._defer, p)
+        if deferred is not None:
+            return deferred
+        if pr.throttle is not None:
+            await pr.throttle.admit_async(p.queue, p.priority, pr._wait_budget(p, max_wait_s))
+        await asyncio.to_thread(pr._publish, p)
+        return pr._done(EnqueueResult(p.task_id, "queued", p.queue, p.task, p.priority,
+                                      p.idempotency_key))
+
+    async def enqueue_many(
+        self, jobs: Iterable[Job], *, client: str | None = None, max_wait_s: float | None = None
+    ) -> list[EnqueueResult | TidegateError]:
+        results: list[EnqueueResult | TidegateError] = []
+        for job in jobs:
+            try:
+                results.append(await self.enqueue(
+                    job.task, job.args, dict(job.kwargs), priority=job.priority,
+                    idempotency_key=job.idempotency_key, queue=job.queue,
+                    deadline_s=job.deadline_s, task_id=job.task_id, client=client,
+                    max_wait_s=max_wait_s))
+            except TidegateError as exc:
+                results.append(exc)
+        return results
