@@ -1,0 +1,117 @@
+"""Pipeline throughput: Tidegate's producer + resilient no-op task vs bare Celery.
+
+Baseline: ``task.apply_async()`` of a plain ``@shared_task``. Tidegate: ``Producer.enqueue``
+(validation, priority, headers, depth-aware throttle) of a ``resilient_task`` (idempotency
+mark, delivery decision, the dependency's chain around the call). Same worker process, same
+queue, runs alternated (A B A B) so drift on a shared machine hits both; throughput is jobs
+from first publish to last completion. Prints the ratio per broker (target >= 0.9x).
+
+    .venv/bin/python bench/pipeline_throughput.py [--jobs 1500] [--rounds 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import redis
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench.tasks import COUNTER  # noqa: E402
+from tests.support.procs import Worker, wait_until  # noqa: E402
+
+BROKERS = {
+    "redis": "redis://127.0.0.1:6379/8",
+    "amqp": "amqp://guest:guest@127.0.0.1:5672/tidegate_bench",
+}
+STATE_URL = "redis://127.0.0.1:6379/8"
+
+
+def _ensure_vhost() -> None:
+    names = subprocess.run(["rabbitmqctl", "-q", "list_vhosts"], capture_output=True, text=True,
+                           timeout=60).stdout.split()
+    if "tidegate_bench" not in names:
+        subprocess.run(["rabbitmqctl", "-q", "add_vhost", "tidegate_bench"], check=True)
+        subprocess.run(["rabbitmqctl", "-q", "set_permissions", "-p", "tidegate_bench", "guest",
+                        ".*", ".*", ".*"], check=True)
+
+
+def _run(kind: str, jobs: int, app, producer, counter: redis.Redis) -> float:
+    counter.set(COUNTER, 0)
+    started = time.perf_counter()
+    if kind == "bare":
+        task = app.tasks["bench.plain_noop"]
+        for i in range(jobs):
+            task.apply_async((i,), queue="default")
+    else:
+        for i in range(jobs):
+            producer.enqueue("bench.resilient_noop", [i])
+    wait_until(lambda: int(counter.get(COUNTER) or 0) >= jobs, 600, interval=0.01,
+               message=f"{jobs} {kind} jobs")
+    return jobs / (time.perf_counter() - started)
+
+
+def bench_broker(name: str, url: str, jobs: int, rounds: int, tmp: Path) -> dict[str, float]:
+    os.environ.update(TIDEGATE_BROKER_URL=url, TIDEGATE_REDIS_URL=STATE_URL)
+    from producers import Producer
+    from workers.application import create_app
+    from workers.settings import load_settings
+
+    app = create_app(load_settings(broker_url=url, redis_url=STATE_URL))
+    app.loader.import_default_modules()
+    import bench.tasks  # noqa: F401  (registers the bench tasks in this process)
+
+    producer = Producer(app)
+    counter = redis.Redis.from_url(STATE_URL, socket_timeout=5)
+    counter.flushdb()
+    if name == "amqp":
+        from kombu import Connection
+
+        with Connection(url, connect_timeout=5) as conn:
+            app.tidegate_topology.declare(conn)
+            conn.default_channel.queue_purge("default")
+    env = {"TIDEGATE_BROKER_URL": url, "TIDEGATE_REDIS_URL": STATE_URL,
+           "PYTHONPATH": str(ROOT)}
+    worker = Worker("default", env, tmp, concurrency=8, extra=("-I", "bench.tasks"))
+    worker.wait_ready(90)
+    try:
+        _run("bare", min(200, jobs), app, producer, counter)  # warm both paths up
+        _run("tidegate", min(200, jobs), app, producer, counter)
+        rates: dict[str, list[float]] = {"bare": [], "tidegate": []}
+        for _ in range(rounds):
+            for kind in ("bare", "tidegate"):
+                rates[kind].append(_run(kind, jobs, app, producer, counter))
+    finally:
+        worker.stop()
+        app.close()
+    return {k: statistics.median(v) for k, v in rates.items()}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--jobs", type=int, default=1500)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--brokers", nargs="*", default=list(BROKERS))
+    args = parser.parse_args(argv)
+    if "amqp" in args.brokers:
+        _ensure_vhost()
+    print(f"pipeline throughput: {args.jobs} no-op jobs per run, {args.rounds} rounds A/B, "
+          "1 worker (8 threads), median jobs/s")
+    print(f"{'broker':<8}{'bare Celery':>14}{'Tidegate':>12}{'ratio':>9}")
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.brokers:
+            r = bench_broker(name, BROKERS[name], args.jobs, args.rounds, Path(tmp))
+            print(f"{name:<8}{r['bare']:>14.0f}{r['tidegate']:>12.0f}"
+                  f"{r['tidegate'] / r['bare']:>9.2f}x", flush=True)
+
+
+if __name__ == "__main__":
+    main()
