@@ -28,7 +28,7 @@ from workers.depth import DepthProbe, QueueDepth, probe_for
 from workers.settings import Settings
 from workers.topology import Topology, load_topology
 
-__all__ = ["BreakerView", "Observer", "QueueView", "Snapshot"]
+__all__ = ["BreakerView", "Observer", "QueueView", "Snapshot", "deferred_counter"]
 
 log = logging.getLogger(__name__)
 
@@ -83,14 +83,30 @@ class Snapshot:
         }
 
 
-def _deferred_from_workers(settings: Settings) -> DeferredCount | None:
-    """The SQS queue-for-later depth per queue, if ``workers.deferral`` provides one."""
-    try:
-        from workers import deferral  # type: ignore[attr-defined]
-    except ImportError:
+def deferred_counter(settings: Settings, topology: Topology) -> DeferredCount | None:
+    """Requests queued for later on SQS, per work queue (None where nothing queues for later).
+
+    The count is every entry of the queue's queue-for-later dependencies (visible, in flight,
+    delayed), read from :mod:`workers.deferral`'s stores. Off (None) unless SQS is configured
+    (``TIDEGATE_SQS_ENDPOINT_URL``, AWS keys, or an SQS broker): no probe waits on an SQS
+    endpoint that was never set up.
+    """
+    if not (settings.sqs_endpoint_url or settings.aws_access_key_id
+            or settings.transport == "sqs"):
         return None
-    count = getattr(deferral, "deferred_count", None)
-    return count if callable(count) else None
+    from workers import deferral
+
+    by_queue: dict[str, list[str]] = {}
+    for name in deferral.queueing_dependencies(topology):
+        by_queue.setdefault(topology.dependency(name).queue, []).append(name)
+
+    def count(queue: str) -> int | None:
+        names = by_queue.get(queue)
+        if not names:
+            return None
+        return sum(deferral.store_for(n, settings, topology).stats().total for n in names)
+
+    return count
 
 
 class Observer:
@@ -120,7 +136,8 @@ class Observer:
             socket_connect_timeout=STATE_TIMEOUT_S)
         self.store = RedisStore(self.state, name="exporter")
         self.processing = ProcessingTimes(self.state)
-        self.deferred = deferred if deferred is not None else _deferred_from_workers(settings)
+        self.deferred = (deferred if deferred is not None
+                         else deferred_counter(settings, self.topology))
         self.breaker_configs = {
             d.name: (d.queue, PolicyConfig.from_mapping(d.name, d.policy).breaker)
             for d in self.topology.dependencies

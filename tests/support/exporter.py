@@ -1,0 +1,64 @@
+"""``tidegate exporter`` as a real subprocess, and helpers to read what it serves."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.support.procs import BIN, Proc, free_port, wait_until
+
+AUTOSCALING = """
+[autoscaling]
+acceptable_wait_s = 2
+worker_concurrency = 1
+default_processing_s = 1
+min_workers = 0
+max_workers = 4
+scale_down_window_s = 0
+"""
+
+
+def policy_with_autoscaling(policy_file: Path, tmp: Path, extra: str = AUTOSCALING) -> Path:
+    """The test policy file plus an [autoscaling] table small enough to see workers move."""
+    path = tmp / "policy-autoscaling.toml"
+    path.write_text(policy_file.read_text() + extra)
+    return path
+
+
+class Exporter(Proc):
+    def __init__(self, env: Mapping[str, str], tmp: Path, *, interval: float = 0.5,
+                 ttl: float = 0.2) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        super().__init__([str(BIN / "tidegate"), "exporter", "--port", str(self.port),
+                          "--interval", str(interval), "--ttl", str(ttl)], env,
+                         tmp / f"exporter-{self.port}.log", "exporter")
+        self.http = httpx.Client(base_url=self.url, timeout=10.0)
+        wait_until(lambda: not self.alive() or self.http.get("/healthz").status_code == 200,
+                   60, interval=0.1, message=f"exporter on {self.url}")
+        if not self.alive():
+            raise AssertionError(f"exporter died at start:\n{self.output()[-3000:]}")
+
+    def metrics_text(self) -> str:
+        response = self.http.get("/metrics")
+        response.raise_for_status()
+        return response.text
+
+    def samples(self) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+        """``{(sample name, sorted labels): value}`` from one scrape, parsed as Prometheus."""
+        out = {}
+        for family in text_string_to_metric_families(self.metrics_text()):
+            for s in family.samples:
+                out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+        return out
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self.http.close()
+        super().stop(timeout)
+
+
+def sample(samples: dict, name: str, **labels: str) -> float | None:
+    return samples.get((name, tuple(sorted(labels.items()))))
