@@ -16,7 +16,8 @@ from resilience.deferral import SqsClientConfig, SqsDeferralStore, SqsQueueSpec,
 from workers.settings import Settings, get_settings, parse_dependency_map
 from workers.topology import Topology, load_topology
 
-__all__ = ["client_config", "queue_spec", "queueing_dependencies", "sink_for", "store_for"]
+__all__ = ["client_config", "deferred_count", "queue_spec", "queueing_dependencies", "sink_for",
+           "store_for"]
 
 _lock = threading.Lock()
 _stores: dict[tuple[int, int, str], tuple[Settings, SqsDeferralStore]] = {}
@@ -93,3 +94,17 @@ def sink_for(dependency: str, settings: Settings | None = None) -> SqsDeferralSt
     if _fallback_kind(topology.dependency(dependency).policy) != "queue":
         return None
     return store_for(dependency, settings, topology)
+
+
+def deferred_count(queue: str, settings: Settings | None = None) -> int | None:
+    """Deferred entries waiting in SQS for the dependencies that feed work queue ``queue``.
+
+    ``None`` when no dependency of that queue queues for later (the status page shows a dash);
+    DeferralError when SQS cannot be asked.
+    """
+    settings = settings or get_settings()
+    topology = _topology(settings)
+    names = [n for n in queueing_dependencies(topology) if topology.dependency(n).queue == queue]
+    if not names:
+        return None
+    return sum(store_for(n, settings, topology).stats().total for n in names)

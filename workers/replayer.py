@@ -1,0 +1,443 @@
+"""The replayer: drains a dependency's deferred requests back onto its Celery queue.
+
+It watches the dependency (the shared breaker state in Redis, and ``GET <url>/health``) and,
+once it is back, receives deferred entries from SQS in batches of up to 10, publishes each
+to its work queue with its ORIGINAL idempotency key (broker confirms on RabbitMQ; Redis
+answers the LPUSH), and deletes an entry from SQS only after its publish was confirmed.
+
+* Slow start: the publish rate starts at ``start_rate`` and doubles every ``ramp_interval_s``;
+  it falls back to the start whenever the dependency goes down again.
+* Half-open breaker: one entry at a time, as the trial call; the flood waits for CLOSED.
+* It stops publishing as soon as the breaker is seen OPEN (checked before every batch) or the
+  health probe fails, and never lets the work queue's ready depth pass ``max_queue_depth``.
+* Exactly once: SQS may hand an entry out twice (visibility timeout, a failed delete, two
+  replayers); the duplicate carries the same idempotency key (and a task id derived from it),
+  so the worker's idempotency store and the dependency apply it once.
+* Poison (undecodable entry, unknown task, wrong dependency) is neither published nor
+  deleted: SQS redelivers it and its redrive policy moves it to the DLQ after maxReceiveCount.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import httpx
+
+from resilience import metrics
+from resilience.deferral import SQS_MAX_BATCH, DeferredEntry, SqsDeferralStore
+from resilience.errors import ConfigError, DeferralError, TransientError
+from resilience.policy import PolicyConfig
+from resilience.shedding import Priority
+from resilience.stores import RedisStore, StateStore, redis_client
+from workers import headers as h
+from workers.deferral import store_for
+from workers.settings import Settings
+from workers.topology import Dependency, Topology, broker_priority
+
+__all__ = [
+    "DEFERRALS_HEADER",
+    "FIRST_DEFERRED_HEADER",
+    "DependencyDown",
+    "Gate",
+    "ReplayConfig",
+    "ReplayStats",
+    "Replayer",
+    "build_replayer",
+    "replay_task_id",
+]
+
+log = logging.getLogger(__name__)
+
+DEFERRALS_HEADER = "tidegate_deferrals"  # how often this request was deferred so far
+FIRST_DEFERRED_HEADER = "tidegate_first_deferred_at"  # epoch seconds of the first deferral
+_TASK_ID_NS = uuid.UUID("5f0c2a56-6b0e-4d8e-9a43-1f3d1f6c9b21")
+
+REPLAYED = metrics._get_or_create(
+    metrics.Counter,
+    "tidegate_replayed_total",
+    "Deferred entries handled by the replayer, by result (published, deleted, poison, "
+    "publish_failed, delete_failed).",
+    ("dependency", "result"),
+)
+REPLAY_GATE = metrics._get_or_create(
+    metrics.Gauge,
+    "tidegate_replayer_gate",
+    "What the replayer sees of its dependency: 0 down, 1 trial (half-open), 2 up.",
+    ("dependency",),
+)
+REPLAY_RATE = metrics._get_or_create(
+    metrics.Gauge,
+    "tidegate_replayer_rate",
+    "The replayer's current slow-start publish rate limit (entries per second).",
+    ("dependency",),
+)
+
+
+class DependencyDown(TransientError):
+    """The dependency is not back (breaker open or health probe failing): nothing replayed."""
+
+
+def replay_task_id(idempotency_key: str) -> str:
+    """The Celery task id of a replay: the same for every replay of one key."""
+    return str(uuid.uuid5(_TASK_ID_NS, idempotency_key))
+
+
+@dataclass(frozen=True)
+class ReplayConfig:
+    """How fast and how far a replayer may go."""
+
+    max_queue_depth: int = 500  # watermark on the work queue's ready messages
+    visibility_timeout_s: int = 60  # how long a received entry stays hidden from others
+    start_rate: float = 10.0  # entries/s when draining starts (slow start)
+    max_rate: float | None = None  # None: as fast as SQS and the watermark allow
+    ramp_factor: float = 2.0
+    ramp_interval_s: float = 1.0
+    probe_interval_s: float = 5.0  # health probe period while draining
+    down_wait_s: float = 2.0  # between checks while the dependency is down
+    depth_wait_s: float = 0.25  # between checks while the work queue is at its watermark
+    idle_wait_s: int = 2  # SQS long poll while the deferral queue is empty
+    max_backoff_s: float = 30.0  # after broker/SQS errors
+
+    def __post_init__(self) -> None:
+        if self.max_queue_depth < 1:
+            raise ConfigError("replayer max_queue_depth must be >= 1")
+        if self.start_rate <= 0 or (self.max_rate is not None and self.max_rate < self.start_rate):
+            raise ConfigError("replayer rates must be > 0 and max_rate >= start_rate")
+        if self.ramp_factor < 1 or self.ramp_interval_s <= 0:
+            raise ConfigError("replayer ramp_factor must be >= 1 and ramp_interval_s > 0")
+        if not 0 <= self.idle_wait_s <= 20:
+            raise ConfigError("replayer idle_wait_s must be 0-20 (the SQS long-poll limit)")
+
+    @classmethod
+    def from_settings(cls, settings: Settings, **overrides: Any) -> ReplayConfig:
+        return cls(max_queue_depth=settings.replay_max_queue_depth,
+                   visibility_timeout_s=settings.replay_visibility_timeout_s, **overrides)
+
+
+@dataclass
+class ReplayStats:
+    received: int = 0
+    published: int = 0
+    deleted: int = 0
+    poison: int = 0
+    publish_failed: int = 0
+    delete_failed: int = 0
+    batches: int = 0
+    started: float = field(default_factory=time.monotonic)
+
+    def as_dict(self) -> dict[str, Any]:
+        d = {k: v for k, v in self.__dict__.items() if k != "started"}
+        d["seconds"] = round(time.monotonic() - self.started, 3)
+        return d
+
+
+class SlowStart:
+    """A token bucket whose rate grows geometrically while draining goes well."""
+
+    def __init__(self, cfg: ReplayConfig, clock: Callable[[], float] = time.monotonic) -> None:
+        self.cfg = cfg
+        self.clock = clock
+        self.reset()
+
+    def reset(self) -> None:
+        self.began = self.clock()
+        self.last = self.began
+        self.tokens = 1.0
+
+    @property
+    def rate(self) -> float:
+        steps = (self.clock() - self.began) / self.cfg.ramp_interval_s
+        rate = self.cfg.start_rate * self.cfg.ramp_factor ** min(steps, 64)
+        return rate if self.cfg.max_rate is None else min(rate, self.cfg.max_rate)
+
+    def take(self, wanted: int) -> tuple[int, float]:
+        """(how many may go now, seconds to wait if none may)."""
+        now = self.clock()
+        rate = self.rate
+        self.tokens = min(float(SQS_MAX_BATCH), self.tokens + (now - self.last) * rate)
+        self.last = now
+        granted = min(wanted, int(self.tokens))
+        if granted <= 0:
+            return 0, (1.0 - self.tokens) / rate
+        self.tokens -= granted
+        return granted, 0.0
+
+
+class DepthReader(Protocol):
+    def ready(self, queue: str) -> int: ...
+
+
+class _ProbeDepth:
+    """Ready depth through ``workers.depth`` (the shared probe)."""
+
+    def __init__(self, probe: Any) -> None:
+        self.probe = probe
+
+    def ready(self, queue: str) -> int:
+        return int(self.probe.depth(queue).ready)
+
+
+class _LocalDepth:
+    """Ready depth read directly (used where ``workers.depth`` is not installed)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._redis = None
+        if settings.transport == "redis":
+            self._redis = redis_client(settings.broker_url,
+                                       socket_timeout=settings.read_timeout_s,
+                                       socket_connect_timeout=settings.connect_timeout_s)
+
+    def ready(self, queue: str) -> int:
+        if self._redis is not None:  # kombu's priority sub-lists, sep ":"
+            pipe = self._redis.pipeline(transaction=False)
+            for key in (queue, f"{queue}:3", f"{queue}:6", f"{queue}:9"):
+                pipe.llen(key)
+            return sum(pipe.execute())
+        from kombu import Connection
+
+        with Connection(self.settings.broker_url,
+                        connect_timeout=self.settings.connect_timeout_s) as conn:
+            return conn.default_channel.queue_declare(queue, passive=True).message_count
+
+
+def depth_reader(settings: Settings) -> DepthReader:
+    """The shared depth probe if ``workers.depth`` exists, else a direct reading."""
+    try:
+        from workers.depth import probe_for
+    except ImportError:
+        return _LocalDepth(settings)
+    return _ProbeDepth(probe_for(settings))
+
+
+class Gate:
+    """Is the dependency back? Its shared breaker, confirmed by its health endpoint."""
+
+    def __init__(self, dependency: Dependency, store: StateStore, settings: Settings,
+                 probe_interval_s: float, http: httpx.Client | None = None) -> None:
+        self.dependency = dependency
+        self.store = store
+        self.breaker_cfg = PolicyConfig.from_mapping(dependency.name, dependency.policy).breaker
+        self.probe_interval_s = probe_interval_s
+        self.http = http or httpx.Client(timeout=httpx.Timeout(
+            settings.read_timeout_s, connect=settings.connect_timeout_s))
+        self._healthy_until = 0.0
+
+    def breaker(self) -> str:
+        return self.store.breaker_read(self.dependency.name, self.breaker_cfg).state
+
+    def healthy(self) -> bool:
+        now = time.monotonic()
+        if now < self._healthy_until:
+            return True
+        try:
+            ok = self.http.get(f"{self.dependency.url.rstrip('/')}/health").status_code < 300
+        except httpx.HTTPError:
+            ok = False
+        self._healthy_until = now + self.probe_interval_s if ok else 0.0
+        return ok
+
+    def forget(self) -> None:
+        self._healthy_until = 0.0
+
+    def state(self) -> str:
+        """"down", "trial" (half-open: one at a time) or "up"."""
+        breaker = self.breaker()
+        if breaker == "open":
+            return "down"
+        if not self.healthy():
+            return "down"
+        return "trial" if breaker == "half_open" else "up"
+
+
+class Replayer:
+    """Replays one dependency's deferred entries. One thread per instance."""
+
+    def __init__(self, app: Any, dependency: Dependency, store: SqsDeferralStore, gate: Gate,
+                 depth: DepthReader, config: ReplayConfig | None = None) -> None:
+        self.app = app
+        self.dependency = dependency
+        self.name = dependency.name
+        self.store = store
+        self.gate = gate
+        self.depth = depth
+        self.cfg = config or ReplayConfig()
+        self.topology: Topology = app.tidegate_topology
+        self.transport: str = app.tidegate_settings.transport
+        self.ramp = SlowStart(self.cfg)
+        self.stats = ReplayStats()
+        self._backoff = 0.0
+        app.loader.import_default_modules()
+
+    # -- one batch
+    def _room(self) -> int:
+        queue = self.dependency.queue
+        try:
+            ready = self.depth.ready(queue)
+        except Exception as exc:  # an unknown depth is not room
+            log.warning("replayer %s: depth of %s unknown: %s", self.name, queue, exc)
+            return 0
+        return max(0, self.cfg.max_queue_depth - ready)
+
+    def _poison(self, entry: DeferredEntry) -> str | None:
+        r = entry.request
+        if r is None:
+            return entry.error or "undecodable"
+        if r.dependency != self.name:
+            return f"entry for dependency {r.dependency!r}"
+        if r.task not in self.app.tasks:
+            return f"unknown task {r.task!r}"
+        try:
+            Priority.parse(r.priority)
+        except ConfigError as exc:
+            return str(exc)
+        return None
+
+    def _publish(self, entry: DeferredEntry) -> None:
+        r = entry.request
+        assert r is not None and r.idempotency_key
+        prio = Priority.parse(r.priority)
+        self.app.send_task(
+            r.task, args=list(r.args), kwargs=dict(r.kwargs),
+            task_id=replay_task_id(r.idempotency_key),
+            queue=self.topology.queue_for_task(r.task),
+            priority=broker_priority(prio, self.transport),
+            headers={h.IDEMPOTENCY_KEY: r.idempotency_key, h.PRIORITY: prio.name,
+                     h.ENQUEUED_AT: time.time(), DEFERRALS_HEADER: r.deferrals,
+                     FIRST_DEFERRED_HEADER: r.first_deferred_at},
+            retry=False,
+        )
+
+    def replay(self, entries: list[DeferredEntry]) -> int:
+        """Publish, then delete what was published. Returns how many were published."""
+        done: list[DeferredEntry] = []
+        for entry in entries:
+            reason = self._poison(entry)
+            if reason is not None:
+                self.stats.poison += 1
+                REPLAYED.labels(dependency=self.name, result="poison").inc()
+                log.error("replayer %s: poison entry %s (receive %d): %s; left for the DLQ",
+                          self.name, entry.message_id, entry.receive_count, reason)
+                continue
+            try:
+                self._publish(entry)
+            except Exception as exc:  # broker down, nack, timeout: not published
+                self.stats.publish_failed += 1
+                REPLAYED.labels(dependency=self.name, result="publish_failed").inc()
+                log.warning("replayer %s: publish failed, %d entries wait for their visibility "
+                            "timeout: %s", self.name, len(entries) - len(done), exc)
+                self._backoff = min(self.cfg.max_backoff_s, max(1.0, self._backoff * 2))
+                break
+            done.append(entry)
+        self.stats.published += len(done)
+        REPLAYED.labels(dependency=self.name, result="published").inc(len(done))
+        if done:
+            failed = self.store.delete(done)
+            self.stats.deleted += len(done) - len(failed)
+            self.stats.delete_failed += len(failed)
+            REPLAYED.labels(dependency=self.name, result="deleted").inc(len(done) - len(failed))
+            if failed:  # they come back after the timeout; the key makes the replay harmless
+                REPLAYED.labels(dependency=self.name, result="delete_failed").inc(len(failed))
+        return len(done)
+
+    def step(self, *, long_poll: bool = True) -> tuple[str, float]:
+        """One decision and at most one batch: (what happened, seconds to wait before next)."""
+        gate = self.gate.state()
+        REPLAY_GATE.labels(dependency=self.name).set({"down": 0, "trial": 1, "up": 2}[gate])
+        if gate == "down":
+            self.ramp.reset()
+            self.gate.forget()
+            return "down", self.cfg.down_wait_s
+        room = self._room()
+        if room <= 0:
+            return "full", self.cfg.depth_wait_s
+        wanted = 1 if gate == "trial" else min(SQS_MAX_BATCH, room)
+        granted, wait = self.ramp.take(wanted)
+        REPLAY_RATE.labels(dependency=self.name).set(self.ramp.rate)
+        if granted == 0:
+            return "paced", wait
+        try:
+            entries = self.store.receive(
+                granted, visibility_timeout=self.cfg.visibility_timeout_s,
+                wait_s=self.cfg.idle_wait_s if long_poll else 0)
+        except DeferralError as exc:
+            self._backoff = min(self.cfg.max_backoff_s, max(1.0, self._backoff * 2))
+            log.warning("replayer %s: %s", self.name, exc)
+            return "error", self._backoff
+        self.ramp.tokens += granted - len(entries)  # unused grants are not spent
+        if not entries:
+            return "empty", 0.0
+        self.stats.batches += 1
+        self.stats.received += len(entries)
+        self.store.observe_ages(entries)
+        self._backoff = 0.0
+        self.replay(entries)
+        if self._backoff:
+            return "error", self._backoff
+        return ("trial", self.cfg.down_wait_s) if gate == "trial" else ("replayed", 0.0)
+
+    # -- loops
+    def run(self, stop: threading.Event) -> ReplayStats:
+        """Replay until ``stop`` is set (the ``tidegate replayer`` loop)."""
+        log.info("replayer %s: watching %s (queue %s, watermark %d)", self.name,
+                 self.dependency.url, self.dependency.queue, self.cfg.max_queue_depth)
+        last = None
+        while not stop.is_set():
+            what, wait = self.step()
+            if what != last and what in ("down", "trial", "replayed", "empty"):
+                log.info("replayer %s: %s", self.name, what)
+                last = what
+            if wait > 0:
+                stop.wait(wait)
+        return self.stats
+
+    def drain(self, stop: threading.Event | None = None,
+              progress: Callable[[ReplayStats], None] | None = None,
+              empty_checks: int = 2) -> ReplayStats:
+        """Replay until the deferral queue is empty (``tidegate deferred replay``).
+
+        Raises :class:`DependencyDown` if the dependency is not back (at start or midway).
+        """
+        stop = stop or threading.Event()
+        empties = 0
+        while not stop.is_set():
+            what, wait = self.step(long_poll=empties > 0)
+            if what == "down":
+                raise DependencyDown(
+                    f"{self.name} is not back (breaker open or {self.dependency.url}/health "
+                    f"failing); {self.stats.published} replayed so far")
+            if progress is not None:
+                progress(self.stats)
+            if what == "empty":
+                empties += 1
+                stats = self.store.stats()
+                # in-flight entries are another replayer's, or poison on its way to the DLQ
+                if empties >= empty_checks and stats.visible + stats.delayed == 0:
+                    break
+            else:
+                empties = 0
+            if wait > 0:
+                stop.wait(wait)
+        return self.stats
+
+
+def build_replayer(app: Any, dependency: str, config: ReplayConfig | None = None,
+                   *, state_store: StateStore | None = None,
+                   depth: DepthReader | None = None) -> Replayer:
+    """A replayer for ``dependency`` wired from the app's settings and topology."""
+    settings: Settings = app.tidegate_settings
+    topology: Topology = app.tidegate_topology
+    dep = topology.dependency(dependency)
+    cfg = config or ReplayConfig.from_settings(settings)
+    if state_store is None:
+        state_store = RedisStore(redis_client(settings.redis_url, socket_timeout=0.5,
+                                              socket_connect_timeout=0.5))
+    gate = Gate(dep, state_store, settings, cfg.probe_interval_s)
+    return Replayer(app, dep, store_for(dependency, settings, topology), gate,
+                    depth or depth_reader(settings), cfg)
