@@ -1,9 +1,11 @@
 """Bulkhead: a concurrency limit per dependency, with a bounded wait and a clear rejection.
 
-Sync work runs in the bulkhead's own thread pool (size = ``max_concurrent``) so an attempt
-can be abandoned on timeout; the slot is released only when the work really finishes, so
-abandoned work stays bounded by the limit and the pool's queue never grows. Async callers
-take the same slots (one limit per dependency, whichever style calls it).
+A slot is one count under a lock (the uncontended path is one lock, no allocation). Sync
+work either runs inline under a slot (:meth:`Bulkhead.call`, the cooperative timeout mode)
+or in the bulkhead's own thread pool (:meth:`Bulkhead.submit`, size = ``max_concurrent``) so
+an attempt can be abandoned on timeout; the slot is released only when the work really
+finishes, so abandoned work stays bounded by the limit and the pool's queue never grows.
+Async callers take the same slots (one limit per dependency, whichever style calls it).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import asyncio
 import contextvars
 import math
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -45,23 +48,29 @@ class Bulkhead:
     def __init__(self, name: str, config: BulkheadConfig | None = None) -> None:
         self.name = name
         self.config = config or BulkheadConfig()
-        self._slots = threading.BoundedSemaphore(self.config.max_concurrent)
+        self._max = self.config.max_concurrent
         self._in_use = 0
-        self._count_lock = threading.Lock()
+        self._waiting = 0
+        self._count_lock = threading.Lock()  # guards _in_use; a slot is one count
+        self._freed = threading.Condition(self._count_lock)
         self._pool: ThreadPoolExecutor | None = None
         self._pool_lock = threading.Lock()
+        self._rejections = metrics.REJECTIONS.labels(dependency=name, reason=BulkheadFull.reason)
 
     @property
     def in_use(self) -> int:
         """Slots taken, including abandoned work still running."""
         return self._in_use
 
-    def _taken(self) -> None:
+    def _try_take(self) -> bool:
         with self._count_lock:
-            self._in_use += 1
+            if self._in_use < self._max:
+                self._in_use += 1
+                return True
+            return False
 
     def _reject(self) -> None:
-        metrics.REJECTIONS.labels(dependency=self.name, reason=BulkheadFull.reason).inc()
+        self._rejections.inc()
         raise BulkheadFull(
             f"{self.name}: bulkhead full ({self.config.max_concurrent} concurrent calls)",
             dependency=self.name,
@@ -69,33 +78,51 @@ class Bulkhead:
 
     def acquire(self, max_wait: float | None = None) -> None:
         """Take a slot, waiting at most ``max_wait`` (default: the config's), or BulkheadFull."""
-        wait = self.config.max_wait if max_wait is None else max_wait
-        ok = self._slots.acquire(timeout=wait) if wait > 0 else self._slots.acquire(blocking=False)
-        if not ok:
-            self._reject()
-        self._taken()
+        with self._count_lock:  # fast path: one uncontended lock, no allocation
+            if self._in_use < self._max:
+                self._in_use += 1
+                return
+            wait = self.config.max_wait if max_wait is None else max_wait
+            if wait > 0:
+                end = time.monotonic() + wait
+                self._waiting += 1
+                try:
+                    while self._in_use >= self._max:
+                        left = end - time.monotonic()
+                        if left <= 0:
+                            break
+                        self._freed.wait(left)
+                    else:
+                        self._in_use += 1
+                        return
+                finally:
+                    self._waiting -= 1
+        self._reject()
 
     async def aacquire(self, max_wait: float | None = None) -> None:
         """Async :meth:`acquire`: polls briefly under contention instead of blocking the loop."""
+        if self._try_take():
+            return
         wait = self.config.max_wait if max_wait is None else max_wait
-        if not self._slots.acquire(blocking=False):
-            loop = asyncio.get_running_loop()
-            end = loop.time() + wait
-            pause = 0.0005
-            while True:
-                left = end - loop.time()
-                if left <= 0:
-                    self._reject()
-                await asyncio.sleep(min(pause, left))
-                if self._slots.acquire(blocking=False):
-                    break
-                pause = min(pause * 2, 0.01)
-        self._taken()
+        loop = asyncio.get_running_loop()
+        end = loop.time() + wait
+        pause = 0.0005
+        while True:
+            left = end - loop.time()
+            if left <= 0:
+                self._reject()
+            await asyncio.sleep(min(pause, left))
+            if self._try_take():
+                return
+            pause = min(pause * 2, 0.01)
 
     def release(self) -> None:
         with self._count_lock:
+            if self._in_use <= 0:
+                raise ValueError(f"{self.name}: bulkhead released more often than acquired")
             self._in_use -= 1
-        self._slots.release()
+            if self._waiting:
+                self._freed.notify()
 
     def _executor(self) -> ThreadPoolExecutor:
         if self._pool is None:
