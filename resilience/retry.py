@@ -255,21 +255,61 @@ class Retrier:
             last_exception=last, attempts=attempts, dependency=self.name
         ) from last
 
+    # Attempt 1 is immediate in the seed's schedule, so it runs before tenacity is entered:
+    # the success path never pays for tenacity's machinery. Once attempt 1 has failed,
+    # tenacity takes over with that failure replayed as its own attempt 1, so stopping,
+    # waiting, the budget and the final error are exactly tenacity's.
+
     def call(self, attempt: Callable[[], T], *, retryable: bool = True) -> T:
         if self.budget is not None:
             self.budget.record_request()
         if not retryable or self.config.max_attempts == 1:
             return attempt()
-        return self._sync(attempt)
+        try:
+            return attempt()
+        except Exception as exc:  # cancellation and interrupts surface as they are
+            first = exc
+        return self._sync(_replay_first(first, attempt))
 
     async def acall(self, attempt: Callable[[], Awaitable[T]], *, retryable: bool = True) -> T:
         if self.budget is not None:
             self.budget.record_request()
         if not retryable or self.config.max_attempts == 1:
             return await attempt()
+        try:
+            return await attempt()
+        except Exception as exc:  # cancellation and interrupts surface as they are
+            first = exc
         # a fresh controller per call: tenacity keeps iteration state per thread, and many
         # coroutines share one thread
-        return await tenacity.AsyncRetrying(sleep=self.clock.asleep, **self._kwargs)(attempt)
+        return await tenacity.AsyncRetrying(sleep=self.clock.asleep, **self._kwargs)(
+            _areplay_first(first, attempt)
+        )
+
+
+def _replay_first(first: BaseException, attempt: Callable[[], T]) -> Callable[[], T]:
+    """An attempt function whose first run re-raises ``first`` (attempt 1, already run)."""
+    pending = [first]
+
+    def replay() -> T:
+        if pending:
+            raise pending.pop()
+        return attempt()
+
+    return replay
+
+
+def _areplay_first(
+    first: BaseException, attempt: Callable[[], Awaitable[T]]
+) -> Callable[[], Awaitable[T]]:
+    pending = [first]
+
+    async def replay() -> T:
+        if pending:
+            raise pending.pop()
+        return await attempt()
+
+    return replay
 
 
 def retry_call(
