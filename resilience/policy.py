@@ -7,10 +7,22 @@ Outermost first (DESIGN.md)::
 
 Policy file: one ``[dependencies.NAME]`` table per dependency (see :meth:`PolicyConfig.
 from_mapping`); absent values take the seed's defaults.
+
+Sync attempts are bounded cooperatively by default (``timeout.mode = "cooperative"``): the
+attempt runs inline, its budget is published to :func:`resilience.deadline.client_timeout`,
+and a result that comes back after the attempt timeout is an ``AttemptTimeout``. A dependency
+whose client code does not take its timeouts from the budget sets ``timeout.mode =
+"abandon"``: its attempts run in the bulkhead's pool and are abandoned on timeout. See
+:mod:`resilience.timeout` and ``docs/resilience.md`` for why the default is cooperative.
+
+The success path is kept lean: tenacity is entered only once the first attempt has failed,
+labelled metric children are looked up once per policy, and the call context handed to
+fallbacks is built only when a fallback needs it.
 """
 
 from __future__ import annotations
 
+import contextvars
 import functools
 import inspect
 import random
@@ -40,7 +52,7 @@ from .ratelimit import RateLimitConfig, RateLimiter
 from .retry import Retrier, RetryBudget, RetryConfig
 from .shedding import LoadShedder, Priority
 from .stores import Cache, MemoryCache, MemoryStore, StateStore
-from .timeout import Timeout, check_timeout
+from .timeout import DEFAULT_TIMEOUT_MODE, Timeout, check_timeout, check_timeout_mode
 
 __all__ = [
     "FallbackSpec",
@@ -78,6 +90,9 @@ class PolicyConfig:
 
     ``retry=None`` means the seed's schedule. A non-idempotent dependency may not declare a
     retry (ConfigError): its calls retry only when they carry an idempotency key.
+    ``timeout_mode`` is how sync attempts are bounded: ``"cooperative"`` (inline, the callee's
+    clients follow the budget, a late result is a timeout; the default) or ``"abandon"``
+    (in the bulkhead's pool, abandoned on timeout). See :mod:`resilience.timeout`.
     """
 
     name: str = "default"
@@ -89,9 +104,11 @@ class PolicyConfig:
     bulkhead: BulkheadConfig = field(default_factory=BulkheadConfig)
     rate_limit: RateLimitConfig | None = None
     fallback: FallbackSpec = field(default_factory=FallbackSpec)
+    timeout_mode: str = DEFAULT_TIMEOUT_MODE
 
     def __post_init__(self) -> None:
         check_timeout(self.timeout, f"{self.name}: timeout")
+        check_timeout_mode(self.timeout_mode, f"{self.name}: timeout mode")
         check_timeout(self.deadline, f"{self.name}: deadline")
         if self.timeout > self.deadline:
             raise ConfigError(
@@ -124,6 +141,7 @@ class PolicyConfig:
             "deadline_ms": ("deadline", 1000),
         }
         sections: dict[str, dict[str, tuple[str, float]]] = {
+            "timeout": {"mode": ("timeout_mode", 1)},  # ``timeout.mode = "abandon"``
             "retry": {
                 "max_attempts": ("max_attempts", 1),
                 "base_s": ("base", 1),
@@ -182,6 +200,11 @@ class PolicyConfig:
                         )
                     attr, scale = known[sub]
                     args[attr] = convert(f"{path}.{sub}", subval, scale)
+                if key == "timeout":  # flat fields of PolicyConfig, not a nested config
+                    if "timeout_mode" in args:
+                        check_timeout_mode(args["timeout_mode"], f"{path}.mode")
+                    kw.update(args)
+                    continue
                 try:
                     kw[key] = builders[key](**args)
                 except TypeError as exc:  # e.g. rate_limit without rate_per_s
@@ -245,7 +268,7 @@ class Policy:
         self.store: StateStore = store if store is not None else MemoryStore(clock)
         self.breaker = CircuitBreaker(self.name, config.breaker, self.store, clock)
         self.bulkhead = Bulkhead(self.name, config.bulkhead)
-        self.timeout = Timeout(config.timeout, self.bulkhead, clock)
+        self.timeout = Timeout(config.timeout, self.bulkhead, clock, mode=config.timeout_mode)
         self.retry_budget = retry_budget or RetryBudget(
             name=self.name, store=self.store, clock=clock
         )
@@ -272,6 +295,12 @@ class Policy:
             o: metrics.CALLS.labels(dependency=self.name, outcome=o)
             for o in ("success", "failure", "rejected", "fallback")
         }
+        # the hot path reads these once per call: bound methods, looked up once
+        self._deadline_s = config.deadline
+        self._count_success = self._outcomes["success"].inc
+        self._record_latency = self.latency.record
+        self._observe_duration = self._duration.observe
+        self._admits = self.rate_limiter is not None or self.shedder is not None
 
     # -- layers shared by sync and async
     def _admit(self, priority: Priority, client: str | None) -> None:
@@ -308,13 +337,40 @@ class Policy:
         return result
 
     def _observe(self, seconds: float) -> None:
-        self.latency.record(seconds)
-        self._duration.observe(seconds)
+        self._record_latency(seconds)
+        self._observe_duration(seconds)
 
     def _succeeded(self, ctx: CallContext, result: Any) -> None:
-        self._outcomes["success"].inc()
+        self._count_success()
         if self.fallback is not None:
             self.fallback.on_success(ctx, result)
+
+    def _enter_deadline(self) -> contextvars.Token:
+        """Publish the call's total budget (an enclosing tighter deadline wins)."""
+        clock = self.clock
+        expires = clock.now() + self._deadline_s
+        outer = _deadline._current.get()
+        if outer is not None and outer.expires_at <= expires:
+            return _deadline._current.set(outer)
+        return _deadline._current.set(_deadline.Deadline(expires, clock))
+
+    def _attempt(self, fn: Callable[..., T], args: tuple, kwargs: dict) -> T:
+        """One attempt: breaker permit, the timed call, its outcome recorded."""
+        breaker, clock = self.breaker, self.clock
+        permit = breaker.acquire()
+        start = clock.now()
+        try:
+            result = self.timeout.call(fn, *args, **kwargs)
+        except BaseException as exc:
+            took = clock.now() - start
+            breaker.record(permit, exc, took)
+            self._observe(took)
+            raise
+        took = clock.now() - start
+        breaker.record(permit, None, took)
+        self._record_latency(took)
+        self._observe_duration(took)
+        return result
 
     # -- sync
     def call(
@@ -327,31 +383,25 @@ class Policy:
         **kwargs: Any,
     ) -> T | Any:
         """Run ``fn(*args, **kwargs)`` through the chain. ``client`` keys the rate limit."""
-        prio = Priority.parse(priority)
-        self._admit(prio, client)
-        ctx = CallContext(self.name, _task_name(fn), args, kwargs, idempotency_key, int(prio))
-
-        def attempt() -> T:
-            permit = self.breaker.acquire()
-            start = self.clock.now()
-            try:
-                result = self.timeout.call(fn, *args, **kwargs)
-            except BaseException as exc:
-                took = self.clock.now() - start
-                self.breaker.record(permit, exc, took)
-                self._observe(took)
-                raise
-            took = self.clock.now() - start
-            self.breaker.record(permit, None, took)
-            self._observe(took)
-            return result
-
+        prio = priority if type(priority) is Priority else Priority.parse(priority)
+        if self._admits:
+            self._admit(prio, client)
+        token = self._enter_deadline()
         try:
-            with _deadline.deadline_scope(self.config.deadline, clock=self.clock):
-                result = self.retrier.call(attempt, retryable=self._retryable(idempotency_key))
+            try:
+                result = self.retrier.call(
+                    functools.partial(self._attempt, fn, args, kwargs),
+                    retryable=self.config.idempotent or idempotency_key is not None,
+                )
+            finally:
+                _deadline._current.reset(token)
         except Exception as exc:
+            ctx = CallContext(self.name, _task_name(fn), args, kwargs, idempotency_key, int(prio))
             return self._recover(ctx, exc)
-        self._succeeded(ctx, result)
+        self._count_success()
+        if self.fallback is not None:
+            ctx = CallContext(self.name, _task_name(fn), args, kwargs, idempotency_key, int(prio))
+            self.fallback.on_success(ctx, result)
         return result
 
     # -- async
