@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Create the virtual environment and install Tidegate with its dev extra. Re-runs only when
 # pyproject.toml changed (the Makefile's stamp file decides). Also installs the Debian
-# docker-compose package, used without an engine to validate docker-compose.yml.
+# docker-compose package, used without an engine to validate docker-compose.yml, and Debian's
+# chromium + chromium-driver for the status page's browser test (best effort, like compose).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
@@ -23,5 +24,10 @@ if ! command -v docker-compose >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command 
   (apt-get install -y -q docker-compose >/dev/null 2>&1 ||
    { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q docker-compose >/dev/null 2>&1; }) ||
     echo "bootstrap: could not install docker-compose; the compose-file test will say so" >&2
+fi
+if ! { [ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ]; } && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+  (apt-get install -y -q chromium chromium-driver >/dev/null 2>&1 ||
+   { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q chromium chromium-driver >/dev/null 2>&1; }) ||
+    echo "bootstrap: could not install chromium; the browser test will skip and say so" >&2
 fi
 touch "$VENV/.installed"

@@ -1,0 +1,122 @@
+"""The status page in headless Chromium while load is pushed: the chart moves, an open breaker
+and a shed storm show."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import threading
+from pathlib import Path
+
+import pytest
+from prometheus_client import CollectorRegistry, Counter
+
+from resilience.breaker import CircuitBreaker
+from resilience.policy import PolicyConfig
+from resilience.stores import RedisStore
+from tests.conftest import tidegate_env
+from tests.support.exporter import Exporter, policy_with_autoscaling
+from tests.support.procs import wait_until
+from workers.cluster_metrics import CounterMirror
+from workers.topology import load_topology
+
+pytestmark = [pytest.mark.browser, pytest.mark.integration]
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMEDRIVER = Path("/usr/bin/chromedriver")
+
+
+@pytest.fixture
+def driver():
+    if not (CHROMIUM.exists() and CHROMEDRIVER.exists()):
+        pytest.skip("Debian chromium/chromium-driver not installed (scripts/bootstrap.sh "
+                    "installs them where apt-get can)")
+    webdriver = pytest.importorskip("selenium.webdriver")
+    from selenium.webdriver.chrome.service import Service
+
+    profile = tempfile.mkdtemp(prefix="tidegate-chromium-")
+    options = webdriver.ChromeOptions()
+    options.binary_location = str(CHROMIUM)
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu",
+                 "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--no-first-run", "--disable-dev-shm-usage",
+                 f"--user-data-dir={profile}", "--window-size=1400,1100"):
+        options.add_argument(flag)
+    browser = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
+    browser.set_page_load_timeout(30)
+    yield browser
+    browser.quit()
+    shutil.rmtree(profile, ignore_errors=True)
+
+
+@pytest.mark.parametrize("broker", ["redis"], indirect=True)
+def test_status_page_shows_depth_moving_and_an_open_breaker(
+        broker, policy_file, producer, state_redis, tmp_path, driver, artifacts):
+    from selenium.webdriver.common.by import By
+
+    exporter = Exporter(tidegate_env(broker, policy_with_autoscaling(policy_file, tmp_path)),
+                        tmp_path, interval=0.3, ttl=0.1)
+    stop = threading.Event()
+    registry = CollectorRegistry()
+    sheds = Counter("tidegate_sheds", "x", ["priority"], registry=registry)
+    mirror = CounterMirror(state_redis, registry=registry)
+
+    def push_load() -> None:
+        """Search tasks arrive in bursts (depth climbs) while LOW work is being shed."""
+        i = 0
+        while not stop.is_set() and i < 400:
+            for _ in range(4):
+                producer.enqueue("search.index", [f"doc-{i}"], priority="low")
+                i += 1
+            sheds.labels(priority="low").inc(10)
+            mirror.flush()
+            stop.wait(0.2)
+
+    loader = threading.Thread(target=push_load, daemon=True)
+    try:
+        driver.get(exporter.url + "/")
+        loader.start()
+
+        def chart_points() -> set[str]:
+            line = driver.find_element(By.CSS_SELECTOR, 'svg.chart[data-queue="search"] '
+                                                        "polyline.ready")
+            return {p.split(",")[1] for p in (line.get_attribute("points") or "").split()}
+
+        # The chart has drawn the depth at several different heights: it is moving.
+        wait_until(lambda: len(chart_points()) >= 4, 60, interval=0.3,
+                   message="the search chart showing the depth change")
+        ready = driver.find_element(By.CSS_SELECTOR,
+                                    '.card[data-queue="search"] [data-figure="ready"] .v')
+        wait_until(lambda: int(ready.text) > 0, 30, message="a non-zero ready figure")
+
+        payments = driver.find_element(By.CSS_SELECTOR, '.breaker[data-dependency="payments"]')
+        assert payments.get_attribute("data-state") == "closed"
+        topology = load_topology(policy_file)
+        cfg = PolicyConfig.from_mapping("payments",
+                                        topology.dependency("payments").policy).breaker
+        CircuitBreaker("payments", cfg, RedisStore(state_redis)).force_open(120)
+
+        wait_until(lambda: driver.find_element(
+            By.CSS_SELECTOR, '.breaker[data-dependency="payments"]'
+        ).get_attribute("data-state") == "open", 30, interval=0.2,
+            message="the payments breaker shown as open")
+        banner = driver.find_element(By.ID, "banner")
+        wait_until(lambda: banner.get_attribute("data-level") == "open", 30,
+                   message="the banner turned to 'open'")
+        text = driver.find_element(By.ID, "banner-text").text
+        assert "BREAKER OPEN" in text and "payments" in text
+        wait_until(lambda: "SHEDDING" in driver.find_element(By.ID, "banner-text").text, 30,
+                   interval=0.2, message="the shed storm in the banner")
+        # Big and red: the open tile's background is the alarm colour, not the card grey.
+        tile = driver.find_element(By.CSS_SELECTOR, '.breaker[data-dependency="payments"]')
+        assert tile.value_of_css_property("background-color") in (
+            "rgba(218, 54, 51, 1)", "rgb(218, 54, 51)")
+        search_tile = driver.find_element(By.CSS_SELECTOR, '.breaker[data-dependency="search"]')
+        assert search_tile.get_attribute("data-state") == "closed"
+        assert len(chart_points()) >= 4
+        driver.save_screenshot(str(artifacts / "status_page.png"))
+        assert (artifacts / "status_page.png").stat().st_size > 10_000
+    finally:
+        stop.set()
+        loader.join(10)
+        exporter.stop()
