@@ -1,5 +1,5 @@
 """The producing side: the ``Producer`` API and the HTTP service on top of it."""
 
-from producers.producer import EnqueueResult, Producer
+from producers.producer import AsyncProducer, EnqueueResult, Job, Producer
 
-__all__ = ["EnqueueResult", "Producer"]
+__all__ = ["AsyncProducer", "EnqueueResult", "Job", "Producer"]
