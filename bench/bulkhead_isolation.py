@@ -30,7 +30,7 @@ import redis
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tests.support.procs import Sim, Worker, wait_until  # noqa: E402
+from tidegate.stack import Sim, Worker, wait_until  # noqa: E402
 
 BROKER = "redis://127.0.0.1:6379/8"
 STATE = "redis://127.0.0.1:6379/7"

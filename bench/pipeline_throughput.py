@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.tasks import COUNTER  # noqa: E402
-from tests.support.procs import Worker, wait_until  # noqa: E402
+from tidegate.stack import Worker, wait_until  # noqa: E402
 
 BROKERS = {
     "redis": "redis://127.0.0.1:6379/8",
