@@ -27,6 +27,11 @@ def transport_options(settings: Settings) -> dict[str, Any]:
             # The visibility timeout must exceed the longest task's hard limit, or Redis
             # redelivers a task that is still running (Settings.check enforces it).
             "visibility_timeout": settings.visibility_timeout_s,
+            # How soon a killed worker's unacked tasks come back: kombu sweeps every
+            # interval x throttle seconds (100 s by default); keep it a fraction of the
+            # visibility timeout so a short timeout is not stretched by the sweep.
+            "unacked_restore_interval": max(1, min(10, settings.visibility_timeout_s // 10)),
+            "unacked_restore_throttle": 1 if settings.visibility_timeout_s < 600 else 10,
             "priority_steps": [0, 3, 6, 9],
             "sep": ":",
             "queue_order_strategy": "priority",

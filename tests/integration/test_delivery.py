@@ -1,0 +1,173 @@
+# ruff: noqa: F811  (pytest fixtures imported from _delivery are parameters here)
+"""The delivery-semantics table of DESIGN.md, row by row, on Redis and RabbitMQ.
+
+Each test runs a real ``celery -A workers worker`` against the downstream simulators and
+checks the simulator's ledger (effects and attempts per idempotency key) and the DLQ.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.integration._delivery import (  # noqa: F401  (fixtures)
+    dead_letters,
+    fast_policy,
+    force_breaker,
+    marks,
+    wait_dead,
+    worker_env,
+)
+from tests.support.procs import wait_until
+
+pytestmark = pytest.mark.integration
+
+
+def test_idempotent_transient_failure_is_retried_until_it_succeeds(
+        broker, sims, producer, start_worker, worker_env, celery_app, state_redis):
+    sims["email"].control(mode="failing", error_rate=1.0)
+    start_worker("email", env=worker_env)
+    producer.enqueue("email.send", ["a@x", "hi"], idempotency_key="mail-1")
+    # at least two failed attempts: the in-process retry and one through the broker
+    wait_until(lambda: sims["email"].ledger()["failed_attempts"].get("mail-1", 0) >= 2, 30,
+               message="two failed attempts")
+    sims["email"].control(mode="healthy")
+    ledger = wait_until(lambda: (lg := sims["email"].ledger())["applied"] == 1 and lg, 30,
+                        message="the email sent once")
+    assert ledger["effects"]["mail-1"]["requests"] == 1
+    wait_until(lambda: marks(state_redis, "email.send").get("key:mail-1", {}).get("s") == "done",
+               10, message="done mark")
+    assert dead_letters(celery_app, "email") == []
+
+
+def test_idempotent_retries_exhausted_go_to_the_dlq(
+        broker, sims, producer, start_worker, worker_env, celery_app):
+    sims["search"].control(mode="down")
+    start_worker("search", env=worker_env)
+    job = producer.enqueue("search.index", ["doc-9"], {"body": {"t": 1}})
+    [record] = wait_dead(celery_app, "search")
+    assert record.reason == "retries_exhausted"
+    assert record.attempts == 4  # the seed's maximum
+    assert (record.task, record.task_id, record.queue) == ("search.index", job.id, "search")
+    assert record.args == ["doc-9"] and record.kwargs == {"body": {"t": 1}}
+    assert record.exception_type in ("RetriesExhausted", "DeadlineExceeded", "DownstreamError")
+    assert "Traceback" in record.traceback and record.worker.startswith("search-")
+    assert record.first_seen <= record.dead_lettered_at
+    assert sims["search"].ledger()["applied"] == 0
+
+
+def test_non_idempotent_failure_is_dead_lettered_not_retried(
+        broker, sims, producer, start_worker, worker_env, celery_app, state_redis):
+    # The provider applies the charge, then answers 503: retrying would charge twice.
+    sims["payments"].control(mode="failing", error_rate=1.0, apply_then_fail=True)
+    start_worker("payments", env=worker_env)
+    job = producer.enqueue("payments.charge", ["acct-1", 500], priority="critical")
+    [record] = wait_dead(celery_app, "payments")
+    assert record.reason == "transient_failure_not_idempotent"
+    assert record.attempts == 1 and record.idempotent is False and record.needs_force
+    ledger = sims["payments"].ledger()
+    assert ledger["effects"][job.id]["requests"] == 1  # called exactly once
+    assert ledger["requests"] == 1
+    assert marks(state_redis, "payments.charge")[f"task:{job.id}"]["s"] == "dead"
+
+
+def test_non_idempotent_with_key_is_retried_and_charged_once(
+        broker, sims, producer, start_worker, worker_env, celery_app):
+    sims["payments"].control(mode="failing", error_rate=1.0, apply_then_fail=True)
+    start_worker("payments", env=worker_env)
+    producer.enqueue("payments.charge", ["acct-2", 700], idempotency_key="order-7")
+    wait_until(lambda: sims["payments"].ledger()["requests"] >= 2, 30,
+               message="a retry of the keyed charge")
+    sims["payments"].control(mode="healthy")
+    wait_until(lambda: sims["payments"].ledger()["duplicates"] >= 1, 30,
+               message="the retry answered as a duplicate")
+    ledger = sims["payments"].ledger()
+    assert ledger["applied"] == 1 and list(ledger["effects"]) == ["order-7"]
+    assert dead_letters(celery_app, "payments") == []
+
+
+def test_permanent_failure_is_dead_lettered_at_once(
+        broker, sims, producer, start_worker, worker_env, celery_app):
+    sims["email"].control(mode="failing", error_rate=1.0, error_status=422)
+    start_worker("email", env=worker_env)
+    producer.enqueue("email.send", ["b@x", "hi"], idempotency_key="mail-bad")
+    [record] = wait_dead(celery_app, "email")
+    assert record.reason == "permanent_failure" and record.attempts == 1
+    assert record.exception_type == "DownstreamRejected" and "422" in record.exception_message
+    assert sims["email"].ledger()["failed_attempts"] == {"mail-bad": 1}
+
+
+def test_arguments_that_do_not_fit_are_dead_lettered(
+        broker, sims, celery_app, start_worker, worker_env):
+    start_worker("email", env=worker_env)
+    celery_app.send_task("email.send", args=["only-one"], kwargs={"bogus": 1}, queue="email")
+    [record] = wait_dead(celery_app, "email")
+    assert record.reason == "invalid_arguments"
+    assert "bogus" in record.exception_message or "subject" in record.exception_message
+    assert sims["email"].ledger()["requests"] == 0
+
+
+def test_open_circuit_is_not_called_and_retried_later(
+        broker, sims, producer, start_worker, worker_env, celery_app, settings, fast_policy):
+    """A refused charge never reached the provider, so retrying it later is safe."""
+    force_breaker(settings, fast_policy, "payments", "open")
+    worker = start_worker("payments", env=worker_env)
+    job = producer.enqueue("payments.charge", ["acct-3", 900])
+    wait_until(lambda: "retry in" in worker.output(), 30, message="a broker retry")
+    assert sims["payments"].ledger()["requests"] == 0
+    force_breaker(settings, fast_policy, "payments", "closed")
+    ledger = wait_until(lambda: (lg := sims["payments"].ledger())["applied"] == 1 and lg, 60,
+                        message="the charge after the circuit closed")
+    assert ledger["effects"][job.id]["requests"] == 1
+    assert dead_letters(celery_app, "payments") == []
+
+
+def test_open_circuit_with_default_fallback_still_indexes_later(
+        broker, sims, producer, start_worker, worker_env, settings, fast_policy):
+    """search.index: the ranking read falls back to the default; the write waits."""
+    force_breaker(settings, fast_policy, "search", "open")
+    worker = start_worker("search", env=worker_env)
+    producer.enqueue("search.index", ["doc-2"])
+    wait_until(lambda: "served the default fallback" in worker.output(), 30,
+               message="default fallback used")
+    force_breaker(settings, fast_policy, "search", "closed")
+    ledger = wait_until(lambda: (lg := sims["search"].ledger())["applied"] == 1 and lg, 60,
+                        message="the document indexed")
+    assert ledger["effects"]["index:doc-2"]["requests"] == 1
+
+
+def test_duplicate_delivery_runs_once(
+        broker, sims, producer, start_worker, worker_env, celery_app, state_redis):
+    worker = start_worker("email,payments", env=worker_env, concurrency=1)
+    producer.enqueue("email.send", ["c@x", "hi"], idempotency_key="dup-1")
+    producer.enqueue("email.send", ["c@x", "hi"], idempotency_key="dup-1")
+    # the very same message twice (e.g. a producer retry after a lost confirm)
+    producer.enqueue("payments.charge", ["acct-4", 100], task_id="same-task-id")
+    producer.enqueue("payments.charge", ["acct-4", 100], task_id="same-task-id")
+    wait_until(lambda: len(marks(state_redis, "email.send")) == 1
+               and len(marks(state_redis, "payments.charge")) == 1, 30, message="two marks")
+    wait_until(lambda: worker.output().count("duplicate of a finished task") >= 2, 30,
+               message="both duplicates acked")
+    assert sims["email"].ledger()["effects"]["dup-1"]["requests"] == 1
+    assert sims["payments"].ledger()["effects"]["same-task-id"]["requests"] == 1
+    assert dead_letters(celery_app, "email") == dead_letters(celery_app, "payments") == []
+
+
+def test_cached_price_and_graceful_receipt(
+        broker, sims, producer, start_worker, worker_env, state_redis):
+    """pricing down -> a cached price; email down -> the charge still succeeds."""
+    sims["pricing"].control(price_cents=1234)
+    start_worker("payments", env=worker_env)
+    producer.enqueue("payments.charge", ["acct-5"], {"sku": "sku-1"}, idempotency_key="p-1")
+    wait_until(lambda: sims["payments"].ledger()["applied"] == 1, 30, message="first charge")
+    sims["pricing"].control(mode="down")
+    sims["email"].control(mode="down")
+    producer.enqueue("payments.charge", ["acct-5"], {"sku": "sku-1", "receipt_to": "r@x"},
+                     idempotency_key="p-2")
+    ledger = wait_until(lambda: (lg := sims["payments"].ledger())["applied"] == 2 and lg, 30,
+                        message="second charge")
+    assert ledger["effects"]["p-2"]["payload"]["amount_cents"] == 1234  # the cached price
+    done = wait_until(lambda: (m := marks(state_redis, "payments.charge").get("key:p-2"))
+                      and m["s"] == "done" and m, 10, message="done mark")
+    receipt = done["r"]["receipt"]
+    assert receipt["type"] == "Unavailable" and receipt["dependency"] == "email"
+    assert "receipt will follow" in receipt["message"]
