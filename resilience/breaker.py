@@ -263,6 +263,16 @@ class CircuitBreaker:
             return outcome
         slow_limit = self.config.slow_call_duration
         slow = 1 if slow_limit is not None and duration >= slow_limit else 0
+        if self.sync_interval == 0:  # memory store: merge this outcome at once, O(1)
+            if self._snap.generation != permit.generation:
+                return outcome
+            snap = self.store.breaker_sync(
+                self.name, self.config, 1, 1 if outcome == "failure" else 0, slow
+            )
+            self._last_sync = now
+            if snap != self._snap:
+                self._apply(snap, now)
+            return outcome
         with self._lock:
             if self._snap.generation != permit.generation:
                 return outcome  # the state moved on since this attempt started

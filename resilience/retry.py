@@ -166,6 +166,9 @@ class RetryBudget:
 
     def record_request(self, n: int = 1) -> None:
         """Count a first attempt (not a retry)."""
+        if self.flush_interval == 0:  # memory store: deposit at once, no local batch
+            self.store.budget_add(self.name, n, self.window)
+            return
         with self._lock:
             self._pending += n
             due = self.clock.now() - self._last_flush >= self.flush_interval

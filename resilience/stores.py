@@ -115,7 +115,17 @@ class StateStore(Protocol):
 
 
 class _Breaker:
-    __slots__ = ("buckets", "gen", "probe_since", "probes", "state", "successes", "until")
+    __slots__ = (
+        "buckets",
+        "gen",
+        "idx",
+        "probe_since",
+        "probes",
+        "state",
+        "successes",
+        "totals",
+        "until",
+    )
 
     def __init__(self) -> None:
         self.state = "closed"
@@ -125,6 +135,13 @@ class _Breaker:
         self.successes = 0
         self.probe_since = 0.0
         self.buckets: dict[int, list[int]] = {}
+        self.idx: int | None = None  # newest bucket seen; the window is pruned when it moves
+        self.totals = [0, 0, 0]  # calls, failures, slow over ``buckets``, kept incrementally
+
+    def clear_window(self) -> None:
+        self.buckets.clear()
+        self.idx = None
+        self.totals = [0, 0, 0]
 
 
 def _over_threshold(cfg: BreakerParams, calls: int, failures: int, slow: int) -> bool:
@@ -145,6 +162,7 @@ class MemoryStore:
         self._breakers: dict[str, _Breaker] = {}
         self._tat: dict[str, float] = {}
         self._budgets: dict[str, dict[int, list[int]]] = {}
+        self._budget_idx: dict[str, int] = {}
 
     # -- breaker
     def _b(self, name: str) -> _Breaker:
@@ -163,7 +181,7 @@ class MemoryStore:
     @staticmethod
     def _open(b: _Breaker, now: float, duration: float) -> None:
         b.state, b.gen, b.until = "open", b.gen + 1, now + duration
-        b.buckets.clear()
+        b.clear_window()
 
     @staticmethod
     def _half_open_if_due(b: _Breaker, now: float) -> None:
@@ -176,19 +194,26 @@ class MemoryStore:
             b = self._b(name)
             self._half_open_if_due(b, now)
             if b.state == "closed" and (calls or failures or slow):
-                width = cfg.window / BUCKETS_PER_WINDOW
-                idx = math.floor(now / width)
-                bucket = b.buckets.setdefault(idx, [0, 0, 0])
+                idx = math.floor(now / (cfg.window / BUCKETS_PER_WINDOW))
+                buckets, totals = b.buckets, b.totals
+                if idx != b.idx:  # a new bucket: drop the ones that left the window
+                    oldest = idx - BUCKETS_PER_WINDOW + 1
+                    for k in [k for k in buckets if k < oldest]:
+                        gone = buckets.pop(k)
+                        totals[0] -= gone[0]
+                        totals[1] -= gone[1]
+                        totals[2] -= gone[2]
+                    b.idx = idx
+                bucket = buckets.get(idx)
+                if bucket is None:
+                    bucket = buckets[idx] = [0, 0, 0]
                 bucket[0] += calls
                 bucket[1] += failures
                 bucket[2] += slow
-                oldest = idx - BUCKETS_PER_WINDOW + 1
-                for k in [k for k in b.buckets if k < oldest]:
-                    del b.buckets[k]
-                c = sum(v[0] for v in b.buckets.values())
-                f = sum(v[1] for v in b.buckets.values())
-                s = sum(v[2] for v in b.buckets.values())
-                if _over_threshold(cfg, c, f, s):
+                totals[0] += calls
+                totals[1] += failures
+                totals[2] += slow
+                if _over_threshold(cfg, totals[0], totals[1], totals[2]):
                     self._open(b, now, cfg.open_duration)
             return self._snap(b, cfg, now)
 
@@ -219,7 +244,7 @@ class MemoryStore:
                     b.successes += 1
                     if b.successes >= cfg.half_open_calls:
                         b.state, b.gen = "closed", b.gen + 1
-                        b.buckets.clear()
+                        b.clear_window()
                 else:
                     b.probes = max(0, b.probes - 1)
             return self._snap(b, cfg, now)
@@ -232,7 +257,7 @@ class MemoryStore:
                 self._open(b, now, duration)
             elif state == "closed":
                 b.state, b.gen = "closed", b.gen + 1
-                b.buckets.clear()
+                b.clear_window()
             elif state == "half_open":
                 b.state, b.gen, b.probes, b.successes, b.probe_since = (
                     "half_open",
@@ -267,17 +292,24 @@ class MemoryStore:
 
     # -- retry budget
     def _budget_window(self, name: str, window: float, now: float) -> tuple[dict, int]:
-        buckets = self._budgets.setdefault(name, {})
+        buckets = self._budgets.get(name)
+        if buckets is None:
+            buckets = self._budgets[name] = {}
         idx = math.floor(now / (window / BUCKETS_PER_WINDOW))
-        oldest = idx - BUCKETS_PER_WINDOW + 1
-        for k in [k for k in buckets if k < oldest]:
-            del buckets[k]
+        if self._budget_idx.get(name) != idx:  # pruned only when a new bucket starts
+            oldest = idx - BUCKETS_PER_WINDOW + 1
+            for k in [k for k in buckets if k < oldest]:
+                del buckets[k]
+            self._budget_idx[name] = idx
         return buckets, idx
 
     def budget_add(self, name, requests, window):
         with self._lock:
             buckets, idx = self._budget_window(name, window, self.clock.now())
-            buckets.setdefault(idx, [0, 0])[0] += requests
+            bucket = buckets.get(idx)
+            if bucket is None:
+                bucket = buckets[idx] = [0, 0]
+            bucket[0] += requests
 
     def budget_spend(self, name, requests, ratio, floor, window):
         with self._lock:
