@@ -61,7 +61,10 @@ CLUSTER_COUNTERS = (
      "circuit, full bulkhead), all processes.", ("dependency", "reason")),
     ("tidegate_cluster_retries", "Retry attempts started, all processes.", ("dependency",)),
     ("tidegate_cluster_dead_letters", "Tasks dead-lettered, all processes.", ("queue",)),
+    ("tidegate_cluster_producer_refused", "Enqueues refused by producers (backpressure = shed, "
+     "rate_limited, broker_unavailable), all processes.", ("queue", "priority", "reason")),
 )
+PRODUCER_REASONS = ("backpressure", "rate_limited")
 
 
 class DepthCollector(Collector):
@@ -132,6 +135,9 @@ def counter_families(snap: Snapshot, observer: Observer) -> Iterator[CounterMetr
                                         for r in REJECTION_REASONS],
         "tidegate_cluster_retries": [{"dependency": d} for d in deps],
         "tidegate_cluster_dead_letters": [{"queue": q} for q in observer.topology.work_queues],
+        "tidegate_cluster_producer_refused": [
+            {"queue": q, "priority": p.name.lower(), "reason": r}
+            for q in observer.topology.work_queues for p in Priority for r in PRODUCER_REASONS],
     }
     for name, doc, labels in CLUSTER_COUNTERS:
         family = CounterMetricFamily(name, doc, labels=list(labels))

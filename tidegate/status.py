@@ -4,7 +4,8 @@ Served by the exporter (same process, same snapshots). The page is static HTML +
 + one stylesheet from ``tidegate/static`` (no build step, nothing fetched from outside); it
 polls ``/api/status`` and draws the charts as SVG. It is meant for a wall screen: an open
 breaker turns its tile and a banner red, a shed storm (sheds above ``storm_per_s`` over the
-last ``storm_window_s``) turns the banner amber, both readable from across the room.
+last ``storm_window_s``, workers' sheds plus producers' backpressure refusals) turns the banner
+amber, both readable from across the room.
 """
 
 from __future__ import annotations
@@ -82,9 +83,12 @@ def status_document(observer: Observer, history: History, *, storm_per_s: float,
             s["in_flight"].append(view.in_flight if view else None)
             s["dead_letter"].append(view.dead_letter if view else None)
             s["desired"].append(view.desired_workers if view else None)
-    sheds = history.rate(storm_window_s, "tidegate_cluster_sheds")
-    rate_limited = history.rate(storm_window_s, "tidegate_cluster_rejections",
-                                reason="rate_limited")
+    refused = "tidegate_cluster_producer_refused"
+    sheds = (history.rate(storm_window_s, "tidegate_cluster_sheds")
+             + history.rate(storm_window_s, refused, reason="backpressure"))
+    rate_limited = (history.rate(storm_window_s, "tidegate_cluster_rejections",
+                                 reason="rate_limited")
+                    + history.rate(storm_window_s, refused, reason="rate_limited"))
     doc = snap.to_dict()
     doc.update({
         "history": {"t": times, "queues": series, "window_s": history.max_age_s},

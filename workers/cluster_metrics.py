@@ -33,6 +33,7 @@ MIRRORED: Mapping[str, str] = {
     "tidegate_rejections_total": "tidegate_cluster_rejections",
     "tidegate_retries_total": "tidegate_cluster_retries",
     "tidegate_dead_letters_total": "tidegate_cluster_dead_letters",
+    "tidegate_producer_refused_total": "tidegate_cluster_producer_refused",
 }
 
 

@@ -32,7 +32,8 @@ EVERY_METRIC = {
     "tidegate_breaker_state", "tidegate_breaker_retry_after_seconds",
     "tidegate_breaker_state_known", "tidegate_cluster_sheds_total",
     "tidegate_cluster_rejections_total", "tidegate_cluster_retries_total",
-    "tidegate_cluster_dead_letters_total", "tidegate_exporter_snapshot_age_seconds",
+    "tidegate_cluster_dead_letters_total", "tidegate_cluster_producer_refused_total",
+    "tidegate_exporter_snapshot_age_seconds",
 }
 
 
@@ -56,6 +57,8 @@ def _mirror_counters(state_redis) -> None:
                            registry=registry)
         retries = Counter("tidegate_retries", "x", ["dependency"], registry=registry)
         dead = Counter("tidegate_dead_letters", "x", ["queue"], registry=registry)
+        refused = Counter("tidegate_producer_refused", "x", ["queue", "priority", "reason"],
+                          registry=registry)
         mirror = CounterMirror(state_redis, registry=registry)
         shed.labels(priority="low").inc(sheds)
         rejected.labels(dependency="search", reason="rate_limited").inc(2)
@@ -63,7 +66,8 @@ def _mirror_counters(state_redis) -> None:
         assert mirror.flush() == 0  # nothing new: nothing pushed twice
         retries.labels(dependency="email").inc(3)
         dead.labels(queue="payments").inc()
-        assert mirror.flush() == 2
+        refused.labels(queue="search", priority="low", reason="backpressure").inc(sheds)
+        assert mirror.flush() == 3
 
 
 def _depth_json(env: dict[str, str]) -> dict:
@@ -152,6 +156,10 @@ def test_exporter_and_depth_cli_report_the_truth(broker, policy_file, celery_app
              reason="rate_limited") == 4
     assert g("tidegate_cluster_retries_total", dependency="email") == 6
     assert g("tidegate_cluster_dead_letters_total", queue="payments") == 2
+    assert g("tidegate_cluster_producer_refused_total", queue="search", priority="low",
+             reason="backpressure") == 7
+    assert g("tidegate_cluster_producer_refused_total", queue="payments",
+             priority="critical", reason="backpressure") == 0
 
     # `tidegate depth --json`: the same truth, in the documented shape.
     rows = {q["name"]: q for q in doc["queues"]}
