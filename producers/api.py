@@ -1,0 +1,409 @@
+"""The HTTP service: ``tidegate api`` (FastAPI on uvicorn). See docs/http-api.md.
+
+``POST /v1/jobs`` goes through the same :class:`~producers.producer.Producer` as Python
+callers, so the answer says exactly what the producer decided: 202 queued or deferred, 422
+naming the bad field, 429 (client over its rate) or 503 (shed under backpressure, broker
+unreachable) with a ``Retry-After`` computed from the queue's drain rate. ``/healthz`` and
+``/readyz`` are never shed and need no token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import json
+import logging
+import math
+import time
+import uuid
+from typing import Annotated, Any, Literal
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from resilience.errors import (
+    ConfigError,
+    DeferralError,
+    PermanentError,
+    RateLimited,
+    RejectedError,
+    TidegateError,
+    TransientError,
+)
+from resilience.ratelimit import RateLimitConfig
+from workers.depth import DepthUnavailable
+from workers.errors import BrokerUnavailable, InvalidPayload, UnknownQueue, UnknownTask
+
+from . import metrics
+from .idempotency import IdempotencyConflict, IdempotencyUnavailable, SubmissionStore
+from .producer import AsyncProducer, Producer, client_limiter, state_client
+
+__all__ = ["ApiSettings", "JobRequest", "create_api"]
+
+log = logging.getLogger(__name__)
+
+BATCH_MAX = 500
+
+
+class ApiSettings(BaseSettings):
+    """The HTTP service's own knobs (``TIDEGATE_API_*``); tokens and body limit live in
+    :class:`workers.settings.Settings`."""
+
+    model_config = SettingsConfigDict(env_prefix="TIDEGATE_API_", frozen=True, extra="ignore")
+
+    client_rate_per_s: float = Field(default=50.0, gt=0)  # per bearer token, cluster-wide
+    client_burst: int = Field(default=100, ge=1)
+    max_wait_ms: int = Field(default=250, ge=0, le=30_000)  # throttle wait inside a request
+    idempotency_ttl_s: int = Field(default=86_400, ge=60)
+    broker_retry_after_s: int = Field(default=5, ge=1)
+
+
+Priority = Literal["critical", "high", "medium", "low"]
+
+
+class JobRequest(BaseModel):
+    """The body of ``POST /v1/jobs``."""
+
+    model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
+
+    task: Annotated[str, Field(min_length=1, max_length=200, examples=["payments.charge"])]
+    args: list[Any] = Field(default_factory=list)
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+    priority: Priority | Annotated[int, Field(ge=0, le=3)] = "high"
+    idempotency_key: Annotated[str, Field(min_length=1, max_length=255)] | None = None
+    queue: Annotated[str, Field(min_length=1, max_length=200)] | None = None
+    deadline_ms: Annotated[int, Field(gt=0, le=86_400_000)] | None = None
+
+
+class JobAccepted(BaseModel):
+    id: str
+    state: Literal["queued", "deferred"]
+    queue: str
+    task: str
+    priority: str
+    idempotency_key: str | None = None
+
+
+class Problem(Exception):
+    """An HTTP answer other than 2xx, raised from inside the handlers."""
+
+    def __init__(self, status: int, error: str, message: str, *, field: str | None = None,
+                 retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.status, self.error, self.message = status, error, message
+        self.field, self.retry_after = field, retry_after
+
+    def body(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"error": self.error, "message": self.message}
+        if self.field:
+            out["field"] = self.field
+        if self.retry_after is not None:
+            out["retry_after_s"] = round(self.retry_after, 3)
+        return out
+
+    def headers(self) -> dict[str, str]:
+        headers = {}
+        if self.retry_after is not None:
+            headers["Retry-After"] = str(max(1, math.ceil(self.retry_after)))
+        if self.status == 401:
+            headers["WWW-Authenticate"] = 'Bearer realm="tidegate"'
+        return headers
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body(), status_code=self.status, headers=self.headers())
+
+
+def _field_of(error: dict[str, Any]) -> str:
+    return ".".join(str(p) for p in error.get("loc", ()) if p not in ("body",)) or "body"
+
+
+def _validation_problem(exc: ValidationError) -> Problem:
+    first = exc.errors()[0]
+    where = _field_of(first)
+    message = "; ".join(f"{_field_of(e)}: {e['msg']}" for e in exc.errors()[:5])
+    return Problem(422, "invalid_request", message, field=where.split(".")[0])
+
+
+def _problem_for(exc: TidegateError, settings: ApiSettings) -> Problem:
+    """What each of the producer's errors means over HTTP."""
+    if isinstance(exc, UnknownTask):
+        return Problem(422, "unknown_task", str(exc), field="task")
+    if isinstance(exc, UnknownQueue):
+        return Problem(422, "unknown_queue", str(exc), field="queue")
+    if isinstance(exc, InvalidPayload):
+        text = str(exc)
+        field = next((f for f in ("idempotency_key", "kwargs", "deadline") if f in text), "args")
+        return Problem(422, "invalid_payload", text,
+                       field="deadline_ms" if field == "deadline" else field)
+    if isinstance(exc, RateLimited):
+        return Problem(429, "rate_limited", str(exc), retry_after=exc.retry_after or 1.0)
+    if isinstance(exc, RejectedError):  # Backpressure, Shed
+        return Problem(503, exc.reason, str(exc), retry_after=exc.retry_after or 1.0)
+    if isinstance(exc, IdempotencyConflict):
+        return Problem(409, "idempotency_conflict", str(exc), field="idempotency_key",
+                       retry_after=1.0)
+    if isinstance(exc, BrokerUnavailable | IdempotencyUnavailable | DeferralError):
+        return Problem(503, "unavailable", str(exc),
+                       retry_after=float(settings.broker_retry_after_s))
+    if isinstance(exc, ConfigError | PermanentError):
+        return Problem(422, "invalid_request", str(exc))
+    if isinstance(exc, TransientError):
+        return Problem(503, "unavailable", str(exc),
+                       retry_after=float(settings.broker_retry_after_s))
+    return Problem(500, "internal_error", "internal error")
+
+
+class Tokens:
+    """Bearer tokens, compared in constant time; a client is named by its token's hash."""
+
+    def __init__(self, tokens: frozenset[str]) -> None:
+        self._tokens = [t.encode() for t in tokens]
+
+    def client(self, header: str | None) -> str:
+        if not self._tokens:
+            raise Problem(401, "unauthorized",
+                          "no API tokens are configured (set TIDEGATE_API_TOKENS)")
+        scheme, _, value = (header or "").partition(" ")
+        if scheme.lower() != "bearer" or not value.strip():
+            raise Problem(401, "unauthorized", "missing bearer token (Authorization: Bearer ...)")
+        given = value.strip().encode()
+        ok = False
+        for token in self._tokens:  # no early exit: the time taken does not say which matched
+            ok |= hmac.compare_digest(given, token)
+        if not ok:
+            raise Problem(401, "unauthorized", "invalid bearer token")
+        return "token-" + hashlib.sha256(given).hexdigest()[:16]
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    """The body, refusing with 413 as soon as it is known to exceed ``limit``."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        try:
+            too_big = int(declared) > limit
+        except ValueError:
+            raise Problem(400, "bad_request", "invalid Content-Length") from None
+        if too_big:
+            raise Problem(413, "payload_too_large",
+                          f"body of {declared} bytes exceeds the limit of {limit} bytes")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:  # chunked or lying about its length
+            raise Problem(413, "payload_too_large", f"body exceeds the limit of {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _parse_json(raw: bytes) -> Any:
+    try:
+        return json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise Problem(422, "invalid_json", f"body is not valid JSON: {exc}", field="body"
+                      ) from None
+
+
+def create_api(
+    producer: Producer | None = None,
+    *,
+    api_settings: ApiSettings | None = None,
+    state: Any = None,
+) -> FastAPI:
+    """The FastAPI app over ``producer`` (built from the environment if not given)."""
+    producer = producer or Producer()
+    settings = producer.settings
+    api_settings = api_settings or ApiSettings()
+    state = state or state_client(settings)
+    if producer.limiter is None:
+        producer.limiter = client_limiter(settings, RateLimitConfig(
+            api_settings.client_rate_per_s, api_settings.client_burst), state, name="api-client")
+    aproducer = AsyncProducer(producer)
+    tokens = Tokens(settings.tokens())
+    submissions = SubmissionStore(state, ttl_s=api_settings.idempotency_ttl_s)
+    limit = settings.api_max_body_bytes
+    max_wait_s = api_settings.max_wait_ms / 1000
+    if not settings.tokens():
+        log.warning("TIDEGATE_API_TOKENS is empty: every /v1 request will be refused (401)")
+
+    app = FastAPI(
+        title="Tidegate",
+        version="1",
+        description="Enqueue jobs with priority, idempotency and backpressure. "
+                    "See docs/http-api.md.",
+    )
+
+    @app.middleware("http")
+    async def count(request: Request, call_next):
+        try:
+            response = await call_next(request)
+        except Exception:
+            metrics.HTTP_REQUESTS.labels(route=_route(request), status="500").inc()
+            raise
+        metrics.HTTP_REQUESTS.labels(route=_route(request), status=str(response.status_code)
+                                     ).inc()
+        return response
+
+    @app.exception_handler(Problem)
+    async def problem(_: Request, exc: Problem) -> JSONResponse:
+        return exc.response()
+
+    async def submit(client: str, body: Any) -> tuple[int, dict[str, Any], dict[str, str]]:
+        """One job: (status, body, headers). Shared by the single and the batch endpoint."""
+        try:
+            if not isinstance(body, dict):
+                raise Problem(422, "invalid_request", "a job must be a JSON object",
+                              field="body")
+            try:
+                job = JobRequest.model_validate(body)
+            except ValidationError as exc:
+                raise _validation_problem(exc) from None
+            reservation = None
+            task_id = None
+            if job.idempotency_key is not None:
+                reservation = await asyncio.to_thread(
+                    submissions.reserve, client, job.idempotency_key, job.model_dump())
+                if not reservation.fingerprint_matches:
+                    raise Problem(422, "idempotency_key_reused",
+                                  "this idempotency_key was used for a different job",
+                                  field="idempotency_key")
+                if reservation.job is not None:
+                    return 202, reservation.job, {"Idempotent-Replayed": "true"}
+                # the same key always names the same task id, even after the record expires
+                task_id = str(uuid.uuid5(uuid.NAMESPACE_URL, f"{client}/{job.idempotency_key}"))
+            try:
+                result = await aproducer.enqueue(
+                    job.task, job.args, job.kwargs, priority=job.priority,
+                    idempotency_key=job.idempotency_key, queue=job.queue,
+                    deadline_s=job.deadline_ms / 1000 if job.deadline_ms else None,
+                    task_id=task_id, client=client, max_wait_s=max_wait_s)
+            except BaseException:
+                if reservation is not None:
+                    await asyncio.to_thread(submissions.release, reservation)
+                raise
+            accepted = result.to_dict()
+            if reservation is not None:
+                await asyncio.to_thread(submissions.complete, reservation, accepted)
+            return 202, accepted, {}
+        except Problem as exc:
+            return exc.status, exc.body(), exc.headers()
+        except TidegateError as exc:
+            p = _problem_for(exc, api_settings)
+            return p.status, p.body(), p.headers()
+
+    @app.post(
+        "/v1/jobs", status_code=202, response_model=JobAccepted,
+        responses={401: {}, 409: {}, 413: {}, 422: {}, 429: {}, 503: {}},
+        openapi_extra={"requestBody": {"required": True, "content": {
+            "application/json": {"schema": JobRequest.model_json_schema()}}}},
+    )
+    async def post_job(request: Request) -> JSONResponse:
+        """Enqueue one job; 202 with its id, state (queued or deferred) and queue."""
+        client = tokens.client(request.headers.get("authorization"))
+        body = _parse_json(await _read_body(request, limit))
+        status, payload, headers = await submit(client, body)
+        return JSONResponse(payload, status_code=status, headers=headers)
+
+    @app.post(
+        "/v1/jobs/batch", status_code=200,
+        responses={401: {}, 413: {}, 422: {}},
+        openapi_extra={"requestBody": {"required": True, "content": {"application/json": {
+            "schema": {"type": "object", "required": ["jobs"], "properties": {"jobs": {
+                "type": "array", "maxItems": BATCH_MAX,
+                "items": JobRequest.model_json_schema()}}}}}}},
+    )
+    async def post_batch(request: Request) -> JSONResponse:
+        """Enqueue up to 500 jobs; one result per job, in order, each with its own status."""
+        client = tokens.client(request.headers.get("authorization"))
+        body = _parse_json(await _read_body(request, limit))
+        jobs = body.get("jobs") if isinstance(body, dict) else None
+        if not isinstance(jobs, list) or not jobs:
+            raise Problem(422, "invalid_request", "jobs must be a non-empty array", field="jobs")
+        if len(jobs) > BATCH_MAX:
+            raise Problem(422, "invalid_request", f"at most {BATCH_MAX} jobs per batch",
+                          field="jobs")
+        results = []
+        for job in jobs:
+            status, payload, headers = await submit(client, job)
+            results.append({"status": status, **payload,
+                            **({"retry_after_s": payload.get("retry_after_s")}
+                               if "Retry-After" in headers else {})})
+        return JSONResponse({"results": results})
+
+    @app.get("/v1/queues")
+    async def queues(request: Request) -> dict[str, Any]:
+        """Depth of every work queue (shared cache: at most a fraction of a second old)."""
+        tokens.client(request.headers.get("authorization"))
+        return {"queues": await asyncio.to_thread(_depths, producer)}
+
+    @app.get("/healthz")
+    async def healthz() -> dict[str, str]:
+        """The process is up (never shed, no token)."""
+        return {"status": "ok"}
+
+    @app.get("/readyz")
+    async def readyz() -> JSONResponse:
+        """Ready when the broker and the shared-state Redis answer (never shed, no token)."""
+        checks = await asyncio.to_thread(_readiness, producer, state)
+        ok = all(v == "ok" for v in checks.values())
+        return JSONResponse({"status": "ready" if ok else "not_ready", "checks": checks},
+                            status_code=200 if ok else 503)
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)
+
+    return app
+
+
+def _route(request: Request) -> str:
+    route = request.scope.get("route")
+    return getattr(route, "path", None) or "unmatched"
+
+
+def _depths(producer: Producer) -> list[dict[str, Any]]:
+    out = []
+    throttle = producer.throttle
+    for queue in producer.topology.work_queues:
+        entry: dict[str, Any] = {"queue": queue}
+        try:
+            if throttle is not None:
+                est = throttle.cache.estimate(queue)
+                d = est.reading
+                entry["published_since_reading"] = est.published_since
+                entry["drain_rate_per_s"] = est.drain_rate
+                cfg = throttle.config(queue)
+                entry["low_watermark"], entry["high_watermark"] = (cfg.low_watermark,
+                                                                   cfg.high_watermark)
+            else:
+                from workers.depth import probe_for
+
+                d = probe_for(producer.settings, producer.topology).depth(queue)
+            entry.update(ready=d.ready, in_flight=d.in_flight, delayed=d.delayed,
+                         backlog=d.backlog, oldest_age_s=d.oldest_age_s, consumers=d.consumers,
+                         source=d.source, age_s=round(max(0.0, time.time() - d.measured_at), 3))
+        except DepthUnavailable as exc:
+            entry["error"] = str(exc)
+        out.append(entry)
+    return out
+
+
+def _readiness(producer: Producer, state: Any) -> dict[str, str]:
+    import redis
+
+    checks = {}
+    try:
+        state.ping()
+        checks["state_redis"] = "ok"
+    except (redis.RedisError, OSError) as exc:
+        checks["state_redis"] = f"unavailable: {exc}"
+    try:
+        with producer.app.connection_for_write() as conn:
+            conn.ensure_connection(max_retries=1, timeout=producer.settings.connect_timeout_s)
+        checks["broker"] = "ok"
+    except Exception as exc:  # any failure to connect means not ready, whatever its type
+        checks["broker"] = f"unavailable: {type(exc).__name__}"
+    return checks
