@@ -116,8 +116,9 @@ class ReplayConfig:
 
     @classmethod
     def from_settings(cls, settings: Settings, **overrides: Any) -> ReplayConfig:
-        return cls(max_queue_depth=settings.replay_max_queue_depth,
-                   visibility_timeout_s=settings.replay_visibility_timeout_s, **overrides)
+        base = {"max_queue_depth": settings.replay_max_queue_depth,
+                "visibility_timeout_s": settings.replay_visibility_timeout_s}
+        return cls(**{**base, **overrides})
 
 
 @dataclass
