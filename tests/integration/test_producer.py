@@ -228,3 +228,48 @@ def test_amqp_queue_deleted_behind_kombus_back_is_redeclared_not_lost(rabbitmq_u
     wait_until(lambda: probe_for(app.tidegate_settings).depth("email").ready == 1, 10,
                message="the second message in the re-declared queue")
     app.close()
+
+
+def test_open_circuit_defers_queue_for_later_jobs_instead_of_queueing(broker, bp_app,
+                                                                     state_redis):
+    """A worker trips email's shared breaker; the producer stores new email jobs for later."""
+    from producers.deferral import DeferralGate
+    from resilience.breaker import CircuitBreaker
+    from resilience.fallback import MemoryDeferralSink
+    from resilience.policy import PolicyConfig
+    from resilience.stores import RedisStore, redis_client
+    from workers.depth import probe_for
+
+    topology = bp_app.tidegate_topology
+    sink = MemoryDeferralSink()
+    auto = DeferralGate.from_settings(bp_app.tidegate_settings, topology,
+                                      redis_client(STATE_REDIS_URL, socket_timeout=1,
+                                                   socket_connect_timeout=1))
+    assert auto is not None and set(auto.breakers) == {"email"}  # only fallback kind "queue"
+    gate = DeferralGate(topology, auto.breakers, lambda dep: sink)
+    producer = _producer(bp_app, deferral=gate)
+    truth = probe_for(bp_app.tidegate_settings)
+
+    assert producer.enqueue("email.send", ["a@example.com", "s", "b"]).state == "queued"
+    config = PolicyConfig.from_mapping("email", topology.dependency("email").policy)
+    worker_side = CircuitBreaker("email", config.breaker,
+                                 RedisStore(redis_client(STATE_REDIS_URL, socket_timeout=1,
+                                                         socket_connect_timeout=1)))
+    worker_side.force_open(60)
+
+    queued_meanwhile = []
+
+    def deferred():  # the producer's view of the shared breaker lags by its sync interval
+        result = producer.enqueue("email.send", ["b@example.com", "s", "b"],
+                                  idempotency_key="mail-2")
+        if result.state == "queued":
+            queued_meanwhile.append(result)
+        return result.state == "deferred"
+
+    wait_until(deferred, 10, message="producer sees the open circuit")
+    (stored,) = [r for r in sink.requests.values() if r.idempotency_key == "mail-2"]
+    assert stored.task == "email.send" and stored.reason == "circuit_open"
+    # the deferred job is not in the queue; the ones published before the producer noticed are
+    assert truth.depth("email").ready == 1 + len(queued_meanwhile)
+    # other dependencies are unaffected
+    assert producer.enqueue("search.index", ["d"]).state == "queued"
