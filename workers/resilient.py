@@ -40,6 +40,7 @@ import contextvars
 import dataclasses
 import inspect
 import logging
+import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -70,6 +71,7 @@ log = logging.getLogger("tidegate.worker")
 __all__ = ["Execution", "ResilientTask", "current_execution", "resilient_task"]
 
 RETRYABLE = (TransientError, OSError, TimeoutError)
+REFUSAL_MAX_WAIT_S = 120.0  # longest countdown for a task refused before any call
 _current: contextvars.ContextVar[Execution | None] = contextvars.ContextVar(
     "tidegate_execution", default=None
 )
@@ -109,8 +111,13 @@ def current_execution() -> Execution | None:
 
 
 def _jsonable(value: Any) -> Any:
+    """Results as JSON: fallback results (``Unavailable``, ``Deferred``) become tagged dicts."""
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return {"type": type(value).__name__, **dataclasses.asdict(value)}
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
     return value
 
 
@@ -334,7 +341,10 @@ class ResilientTask(Task):
         delay = backoff_delay(ex.attempt + 1, config)
         retry_after = getattr(exc, "retry_after", None)
         if retry_after:
-            delay = max(delay, min(float(retry_after), config.max_wait if config else 30.0))
+            # Refused (circuit open, rate limited): trying before it may reopen is a wasted
+            # attempt, so wait it out (plus up to 20% jitter), up to REFUSAL_MAX_WAIT_S.
+            spread = float(retry_after) * (1 + random.uniform(0, 0.2))
+            delay = max(delay, min(spread, REFUSAL_MAX_WAIT_S))
         headers = {**ex.headers, h.ATTEMPT: ex.attempt + 1, h.FIRST_SEEN: ex.first_seen}
         log.warning("%s[%s]: attempt %d/%d failed (%s: %s); retry in %.2fs through the broker",
                     ex.task, ex.task_id, ex.attempt, ex.max_attempts, type(exc).__name__, exc,

@@ -118,15 +118,20 @@ def marks(state_redis, task: str) -> dict[str, dict]:
     return out
 
 
-def force_breaker(settings, fast_policy: Path, dependency: str, state: str) -> None:
-    """Open or close ``dependency``'s shared circuit, as every worker sees it."""
+def force_breaker(settings, fast_policy: Path, dependency: str, state: str,
+                  seconds: float = 600) -> None:
+    """Open ``dependency``'s shared circuit for ``seconds`` (every worker sees it), or close it.
+
+    Workers hold an open state locally until its retry-after passes, so a test that wants
+    the circuit to heal opens it briefly instead of closing it by hand.
+    """
     from workers.policies import build_state
     from workers.topology import load_topology
 
     local = settings.model_copy(update={"policy_file": fast_policy, "redis_url": STATE_REDIS_URL})
     breaker = build_state(local, load_topology(fast_policy)).registry.breaker(dependency)
     if state == "open":
-        breaker.force_open(600)
+        breaker.force_open(seconds)
     else:
         breaker.reset()
 

@@ -109,12 +109,13 @@ def test_arguments_that_do_not_fit_are_dead_lettered(
 def test_open_circuit_is_not_called_and_retried_later(
         broker, sims, producer, start_worker, worker_env, celery_app, settings, fast_policy):
     """A refused charge never reached the provider, so retrying it later is safe."""
-    force_breaker(settings, fast_policy, "payments", "open")
     worker = start_worker("payments", env=worker_env)
+    force_breaker(settings, fast_policy, "payments", "open", seconds=5)
     job = producer.enqueue("payments.charge", ["acct-3", 900])
-    wait_until(lambda: "retry in" in worker.output(), 30, message="a broker retry")
+    wait_until(lambda: "(CircuitOpen" in worker.output(), 30, message="a refused attempt")
+    assert "retry in" in worker.output()
     assert sims["payments"].ledger()["requests"] == 0
-    force_breaker(settings, fast_policy, "payments", "closed")
+    # the circuit goes half-open after 5 s; the retried charge is its trial call
     ledger = wait_until(lambda: (lg := sims["payments"].ledger())["applied"] == 1 and lg, 60,
                         message="the charge after the circuit closed")
     assert ledger["effects"][job.id]["requests"] == 1
@@ -124,12 +125,12 @@ def test_open_circuit_is_not_called_and_retried_later(
 def test_open_circuit_with_default_fallback_still_indexes_later(
         broker, sims, producer, start_worker, worker_env, settings, fast_policy):
     """search.index: the ranking read falls back to the default; the write waits."""
-    force_breaker(settings, fast_policy, "search", "open")
     worker = start_worker("search", env=worker_env)
+    force_breaker(settings, fast_policy, "search", "open", seconds=5)
     producer.enqueue("search.index", ["doc-2"])
     wait_until(lambda: "served the default fallback" in worker.output(), 30,
                message="default fallback used")
-    force_breaker(settings, fast_policy, "search", "closed")
+    assert sims["search"].ledger()["requests"] == 0
     ledger = wait_until(lambda: (lg := sims["search"].ledger())["applied"] == 1 and lg, 60,
                         message="the document indexed")
     assert ledger["effects"]["index:doc-2"]["requests"] == 1
