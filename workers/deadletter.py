@@ -41,7 +41,7 @@ UNKNOWN_TASK = "unknown_task"
 UNDECODABLE = "undecodable"
 BUG = "unexpected_error"
 NATIVE = "rejected_by_broker"
-NOT_REPLAYABLE = frozenset({UNKNOWN_TASK, UNDECODABLE})
+NOT_REPLAYABLE = frozenset({UNKNOWN_TASK, UNDECODABLE, INVALID_ARGUMENTS})  # would fail again
 
 
 class DeadLetterError(TransientError):
