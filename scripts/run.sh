@@ -5,7 +5,7 @@ cd "$(dirname "$0")/.."
 BIN=.venv/bin
 export PATH="$PWD/$BIN:$PATH"
 busy=""
-for port in 4566 8000 8101 8102 8103 8104 9108; do
+for port in 4566 8000 8101 8102 8103 8104 9808; do
   (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && busy="$busy $port"
 done
 if [ -n "$busy" ]; then
@@ -22,9 +22,12 @@ Tidegate: starting $procs processes from the Procfile (settings in deploy/local.
                          its ledger:  curl 127.0.0.1:8103/ledger
   workers                one per queue: payments, search, email, default
   feeder                 2 mixed jobs/s through the Producer
-  HTTP API               http://127.0.0.1:8000/docs (token: local-dev-token) when the api process is listed
-  metrics / status page  http://127.0.0.1:9108/metrics and /status when the exporter is listed
-  queue depth            .venv/bin/tidegate depth --watch   (in another terminal)
+  HTTP API               http://127.0.0.1:8000/docs   (bearer token: local-dev-token)
+                         curl -H 'authorization: Bearer local-dev-token' -H 'content-type: application/json' \
+                              -d '{"task":"search.index","args":["doc-1"],"priority":"high"}' 127.0.0.1:8000/v1/jobs
+  status page, metrics   http://127.0.0.1:9808/   and   http://127.0.0.1:9808/metrics
+  replayer               drains SQS-deferred email jobs once the email simulator is back
+  queue depth            .venv/bin/tidegate depth --watch   (in another terminal, same env: deploy/local.env)
 Ctrl-C stops everything.
 MSG
 exec "$BIN/honcho" start -e deploy/local.env -f Procfile

@@ -91,7 +91,9 @@ def create_app(settings: Settings | None = None, topology: Topology | None = Non
         worker_hijack_root_logger=False,
         broker_connection_timeout=settings.connect_timeout_s,
         broker_connection_retry_on_startup=True,
-        broker_connection_max_retries=10,
+        # A worker rides out a broker outage (reconnecting with Celery's capped backoff) rather
+        # than exiting; producers never wait on the broker (they publish with retry=False).
+        broker_connection_max_retries=None,
         broker_transport_options=transport_options(settings),
         broker_pool_limit=10,
     )
