@@ -1,0 +1,199 @@
+"""The report's PNG charts (matplotlib, Agg backend: no display needed).
+
+* ``depth.png``: backlog (ready + in flight) per work queue over time, with the SQS deferral
+  queue and the dead-letter total, under shaded bands for each fault;
+* ``breakers.png``: each dependency's breaker state over time (closed / half-open / open);
+* ``traffic.png``: the API's answers per second: queued, deferred, shed (503), rate limited (429);
+* ``priorities.png``: where each priority's jobs ended.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+
+from tidegate.demo.accounting import PRIORITIES, Accounting
+from tidegate.demo.policy import WATERMARKS, Timings
+from tidegate.demo.storm import Sample, StormRecord
+
+STATE_COLORS = {"closed": "#2e7d32", "half_open": "#f9a825", "open": "#c62828",
+                "unknown": "#9e9e9e"}
+QUEUE_COLORS = {"payments": "#6a1b9a", "search": "#1565c0", "email": "#ef6c00",
+                "default": "#757575"}
+OUTCOME_STYLE = [  # (outcome, label, colour)
+    ("served", "served", "#2e7d32"),
+    ("still_deferred", "still deferred (SQS)", "#ffb74d"),
+    ("dead_lettered", "dead-lettered", "#6d4c41"),
+    ("shed_503", "shed (503)", "#c62828"),
+    ("rate_limited_429", "rate limited (429)", "#ef9a9a"),
+    ("refused_other", "other refusal", "#9e9e9e"),
+    ("unanswered", "no answer", "#424242"),
+    ("missing", "MISSING", "#000000"),
+]
+
+
+def breaker_intervals(samples: list[Sample]) -> dict[str, list[tuple[str, float, float]]]:
+    """dependency -> [(state, from_s, to_s)] from the sampled states."""
+    out: dict[str, list[tuple[str, float, float]]] = {}
+    for i, s in enumerate(samples):
+        end = samples[i + 1].t if i + 1 < len(samples) else s.t + 0.5
+        for dep, state in s.breakers.items():
+            spans = out.setdefault(dep, [])
+            if spans and spans[-1][0] == state and abs(spans[-1][2] - s.t) < 1.5:
+                spans[-1] = (state, spans[-1][1], end)
+            else:
+                spans.append((state, s.t, end))
+    return out
+
+
+def _phase_bands(ax, record: StormRecord, labels: bool) -> None:
+    p = record.phases
+    bands = [(p.payments_failing, "#c62828", "payments failing"),
+             (p.email_down, "#ef6c00", "email down"),
+             (p.scraper, "#9e9e9e", "scraper over its rate")]
+    for (a, b), color, label in bands:
+        ax.axvspan(a, b, color=color, alpha=0.08, lw=0, label=label if labels else None)
+    ax.axvline(p.kill, color="black", ls=":", lw=1.2,
+               label="payments worker SIGKILL" if labels else None)
+    a, b = p.flood
+    ax.axvline(a, color="#1565c0", ls="--", lw=0.8, alpha=0.6)
+    ax.axvline(b, color="#1565c0", ls="--", lw=0.8, alpha=0.6)
+
+
+def _finish(ax, record: StormRecord) -> None:
+    end = record.samples[-1].t if record.samples else record.duration
+    ax.set_xlim(0, max(end, record.duration))
+    ax.grid(True, alpha=0.3)
+
+
+def depth_chart(path: Path, record: StormRecord) -> Path:
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(12, 7.5), sharex=True,
+                                      gridspec_kw={"height_ratios": [3, 1.3]})
+    t = [s.t for s in record.samples]
+    for queue in ("search", "email", "payments"):
+        backlog = [(s.queues[queue]["ready"] or 0) + (s.queues[queue]["in_flight"] or 0)
+                   for s in record.samples]
+        top.plot(t, backlog, color=QUEUE_COLORS[queue], lw=2, label=f"{queue} queue")
+    deferred = [s.queues["email"]["deferred"] or 0 for s in record.samples]
+    top.plot(t, deferred, color=QUEUE_COLORS["email"], lw=2, ls="--",
+             label="email deferred in SQS")
+    for queue in ("search", "email"):
+        hi = WATERMARKS[queue][1]
+        top.axhline(hi, color=QUEUE_COLORS[queue], lw=0.8, ls=(0, (1, 3)))
+        top.annotate(f"{queue} high watermark ({hi})", (0, hi), xytext=(4, 2),
+                     textcoords="offset points", fontsize=8, color=QUEUE_COLORS[queue])
+    _phase_bands(top, record, labels=True)
+    top.set_ylabel("messages (ready + in flight)")
+    top.set_title("Queue depth during the storm")
+    top.legend(loc="upper right", fontsize=8, ncol=2, framealpha=0.9)
+    _finish(top, record)
+    for queue in ("payments", "search", "email"):
+        dead = [s.queues[queue]["dead_letter"] or 0 for s in record.samples]
+        if any(dead):
+            bottom.step(t, dead, where="post", color=QUEUE_COLORS[queue], lw=2,
+                        label=f"{queue}.dlq")
+    _phase_bands(bottom, record, labels=False)
+    bottom.set_ylabel("dead letters")
+    bottom.set_xlabel("seconds since the storm started")
+    bottom.legend(loc="upper left", fontsize=8)
+    _finish(bottom, record)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def breaker_chart(path: Path, record: StormRecord, timings: Timings) -> Path:
+    spans = breaker_intervals(record.samples)
+    deps = [d for d in ("payments", "pricing", "search", "email") if d in spans]
+    fig, ax = plt.subplots(figsize=(12, 1.1 + 0.7 * len(deps)))
+    for row, dep in enumerate(deps):
+        for state, a, b in spans[dep]:
+            ax.barh(row, b - a, left=a, height=0.6, color=STATE_COLORS.get(state, "#9e9e9e"),
+                    edgecolor="none")
+    ax.set_yticks(range(len(deps)), deps)
+    ax.invert_yaxis()
+    _phase_bands(ax, record, labels=False)
+    handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in STATE_COLORS.values()]
+    ax.legend(handles, [s.replace("_", "-") for s in STATE_COLORS], loc="upper center",
+              bbox_to_anchor=(0.5, -0.35 if len(deps) < 4 else -0.25), ncol=4, fontsize=8,
+              frameon=False)
+    ax.set_title(f"Circuit breakers (open {timings.open_s:g}s, then one half-open trial)")
+    ax.set_xlabel("seconds since the storm started")
+    _finish(ax, record)
+    ax.grid(True, axis="x", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def traffic_chart(path: Path, record: StormRecord) -> Path:
+    start = record.started_at
+    end = int(max(record.duration, 1)) + 1
+    kinds = [("queued", "#2e7d32", "202 queued"), ("deferred", "#ffb74d", "202 deferred to SQS"),
+             ("503", "#c62828", "503 shed"), ("429", "#ef9a9a", "429 rate limited"),
+             ("other", "#616161", "other / no answer")]
+    per: dict[str, Counter] = {k: Counter() for k, _, _ in kinds}
+    for job in record.jobs:
+        second = int(job.sent_at - start)
+        if job.status == 202:
+            kind = "deferred" if job.state == "deferred" else "queued"
+        elif job.status in (503, 429):
+            kind = str(job.status)
+        else:
+            kind = "other"
+        per[kind][second] += 1
+    xs = list(range(end))
+    fig, ax = plt.subplots(figsize=(12, 4.2))
+    ax.stackplot(xs, *[[per[k][x] for x in xs] for k, _, _ in kinds],
+                 colors=[c for _, c, _ in kinds], labels=[lbl for _, _, lbl in kinds],
+                 step="post")
+    _phase_bands(ax, record, labels=False)
+    ax.set_ylabel("requests per second")
+    ax.set_xlabel("seconds since the storm started")
+    ax.set_title("What the HTTP API answered, per second")
+    ax.legend(loc="upper right", fontsize=8, ncol=5, framealpha=0.9)
+    _finish(ax, record)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def priority_chart(path: Path, acc: Accounting) -> Path:
+    table = acc.table()
+    fig, ax = plt.subplots(figsize=(12, 3.6))
+    labels = [p.upper() for p in PRIORITIES]
+    left = [0] * len(PRIORITIES)
+    for outcome, label, color in OUTCOME_STYLE:
+        widths = [table[p][outcome] for p in PRIORITIES]
+        if not any(widths):
+            continue
+        ax.barh(labels, widths, left=left, color=color, label=label)
+        for i, w in enumerate(widths):
+            if w and w >= 0.04 * max(1, max(sum(table[p].values()) for p in PRIORITIES)):
+                ax.text(left[i] + w / 2, i, str(w), ha="center", va="center", fontsize=8,
+                        color="white" if outcome != "rate_limited_429" else "black")
+        left = [a + b for a, b in zip(left, widths, strict=True)]
+    ax.invert_yaxis()
+    ax.set_xlabel("jobs sent through the API")
+    ax.set_title("Where each priority's jobs ended")
+    ax.legend(loc="lower right", fontsize=8, ncol=3, framealpha=0.9)
+    ax.grid(True, axis="x", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_all(out: Path, record: StormRecord, acc: Accounting, timings: Timings) -> list[Path]:
+    return [depth_chart(out / "depth.png", record),
+            breaker_chart(out / "breakers.png", record, timings),
+            traffic_chart(out / "traffic.png", record),
+            priority_chart(out / "priorities.png", acc)]

@@ -1,0 +1,95 @@
+"""One demo run: start the stack, run the storm, gather the records, account, write the report."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tidegate.demo import accounting, charts, report
+from tidegate.demo.policy import Timings
+from tidegate.demo.stack import DemoStack, running
+from tidegate.demo.storm import StormRecord, run_storm
+
+QUEUES = ("payments", "search", "email", "default")
+
+
+@dataclass
+class DemoResult:
+    record: StormRecord
+    accounting: accounting.Accounting
+    replayer_stats: dict[str, Any] | None
+    report_path: Path
+    charts: list[Path]
+    elapsed_s: float
+
+
+def _settings(stack: DemoStack) -> Any:
+    from workers.settings import load_settings
+
+    env = stack.env
+    return load_settings(
+        broker_url=env["TIDEGATE_BROKER_URL"], redis_url=env["TIDEGATE_REDIS_URL"],
+        policy_file=Path(env["TIDEGATE_POLICY_FILE"]),
+        sqs_endpoint_url=env["TIDEGATE_SQS_ENDPOINT_URL"],
+        aws_access_key_id=env["TIDEGATE_AWS_ACCESS_KEY_ID"],
+        aws_secret_access_key=env["TIDEGATE_AWS_SECRET_ACCESS_KEY"],
+        deferral_queue_prefix=env["TIDEGATE_DEFERRAL_QUEUE_PREFIX"])
+
+
+def gather(stack: DemoStack, settings: Any, state: Any) -> accounting.Records:
+    """The system's records once the storm has drained."""
+    from workers.application import create_app
+    from workers.deadletter import DeadLetters
+    from workers.deferral import store_for
+    from workers.replayer import replay_task_id
+
+    app = create_app(settings)
+    try:
+        dlq = DeadLetters(app)
+        dead = {q: dlq.list(q) for q in QUEUES}
+    finally:
+        app.close()
+    store = store_for("email", settings)
+    left = store.peek(limit=5000, hold_s=5) if store.stats().total else []
+    return accounting.Records(
+        ledgers={n: stack.sims[n].ledger() for n in ("payments", "search", "email")},
+        dead_letters=dead, still_deferred=left, marks=accounting.read_marks(state),
+        email_worker_log=stack.worker_logs("email"), replay_task_id=replay_task_id)
+
+
+def replayer_stats(log: str) -> dict[str, Any] | None:
+    """The replayer's own tally, printed when it stops (``tidegate replayer``)."""
+    found = re.findall(r"replayer email stopped: (\{.*\})", log)
+    return json.loads(found[-1]) if found else None
+
+
+def run_demo(duration: float, out: Path, *, exporter: bool = True,
+             progress: Callable[[str], None] = print) -> DemoResult:
+    import redis
+
+    from tidegate.snapshot import Observer
+
+    began = time.monotonic()
+    out.mkdir(parents=True, exist_ok=True)
+    timings = Timings.for_duration(duration)
+    with running(out, timings, exporter=exporter, progress=progress) as stack:
+        settings = _settings(stack)
+        state = redis.Redis.from_url(settings.redis_url, socket_timeout=5,
+                                     socket_connect_timeout=2)
+        observer = Observer(settings, ttl_s=0.0)
+        record = run_storm(stack, observer, state, duration, progress)
+        progress("reading the records: ledgers, dead-letter queues, SQS, idempotency marks")
+        records = gather(stack, settings, state)
+        state.close()
+        replayer_proc = stack.proc("replayer")
+        replayer_proc.stop()
+        stats = replayer_stats(replayer_proc.output())
+    acc = accounting.reconcile(record.jobs, records)
+    images = charts.write_all(out, record, acc, timings)
+    path = report.write(out, record, acc, records, stats, timings, images)
+    return DemoResult(record, acc, stats, path, images, time.monotonic() - began)

@@ -1,0 +1,372 @@
+"""The storm: a scripted flood through the HTTP API while dependencies fail and a worker dies.
+
+Phases are fractions of the storm's duration, so ``--duration 30`` is the same story told
+faster (the policy's breaker and retry timings shrink with it, see ``policy.Timings``)::
+
+    0 ......... warm-up at a normal rate (everything served)
+    8% ........ flood: several times what the workers can do, mixed priorities
+    12% - 33% . payments downstream failing (503s): its breaker opens, then heals
+    20% - 40% . one client (the "scraper") far over its rate limit: 429s
+    25% - 50% . email downstream down: email jobs queued for later in SQS, replayed after
+    55% ....... the payments worker SIGKILLed mid-task, restarted a moment later
+    83% - 100%  back to the normal rate; then the drain: wait until every queue is empty
+
+Every request the flood makes is recorded with the answer the API gave (202 queued or
+deferred, 503, 429 ...); the sampler records depths, dead letters, deferred counts and breaker
+states every half second. Nothing here counts outcomes: ``accounting`` does that from the
+system's records afterwards.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+
+from tidegate.demo.stack import DemoStack
+from tidegate.stack import wait_until
+
+SAMPLE_INTERVAL_S = 0.5
+MAX_IN_FLIGHT = 100  # concurrent HTTP requests the flood keeps open at most
+
+
+@dataclass(frozen=True)
+class Stream:
+    """One kind of traffic: a client (bearer token) sending one task at one priority."""
+
+    name: str
+    client: str
+    task: str
+    priority: str
+    normal_rate: float  # jobs/s outside the flood
+    flood_rate: float  # jobs/s during the flood
+    keyed: float = 1.0  # share of jobs that carry an idempotency key
+    window: tuple[float, float] | None = None  # only active within these fractions
+
+    def rate(self, frac: float, flood: bool) -> float:
+        if self.window is not None:
+            return self.flood_rate if self.window[0] <= frac < self.window[1] else 0.0
+        return self.flood_rate if flood else self.normal_rate
+
+    def job(self, n: int, rng: random.Random) -> dict[str, Any]:
+        body: dict[str, Any] = {"task": self.task, "priority": self.priority}
+        if self.task == "payments.charge":
+            body["args"] = [f"acct-{n % 97}", 500 + (n * 37) % 9000]
+        elif self.task == "email.send":
+            body["args"] = [f"user{n}@example.test", f"order update {n}"]
+        else:
+            body["args"] = [f"{self.name}-doc-{n}"]
+            body["kwargs"] = {"body": {"title": f"document {n}", "from": self.name}}
+        if rng.random() < self.keyed:
+            body["idempotency_key"] = f"demo-{self.name}-{n:06d}"
+        return body
+
+
+STREAMS = (
+    Stream("payments", "checkout", "payments.charge", "critical", 3, 5, keyed=0.5),
+    Stream("search", "web", "search.index", "high", 5, 15),
+    Stream("analytics", "indexer", "search.index", "low", 3, 20),
+    Stream("email", "notifier", "email.send", "medium", 3, 12),
+    Stream("scraper", "scraper", "search.index", "low", 0, 50, window=(0.20, 0.40)),
+)
+
+
+@dataclass(frozen=True)
+class Phases:
+    """When things happen, in seconds from the start of the storm."""
+
+    duration: float
+
+    def at(self, frac: float) -> float:
+        return self.duration * frac
+
+    @property
+    def flood(self) -> tuple[float, float]:
+        return self.at(0.08), self.at(0.83)
+
+    @property
+    def payments_failing(self) -> tuple[float, float]:
+        return self.at(0.12), self.at(0.33)
+
+    @property
+    def email_down(self) -> tuple[float, float]:
+        return self.at(0.25), self.at(0.50)
+
+    @property
+    def scraper(self) -> tuple[float, float]:
+        return self.at(0.20), self.at(0.40)
+
+    @property
+    def kill(self) -> float:
+        return self.at(0.55)
+
+    @property
+    def restart_after(self) -> float:
+        return max(2.0, self.at(0.03))
+
+
+@dataclass
+class Job:
+    """One request of the flood and the API's answer to it."""
+
+    n: int
+    stream: str
+    client: str
+    task: str
+    priority: str
+    key: str | None
+    sent_at: float  # epoch seconds
+    status: int | None = None  # None: no answer (transport error)
+    state: str | None = None  # queued / deferred for a 202
+    id: str | None = None  # task id (queued) or SQS message id (deferred)
+    queue: str | None = None
+    retry_after: float | None = None
+    error: str | None = None
+    answered_at: float | None = None
+
+
+@dataclass
+class Sample:
+    t: float  # seconds since the storm started
+    queues: dict[str, dict[str, Any]]
+    breakers: dict[str, str]
+
+
+@dataclass
+class StormRecord:
+    """What the storm did and saw: inputs for accounting, report and charts."""
+
+    started_at: float  # epoch
+    duration: float
+    phases: Phases
+    jobs: list[Job] = field(default_factory=list)
+    samples: list[Sample] = field(default_factory=list)
+    events: list[tuple[float, str]] = field(default_factory=list)
+    killed_in_flight: list[str] = field(default_factory=list)  # marks "started" at the kill
+    drained_at: float | None = None  # seconds after the start; None: drain timed out
+    drain_timeout: float = 0.0
+
+    def event(self, text: str) -> None:
+        self.events.append((round(time.time() - self.started_at, 2), text))
+
+
+class Flood:
+    """Open-loop arrivals per stream (asyncio in its own thread), at most MAX_IN_FLIGHT open."""
+
+    def __init__(self, stack: DemoStack, record: StormRecord, seed: int = 7) -> None:
+        self.stack = stack
+        self.record = record
+        self.rng = random.Random(seed)
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=lambda: asyncio.run(self._main()), name="flood",
+                                       daemon=True)
+        self.counter = 0
+
+    def flooding(self, t: float) -> bool:
+        a, b = self.record.phases.flood
+        return a <= t < b
+
+    async def _main(self) -> None:
+        limits = httpx.Limits(max_connections=MAX_IN_FLIGHT, max_keepalive_connections=50)
+        gate = asyncio.Semaphore(MAX_IN_FLIGHT)
+        async with httpx.AsyncClient(base_url=self.stack.api_url, limits=limits,
+                                     timeout=httpx.Timeout(20.0, connect=5.0)) as http:
+            pending: set[asyncio.Task] = set()
+            await asyncio.gather(*(self._stream(s, http, gate, pending) for s in STREAMS))
+            if pending:
+                await asyncio.wait(pending, timeout=30)
+
+    async def _stream(self, stream: Stream, http: httpx.AsyncClient, gate: asyncio.Semaphore,
+                      pending: set[asyncio.Task]) -> None:
+        token = self.stack.tokens[stream.client]
+        start = self.record.started_at
+        next_at = time.time()
+        while not self.stop.is_set():
+            t = time.time() - start
+            if t >= self.record.duration:
+                return
+            rate = stream.rate(t / self.record.duration, self.flooding(t))
+            if rate <= 0:
+                await asyncio.sleep(0.2)
+                next_at = time.time()
+                continue
+            await gate.acquire()
+            self.counter += 1
+            n = self.counter
+            task = asyncio.create_task(self._send(stream, n, token, http, gate))
+            pending.add(task)
+            task.add_done_callback(pending.discard)
+            # Poisson arrivals around the stream's rate: no lock-step bursts.
+            next_at += self.rng.expovariate(rate)
+            delay = next_at - time.time()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            elif delay < -1.0:
+                next_at = time.time()  # fell behind (machine busy): do not burst to catch up
+
+    async def _send(self, stream: Stream, n: int, token: str, http: httpx.AsyncClient,
+                    gate: asyncio.Semaphore) -> None:
+        body = stream.job(n, self.rng)
+        job = Job(n, stream.name, stream.client, stream.task, stream.priority,
+                  body.get("idempotency_key"), time.time())
+        self.record.jobs.append(job)
+        try:
+            response = await http.post("/v1/jobs", json=body,
+                                       headers={"Authorization": f"Bearer {token}"})
+            job.status = response.status_code
+            doc = response.json()
+            if response.status_code == 202:
+                job.state, job.id, job.queue = doc.get("state"), doc.get("id"), doc.get("queue")
+            else:
+                job.error = doc.get("error")
+                ra = response.headers.get("retry-after")
+                job.retry_after = float(ra) if ra else None
+        except (httpx.HTTPError, ValueError) as exc:
+            job.error = f"{type(exc).__name__}: {exc}"
+        finally:
+            job.answered_at = time.time()
+            gate.release()
+
+
+class Sampler(threading.Thread):
+    """Depths, dead letters, deferred counts and breaker states every half second."""
+
+    def __init__(self, observer: Any, record: StormRecord) -> None:
+        super().__init__(name="sampler", daemon=True)
+        self.observer = observer
+        self.record = record
+        self.halt = threading.Event()
+        self.errors = 0
+
+    def take(self) -> Sample | None:
+        try:
+            snap = self.observer.snapshot()
+        except Exception:
+            self.errors += 1
+            return None
+        queues = {q.name: {"ready": q.ready, "in_flight": q.in_flight, "delayed": q.delayed,
+                           "dead_letter": q.dead_letter, "deferred": q.deferred}
+                  for q in snap.queues}
+        breakers = {b.dependency: b.state for b in snap.breakers}
+        sample = Sample(round(time.time() - self.record.started_at, 2), queues, breakers)
+        self.record.samples.append(sample)
+        return sample
+
+    def run(self) -> None:
+        while not self.halt.is_set():
+            began = time.monotonic()
+            self.take()
+            self.halt.wait(max(0.05, SAMPLE_INTERVAL_S - (time.monotonic() - began)))
+
+
+def started_marks(state: Any, task: str = "payments.charge") -> list[str]:
+    """Idempotency marks still "started": deliveries in progress right now."""
+    prefix = f"tidegate:idem:{task}:"
+    found = []
+    for key in state.scan_iter(match=prefix + "*", count=500):
+        raw = state.get(key)
+        if raw and json.loads(raw).get("s") == "started":
+            found.append(key.decode()[len(prefix):])
+    return found
+
+
+def _sleep_until(record: StormRecord, t: float, stop: threading.Event) -> None:
+    delay = t - (time.time() - record.started_at)
+    if delay > 0:
+        stop.wait(delay)
+
+
+def idle(sample: Sample | None) -> bool:
+    """Nothing ready, in flight (held retries included) or waiting in SQS."""
+    if sample is None:
+        return False
+    return all((q["ready"] or 0) + (q["in_flight"] or 0) + (q["delayed"] or 0)
+               + (q["deferred"] or 0) == 0 for q in sample.queues.values())
+
+
+def run_storm(stack: DemoStack, observer: Any, state: Any, duration: float,
+              progress: Callable[[str], None] = print) -> StormRecord:
+    """Run the scripted storm against ``stack``, then wait for the pipeline to drain."""
+    phases = Phases(duration)
+    record = StormRecord(time.time(), duration, phases)
+    record.drain_timeout = max(60.0, stack.timings.visibility_timeout_s + 40.0)
+    sims = stack.sims
+    stop = threading.Event()
+    sampler = Sampler(observer, record)
+    flood = Flood(stack, record)
+
+    def say(text: str) -> None:
+        record.event(text)
+        progress(f"[{time.time() - record.started_at:6.1f}s] {text}")
+
+    script: list[tuple[float, Callable[[], None]]] = [
+        (phases.flood[0], lambda: say("flood starts: several times what the workers can do")),
+        (phases.payments_failing[0], lambda: (sims["payments"].control(
+            mode="failing", error_rate=1.0, latency_ms=20), say("payments downstream failing"))),
+        (phases.scraper[0], lambda: say("scraper client starts, far over its rate limit")),
+        (phases.email_down[0], lambda: (sims["email"].control(mode="down", latency_ms=200),
+                                        say("email downstream down"))),
+        (phases.payments_failing[1], lambda: (sims["payments"].control(
+            mode="healthy", latency_ms=20), say("payments downstream healthy again"))),
+        (phases.scraper[1], lambda: say("scraper client stops")),
+        (phases.email_down[1], lambda: (sims["email"].control(mode="healthy", latency_ms=200),
+                                        say("email downstream back"))),
+        (phases.kill, lambda: _kill(stack, state, record, say)),
+        (phases.flood[1], lambda: say("flood ends: back to the normal rate")),
+    ]
+    say("storm starts (warm-up at a normal rate)")
+    sampler.start()
+    flood.thread.start()
+    try:
+        for at, action in sorted(script, key=lambda item: item[0]):
+            _sleep_until(record, at, stop)
+            action()
+        _sleep_until(record, duration, stop)
+        say(f"storm over: {len(record.jobs)} requests sent; draining")
+        flood.stop.set()
+        flood.thread.join(40)
+        quiet = 0
+        deadline = time.monotonic() + record.drain_timeout
+        while time.monotonic() < deadline:
+            sample = record.samples[-1] if record.samples else None
+            quiet = quiet + 1 if idle(sample) else 0
+            if quiet >= 3:  # three idle readings in a row, ~1.5 s
+                record.drained_at = round(time.time() - record.started_at, 1)
+                say("drained: every queue and the SQS deferral queue are empty")
+                break
+            stop.wait(SAMPLE_INTERVAL_S)
+        else:
+            say(f"drain timed out after {record.drain_timeout:.0f}s: what is left is listed")
+    finally:
+        flood.stop.set()
+        sampler.halt.set()
+        sampler.join(10)
+    return record
+
+
+def _kill(stack: DemoStack, state: Any, record: StormRecord, say: Callable[[str], None]) -> None:
+    """SIGKILL the payments worker while a charge is in progress (a "started" mark exists)."""
+    try:
+        marks = wait_until(lambda: started_marks(state), 10, interval=0.01,
+                           message="a payments.charge in progress")
+    except AssertionError:
+        marks = []
+    worker = stack.kill_worker("payments")
+    record.killed_in_flight = marks
+    say(f"payments worker {worker.node.split('@')[0]} SIGKILLed with {len(marks)} charge(s) "
+        "in progress")
+    time.sleep(record.phases.restart_after)  # scripted: the worker stays dead a moment
+    say("payments worker restarting")
+
+    def restart() -> None:
+        stack.restart_worker("payments")
+        say("payments worker restarted and consuming")
+
+    threading.Thread(target=restart, name="restart", daemon=True).start()
