@@ -18,7 +18,6 @@ breaker) still guards the shared-queue case; the difference is what the queue bu
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 import tempfile
 import threading
@@ -30,21 +29,11 @@ import redis
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tidegate.stack import Sim, Worker, wait_until  # noqa: E402
+from tidegate.stack import Sim, Worker, wait_until, write_policy  # noqa: E402
 
 BROKER = "redis://127.0.0.1:6379/8"
 STATE = "redis://127.0.0.1:6379/7"
 THREADS = 8
-
-
-def _policy(tmp: Path, sims: dict[str, Sim]) -> Path:
-    text = (ROOT / "workers" / "policy.toml").read_text()
-    for name, sim in sims.items():
-        text = re.sub(rf'(\[dependencies\.{name}\][^\[]*?url = )"[^"]*"', rf'\1"{sim.url}"',
-                      text, flags=re.S)
-    path = tmp / "policy.toml"
-    path.write_text(text)
-    return path
 
 
 def one_run(label: str, *, shared: bool, hang: bool, jobs: tuple[int, int], sims, policy: Path,
@@ -106,7 +95,7 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory() as name:
         tmp = Path(name)
         sims = {n: Sim(n, tmp) for n in ("payments", "search", "email", "pricing")}
-        policy = _policy(tmp, sims)
+        policy = write_policy(sims, tmp / "policy.toml")
         try:
             rates = {}
             for label, shared, hang in [("bulkheads, no fault", False, False),

@@ -7,9 +7,7 @@ vhost, so two test runs on one machine do not trample each other's queues.
 from __future__ import annotations
 
 import os
-import re
 import subprocess
-import tomllib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +15,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from tests.support.procs import ROOT, MotoServer, Sim, Worker, wait_until
+from tidegate.stack import ROOT, MotoServer, Sim, Worker, wait_until, write_policy
 
 SLOT = int(os.environ.get("TIDEGATE_TEST_SLOT", "0"))
 _SLOT_DBS = [(10, 11), (12, 13), (14, 15), (2, 3), (4, 5), (6, 7)]
@@ -131,15 +129,7 @@ def sims(_sims: dict[str, Sim]) -> dict[str, Sim]:
 @pytest.fixture(scope="session")
 def policy_file(_sims: dict[str, Sim], session_tmp: Path) -> Path:
     """The shipped policy file with each dependency's URL pointing at its simulator."""
-    text = (ROOT / "workers" / "policy.toml").read_text()
-    for name, sim in _sims.items():
-        text = re.sub(rf'(\[dependencies\.{name}\][^\[]*?url = )"[^"]*"', rf'\1"{sim.url}"',
-                      text, flags=re.S)
-    path = session_tmp / "policy.toml"
-    path.write_text(text)
-    urls = {n: t["url"] for n, t in tomllib.loads(text)["dependencies"].items()}
-    assert urls == {n: s.url for n, s in _sims.items()}, urls
-    return path
+    return write_policy(_sims, session_tmp / "policy.toml")
 
 
 def tidegate_env(broker: Broker, policy_file: Path, **extra: str) -> dict[str, str]:

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
 import time
+import tomllib
 import uuid
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -147,3 +149,17 @@ class MotoServer(Proc):
                          {}, tmp / "moto.log", "moto")
         wait_until(lambda: httpx.get(f"{self.url}/moto-api/", timeout=2).status_code < 500, 60,
                    message=f"moto server on {self.url}")
+
+
+def write_policy(sims: Mapping[str, Sim], path: Path,
+                 source: Path = ROOT / "workers" / "policy.toml") -> Path:
+    """Copy the policy file to ``path`` with each dependency's URL pointing at its simulator."""
+    text = source.read_text()
+    for name, sim in sims.items():
+        text = re.sub(rf'(\[dependencies\.{name}\][^\[]*?url = )"[^"]*"', rf'\1"{sim.url}"',
+                      text, flags=re.S)
+    urls = {n: t["url"] for n, t in tomllib.loads(text)["dependencies"].items() if n in sims}
+    if urls != {n: s.url for n, s in sims.items()}:
+        raise RuntimeError(f"policy rewrite missed a dependency: {urls}")
+    path.write_text(text)
+    return path
