@@ -20,6 +20,11 @@ test: $(STAMP)
 	@$(BIN)/ruff check .
 	@$(BIN)/pytest $(PYTEST_ARGS)
 
+## demo: a two-minute storm on the real pipeline; report and charts in demo-out/ (DEMO_ARGS=...)
+demo: $(STAMP)
+	@scripts/services.sh redis
+	@$(BIN)/tidegate demo --out demo-out $(DEMO_ARGS)
+
 services: $(STAMP)
 	@scripts/services.sh redis rabbitmq
 

@@ -27,6 +27,7 @@ QUEUE_COLORS = {"payments": "#6a1b9a", "search": "#1565c0", "email": "#ef6c00",
                 "default": "#757575"}
 OUTCOME_STYLE = [  # (outcome, label, colour)
     ("served", "served", "#2e7d32"),
+    ("served_replayed", "served after a replay from SQS", "#81c784"),
     ("still_deferred", "still deferred (SQS)", "#ffb74d"),
     ("dead_lettered", "dead-lettered", "#6d4c41"),
     ("shed_503", "shed (503)", "#c62828"),
@@ -57,7 +58,8 @@ def _phase_bands(ax, record: StormRecord, labels: bool) -> None:
              (p.email_down, "#ef6c00", "email down"),
              (p.scraper, "#9e9e9e", "scraper over its rate")]
     for (a, b), color, label in bands:
-        ax.axvspan(a, b, color=color, alpha=0.08, lw=0, label=label if labels else None)
+        ax.axvspan(a, b, color=color, alpha=0.08, lw=0, zorder=0,
+                   label=label if labels else None)
     ax.axvline(p.kill, color="black", ls=":", lw=1.2,
                label="payments worker SIGKILL" if labels else None)
     a, b = p.flood
@@ -115,7 +117,7 @@ def breaker_chart(path: Path, record: StormRecord, timings: Timings) -> Path:
     for row, dep in enumerate(deps):
         for state, a, b in spans[dep]:
             ax.barh(row, b - a, left=a, height=0.6, color=STATE_COLORS.get(state, "#9e9e9e"),
-                    edgecolor="none")
+                    edgecolor="none", zorder=3)
     ax.set_yticks(range(len(deps)), deps)
     ax.invert_yaxis()
     _phase_bands(ax, record, labels=False)
@@ -153,7 +155,7 @@ def traffic_chart(path: Path, record: StormRecord) -> Path:
     fig, ax = plt.subplots(figsize=(12, 4.2))
     ax.stackplot(xs, *[[per[k][x] for x in xs] for k, _, _ in kinds],
                  colors=[c for _, c, _ in kinds], labels=[lbl for _, _, lbl in kinds],
-                 step="post")
+                 step="post", zorder=2)
     _phase_bands(ax, record, labels=False)
     ax.set_ylabel("requests per second")
     ax.set_xlabel("seconds since the storm started")
@@ -168,7 +170,11 @@ def traffic_chart(path: Path, record: StormRecord) -> Path:
 
 def priority_chart(path: Path, acc: Accounting) -> Path:
     table = acc.table()
-    fig, ax = plt.subplots(figsize=(12, 3.6))
+    for o in acc.outcomes:  # show what went through SQS apart from what was served directly
+        if o.outcome == "served" and o.deferred_by:
+            table[o.job.priority]["served"] -= 1
+            table[o.job.priority]["served_replayed"] += 1
+    fig, ax = plt.subplots(figsize=(12, 4.2))
     labels = [p.upper() for p in PRIORITIES]
     left = [0] * len(PRIORITIES)
     for outcome, label, color in OUTCOME_STYLE:
@@ -179,12 +185,14 @@ def priority_chart(path: Path, acc: Accounting) -> Path:
         for i, w in enumerate(widths):
             if w and w >= 0.04 * max(1, max(sum(table[p].values()) for p in PRIORITIES)):
                 ax.text(left[i] + w / 2, i, str(w), ha="center", va="center", fontsize=8,
-                        color="white" if outcome != "rate_limited_429" else "black")
+                        color="black" if outcome in ("rate_limited_429", "served_replayed",
+                                                     "still_deferred") else "white")
         left = [a + b for a, b in zip(left, widths, strict=True)]
     ax.invert_yaxis()
     ax.set_xlabel("jobs sent through the API")
     ax.set_title("Where each priority's jobs ended")
-    ax.legend(loc="lower right", fontsize=8, ncol=3, framealpha=0.9)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), fontsize=8, ncol=4,
+              frameon=False)
     ax.grid(True, axis="x", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -352,12 +352,20 @@ def run_storm(stack: DemoStack, observer: Any, state: Any, duration: float,
 
 
 def _kill(stack: DemoStack, state: Any, record: StormRecord, say: Callable[[str], None]) -> None:
-    """SIGKILL the payments worker while a charge is in progress (a "started" mark exists)."""
-    try:
-        marks = wait_until(lambda: started_marks(state), 10, interval=0.01,
-                           message="a payments.charge in progress")
-    except AssertionError:
-        marks = []
+    """SIGKILL the payments worker while a charge is in progress (a "started" mark exists).
+
+    An unkeyed (non-idempotent) charge in progress is waited for first, a few seconds at most:
+    it is the interesting case (it must not run twice); any charge will do after that.
+    """
+    marks: list[str] = []
+    for wanted, seconds in (("task:", 5.0), ("", 5.0)):
+        try:
+            marks = wait_until(lambda w=wanted: [m for m in started_marks(state)
+                                                 if m.startswith(w)],
+                               seconds, interval=0.01, message="a payments.charge in progress")
+            break
+        except AssertionError:
+            continue
     worker = stack.kill_worker("payments")
     record.killed_in_flight = marks
     say(f"payments worker {worker.node.split('@')[0]} SIGKILLed with {len(marks)} charge(s) "

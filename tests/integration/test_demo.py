@@ -1,0 +1,49 @@
+"""``tidegate demo`` end to end, shortened: a 30-second storm on the real processes.
+
+The demo starts its own stack (a private redis-server, moto, simulators, workers, API,
+replayer), so this test needs nothing from the other fixtures and does not share their
+databases. What must hold however busy the machine is: the accounting balances per job from
+the system's records, and every kind of outcome the storm is built to cause shows up.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tidegate.demo.charts import breaker_intervals
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(280)]
+
+
+def test_short_storm_balances_and_shows_every_outcome(tmp_path: Path) -> None:
+    from tidegate.demo.run import run_demo
+
+    result = run_demo(30, tmp_path / "demo", exporter=False, progress=lambda _: None)
+    acc, record = result.accounting, result.record
+    counts = acc.by_outcome
+
+    assert record.drained_at is not None, record.events
+    assert acc.balanced, counts
+    failed = [(name, detail) for name, ok, detail in acc.checks if not ok]
+    assert not failed, failed
+    assert sum(counts.values()) == len(record.jobs) > 500
+
+    table = acc.table()
+    assert all(table[p]["served"] > 0 for p in ("critical", "high", "medium", "low")), table
+    assert table["critical"]["shed_503"] == table["critical"]["rate_limited_429"] == 0
+    assert counts["shed_503"] > 0 and counts["rate_limited_429"] > 0, counts
+    assert counts["dead_lettered"] > 0, counts
+    deferred = [o for o in acc.outcomes if o.deferred_by]
+    assert deferred and all(o.outcome in ("served", "still_deferred", "dead_lettered")
+                            for o in deferred)
+    assert any(o.replayed for o in deferred)
+    opened = {dep for dep, spans in breaker_intervals(record.samples).items()
+              if any(state == "open" for state, _, _ in spans)}
+    assert {"payments", "email"} <= opened, opened
+
+    report = result.report_path.read_text()
+    assert "NOTHING LOST" in report
+    for image in result.charts:
+        assert image.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", image
