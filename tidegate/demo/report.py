@@ -130,7 +130,8 @@ def _kill_lines(record: StormRecord, acc: Accounting) -> list[str]:
     marks = record.killed_in_flight
     if not marks:
         return ["- the payments worker was SIGKILLed; no charge was in progress at that instant."]
-    lines = [f"- SIGKILL at {record.phases.kill:.1f}s with {len(marks)} charge(s) in progress "
+    at = record.killed_at if record.killed_at is not None else record.phases.kill
+    lines = [f"- SIGKILL at {at:.1f}s with {len(marks)} charge(s) in progress "
              "(idempotency marks `started`); the restarted worker got them back after the "
              "visibility timeout:"]
     by_mark = {}
@@ -175,7 +176,10 @@ def render(record: StormRecord, acc: Accounting, records: Records,
         "request. Nothing is counted by the demo itself.", "",
         "## Served per priority", "", *_priority_table(acc), "",
         "Shedding follows the seed: LOW first, then MEDIUM, then HIGH; CRITICAL never. "
-        "Seconds to effect: from the request to the effect in the downstream's ledger.", "",
+        "Seconds to effect: from the request to the effect in the downstream's ledger. The "
+        "slow tails are work that waited instead of being dropped: charges held (retried "
+        "later) while the payments circuit was open, email waiting in SQS for the replay, "
+        "LOW behind HIGH on the search queue.", "",
         "## The flood", "",
         f"Watermarks (ready messages): search {WATERMARKS['search']}, email "
         f"{WATERMARKS['email']}. Rate limit {CLIENT_RATE_PER_S} requests/s per client token.",

@@ -150,6 +150,7 @@ class StormRecord:
     samples: list[Sample] = field(default_factory=list)
     events: list[tuple[float, str]] = field(default_factory=list)
     killed_in_flight: list[str] = field(default_factory=list)  # marks "started" at the kill
+    killed_at: float | None = None  # seconds after the start
     drained_at: float | None = None  # seconds after the start; None: drain timed out
     drain_timeout: float = 0.0
 
@@ -368,6 +369,7 @@ def _kill(stack: DemoStack, state: Any, record: StormRecord, say: Callable[[str]
             continue
     worker = stack.kill_worker("payments")
     record.killed_in_flight = marks
+    record.killed_at = round(time.time() - record.started_at, 1)
     say(f"payments worker {worker.node.split('@')[0]} SIGKILLed with {len(marks)} charge(s) "
         "in progress")
     time.sleep(record.phases.restart_after)  # scripted: the worker stays dead a moment
