@@ -5,7 +5,8 @@ or that is not a task message at all (``on_decode_error`` / ``on_unknown_task`` 
 ``on_unknown_message`` log it and ack or reject it). This consumer looks at each message
 before Celery's handler does; a poison message is published to its queue's DLQ, with the
 reason, and only then acked, and the worker goes on consuming. Arguments that do not fit the
-task's signature are caught here too, before a worker slot is spent on them.
+task's signature are caught here too, before a worker slot is spent on them. And each message's
+time limits are capped at this worker's (:func:`clamp_time_limits`).
 
 Installed by ``worker_consumer`` in :mod:`workers.application`.
 """
@@ -116,6 +117,31 @@ class PoisonAwareConsumer(Consumer):
                 log.error("poison message dead-lettered as %s (record %s): %s", poison.reason,
                           record.id, poison)
                 return None
+            clamp_time_limits(message.headers, app.conf.task_time_limit,
+                              app.conf.task_soft_time_limit)
             return handle(message)
 
         return on_task_received
+
+
+def clamp_time_limits(headers: Any, hard: float | None, soft: float | None) -> None:
+    """Cap a message's ``timelimit`` header at this worker's own limits.
+
+    Celery copies the *producer's* configured limits into every message and they win over
+    the worker's; the worker's visibility timeout is only safe above the worker's hard limit,
+    so a message may ask for shorter limits, never longer ones.
+    """
+    if not isinstance(headers, dict) or "task" not in headers:
+        return
+    asked = headers.get("timelimit") or (None, None)
+    try:
+        asked_hard, asked_soft = asked
+    except (TypeError, ValueError):
+        asked_hard = asked_soft = None
+
+    def cap(value: Any, limit: float | None) -> float | None:
+        if not isinstance(value, int | float) or value <= 0:
+            return limit
+        return min(value, limit) if limit else value
+
+    headers["timelimit"] = [cap(asked_hard, hard), cap(asked_soft, soft)]

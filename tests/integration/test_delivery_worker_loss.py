@@ -130,3 +130,24 @@ def test_sigkill_under_mixed_load_loses_nothing_and_repeats_no_effect(
             assert ledger_key in payments or ledger_key in sims["email"].ledger()["effects"]
     index = sims["search"].ledger()["effects"]
     assert len(index) == sum(1 for t, tid, _ in jobs if t == "search.index")
+
+
+def test_prefork_soft_time_limit_dead_letters_an_unfinished_charge(
+        broker, sims, producer, start_worker, sims_slow_policy, celery_app):
+    """The soft time limit is the outer backstop: the charge was sent, its outcome is unknown."""
+    sims["payments"].control(mode="slow", latency_ms=6000)
+    env = {"TIDEGATE_POLICY_FILE": str(sims_slow_policy), "TIDEGATE_TASK_SOFT_TIME_LIMIT_S": "2",
+           "TIDEGATE_TASK_HARD_TIME_LIMIT_S": "4", "TIDEGATE_VISIBILITY_TIMEOUT_S": "30"}
+    worker = start_worker("payments", env=env, pool="prefork", concurrency=1)
+    job = producer.enqueue("payments.charge", ["acct-t", 100])
+    [record] = wait_dead(celery_app, "payments", timeout=60)
+    assert (record.reason, record.task_id) == ("outcome_unknown", job.id)
+    assert record.exception_type == "SoftTimeLimitExceeded"
+    assert sims["payments"].ledger()["requests"] == 1
+    assert worker.alive()
+
+
+@pytest.fixture
+def sims_slow_policy(sims, tmp_path: Path) -> Path:
+    return write_policy(tmp_path / "slow-policy.toml", sims, payments_timeout_ms=8000,
+                        payments_deadline_ms=9000)

@@ -95,3 +95,17 @@ def test_fallback_results_become_tagged_json():
                               "message": "later"}
     assert out["more"][0]["type"] == "Deferred"
     json.dumps(out)
+
+
+@pytest.mark.parametrize(("asked", "expected"), [
+    ([None, None], [90.0, 60.0]),      # the producer gave none: the worker's own
+    ([3600, 1800], [90.0, 60.0]),      # longer than the worker allows: capped
+    ([10, 5], [10, 5]),                # shorter: kept
+    ("junk", [90.0, 60.0]),
+])
+def test_a_message_cannot_raise_the_workers_time_limits(asked, expected):
+    from workers.poison import clamp_time_limits
+
+    headers = {"task": "email.send", "timelimit": asked}
+    clamp_time_limits(headers, 90.0, 60.0)
+    assert headers["timelimit"] == expected
