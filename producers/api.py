@@ -20,7 +20,7 @@ import uuid
 from typing import Annotated, Any, Literal
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -333,7 +333,7 @@ def create_api(
                                if "Retry-After" in headers else {})})
         return JSONResponse({"results": results})
 
-    @app.get("/v1/queues")
+    @app.get("/v1/queues", responses={401: {}})
     async def queues(request: Request) -> dict[str, Any]:
         """Depth of every work queue (shared cache: at most a fraction of a second old)."""
         tokens.client(request.headers.get("authorization"))
@@ -344,7 +344,7 @@ def create_api(
         """The process is up (never shed, no token)."""
         return {"status": "ok"}
 
-    @app.get("/readyz")
+    @app.get("/readyz", responses={503: {}})
     async def readyz() -> JSONResponse:
         """Ready when the broker and the shared-state Redis answer (never shed, no token)."""
         checks = await asyncio.to_thread(_readiness, producer, state)
@@ -352,7 +352,7 @@ def create_api(
         return JSONResponse({"status": "ready" if ok else "not_ready", "checks": checks},
                             status_code=200 if ok else 503)
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse)  # documented as text/plain
     async def prometheus() -> Response:
         return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)
 
