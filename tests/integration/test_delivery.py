@@ -172,3 +172,32 @@ def test_cached_price_and_graceful_receipt(
     receipt = done["r"]["receipt"]
     assert receipt["type"] == "Unavailable" and receipt["dependency"] == "email"
     assert "receipt will follow" in receipt["message"]
+
+
+def test_email_refused_by_an_open_circuit_is_queued_for_later(
+        broker, sims, producer, start_worker, worker_env, celery_app, settings, fast_policy,
+        moto_sqs, deferral_prefix, state_redis):
+    """email.send: the dependency was not called; the request waits in SQS, not in the DLQ."""
+    from tests.conftest import sqs_env
+    from workers.deferral import sink_for
+
+    env = {**worker_env, **sqs_env(moto_sqs, deferral_prefix)}
+    worker = start_worker("email", env=env)
+    force_breaker(settings, fast_policy, "email", "open", seconds=600)
+    job = producer.enqueue("email.send", ["later@x", "hi"], priority="medium")
+    wait_until(lambda: "deferred as" in worker.output(), 30, message="the email deferred")
+    from workers.settings import load_settings
+
+    store = sink_for("email", load_settings(
+        broker_url=broker.url, redis_url=settings.redis_url, policy_file=fast_policy,
+        sqs_endpoint_url=moto_sqs.url, deferral_queue_prefix=deferral_prefix,
+        aws_access_key_id="testing", aws_secret_access_key="testing"))
+    [entry] = store.peek(10, hold_s=1)
+    request = entry.request
+    assert (request.task, list(request.args), request.dependency) == (
+        "email.send", ["later@x", "hi"], "email")
+    assert request.idempotency_key == job.id  # the replay reuses the downstream key
+    assert "CircuitOpen" in request.reason
+    assert sims["email"].ledger()["requests"] == 0
+    assert dead_letters(celery_app, "email") == []
+    assert f"task:{job.id}" not in marks(state_redis, "email.send")  # not "done": not sent
