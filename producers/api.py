@@ -47,6 +47,7 @@ __all__ = ["ApiSettings", "JobRequest", "create_api"]
 log = logging.getLogger(__name__)
 
 BATCH_MAX = 500
+MAX_NESTING = 64  # JSON depth of a body; far below where Python recursion gives out
 
 
 class ApiSettings(BaseSettings):
@@ -201,10 +202,30 @@ async def _read_body(request: Request, limit: int) -> bytes:
 
 def _parse_json(raw: bytes) -> Any:
     try:
-        return json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
+        value = json.loads(raw)
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:  # deep nesting: RecursionError
         raise Problem(422, "invalid_json", f"body is not valid JSON: {exc}", field="body"
                       ) from None
+    if _nesting_exceeds(value, MAX_NESTING):  # else validation/serialisation recurse: a 500
+        raise Problem(422, "invalid_json", f"body nests deeper than {MAX_NESTING} levels",
+                      field="body")
+    return value
+
+
+def _nesting_exceeds(value: Any, limit: int) -> bool:
+    """Whether JSON ``value`` nests arrays/objects deeper than ``limit`` (iterative: no
+    recursion on hostile input)."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        children = item.values() if isinstance(item, dict) else item if isinstance(
+            item, list) else None
+        if children is None:
+            continue
+        if depth > limit:
+            return True
+        stack.extend((child, depth + 1) for child in children)
+    return False
 
 
 def create_api(
