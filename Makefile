@@ -41,3 +41,8 @@ clean:
 bench: $(STAMP)
 	@scripts/services.sh redis rabbitmq
 	@$(BIN)/python bench/run_all.py
+
+## drills: the fault drills, long (TIDEGATE_DRILL_SCALE=5: 10-minute soak); `make test` runs them short. See docs/drills.md
+drills: $(STAMP)
+	@scripts/services.sh redis rabbitmq
+	@TIDEGATE_DRILL_SCALE=$${TIDEGATE_DRILL_SCALE:-5} $(BIN)/pytest -m drill -s $(PYTEST_ARGS)
