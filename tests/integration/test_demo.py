@@ -2,12 +2,15 @@
 
 The demo starts its own stack (a private redis-server, moto, simulators, workers, API,
 replayer), so this test needs nothing from the other fixtures and does not share their
-databases. What must hold however busy the machine is: the accounting balances per job from
-the system's records, and every kind of outcome the storm is built to cause shows up.
+databases. Its report, charts, jobs.jsonl and logs stay in ``artifacts/demo-*``. What must
+hold however busy the machine is: the accounting balances per job from the system's records,
+and every kind of outcome the storm is built to cause shows up.
 """
 
 from __future__ import annotations
 
+import os
+import time
 from pathlib import Path
 
 import pytest
@@ -17,15 +20,16 @@ from tidegate.demo.charts import breaker_intervals
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(280)]
 
 
-def test_short_storm_balances_and_shows_every_outcome(tmp_path: Path) -> None:
+def test_short_storm_balances_and_shows_every_outcome(artifacts: Path) -> None:
     from tidegate.demo.run import run_demo
 
-    result = run_demo(30, tmp_path / "demo", exporter=False, progress=lambda _: None)
+    out = artifacts / f"demo-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+    result = run_demo(30, out, exporter=False, progress=lambda _: None)
     acc, record = result.accounting, result.record
     counts = acc.by_outcome
 
     assert record.drained_at is not None, record.events
-    assert acc.balanced, counts
+    assert acc.balanced, (counts, [o.evidence for o in acc.outcomes if o.outcome == "missing"])
     failed = [(name, detail) for name, ok, detail in acc.checks if not ok]
     assert not failed, failed
     assert sum(counts.values()) == len(record.jobs) > 500

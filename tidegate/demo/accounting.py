@@ -151,12 +151,6 @@ def reconcile(jobs: Iterable[Job], rec: Records) -> Accounting:
 def _one(job: Job, sim: str, lkey: str | None, effects: Mapping[str, Any],
          failed: Mapping[str, int], dlq: Mapping[str, tuple[str, Any]], deferred_keys: set,
          worker_deferred: set, received: set, rec: Records) -> Outcome:
-    if job.status == 503:
-        return Outcome(job, "shed_503", f"API answered 503 ({job.error})")
-    if job.status == 429:
-        return Outcome(job, "rate_limited_429", "API answered 429 (client over its rate)")
-    if job.status is not None and job.status != 202:
-        return Outcome(job, "refused_other", f"API answered {job.status} ({job.error})")
     effect = effects.get(lkey) if lkey else None
     found = (dlq.get(job.key) if job.key else None) or (dlq.get(job.id) if job.id else None)
     o = Outcome(job, "missing", "no record anywhere")
@@ -164,6 +158,12 @@ def _one(job: Job, sim: str, lkey: str | None, effects: Mapping[str, Any],
     o.attempts_downstream = (effect or {}).get("requests", 0) + failed.get(lkey or "", 0)
     mark = rec.marks.get(mark_id(job) or "")
     o.mark = mark.get("s") if mark else None
+    if job.status == 503:  # refused: final, whatever else is found (a check looks at that)
+        o.outcome, o.evidence = "shed_503", f"API answered 503 ({job.error})"
+        return o
+    if job.status == 429:
+        o.outcome, o.evidence = "rate_limited_429", "API answered 429 (client over its rate)"
+        return o
     if job.task == "email.send":
         if job.state == "deferred":
             o.deferred_by = "api"
@@ -184,6 +184,8 @@ def _one(job: Job, sim: str, lkey: str | None, effects: Mapping[str, Any],
         o.outcome, o.evidence = "still_deferred", "SQS deferral queue"
     elif job.status is None:
         o.outcome, o.evidence = "unanswered", f"no answer from the API ({job.error})"
+    elif job.status != 202:
+        o.outcome, o.evidence = "refused_other", f"API answered {job.status} ({job.error})"
     return o
 
 

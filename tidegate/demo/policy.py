@@ -37,7 +37,9 @@ class Timings:
     @classmethod
     def for_duration(cls, duration_s: float) -> Timings:
         f = min(1.0, duration_s / FULL_LENGTH_S)
-        return cls(window_s=max(4.0, 10.0 * f), open_s=max(6.0, 30.0 * f),
+        # The window keeps 8 s at least: a short storm on a busy machine still has to see
+        # the breaker's minimum number of calls inside one window.
+        return cls(window_s=max(8.0, 10.0 * f), open_s=max(6.0, 30.0 * f),
                    retry_base_s=max(0.25, 1.0 * f), retry_max_wait_s=max(4.0, 30.0 * f))
 
     @property

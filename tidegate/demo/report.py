@@ -10,7 +10,7 @@ from typing import Any
 from tidegate.demo.accounting import PRIORITIES, Accounting, Records, percentile
 from tidegate.demo.charts import breaker_intervals
 from tidegate.demo.policy import WATERMARKS, Timings
-from tidegate.demo.stack import CLIENT_RATE_PER_S, LATENCY_MS, WORKERS
+from tidegate.demo.stack import CLIENT_BURST, CLIENT_RATE_PER_S, CLIENTS, LATENCY_MS, WORKERS
 from tidegate.demo.storm import STREAMS, StormRecord
 
 
@@ -182,7 +182,9 @@ def render(record: StormRecord, acc: Accounting, records: Records,
         "LOW behind HIGH on the search queue.", "",
         "## The flood", "",
         f"Watermarks (ready messages): search {WATERMARKS['search']}, email "
-        f"{WATERMARKS['email']}. Rate limit {CLIENT_RATE_PER_S} requests/s per client token.",
+        f"{WATERMARKS['email']}. Rate limit {CLIENT_RATE_PER_S} requests/s per client token "
+        f"(burst {CLIENT_BURST}); each client spreads its traffic over "
+        + ", ".join(f"{c} {n}" for c, n in CLIENTS.items()) + " token(s).",
         "",
         *_capacity_lines(record, acc), "",
         "Streams: " + "; ".join(
@@ -201,6 +203,7 @@ def render(record: StormRecord, acc: Accounting, records: Records,
         "## Dead-letter queues", "", *_dlq_lines(acc, records), "",
         "## Worker killed mid-task", "", *_kill_lines(record, acc), "",
         "## The proof", "", f"`{eq}`", "",
+        *_exception_lines(acc),
         "| check | result | |", "|---|---|---|",
         *[f"| {name} | {'pass' if ok else '**FAIL**'} | {detail} |"
           for name, ok, detail in acc.checks], "",
@@ -212,6 +215,20 @@ def render(record: StormRecord, acc: Accounting, records: Records,
         "every job and its outcome: `jobs.jsonl`.", "",
     ]
     return "\n".join(lines)
+
+
+def _exception_lines(acc: Accounting) -> list[str]:
+    """Every job that is not simply served, refused, dead-lettered or deferred, one by one."""
+    odd = [o for o in acc.outcomes if o.outcome in ("missing", "unanswered", "refused_other",
+                                                    "still_deferred")]
+    if not odd:
+        return []
+    lines = ["Listed one by one:", ""]
+    for o in odd[:200]:
+        j = o.job
+        lines.append(f"- **{o.outcome}** {j.stream} {j.task} key={j.key} id={j.id} "
+                     f"answer={j.status} {j.state or ''} mark={o.mark}: {o.evidence}")
+    return [*lines, ""]
 
 
 def _refusal_lines(acc: Accounting) -> list[str]:

@@ -62,6 +62,18 @@ def gather(stack: DemoStack, settings: Any, state: Any) -> accounting.Records:
         email_worker_log=stack.worker_logs("email"), replay_task_id=replay_task_id)
 
 
+def trace(logs: Path, job: Any) -> str:
+    """Where a job was last mentioned in the processes' logs (for a job found nowhere)."""
+    needles = [n for n in (job.id, job.key) if n]
+    seen = []
+    for path in sorted(logs.glob("*.log")):
+        hits = [line for line in path.read_text(errors="replace").splitlines()
+                if any(n in line for n in needles)]
+        if hits:
+            seen.append(f"{path.name}: {len(hits)} line(s), last: {hits[-1][-300:]}")
+    return " | ".join(seen) or "never mentioned in the logs"
+
+
 def replayer_stats(log: str) -> dict[str, Any] | None:
     """The replayer's own tally, printed when it stops (``tidegate replayer``)."""
     found = re.findall(r"replayer email stopped: (\{.*\})", log)
@@ -90,6 +102,9 @@ def run_demo(duration: float, out: Path, *, exporter: bool = True,
         replayer_proc.stop()
         stats = replayer_stats(replayer_proc.output())
     acc = accounting.reconcile(record.jobs, records)
+    for o in acc.outcomes:
+        if o.outcome == "missing":
+            o.evidence = "no record anywhere; " + trace(out / "logs", o.job)
     images = charts.write_all(out, record, acc, timings)
     path = report.write(out, record, acc, records, stats, timings, images)
     return DemoResult(record, acc, stats, path, images, time.monotonic() - began)

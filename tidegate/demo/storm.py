@@ -6,7 +6,7 @@ faster (the policy's breaker and retry timings shrink with it, see ``policy.Timi
     0 ......... warm-up at a normal rate (everything served)
     8% ........ flood: several times what the workers can do, mixed priorities
     12% - 33% . payments downstream failing (503s): its breaker opens, then heals
-    20% - 40% . one client (the "scraper") far over its rate limit: 429s
+    20% - 45% . one client (the "scraper") far over its rate limit: 429s
     25% - 50% . email downstream down: email jobs queued for later in SQS, replayed after
     55% ....... the payments worker SIGKILLed mid-task, restarted a moment later
     83% - 100%  back to the normal rate; then the drain: wait until every queue is empty
@@ -30,11 +30,11 @@ from typing import Any
 
 import httpx
 
-from tidegate.demo.stack import DemoStack
+from tidegate.demo.stack import CLIENTS, DemoStack
 from tidegate.stack import wait_until
 
 SAMPLE_INTERVAL_S = 0.5
-MAX_IN_FLIGHT = 100  # concurrent HTTP requests the flood keeps open at most
+# Each stream has its own bound on open requests, so a slow stream cannot starve another.
 
 
 @dataclass(frozen=True)
@@ -49,6 +49,7 @@ class Stream:
     flood_rate: float  # jobs/s during the flood
     keyed: float = 1.0  # share of jobs that carry an idempotency key
     window: tuple[float, float] | None = None  # only active within these fractions
+    in_flight: int = 40  # concurrent requests at most (an abusive client opens more)
 
     def rate(self, frac: float, flood: bool) -> float:
         if self.window is not None:
@@ -70,11 +71,12 @@ class Stream:
 
 
 STREAMS = (
-    Stream("payments", "checkout", "payments.charge", "critical", 3, 5, keyed=0.5),
+    Stream("payments", "checkout", "payments.charge", "critical", 3, 6, keyed=0.5),
     Stream("search", "web", "search.index", "high", 5, 15),
     Stream("analytics", "indexer", "search.index", "low", 3, 20),
     Stream("email", "notifier", "email.send", "medium", 3, 12),
-    Stream("scraper", "scraper", "search.index", "low", 0, 50, window=(0.20, 0.40)),
+    Stream("scraper", "scraper", "search.index", "low", 0, 40, window=(0.20, 0.45),
+           in_flight=100),
 )
 
 
@@ -101,7 +103,7 @@ class Phases:
 
     @property
     def scraper(self) -> tuple[float, float]:
-        return self.at(0.20), self.at(0.40)
+        return self.at(0.20), self.at(0.45)
 
     @property
     def kill(self) -> float:
@@ -159,7 +161,8 @@ class StormRecord:
 
 
 class Flood:
-    """Open-loop arrivals per stream (asyncio in its own thread), at most MAX_IN_FLIGHT open."""
+    """Open-loop arrivals per stream (asyncio, own thread), each with its own bound on open
+    requests."""
 
     def __init__(self, stack: DemoStack, record: StormRecord, seed: int = 7) -> None:
         self.stack = stack
@@ -175,18 +178,23 @@ class Flood:
         return a <= t < b
 
     async def _main(self) -> None:
-        limits = httpx.Limits(max_connections=MAX_IN_FLIGHT, max_keepalive_connections=50)
-        gate = asyncio.Semaphore(MAX_IN_FLIGHT)
+        total = sum(s.in_flight for s in STREAMS)
+        # Idle connections are dropped well before uvicorn's 5 s keep-alive ends, so a request
+        # is not sent on a connection the server is closing.
+        limits = httpx.Limits(max_connections=total, max_keepalive_connections=total,
+                              keepalive_expiry=2.0)
         async with httpx.AsyncClient(base_url=self.stack.api_url, limits=limits,
                                      timeout=httpx.Timeout(20.0, connect=5.0)) as http:
             pending: set[asyncio.Task] = set()
-            await asyncio.gather(*(self._stream(s, http, gate, pending) for s in STREAMS))
+            await asyncio.gather(*(self._stream(s, http, asyncio.Semaphore(s.in_flight),
+                                                pending) for s in STREAMS))
             if pending:
                 await asyncio.wait(pending, timeout=30)
 
     async def _stream(self, stream: Stream, http: httpx.AsyncClient, gate: asyncio.Semaphore,
                       pending: set[asyncio.Task]) -> None:
-        token = self.stack.tokens[stream.client]
+        tokens = [self.stack.tokens[f"{stream.client}-{i}"]
+                  for i in range(CLIENTS[stream.client])]
         start = self.record.started_at
         next_at = time.time()
         while not self.stop.is_set():
@@ -201,6 +209,7 @@ class Flood:
             await gate.acquire()
             self.counter += 1
             n = self.counter
+            token = tokens[n % len(tokens)]
             task = asyncio.create_task(self._send(stream, n, token, http, gate))
             pending.add(task)
             task.add_done_callback(pending.discard)
@@ -219,8 +228,7 @@ class Flood:
                   body.get("idempotency_key"), time.time())
         self.record.jobs.append(job)
         try:
-            response = await http.post("/v1/jobs", json=body,
-                                       headers={"Authorization": f"Bearer {token}"})
+            response = await self._post(http, body, token)
             job.status = response.status_code
             doc = response.json()
             if response.status_code == 202:
@@ -234,6 +242,23 @@ class Flood:
         finally:
             job.answered_at = time.time()
             gate.release()
+
+
+    @staticmethod
+    async def _post(http: httpx.AsyncClient, body: dict[str, Any], token: str) -> httpx.Response:
+        """POST the job; a keyed job is sent again after a connection error, as a client
+        should: the API answers a repeated idempotency key with the first job, never a second.
+        An unkeyed job is not: it might have been enqueued, so it is reported unanswered."""
+        headers = {"Authorization": f"Bearer {token}"}
+        attempts = 3 if body.get("idempotency_key") else 1
+        for attempt in range(1, attempts + 1):
+            try:
+                return await http.post("/v1/jobs", json=body, headers=headers)
+            except httpx.TransportError:
+                if attempt == attempts:
+                    raise
+                await asyncio.sleep(0.2 * attempt)
+        raise AssertionError("unreachable")
 
 
 class Sampler(threading.Thread):
