@@ -322,8 +322,6 @@ class ResilientTask(Task):
         if nothing_called:
             # Refused before any effect (circuit open, bulkhead full, a read failed, the
             # store is down): trying again later is safe even for non-idempotent work.
-            with contextlib.suppress(StoreUnavailable):
-                state.idempotency.release(self.name, ex.mark)
             if not ex.last_attempt:
                 return self._retry_later(state, ex, exc)
             return self._dead_letter(state, ex, dl.REJECTIONS_EXHAUSTED
@@ -346,6 +344,10 @@ class ResilientTask(Task):
             spread = float(retry_after) * (1 + random.uniform(0, 0.2))
             delay = max(delay, min(spread, REFUSAL_MAX_WAIT_S))
         headers = {**ex.headers, h.ATTEMPT: ex.attempt + 1, h.FIRST_SEEN: ex.first_seen}
+        # The next attempt is a planned one, not a redelivery: it must not find "started".
+        # (Only idempotent work, or work that reached no dependency, gets here.)
+        with contextlib.suppress(StoreUnavailable):
+            state.idempotency.release(self.name, ex.mark)
         log.warning("%s[%s]: attempt %d/%d failed (%s: %s); retry in %.2fs through the broker",
                     ex.task, ex.task_id, ex.attempt, ex.max_attempts, type(exc).__name__, exc,
                     delay)
