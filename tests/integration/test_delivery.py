@@ -201,3 +201,44 @@ def test_email_refused_by_an_open_circuit_is_queued_for_later(
     assert sims["email"].ledger()["requests"] == 0
     assert dead_letters(celery_app, "email") == []
     assert f"task:{job.id}" not in marks(state_redis, "email.send")  # not "done": not sent
+
+
+def test_task_whose_deadline_passed_in_the_queue_is_dead_lettered_not_run(
+        broker, sims, producer, start_worker, worker_env, celery_app):
+    import time
+
+    deadline = time.time() + 0.2
+    job = producer.enqueue("email.send", ["late@x", "hi"], idempotency_key="late-1",
+                           deadline_s=0.2)
+    wait_until(lambda: time.time() > deadline + 0.1, 5, message="the deadline passed")
+    start_worker("email", env=worker_env)
+    [record] = wait_dead(celery_app, "email")
+    assert (record.reason, record.task_id) == ("deadline_expired", job.id)
+    assert sims["email"].ledger()["requests"] == 0
+
+
+def test_rabbitmq_native_dead_lettering_is_listed_and_replayable(
+        broker, sims, celery_app, start_worker, worker_env, fast_policy):
+    """A message RabbitMQ dead-letters by itself (here: expired) lands in the same DLQ."""
+    from tests.integration._delivery import cli
+
+    if broker.name != "amqp":
+        pytest.skip("native dead-lettering is RabbitMQ's")
+    from kombu import Connection
+
+    result = celery_app.send_task("search.index", args=["doc-native"], queue="search",
+                                  headers={"tidegate_idempotency_key": "native-1"},
+                                  expiration=0.05)
+    with Connection(broker.url, connect_timeout=5) as conn:
+        wait_until(lambda: conn.default_channel.queue_declare(
+            "search.dlq", passive=True).message_count == 1, 30, message="native DLQ entry")
+    [record] = dead_letters(celery_app, "search")
+    assert (record.reason, record.task, record.task_id) == (
+        "rejected_by_broker", "search.index", result.id)
+    assert record.args == ["doc-native"] and record.idempotency_key == "native-1"
+    assert "expired" in record.exception_message
+    replay = cli(broker, fast_policy, "dlq", "replay", "search", "--all")
+    assert replay.returncode == 0, replay.stderr
+    start_worker("search", env=worker_env)
+    wait_until(lambda: sims["search"].ledger()["applied"] == 1, 30, message="replayed index")
+    assert list(sims["search"].ledger()["effects"]) == ["native-1"]

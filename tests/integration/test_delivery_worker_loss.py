@@ -106,6 +106,9 @@ def test_sigkill_under_mixed_load_loses_nothing_and_repeats_no_effect(
 
     done, dead = wait_until(accounted, REDELIVERY_S + 60, interval=0.5,
                             message="every job completed or dead-lettered")
+    print(f"\n[{broker.name}] SIGKILL under mixed load: {len(jobs)} jobs in = {len(done)} "
+          f"completed + {len(dead)} dead-lettered (outcome unknown); "
+          f"{second.output().count('redelivered after an unfinished run')} idempotent re-runs")
     assert not done & dead, "a job both completed and dead-lettered"
     assert done | dead == {tid for _, tid, _ in jobs}
 
