@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -22,9 +23,12 @@ scale_down_window_s = 0
 
 
 def policy_with_autoscaling(policy_file: Path, tmp: Path, extra: str = AUTOSCALING) -> Path:
-    """The test policy file plus an [autoscaling] table small enough to see workers move."""
+    """The test policy file with its own [autoscaling] table, small enough to see workers move
+    (the shipped per-queue autoscaling tables are dropped so they cannot override it)."""
     path = tmp / "policy-autoscaling.toml"
-    path.write_text(policy_file.read_text() + extra)
+    shipped = re.sub(r"^\[autoscaling[^\]]*\]\n(?:[a-z_]+ = [^\n]*\n)*", "",
+                     policy_file.read_text(), flags=re.M)
+    path.write_text(shipped + extra)
     return path
 
 
