@@ -22,7 +22,7 @@ from typing import Annotated, Any, Literal
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from resilience.errors import (
@@ -74,7 +74,8 @@ class JobRequest(BaseModel):
     task: Annotated[str, Field(min_length=1, max_length=200, examples=["payments.charge"])]
     args: list[Any] = Field(default_factory=list)
     kwargs: dict[str, Any] = Field(default_factory=dict)
-    priority: Priority | Annotated[int, Field(ge=0, le=3)] = "high"
+    # Strict: JSON true or 1.0 is not a priority (lax ints would read true as 1, "high").
+    priority: Priority | Annotated[StrictInt, Field(ge=0, le=3)] = "high"
     idempotency_key: Annotated[str, Field(min_length=1, max_length=255)] | None = None
     queue: Annotated[str, Field(min_length=1, max_length=200)] | None = None
     deadline_ms: Annotated[int, Field(gt=0, le=86_400_000)] | None = None

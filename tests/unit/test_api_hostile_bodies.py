@@ -58,3 +58,11 @@ def test_nesting_limit_counts_arrays_and_objects_without_recursing() -> None:
         deep = [deep]
     assert _nesting_exceeds(deep, MAX_NESTING)
     assert not _nesting_exceeds("scalar", 0)
+
+
+@pytest.mark.parametrize("priority", ["true", "1.0", '"urgent"', "7", "null"])
+def test_priority_must_be_a_name_or_0_to_3(client, priority: str) -> None:
+    body = f'{{"task":"search.index","args":["d"],"priority":{priority}}}'
+    response = client.post("/v1/jobs", content=body, headers=AUTH)
+    assert response.status_code == 422, response.text[:300]
+    assert "priority" in response.text
