@@ -287,7 +287,9 @@ class DeadLetters:
         from workers.topology import broker_priority
 
         check_replayable(record, force=force)
-        keep = {k: v for k, v in record.headers.items() if k in h.ALL and k != h.ATTEMPT}
+        # A replay is a new decision: the old deadline and attempt count do not carry over.
+        keep = {k: v for k, v in record.headers.items()
+                if k in h.ALL and k not in (h.ATTEMPT, h.DEADLINE)}
         keep["tidegate_replayed_from"] = record.id
         prio = keep.get(h.PRIORITY)
         priority = None

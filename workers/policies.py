@@ -47,7 +47,7 @@ class WorkerState:
 
 
 _lock = threading.Lock()
-_state: dict[int, WorkerState] = {}
+_state: dict[tuple[int, int], WorkerState] = {}
 
 
 def _deferral_sink(dependency: str) -> Any:
@@ -95,8 +95,7 @@ def build_state(settings: Settings, topology: Topology) -> WorkerState:
 
 def state_for(app: Any) -> WorkerState:
     """This process's state for ``app`` (built on first use)."""
-    pid = os.getpid()
-    key = id(app) ^ pid
+    key = (id(app), os.getpid())
     state = _state.get(key)
     if state is None:
         with _lock:

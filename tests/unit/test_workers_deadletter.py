@@ -109,3 +109,22 @@ def test_a_message_cannot_raise_the_workers_time_limits(asked, expected):
     headers = {"task": "email.send", "timelimit": asked}
     clamp_time_limits(headers, 90.0, 60.0)
     assert headers["timelimit"] == expected
+
+
+def test_replay_keeps_identity_and_key_but_not_the_deadline_or_attempts():
+    sent = {}
+    app = SimpleNamespace(
+        tidegate_settings=SimpleNamespace(transport="redis"), tidegate_topology=None,
+        send_task=lambda name, **kw: sent.update(name=name, **kw))
+    record = dl.DeadLetter(
+        reason=dl.RETRIES_EXHAUSTED, queue="email", task="email.send", task_id="t-9",
+        args=["a@x", "s"], kwargs={"body": "b"}, idempotency_key="k-9", idempotent=True,
+        headers={"tidegate_idempotency_key": "k-9", "tidegate_priority": "CRITICAL",
+                 "tidegate_deadline": 1.0, "tidegate_attempt": 4, "other": "x"})
+    assert dl.DeadLetters(app).replay_message(record) == "t-9"
+    assert sent["name"] == "email.send" and sent["task_id"] == "t-9"
+    assert sent["queue"] == "email" and sent["args"] == ["a@x", "s"]
+    assert sent["priority"] == 0  # CRITICAL on Redis
+    assert sent["headers"] == {"tidegate_idempotency_key": "k-9",
+                               "tidegate_priority": "CRITICAL",
+                               "tidegate_replayed_from": record.id}
