@@ -154,3 +154,26 @@ def test_prefork_soft_time_limit_dead_letters_an_unfinished_charge(
 def sims_slow_policy(sims, tmp_path: Path) -> Path:
     return write_policy(tmp_path / "slow-policy.toml", sims, payments_timeout_ms=8000,
                         payments_deadline_ms=9000)
+
+
+def test_warm_shutdown_finishes_the_running_task_and_returns_the_rest(
+        broker, sims, producer, start_worker, slow_env, celery_app, state_redis):
+    import signal
+
+    sims["email"].control(mode="slow", latency_ms=400)  # below the 500 ms timeout
+    jobs = [producer.enqueue("email.send", [f"s{i}@x", "hi"], idempotency_key=f"stop-{i}")
+            for i in range(4)]
+    first = start_worker("email", env=slow_env, concurrency=1)
+    wait_until(lambda: sims["email"].ledger()["requests"] >= 1, 30, message="one in flight")
+    first.kill(signal.SIGTERM)
+    wait_until(lambda: not first.alive(), 30, message="the worker exits")
+    assert "Warm shutdown" in first.output()
+    finished = {k for k, m in marks(state_redis, "email.send").items() if m["s"] == "done"}
+    assert finished, "the task in flight was finished before exiting"
+    sims["email"].control(mode="healthy")
+    start_worker("email", env=slow_env)
+    wait_until(lambda: sims["email"].ledger()["applied"] == len(jobs), REDELIVERY_S,
+               message="every email sent after the restart")
+    effects = sims["email"].ledger()["effects"]
+    assert all(effects[f"stop-{i}"]["requests"] == 1 for i in range(4))  # none run twice
+    assert dead_letters(celery_app, "email") == []
