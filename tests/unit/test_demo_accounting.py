@@ -84,3 +84,9 @@ def test_an_effect_no_job_explains_fails_a_check() -> None:
                            "email": {"effects": {}}})
     acc = reconcile([], rec)
     assert acc.unexpected_effects == {"search": ["zz"]} and not acc.ok
+
+
+def test_a_job_still_in_the_broker_is_listed_as_queued_not_missing() -> None:
+    j = job(1, "search.index", "low", "k1")
+    acc = reconcile([j], records(still_queued=frozenset({j.id})))
+    assert acc.by_outcome["still_queued"] == 1 and acc.balanced

@@ -31,7 +31,7 @@ from tidegate.demo.storm import Job
 SIM_FOR_TASK = {"payments.charge": "payments", "search.index": "search", "email.send": "email"}
 PRIORITIES = ("critical", "high", "medium", "low")
 OUTCOMES = ("served", "shed_503", "rate_limited_429", "dead_lettered", "still_deferred",
-            "refused_other", "unanswered", "missing")
+            "still_queued", "refused_other", "unanswered", "missing")
 _DEFERRED_LOG = re.compile(r"email\.send\[([0-9a-f-]{36})\]: \w+ unavailable; deferred as")
 _RECEIVED_LOG = re.compile(r"Task email\.send\[([0-9a-f-]{36})\] received")
 
@@ -63,6 +63,7 @@ class Records:
     marks: Mapping[str, Mapping[str, Any]]  # "task:kind:value" -> mark record
     email_worker_log: str
     replay_task_id: Any  # callable: idempotency key -> the replay's task id
+    still_queued: frozenset[str] = frozenset()  # task ids in a broker queue or held unacked
 
 
 @dataclass
@@ -101,6 +102,24 @@ def mark_id(job: Job) -> str | None:
     if job.key:
         return f"{job.task}:key:{job.key}"
     return f"{job.task}:task:{job.id}" if job.id else None
+
+
+def queued_task_ids(broker: Any, queues: Iterable[str], steps: Iterable[int] = (3, 6, 9),
+                    sep: str = ":") -> frozenset[str]:
+    """Task ids of the messages still in the broker's Redis: ready (every priority list) or
+    delivered and not acked (kombu's ``unacked`` hash, where held retries wait too)."""
+    raw: list[Any] = []
+    for q in queues:
+        for key in [q, *(f"{q}{sep}{n}" for n in steps)]:
+            raw.extend(broker.lrange(key, 0, -1))
+    raw.extend(json.loads(v)[0] for v in broker.hvals("unacked"))
+    ids = set()
+    for message in raw:
+        doc = json.loads(message) if isinstance(message, str | bytes) else message
+        task_id = (doc.get("headers") or {}).get("id")
+        if task_id:
+            ids.add(task_id)
+    return frozenset(ids)
 
 
 def read_marks(state: Any) -> dict[str, dict[str, Any]]:
@@ -182,6 +201,9 @@ def _one(job: Job, sim: str, lkey: str | None, effects: Mapping[str, Any],
         o.outcome, o.evidence = "served", f"{sim} ledger: effect under {lkey}"
     elif job.key and job.key in deferred_keys:
         o.outcome, o.evidence = "still_deferred", "SQS deferral queue"
+    elif job.id in rec.still_queued or (
+            job.key and rec.replay_task_id(job.key) in rec.still_queued):
+        o.outcome, o.evidence = "still_queued", "in a broker queue (ready or held unacked)"
     elif job.status is None:
         o.outcome, o.evidence = "unanswered", f"no answer from the API ({job.error})"
     elif job.status != 202:
@@ -192,7 +214,7 @@ def _one(job: Job, sim: str, lkey: str | None, effects: Mapping[str, Any],
 def _checks(acc: Accounting) -> None:
     outs = acc.outcomes
     missing = [o for o in outs if o.outcome == "missing"]
-    acc.checks.append(("every accepted job is served, dead-lettered or still deferred",
+    acc.checks.append(("every accepted job is served, dead-lettered, or still queued / deferred",
                        not missing, f"{len(missing)} missing" if missing else "0 missing"))
     crit_shed = [o for o in outs if o.job.priority == "critical"
                  and o.outcome in ("shed_503", "rate_limited_429")]

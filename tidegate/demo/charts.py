@@ -29,6 +29,7 @@ OUTCOME_STYLE = [  # (outcome, label, colour)
     ("served", "served", "#2e7d32"),
     ("served_replayed", "served after a replay from SQS", "#81c784"),
     ("still_deferred", "still deferred (SQS)", "#ffb74d"),
+    ("still_queued", "still queued", "#90caf9"),
     ("dead_lettered", "dead-lettered", "#6d4c41"),
     ("shed_503", "shed (503)", "#c62828"),
     ("rate_limited_429", "rate limited (429)", "#ef9a9a"),

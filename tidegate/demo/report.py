@@ -54,7 +54,7 @@ def _priority_table(acc: Accounting) -> list[str]:
                  and o.seconds_to_effect is not None]
         p50, p95 = percentile(waits, 50), percentile(waits, 95)
         lat = f"{p50:.2f} / {p95:.2f}" if p50 is not None and p95 is not None else "-"
-        other = c["refused_other"] + c["unanswered"] + c["missing"]
+        other = c["still_queued"] + c["refused_other"] + c["unanswered"] + c["missing"]
         lines.append(f"| {p.upper()} | {len(outs)} | {c['served']} | {replayed} | "
                      f"{c['shed_503']} | {c['rate_limited_429']} | {c['dead_lettered']} | "
                      f"{c['still_deferred']} | {other} | {lat} |")
@@ -155,14 +155,15 @@ def render(record: StormRecord, acc: Accounting, records: Records,
     c = acc.by_outcome
     total = len(acc.outcomes)
     when = dt.datetime.fromtimestamp(record.started_at).strftime("%Y-%m-%d %H:%M:%S")
-    verdict = "NOTHING LOST" if acc.ok else "CHECK FAILED"
+    verdict = ("NOTHING LOST" if acc.ok else f"{c['missing']} JOB(S) LOST" if c["missing"]
+               else "CHECK FAILED")
     eq = (f"{total} jobs in = {c['served']} served + {c['shed_503']} shed (503) + "
           f"{c['rate_limited_429']} rate limited (429) + {c['dead_lettered']} dead-lettered + "
           f"{c['still_deferred']} still deferred")
-    extra = c["refused_other"] + c["unanswered"] + c["missing"]
+    extra = c["still_queued"] + c["refused_other"] + c["unanswered"] + c["missing"]
     if extra:
-        eq += (f" + {c['refused_other']} other refusals + {c['unanswered']} unanswered + "
-               f"{c['missing']} MISSING")
+        eq += (f" + {c['still_queued']} still queued + {c['refused_other']} other refusals + "
+               f"{c['unanswered']} unanswered + {c['missing']} MISSING")
     drained = (f"drained {record.drained_at - record.duration:.0f}s after the storm"
                if record.drained_at else f"NOT drained within {record.drain_timeout:.0f}s")
     lines = [
@@ -220,7 +221,7 @@ def render(record: StormRecord, acc: Accounting, records: Records,
 def _exception_lines(acc: Accounting) -> list[str]:
     """Every job that is not simply served, refused, dead-lettered or deferred, one by one."""
     odd = [o for o in acc.outcomes if o.outcome in ("missing", "unanswered", "refused_other",
-                                                    "still_deferred")]
+                                                    "still_deferred", "still_queued")]
     if not odd:
         return []
     lines = ["Listed one by one:", ""]
@@ -255,6 +256,7 @@ def jobs_jsonl(acc: Accounting) -> str:
         rows.append(json.dumps({
             "stream": j.stream, "task": j.task, "priority": j.priority, "key": j.key,
             "id": j.id, "status": j.status, "state": j.state, "outcome": o.outcome,
+            "sent_at": j.sent_at, "answered_at": j.answered_at,
             "evidence": o.evidence, "deferred_by": o.deferred_by, "replayed": o.replayed,
             "dlq_reason": o.dlq_reason, "effect_applied": o.effect_applied,
             "mark": o.mark, "seconds_to_effect": o.seconds_to_effect}))

@@ -139,6 +139,7 @@ class Sample:
     t: float  # seconds since the storm started
     queues: dict[str, dict[str, Any]]
     breakers: dict[str, str]
+    errors: tuple[str, ...] = ()  # what could not be read (such a sample is never "idle")
 
 
 @dataclass
@@ -281,7 +282,8 @@ class Sampler(threading.Thread):
                            "dead_letter": q.dead_letter, "deferred": q.deferred}
                   for q in snap.queues}
         breakers = {b.dependency: b.state for b in snap.breakers}
-        sample = Sample(round(time.time() - self.record.started_at, 2), queues, breakers)
+        sample = Sample(round(time.time() - self.record.started_at, 2), queues, breakers,
+                        tuple(snap.errors))
         self.record.samples.append(sample)
         return sample
 
@@ -310,11 +312,12 @@ def _sleep_until(record: StormRecord, t: float, stop: threading.Event) -> None:
 
 
 def idle(sample: Sample | None) -> bool:
-    """Nothing ready, in flight (held retries included) or waiting in SQS."""
-    if sample is None:
+    """Nothing ready, in flight (held retries included) or waiting in SQS, and every figure
+    read: a reading that failed is not a zero."""
+    if sample is None or sample.errors:
         return False
-    return all((q["ready"] or 0) + (q["in_flight"] or 0) + (q["delayed"] or 0)
-               + (q["deferred"] or 0) == 0 for q in sample.queues.values())
+    return all(q["ready"] == 0 and q["in_flight"] == 0 and not q["delayed"]
+               and not q["deferred"] for q in sample.queues.values())
 
 
 def run_storm(stack: DemoStack, observer: Any, state: Any, duration: float,
