@@ -12,6 +12,7 @@ there, as the raw task message with RabbitMQ's ``x-death`` header; :func:`parse`
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import socket
 import time
@@ -25,6 +26,7 @@ from kombu import Connection, Exchange, Queue
 
 from resilience.errors import PermanentError, TransientError
 from workers import headers as h
+from workers.errors import BrokerUnavailable
 from workers.topology import DLX_EXCHANGE, Topology
 
 RECORD_MARK = "tidegate_dead_letter"  # header set on every record Tidegate publishes
@@ -157,6 +159,19 @@ def _epoch(value: Any) -> float:
     return float(value) if isinstance(value, int | float) else time.time()
 
 
+@contextlib.contextmanager
+def _broker_errors(settings: Any) -> Iterator[None]:
+    """Broker trouble as one clear, typed error (exit 3 in the CLI), password left out."""
+    import redis
+    from kombu.exceptions import KombuError, OperationalError
+
+    try:
+        yield
+    except (OSError, OperationalError, KombuError, redis.exceptions.RedisError) as exc:
+        where = Connection(settings.broker_url).as_uri(include_password=False)
+        raise BrokerUnavailable(f"broker unreachable at {where}: {exc}") from None
+
+
 class DeadLetters:
     """Publish to and operate on the DLQs of one Celery app's broker."""
 
@@ -200,6 +215,10 @@ class DeadLetters:
     def list(self, queue: str, limit: int | None = None) -> list[DeadLetter]:
         """The records in ``queue``'s DLQ, oldest first, without removing them."""
         self.topology.check_queue(queue)
+        with _broker_errors(self.settings):
+            return self._list(queue, limit)
+
+    def _list(self, queue: str, limit: int | None) -> list[DeadLetter]:
         dlq = self.topology.dead_letter_queue(queue)
         out: list[DeadLetter] = []
         if self.settings.transport == "redis":
@@ -246,6 +265,11 @@ class DeadLetters:
         ``handle`` runs first: if it raises, the record stays in the DLQ.
         """
         self.topology.check_queue(queue)
+        with _broker_errors(self.settings):
+            yield from self._take(queue, select, handle)
+
+    def _take(self, queue: str, select: Callable[[DeadLetter], bool],
+              handle: Callable[[DeadLetter], None]) -> Iterator[DeadLetter]:
         dlq = self.topology.dead_letter_queue(queue)
         if self.settings.transport == "redis":
             client = self._redis()
@@ -276,7 +300,7 @@ class DeadLetters:
     def purge(self, queue: str) -> int:
         """Delete every record in ``queue``'s DLQ; returns how many there were."""
         self.topology.check_queue(queue)
-        with self._connection() as conn:
+        with _broker_errors(self.settings), self._connection() as conn:
             bound = dead_letter_queue(self.topology, queue)(conn.default_channel)
             bound.declare()
             return int(bound.purge() or 0)

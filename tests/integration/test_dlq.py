@@ -86,3 +86,13 @@ def test_unknown_queue_is_a_clear_error(broker, fast_policy):
     result = cli(broker, fast_policy, "dlq", "list", "nosuchqueue")
     assert result.returncode == 2
     assert "unknown queue 'nosuchqueue'" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_unreachable_broker_is_one_line_exit_3_without_the_password(fast_policy):
+    from tests.conftest import Broker
+
+    down = Broker("amqp", "amqp://guest:s3cret@127.0.0.1:1//")
+    result = cli(down, fast_policy, "dlq", "list", "payments")
+    assert result.returncode == 3
+    assert "broker unreachable" in result.stderr and "s3cret" not in result.stderr
+    assert "Traceback" not in result.stderr
