@@ -126,14 +126,15 @@ def _deferral_lines(acc: Accounting, records: Records,
     return lines
 
 
-def _kill_lines(record: StormRecord, acc: Accounting) -> list[str]:
+def _kill_lines(record: StormRecord, acc: Accounting, timings: Timings) -> list[str]:
     marks = record.killed_in_flight
-    if not marks:
-        return ["- the payments worker was SIGKILLed; no charge was in progress at that instant."]
     at = record.killed_at if record.killed_at is not None else record.phases.kill
-    lines = [f"- SIGKILL at {at:.1f}s with {len(marks)} charge(s) in progress "
-             "(idempotency marks `started`); the restarted worker got them back after the "
-             "visibility timeout:"]
+    if not marks:
+        return [f"- the payments worker was SIGKILLed at {at:.1f}s; no charge was seen in "
+                "progress at that instant."]
+    lines = [f"- SIGKILL at {at:.1f}s with {len(marks)} charge(s) in progress (idempotency "
+             "marks `started`). What the killed worker held comes back to the restarted one "
+             f"after the visibility timeout ({timings.visibility_timeout_s}s):"]
     by_mark = {}
     for o in acc.outcomes:
         if o.job.task == "payments.charge":
@@ -143,10 +144,19 @@ def _kill_lines(record: StormRecord, acc: Accounting) -> list[str]:
         if o is None:
             lines.append(f"  - `{m}`: not a job of this storm")
             continue
-        kind = "keyed (idempotent)" if o.job.key else "unkeyed (not idempotent)"
-        fate = o.dlq_reason or o.outcome
-        lines.append(f"  - `{m}` {kind}: {fate}; effect applied: "
-                     f"{'yes, once' if o.effect_applied else 'no'}")
+        applied = "applied once" if o.effect_applied else "not applied"
+        if o.outcome == "dead_lettered":
+            fate = (f"not run again: dead-lettered as `{o.dlq_reason}`; the provider's ledger: "
+                    f"{applied}")
+        elif o.job.key and o.attempts_downstream > 1:
+            fate = f"redelivered and run again with its key; the provider {applied} it"
+        elif o.outcome == "served":
+            fate = ("it finished in the milliseconds between the check and the signal "
+                    f"(acked, mark done); {applied}")
+        else:
+            fate = f"{o.outcome}: {o.evidence}"
+        kind = "keyed" if o.job.key else "unkeyed, not idempotent"
+        lines.append(f"  - `{m}` ({kind}): {fate}")
     return lines
 
 
@@ -202,7 +212,7 @@ def render(record: StormRecord, acc: Accounting, records: Records,
         *_breaker_lines(record), "",
         "## Queue for later (SQS) and replay", "", *_deferral_lines(acc, records, stats), "",
         "## Dead-letter queues", "", *_dlq_lines(acc, records), "",
-        "## Worker killed mid-task", "", *_kill_lines(record, acc), "",
+        "## Worker killed mid-task", "", *_kill_lines(record, acc, timings), "",
         "## The proof", "", f"`{eq}`", "",
         *_exception_lines(acc),
         "| check | result | |", "|---|---|---|",
