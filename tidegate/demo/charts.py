@@ -61,7 +61,8 @@ def _phase_bands(ax, record: StormRecord, labels: bool) -> None:
     for (a, b), color, label in bands:
         ax.axvspan(a, b, color=color, alpha=0.08, lw=0, zorder=0,
                    label=label if labels else None)
-    ax.axvline(p.kill, color="black", ls=":", lw=1.2,
+    ax.axvline(record.killed_at if record.killed_at is not None else p.kill, color="black",
+               ls=":", lw=1.2,
                label="payments worker SIGKILL" if labels else None)
     a, b = p.flood
     ax.axvline(a, color="#1565c0", ls="--", lw=0.8, alpha=0.6)
@@ -88,8 +89,10 @@ def depth_chart(path: Path, record: StormRecord) -> Path:
     for queue in ("search", "email"):
         hi = WATERMARKS[queue][1]
         top.axhline(hi, color=QUEUE_COLORS[queue], lw=0.8, ls=(0, (1, 3)))
-        top.annotate(f"{queue} high watermark ({hi})", (0, hi), xytext=(4, 2),
-                     textcoords="offset points", fontsize=8, color=QUEUE_COLORS[queue])
+        top.annotate(f"{queue} high watermark ({hi})", (1.0, hi),
+                     xycoords=("axes fraction", "data"), xytext=(-4, 3), ha="right",
+                     textcoords="offset points", fontsize=8, color=QUEUE_COLORS[queue],
+                     bbox={"facecolor": "white", "edgecolor": "none", "alpha": 0.7, "pad": 1})
     _phase_bands(top, record, labels=True)
     top.set_ylabel("messages (ready + in flight)")
     top.set_title("Queue depth during the storm")
