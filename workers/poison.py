@@ -42,6 +42,15 @@ def _origin_queue(app: Any, message: Any, task: str | None) -> str:
     return topology.queue_for_task(task) if task else topology.work_queues[-1]
 
 
+def signature_of(task: Any) -> inspect.Signature:
+    """The task's call signature, computed once per task object (it is on every path)."""
+    cached = task.__dict__.get("_tidegate_signature")
+    if cached is None:
+        cached = inspect.signature(task.run)
+        task.__dict__["_tidegate_signature"] = cached
+    return cached
+
+
 def check_message(app: Any, message: Any) -> None:
     """Raise :class:`Poison` if ``message`` cannot run as a task of ``app``."""
     headers = message.headers if isinstance(message.headers, dict) else None
@@ -66,7 +75,7 @@ def check_message(app: Any, message: Any) -> None:
             and isinstance(body[1], dict)):
         raise Poison(dl.UNDECODABLE, "body is not [args, kwargs, embed]", task=name)
     try:
-        inspect.signature(task.run).bind(*body[0], **body[1])
+        signature_of(task).bind(*body[0], **body[1])
     except TypeError as exc:
         raise Poison(dl.INVALID_ARGUMENTS, f"{name}: {exc}", task=name, args=list(body[0]),
                      kwargs=dict(body[1])) from exc

@@ -38,7 +38,6 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
-import inspect
 import logging
 import random
 import time
@@ -64,6 +63,7 @@ from workers import deadletter as dl
 from workers import headers as h
 from workers.errors import InvalidPayload
 from workers.idempotency import MarkState, StoreUnavailable, mark_key
+from workers.poison import signature_of
 from workers.policies import WorkerState, state_for
 
 log = logging.getLogger("tidegate.worker")
@@ -260,7 +260,7 @@ class ResilientTask(Task):
 
     def _deliver(self, state: WorkerState, ex: Execution, args: tuple, kwargs: dict) -> Any:
         try:
-            inspect.signature(self.run).bind(*args, **kwargs)
+            signature_of(self).bind(*args, **kwargs)
         except TypeError as exc:
             return self._dead_letter(state, ex, dl.INVALID_ARGUMENTS,
                                      InvalidPayload(f"{self.name}: {exc}"), mark=False)
