@@ -305,12 +305,19 @@ class ResilientTask(Task):
         except Exception as exc:  # a bug in the task: keep the message, with its traceback
             return self._dead_letter(state, ex, dl.BUG, exc)
         if isinstance(result, Deferred):
-            state.idempotency.release(self.name, ex.mark)
+            with contextlib.suppress(StoreUnavailable):
+                state.idempotency.release(self.name, ex.mark)
             log.warning("%s[%s]: %s unavailable; deferred as %s (queue for later)", ex.task,
                         ex.task_id, result.dependency, result.id)
             return _jsonable(result)
         result = _jsonable(result)
-        state.idempotency.finish(self.name, ex.mark, result)
+        try:
+            state.idempotency.finish(self.name, ex.mark, result)
+        except StoreUnavailable as exc:
+            # The effect happened; only the mark is stale ("started"). A duplicate then runs
+            # again if idempotent, or is dead-lettered as outcome unknown: never repeated.
+            log.warning("%s[%s]: done, but the done mark was not stored: %s", ex.task,
+                        ex.task_id, exc)
         if ex.fallbacks:
             log.warning("%s[%s]: done degraded (fallbacks: %s)", ex.task, ex.task_id,
                         ", ".join(ex.fallbacks))
