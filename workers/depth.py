@@ -21,6 +21,7 @@ shared publish counter and successive readings; Retry-After is computed from it.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -403,6 +404,12 @@ class SharedDepthCache:
     ``window_s`` is ``(published delta - backlog delta) / elapsed``, at least the fall in
     backlog.
     If Redis is down, every process probes for itself (depth stays available).
+
+    The publish path pays no Redis round trip of its own: publishes are counted locally and
+    merged into the shared counter every ``flush_s`` (by a background thread, so an idle
+    producer's last counts still arrive), and an estimate younger than ``reuse_s`` is reused
+    with this process's own publishes added. Another process's publishes are therefore seen
+    within ``flush_s + reuse_s`` (0.1 s by default) — well inside one depth TTL.
     """
 
     def __init__(
@@ -414,9 +421,20 @@ class SharedDepthCache:
         window_s: float = 10.0,
         prefix: str = "tidegate:depth",
         clock: Callable[[], float] = time.time,
+        flush_s: float = 0.05,
+        reuse_s: float = 0.05,
     ) -> None:
         if not ttl_s > 0 or not window_s > ttl_s:
             raise ConfigError("depth cache needs ttl_s > 0 and window_s > ttl_s")
+        if not 0 < flush_s <= ttl_s or not 0 <= reuse_s <= ttl_s:
+            raise ConfigError("depth cache needs 0 < flush_s <= ttl_s and 0 <= reuse_s <= ttl_s")
+        self.flush_s, self.reuse_s = flush_s, reuse_s
+        self._lock = threading.Lock()
+        self._pending: dict[str, int] = {}
+        self._published_here: dict[str, int] = {}
+        self._recent: dict[str, tuple[DepthEstimate, float, int]] = {}
+        self._flusher: threading.Thread | None = None
+        self._wake = threading.Event()
         self.probe = probe
         self.redis = redis_client
         self.ttl_s = ttl_s
@@ -430,17 +448,63 @@ class SharedDepthCache:
         return f"{self.prefix}:{{{queue}}}:{what}"
 
     def record_published(self, queue: str, count: int = 1) -> None:
-        """Count messages a producer published to ``queue`` (best effort; never raises)."""
+        """Count messages this process published to ``queue`` (no Redis call; never raises)."""
+        with self._lock:
+            self._pending[queue] = self._pending.get(queue, 0) + count
+            self._published_here[queue] = self._published_here.get(queue, 0) + count
+            if self._flusher is None:
+                self._flusher = threading.Thread(target=self._flush_loop, daemon=True,
+                                                 name="tidegate-depth-flush")
+                self._flusher.start()
+        self._wake.set()
+
+    def flush(self) -> None:
+        """Merge the locally counted publishes into the shared counters now (best effort)."""
         import redis
 
-        with contextlib.suppress(redis.RedisError, OSError):
-            self.redis.incrby(self._key(queue, "published"), count)
+        with self._lock:
+            pending, self._pending = self._pending, {}
+        pending = {q: n for q, n in pending.items() if n}
+        if not pending:
+            return
+        try:
+            with self.redis.pipeline(transaction=False) as pipe:
+                for queue, n in pending.items():
+                    pipe.incrby(self._key(queue, "published"), n)
+                pipe.execute()
+        except (redis.RedisError, OSError):
+            with self._lock:  # keep them for the next try: the counter only ever grows
+                for queue, n in pending.items():
+                    self._pending[queue] = self._pending.get(queue, 0) + n
+
+    def _flush_loop(self) -> None:
+        while True:
+            self._wake.wait()
+            self._wake.clear()
+            time.sleep(self.flush_s)  # gather a batch, then merge it
+            self.flush()
 
     def depth(self, queue: str) -> QueueDepth:
         """The freshest shared reading (at most ``ttl_s`` old unless the probe is failing)."""
         return self.estimate(queue).reading
 
     def estimate(self, queue: str) -> DepthEstimate:
+        """Reading + what was published since + drain rate (reused for ``reuse_s``)."""
+        now = self.clock()
+        with self._lock:
+            recent = self._recent.get(queue)
+            here = self._published_here.get(queue, 0)
+        if recent is not None and now - recent[1] < self.reuse_s:
+            est, _, here_then = recent
+            return dataclasses.replace(est, published_since=est.published_since + here
+                                       - here_then)
+        self.flush()  # our own publishes belong in the shared counter before we read it
+        est = self._shared_estimate(queue)
+        with self._lock:
+            self._recent[queue] = (est, now, here)
+        return est
+
+    def _shared_estimate(self, queue: str) -> DepthEstimate:
         """Reading + what was published since + drain rate, in one Redis round trip."""
         import redis
 
