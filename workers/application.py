@@ -9,7 +9,9 @@ hanging. The same app runs unchanged on Redis, RabbitMQ and SQS URLs.
 
 from __future__ import annotations
 
+import ssl
 from typing import Any
+from urllib.parse import urlsplit
 
 from celery import Celery
 
@@ -60,6 +62,24 @@ def transport_options(settings: Settings) -> dict[str, Any]:
     return {}
 
 
+def broker_transport(settings: Settings) -> dict[str, Any]:
+    """Celery settings that pick Tidegate's Redis transport (see ``workers.transport``).
+
+    ``broker_transport`` wins over the URL's scheme in kombu's ``Connection``. kombu turns TLS
+    on for a ``rediss://`` URL only when the transport is named ``rediss``, so without
+    ``ssl_*`` options in the URL this keeps kombu's own default for that scheme.
+    """
+    if settings.transport != "redis" or not settings.redis_reliable_fetch:
+        return {}
+    from workers.transport import TRANSPORT_PATH
+
+    conf: dict[str, Any] = {"broker_transport": TRANSPORT_PATH}
+    parts = urlsplit(settings.broker_url)
+    if parts.scheme == "rediss" and "ssl_" not in parts.query:
+        conf["broker_use_ssl"] = {"ssl_cert_reqs": ssl.CERT_NONE}  # kombu's rediss default
+    return conf
+
+
 def create_app(settings: Settings | None = None, topology: Topology | None = None) -> Celery:
     """Build the Celery app from settings and the topology (both read once)."""
     settings = settings or get_settings()
@@ -96,7 +116,23 @@ def create_app(settings: Settings | None = None, topology: Topology | None = Non
         broker_connection_max_retries=None,
         broker_transport_options=transport_options(settings),
         broker_pool_limit=10,
+        **broker_transport(settings),
     )
+    _report_to_cluster(app, settings)
     app.tidegate_settings = settings  # type: ignore[attr-defined]
     app.tidegate_topology = topology  # type: ignore[attr-defined]
     return app
+
+
+def _report_to_cluster(app: Celery, settings: Settings) -> None:
+    """In worker processes: mirror this process's counters (sheds, retries, dead letters...)
+    and each task's processing time into the shared Redis, where the exporter and the
+    desired-workers figure read them. Only Celery's worker signals start anything."""
+    from resilience.stores import redis_client
+    from workers.autoscale import ProcessingTimes, record_processing_times
+    from workers.cluster_metrics import install
+
+    client = redis_client(settings.redis_url, socket_timeout=settings.read_timeout_s,
+                          socket_connect_timeout=settings.connect_timeout_s)
+    install(app, client)
+    record_processing_times(app, ProcessingTimes(client))

@@ -45,6 +45,9 @@ class Settings(BaseSettings):
     task_soft_time_limit_s: float = Field(default=60.0, gt=0)
     task_hard_time_limit_s: float = Field(default=90.0, gt=0)
     visibility_timeout_s: int = Field(default=3600, gt=0)
+    # Redis brokers: pop + unacked record in one Lua script (workers.transport), so a worker
+    # SIGKILLed mid-fetch loses nothing. false: kombu's stock Redis transport.
+    redis_reliable_fetch: bool = True
 
     # Queue for later (docs/queue-for-later.md). Queues are "tidegate-deferred-<dependency>"
     # (+ "-dlq") unless named or given by URL: "email=https://sqs.../q,search=my-queue".

@@ -87,9 +87,10 @@ KILL_WINDOW = "lost at the SIGKILL"
 
 def explain_missing(record: StormRecord, job: Any, seen: str) -> str:
     """Say what a job found nowhere looks like. One signature is known: accepted before the
-    worker was SIGKILLed and never received by any worker. kombu's Redis transport pops a
-    message (BRPOP) and records it as unacked in a second step; a worker killed between the
-    two (the reply may sit in its socket) loses the message. See docs/demo.md."""
+    worker was SIGKILLed and never received by any worker. kombu's stock Redis transport pops
+    a message (BRPOP) and records it as unacked in a second step; a worker killed between the
+    two loses it. ``workers.transport`` closes that gap (docs/delivery.md); the label stays so
+    a regression, or ``TIDEGATE_REDIS_RELIABLE_FETCH=false``, is named, never excused."""
     killed = record.killed_at
     answered = (job.answered_at - record.started_at) if job.answered_at else None
     never_received = "worker-" not in seen

@@ -1,0 +1,218 @@
+"""kombu's Redis transport with a fetch that cannot lose a message to ``kill -9``.
+
+Why: kombu's Redis transport takes a message off its queue with ``BRPOP`` and records it as
+unacked (``HSET unacked`` + ``ZADD unacked_index``) in a second, separate step in the consumer
+process (``Channel._brpop_read`` then ``QoS.append``). A worker SIGKILLed between the two loses
+the message for good: it is in no list and in no unacked record, so no visibility timeout
+brings it back (celery/celery#7950, celery/kombu#305; still so in kombu 5.7). ``tidegate demo``
+saw it under load. DESIGN.md promises "worker killed mid-task: redelivered (late ack)".
+
+How: a message leaves its queue list only inside one Lua script that also records it as
+unacked, in kombu's exact format (``unacked[tag] = [payload, exchange, routing_key]`` and
+``unacked_index[tag] = now``), so kombu's own ``ack``/``reject``/``restore_visible`` work
+unchanged. The consumer's blocking ``BRPOP`` (still on the hub socket, as kombu does it) now
+waits on a per-queue *signal* list (``_tidegate.signal.<queue>``) that the publisher rings in
+the same transaction as its ``LPUSH``; a token, or the ``BRPOP`` timeout, runs the script. The
+timeout keeps messages found that arrive without a token (bare Celery/kombu producers, kombu's
+restore, a token lost with a killed worker): at most ``brpop_timeout`` (1 s) late. A token
+without a message is harmless. The script keeps each signal list honest for the queues it
+reads (emptied when the queue is empty, one token left when messages remain), and a publish
+caps it and gives it a TTL, so a queue nobody consumes (a DLQ) keeps a small, expiring one.
+
+Everything else is kombu's: priorities (``sep``, ``priority_steps``), the queue cycle, fanout
+(pub/sub), restore, ``global_keyprefix``. Queues consumed with ``no_ack`` (Celery's reply
+queues) are popped without an unacked record, as before. Off with
+``TIDEGATE_REDIS_RELIABLE_FETCH=false`` (``workers.application``).
+"""
+
+from __future__ import annotations
+
+from queue import Empty
+from time import monotonic, time
+from typing import Any
+
+from kombu import connection as kombu_connection
+from kombu.transport import redis as kombu_redis
+from kombu.utils.encoding import bytes_to_str
+from kombu.utils.json import dumps, loads
+
+SIGNAL_PREFIX = "_tidegate.signal."  # never "<queue><sep><n>": not a queue's sub-list
+SIGNAL_CAP = 100  # tokens kept per queue: wakes that many idle consumers at once
+SIGNAL_TTL_MS = 3_600_000  # a signal list nobody reads disappears; tokens are only hints
+
+# KEYS[1] signal list. ARGV: 1 cap, 2 ttl ms. EVAL, not EVALSHA: kombu's key-prefixing client
+# rewrites EVALSHA's first key but leaves EVAL alone, so keys arrive here already prefixed.
+RING = """
+redis.call('LPUSH', KEYS[1], '1')
+redis.call('LTRIM', KEYS[1], 0, tonumber(ARGV[1]) - 1)
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+"""
+
+# KEYS: unacked, unacked_index, then per queue: its signal list and its data lists in
+# priority-step order. ARGV: 1 queues, 2 steps, 3 now, 4 ttl ms, 5.. per queue "1" to record
+# as unacked ("0": consumed with no_ack). Pops the first message in kombu's BRPOP order
+# (priority step first, then queue) and records it in the same script. Returns nil or
+# {queue index, payload, recorded}. A payload it cannot read is returned unrecorded: the
+# consumer then fails on it exactly as kombu does.
+FETCH = """
+local n, s, now = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3]
+local function base(i) return 2 + (i - 1) * (s + 1) end
+local found, item, recorded = nil, nil, 0
+for p = 1, s do
+  for i = 1, n do
+    item = redis.call('RPOP', KEYS[base(i) + 1 + p])
+    if item then found = i break end
+  end
+  if found then break end
+end
+if found and ARGV[4 + found] == '1' then
+  local ok, m = pcall(cjson.decode, item)
+  local props = ok and type(m) == 'table' and m['properties']
+  if type(props) == 'table' and type(props['delivery_tag']) == 'string'
+      and type(props['delivery_info']) == 'table' then
+    local info = props['delivery_info']
+    local ex, rk = info['exchange'], info['routing_key']
+    if type(ex) == 'string' and type(rk) == 'string' then
+      local tag = props['delivery_tag']
+      -- the payload's own JSON text, not a re-encoding: cjson would round numbers
+      redis.call('HSET', KEYS[1], tag,
+                 '[' .. item .. ',' .. cjson.encode(ex) .. ',' .. cjson.encode(rk) .. ']')
+      redis.call('ZADD', KEYS[2], now, tag)
+      recorded = 1
+    end
+  end
+end
+for i = 1, n do
+  local b, left = base(i), 0
+  for p = 1, s do left = left + redis.call('LLEN', KEYS[b + 1 + p]) end
+  if left == 0 then
+    redis.call('DEL', KEYS[b + 1])
+  elseif redis.call('LLEN', KEYS[b + 1]) == 0 then
+    redis.call('LPUSH', KEYS[b + 1], '1')
+    redis.call('PEXPIRE', KEYS[b + 1], ARGV[4])
+  end
+end
+if not found then return nil end
+return {found, item, recorded}
+"""
+
+TRANSPORT_PATH = f"{__name__}:Transport"  # Celery's broker_transport (workers.application)
+# URLs shown for this transport (worker banner, "broker unreachable at ...") read redis://
+kombu_connection.resolve_aliases.setdefault(TRANSPORT_PATH, "redis")
+
+_prefixed = kombu_redis.GlobalKeyPrefixMixin
+if "EVAL" in _prefixed.PREFIXED_SIMPLE_COMMANDS or "EVAL" in _prefixed.PREFIXED_COMPLEX_COMMANDS:
+    raise ImportError("kombu now prefixes EVAL keys itself: workers.transport needs updating")
+
+
+class Channel(kombu_redis.Channel):
+    """kombu's Redis channel; only publishing and the BRPOP-driven fetch differ."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._no_ack: dict[str, bool] = {}  # queue -> consumed without acks (latest consumer)
+        super().__init__(*args, **kwargs)
+
+    def _key(self, name: str) -> str:
+        return f"{self.global_keyprefix}{name}"
+
+    def signal_key(self, queue: str) -> str:
+        """The full Redis key of ``queue``'s signal list (global_keyprefix included)."""
+        return self._key(SIGNAL_PREFIX + queue)
+
+    # -- publishing: the message and its token in one transaction ---------------------------
+    def _put(self, queue: str, message: dict[str, Any], **kwargs: Any) -> None:
+        if not self.ack_emulation:
+            return super()._put(queue, message, **kwargs)
+        ring = (RING, 1, self.signal_key(queue), SIGNAL_CAP, SIGNAL_TTL_MS)
+        batch = kwargs.get("_publish_batch")
+        if batch is not None:  # kombu buffers the LPUSH; the token joins the same batch
+            super()._put(queue, message, **kwargs)
+            batch.add("eval", *ring)
+            return None
+        key = self._q_for_pri(queue, self._get_message_priority(message, reverse=False))
+        with self.conn_or_acquire() as client, client.pipeline() as pipe:
+            pipe.lpush(key, dumps(message))
+            if self._expires and queue in self._expires:
+                for step in self.priority_steps:
+                    pipe.pexpire(self._q_for_pri(queue, step), self._expires[queue])
+            pipe.eval(*ring)
+            pipe.execute()
+        return None
+
+    # -- consuming --------------------------------------------------------------------------
+    def basic_consume(self, queue: str, no_ack: bool = False, *args: Any, **kwargs: Any) -> Any:
+        self._no_ack[queue] = bool(no_ack)
+        return super().basic_consume(queue, no_ack, *args, **kwargs)
+
+    def _basic_cancel(self, consumer_tag: str) -> Any:
+        queue = self._tag_to_queue.get(consumer_tag)
+        result = super()._basic_cancel(consumer_tag)
+        if queue is not None and queue not in self._active_queues:
+            self._no_ack.pop(queue, None)
+        return result
+
+    def _brpop_start(self, timeout: float | None = None) -> None:
+        """kombu's BRPOP on the hub socket, on the queues' signal lists instead of their data.
+
+        The timeout is never 0 (block forever): its expiry is what finds untokened messages.
+        """
+        if not self.ack_emulation:
+            return super()._brpop_start(timeout)
+        queues = self._queue_cycle.consume(len(self.active_queues))
+        if not queues:
+            return None
+        keys = [self.signal_key(q) for q in queues]
+        self._in_poll = self.client.connection
+        self._brpop_sent_at = monotonic()
+        # keys are prefixed already: send them as they are, never via _prefix_args
+        self.client.connection.send_command(
+            "BRPOP", *keys, timeout or self.brpop_timeout or 1)
+        return None
+
+    def _brpop_read(self, **options: Any) -> bool:
+        if not self.ack_emulation:
+            return super()._brpop_read(**options)
+        try:
+            try:
+                # the reply (a token, or nil on timeout) says only "look now"
+                self.client.parse_response(self.client.connection, "BRPOP", **options)
+            except self.connection_errors:
+                self.client.connection.disconnect()
+                raise
+            fetched = self._fetch()
+            if fetched is None:
+                raise Empty()
+            queue, payload = fetched
+            self._queue_cycle.rotate(queue)
+            self.connection._deliver(payload, queue)
+            return True
+        finally:
+            self._in_poll = None
+            self._flush_brpop_reauth()
+
+    def _fetch(self) -> tuple[str, dict[str, Any]] | None:
+        """Pop one message (kombu's priority order) and record it as unacked, atomically."""
+        queues = self._queue_cycle.consume(len(self.active_queues))
+        if not queues:
+            return None
+        keys = [self._key(self.unacked_key), self._key(self.unacked_index_key)]
+        for queue in queues:
+            keys.append(self.signal_key(queue))
+            keys.extend(self._key(self._q_for_pri(queue, step)) for step in self.priority_steps)
+        argv = [len(queues), len(self.priority_steps), repr(time()), SIGNAL_TTL_MS,
+                *("0" if self._no_ack.get(q) else "1" for q in queues)]
+        with self.conn_or_acquire() as client:
+            reply = client.eval(FETCH, len(keys), *keys, *argv)
+        if not reply:
+            return None
+        index, item, _recorded = reply
+        return queues[int(index) - 1], loads(bytes_to_str(item))
+
+
+class Transport(kombu_redis.Transport):
+    """kombu's Redis transport with :class:`Channel`'s reliable fetch."""
+
+    Channel = Channel
+
+
+__all__ = ["FETCH", "RING", "SIGNAL_PREFIX", "TRANSPORT_PATH", "Channel", "Transport"]
