@@ -23,11 +23,18 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from kombu import Connection, Exchange, Queue
+from prometheus_client import Counter
 
 from resilience.errors import PermanentError, TransientError
 from workers import headers as h
 from workers.errors import BrokerUnavailable
 from workers.topology import DLX_EXCHANGE, Topology
+
+DEAD_LETTERS = Counter(
+    "tidegate_dead_letters_total",
+    "Dead-letter records safely published, by origin queue and reason.",
+    ["queue", "reason"],
+)
 
 RECORD_MARK = "tidegate_dead_letter"  # header set on every record Tidegate publishes
 
@@ -198,6 +205,7 @@ class DeadLetters:
         except Exception as exc:  # any failure means: not safely stored
             raise DeadLetterError(f"dead-letter copy to {dlq.name} not published: {exc!r}") \
                 from exc
+        DEAD_LETTERS.labels(queue=record.queue, reason=record.reason).inc()
 
     # -- operator side -------------------------------------------------------------------
     def _connection(self) -> Connection:
