@@ -8,6 +8,7 @@ Errors that Tidegate raises on purpose print as one line and exit non-zero (2 fo
 from __future__ import annotations
 
 import json
+import logging
 import sys
 from typing import Annotated, Any
 
@@ -58,6 +59,9 @@ def enqueue(
     """Enqueue one task through the Producer (the same checks as the HTTP API)."""
     parsed_args = parse_json("--args", args, list)
     parsed_kwargs = parse_json("--kwargs", kwargs, dict)
+    # A one-shot command reports a refusal in its own one line; the producer's warnings
+    # (e.g. "depth unavailable, admitting without throttle") belong in a service's log.
+    logging.getLogger("producers").setLevel(logging.ERROR)
     from producers import Producer
 
     result = Producer().enqueue(
