@@ -49,6 +49,7 @@ def transport_options(settings: Settings) -> dict[str, Any]:
     if settings.transport == "sqs":
         return {
             "region": settings.sqs_region,
+            "queue_name_prefix": settings.sqs_queue_prefix,  # one namespace per environment
             "visibility_timeout": settings.visibility_timeout_s,
             "wait_time_seconds": 1,
             "polling_interval": 0.2,

@@ -362,7 +362,7 @@ def probe_for(settings: Settings, topology: Topology | None = None) -> DepthProb
                                   connect_timeout=settings.connect_timeout_s,
                                   read_timeout=settings.read_timeout_s)
     if transport == "sqs":
-        return SQSDepthProbe(sqs_client(settings))
+        return SQSDepthProbe(sqs_client(settings), prefix=settings.sqs_queue_prefix)
     raise ConfigError(f"no depth probe for the {transport!r} transport")
 
 

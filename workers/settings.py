@@ -31,6 +31,7 @@ class Settings(BaseSettings):
 
     sqs_endpoint_url: str | None = None
     sqs_region: str = "us-east-1"
+    sqs_queue_prefix: str = Field(default="", pattern=r"^[A-Za-z0-9_-]{0,40}$")  # broker queues
     aws_access_key_id: SecretStr | None = None
     aws_secret_access_key: SecretStr | None = None
 

@@ -16,15 +16,18 @@ def sqs_broker(moto_sqs, redis_up) -> Broker:
     return Broker("sqs", f"sqs://testing:testing@127.0.0.1:{moto_sqs.port}/")
 
 
-def test_payments_worker_on_sqs(sqs_broker, moto_sqs, sims, policy_file, tmp_path, monkeypatch):
+def test_payments_worker_on_sqs(sqs_broker, moto_sqs, sims, policy_file, tmp_path, monkeypatch,
+                               state_redis):  # a clean idempotency store
     from producers import Producer
     from workers.application import create_app
     from workers.settings import load_settings
 
     for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
         monkeypatch.setenv(var, "testing")
+    prefix = f"t{tmp_path.name[-6:]}-"  # this test's queues only: the moto server is shared
     settings = load_settings(broker_url=sqs_broker.url, redis_url=STATE_REDIS_URL,
-                             policy_file=policy_file, sqs_endpoint_url=moto_sqs.url)
+                             policy_file=policy_file, sqs_endpoint_url=moto_sqs.url,
+                             sqs_queue_prefix=prefix)
     app = create_app(settings)
     producer = Producer(app)
     for i in range(3):
@@ -32,6 +35,7 @@ def test_payments_worker_on_sqs(sqs_broker, moto_sqs, sims, policy_file, tmp_pat
     producer.enqueue("search.index", ["doc-sqs"])
 
     env = tidegate_env(sqs_broker, policy_file, TIDEGATE_SQS_ENDPOINT_URL=moto_sqs.url,
+                       TIDEGATE_SQS_QUEUE_PREFIX=prefix,
                        AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing")
     worker = Worker("payments", env, tmp_path, concurrency=2).wait_ready(90)
     try:
@@ -44,10 +48,14 @@ def test_payments_worker_on_sqs(sqs_broker, moto_sqs, sims, policy_file, tmp_pat
         worker.stop()
         app.close()
 
-    # `search` was never consumed: the message is still in its SQS queue.
+    # `search` was never consumed: the message is still in its SQS queue, and the depth
+    # probe finds it under the same prefix.
+    from workers.depth import probe_for
+
+    assert probe_for(settings).depth("search").ready == 1
     sqs = boto3.client("sqs", endpoint_url=moto_sqs.url, region_name="us-east-1",
                        aws_access_key_id="testing", aws_secret_access_key="testing")
-    url = sqs.get_queue_url(QueueName="search")["QueueUrl"]
+    url = sqs.get_queue_url(QueueName=f"{prefix}search")["QueueUrl"]
     attrs = sqs.get_queue_attributes(QueueUrl=url, AttributeNames=["All"])["Attributes"]
     assert int(attrs["ApproximateNumberOfMessages"]) + int(
         attrs["ApproximateNumberOfMessagesNotVisible"]) == 1
