@@ -409,7 +409,9 @@ class SharedDepthCache:
     merged into the shared counter every ``flush_s`` (by a background thread, so an idle
     producer's last counts still arrive), and an estimate younger than ``reuse_s`` is reused
     with this process's own publishes added. Another process's publishes are therefore seen
-    within ``flush_s + reuse_s`` (0.1 s by default) — well inside one depth TTL.
+    within ``flush_s + reuse_s`` (0.1 s by default) — well inside one depth TTL. The price: a
+    reading taken while other processes hold unflushed counts counts those messages twice until
+    the next reading (at most ``flush_s`` of their publishing), so the throttle errs early.
     """
 
     def __init__(
@@ -430,6 +432,10 @@ class SharedDepthCache:
             raise ConfigError("depth cache needs 0 < flush_s <= ttl_s and 0 <= reuse_s <= ttl_s")
         self.flush_s, self.reuse_s = flush_s, reuse_s
         self._lock = threading.Lock()
+        # Held across a flush's swap and INCRBY: estimate() flushes first, and must not read
+        # the counter while a batch taken by the background thread is still on its way (the
+        # probe would already see those messages and they would be counted twice).
+        self._flush_lock = threading.Lock()
         self._pending: dict[str, int] = {}
         self._published_here: dict[str, int] = {}
         self._recent: dict[str, tuple[DepthEstimate, float, int]] = {}
@@ -462,20 +468,21 @@ class SharedDepthCache:
         """Merge the locally counted publishes into the shared counters now (best effort)."""
         import redis
 
-        with self._lock:
-            pending, self._pending = self._pending, {}
-        pending = {q: n for q, n in pending.items() if n}
-        if not pending:
-            return
-        try:
-            with self.redis.pipeline(transaction=False) as pipe:
-                for queue, n in pending.items():
-                    pipe.incrby(self._key(queue, "published"), n)
-                pipe.execute()
-        except (redis.RedisError, OSError):
-            with self._lock:  # keep them for the next try: the counter only ever grows
-                for queue, n in pending.items():
-                    self._pending[queue] = self._pending.get(queue, 0) + n
+        with self._flush_lock:
+            with self._lock:
+                pending, self._pending = self._pending, {}
+            pending = {q: n for q, n in pending.items() if n}
+            if not pending:
+                return
+            try:
+                with self.redis.pipeline(transaction=False) as pipe:
+                    for queue, n in pending.items():
+                        pipe.incrby(self._key(queue, "published"), n)
+                    pipe.execute()
+            except (redis.RedisError, OSError):
+                with self._lock:  # keep them for the next try: the counter only ever grows
+                    for queue, n in pending.items():
+                        self._pending[queue] = self._pending.get(queue, 0) + n
 
     def _flush_loop(self) -> None:
         while True:
