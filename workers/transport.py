@@ -35,6 +35,7 @@ from kombu import connection as kombu_connection
 from kombu.transport import redis as kombu_redis
 from kombu.utils.encoding import bytes_to_str
 from kombu.utils.json import dumps, loads
+from redis import exceptions as redis_errors
 
 SIGNAL_PREFIX = "_tidegate.signal."  # never "<queue><sep><n>": not a queue's sub-list
 SIGNAL_CAP = 100  # tokens kept per queue: wakes that many idle consumers at once
@@ -111,6 +112,15 @@ class Channel(kombu_redis.Channel):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self._no_ack: dict[str, bool] = {}  # queue -> consumed without acks (latest consumer)
         super().__init__(*args, **kwargs)
+
+    def _connparams(self, asynchronous: bool = False) -> dict[str, Any]:
+        # After the connection is lost, Celery releases it while a task still in flight may
+        # ack on this channel; stock kombu then fails with AttributeError (conninfo is None),
+        # which Celery treats as unrecoverable and the worker exits. A connection error is
+        # recoverable: the worker reconnects and the unacked message is redelivered later.
+        if self.connection is None or self.connection.client is None:
+            raise redis_errors.ConnectionError("the channel's broker connection is closed")
+        return super()._connparams(asynchronous=asynchronous)
 
     def _key(self, name: str) -> str:
         return f"{self.global_keyprefix}{name}"

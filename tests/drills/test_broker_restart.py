@@ -90,8 +90,14 @@ def _drill(broker: Broker, kill, revive, sims, policy_file, tmp_path, start_work
         wait_until(lambda: len(flood.accepted) >= before + 40 * SCALE, 120,
                    message="producers recovering after the broker came back")
     app.close()
-    wait_until(lambda: _accepted_all_done(sims["search"], flood.accepted), 180, interval=0.5,
-               message=f"all {len(flood.accepted)} accepted jobs done")
+    try:
+        wait_until(lambda: _accepted_all_done(sims["search"], flood.accepted), 180,
+                   interval=0.5, message=f"all {len(flood.accepted)} accepted jobs done")
+    except AssertionError:
+        effects = sims["search"].ledger()["effects"]
+        missing = [k for k in flood.accepted if k not in effects and f"index:{k}" not in effects]
+        raise AssertionError(f"{len(missing)} of {len(flood.accepted)} accepted jobs never "
+                             f"done: {missing[:20]}") from None
     assert all("broker unreachable" in msg for _, msg in flood.refused), flood.refused[:3]
     assert max(flood.refusal_times) < 15, "a refusal must come within the connect timeout"
     effects = sims["search"].ledger()["effects"]
@@ -132,6 +138,7 @@ def test_redis_broker_killed_and_restarted(sims, policy_file, tmp_path: Path, re
         server["proc"].stop()
 
 
+@pytest.mark.serial  # stops the shared RabbitMQ: nothing else may run meanwhile
 def test_rabbitmq_stopped_and_started(sims, policy_file, tmp_path: Path, request, rabbitmq_up):
     def ctl(*args: str) -> None:
         subprocess.run(["rabbitmqctl", "-q", *args], check=True, timeout=120,
