@@ -18,7 +18,8 @@ run: $(STAMP)
 test: $(STAMP)
 	@scripts/services.sh redis rabbitmq
 	@$(BIN)/ruff check .
-	@$(BIN)/pytest $(PYTEST_ARGS)
+	@$(BIN)/pytest -n 2 -m "not serial" --durations=15 $(PYTEST_ARGS)
+	@$(BIN)/pytest -m serial $(PYTEST_ARGS)
 
 ## demo: a two-minute storm on the real pipeline; report and charts in demo-out/ (DEMO_ARGS=...)
 demo: $(STAMP)

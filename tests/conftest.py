@@ -1,7 +1,7 @@
 """Shared fixtures: real Redis, RabbitMQ, a moto SQS server, simulators and Celery workers.
 
-Isolation: ``TIDEGATE_TEST_SLOT`` (0-5, default 0) picks the Redis databases and the RabbitMQ
-vhost, so two test runs on one machine do not trample each other's queues.
+Isolation: ``TIDEGATE_TEST_SLOT`` (0-5; under pytest-xdist the worker's index) picks the Redis
+databases and the RabbitMQ vhost, so parallel test runs do not trample each other's queues.
 """
 
 from __future__ import annotations
@@ -17,7 +17,9 @@ import redis
 
 from tidegate.stack import ROOT, MotoServer, Sim, Worker, wait_until, write_policy
 
-SLOT = int(os.environ.get("TIDEGATE_TEST_SLOT", "0"))
+# Under pytest-xdist each worker takes the slot of its index (gw0 -> 0, gw1 -> 1, ...).
+SLOT = int(os.environ.get("TIDEGATE_TEST_SLOT")
+           or os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw"))
 _SLOT_DBS = [(10, 11), (12, 13), (14, 15), (2, 3), (4, 5), (6, 7)]
 BROKER_DB, STATE_DB = _SLOT_DBS[SLOT]
 REDIS_BROKER_URL = f"redis://127.0.0.1:6379/{BROKER_DB}"
