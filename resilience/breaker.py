@@ -26,7 +26,14 @@ from typing import Any, TypeVar
 
 from . import metrics
 from .clock import SYSTEM_CLOCK, Clock
-from .errors import CircuitOpen, ConfigError, PermanentError, RejectedError, TransientError
+from .errors import (
+    CircuitOpen,
+    ConfigError,
+    PermanentError,
+    RejectedError,
+    TransientError,
+    exception_types,
+)
 from .stores import BreakerSnapshot, MemoryStore, StateStore
 
 __all__ = ["BreakerConfig", "BreakerState", "CircuitBreaker", "Permit"]
@@ -48,15 +55,6 @@ class BreakerState(StrEnum):
     def __str__(self) -> str:
         return self.value
 
-
-def _exc_types(value: Any, name: str) -> tuple[type[BaseException], ...]:
-    if isinstance(value, type):
-        value = (value,)
-    value = tuple(value)
-    for v in value:
-        if not (isinstance(v, type) and issubclass(v, BaseException)):
-            raise ConfigError(f"breaker {name} must hold exception types, got {v!r}")
-    return value
 
 
 @dataclass(frozen=True)
@@ -107,8 +105,8 @@ class BreakerConfig:
             f"slow_call_rate must be in (0, 1], got {self.slow_call_rate!r}",
         )
         check(self.sync_interval >= 0, f"sync_interval must be >= 0 s, got {self.sync_interval!r}")
-        object.__setattr__(self, "record", _exc_types(self.record, "record"))
-        object.__setattr__(self, "ignore", _exc_types(self.ignore, "ignore"))
+        object.__setattr__(self, "record", exception_types(self.record, "breaker record"))
+        object.__setattr__(self, "ignore", exception_types(self.ignore, "breaker ignore"))
 
     def classify(self, error: BaseException | None) -> str:
         """'success', 'failure' or 'ignored' for an attempt's outcome."""

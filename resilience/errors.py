@@ -24,7 +24,17 @@ __all__ = [
     "Shed",
     "TidegateError",
     "TransientError",
+    "exception_types",
 ]
+
+
+def exception_types(value: object, what: str) -> tuple[type[BaseException], ...]:
+    """Normalise a config value to a tuple of exception classes; ConfigError names ``what``."""
+    items = (value,) if isinstance(value, type) else tuple(value)  # type: ignore[arg-type]
+    for v in items:
+        if not (isinstance(v, type) and issubclass(v, BaseException)):
+            raise ConfigError(f"{what} must hold exception types, got {v!r}")
+    return items
 
 
 def _one_line(text: str) -> str:

@@ -35,6 +35,7 @@ from .errors import (
     RejectedError,
     RetriesExhausted,
     TransientError,
+    exception_types,
 )
 from .stores import MemoryStore, StateStore
 
@@ -50,15 +51,6 @@ __all__ = [
 
 T = TypeVar("T")
 
-
-def _exc_tuple(value: Any) -> tuple[type[BaseException], ...]:
-    if isinstance(value, type):
-        value = (value,)
-    value = tuple(value)
-    for v in value:
-        if not (isinstance(v, type) and issubclass(v, BaseException)):
-            raise ConfigError(f"retry_on must hold exception types, got {v!r}")
-    return value
 
 
 @dataclass(frozen=True)
@@ -81,7 +73,7 @@ class RetryConfig:
             raise ConfigError(
                 f"retry max_wait must be > 0 s (never infinite), got {self.max_wait!r}"
             )
-        object.__setattr__(self, "retry_on", _exc_tuple(self.retry_on))
+        object.__setattr__(self, "retry_on", exception_types(self.retry_on, "retry_on"))
 
 
 def backoff_delay(attempt: int, config: RetryConfig | None = None, rng: Any = random) -> float:
