@@ -2,31 +2,26 @@
 
 from __future__ import annotations
 
-from prometheus_client import REGISTRY, Counter, Histogram
+from prometheus_client import Counter, Histogram
+
+from resilience.metrics import get_or_create
 
 __all__ = ["ENQUEUED", "HTTP_REQUESTS", "REFUSED", "THROTTLE_WAIT"]
 
 
-def _get_or_create(kind, name: str, doc: str, labels: tuple[str, ...], **kw):
-    existing = REGISTRY._names_to_collectors.get(name)
-    if existing is not None:
-        return existing
-    base = name[: -len("_total")] if name.endswith("_total") else name
-    return kind(base, doc, labels, **kw)
 
-
-ENQUEUED = _get_or_create(
+ENQUEUED = get_or_create(
     Counter, "tidegate_producer_enqueued_total",
     "Jobs accepted by producers, by queue, priority and state (queued, deferred).",
     ("queue", "priority", "state"))
-REFUSED = _get_or_create(
+REFUSED = get_or_create(
     Counter, "tidegate_producer_refused_total",
     "Jobs refused by producers, by reason (backpressure, rate_limited, broker_unavailable).",
     ("queue", "priority", "reason"))
-THROTTLE_WAIT = _get_or_create(
+THROTTLE_WAIT = get_or_create(
     Histogram, "tidegate_producer_throttle_wait_seconds",
     "Time a throttled enqueue waited for admission (admitted or finally refused).",
     ("queue",), buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
-HTTP_REQUESTS = _get_or_create(
+HTTP_REQUESTS = get_or_create(
     Counter, "tidegate_api_requests_total",
     "HTTP API responses by route and status code.", ("route", "status"))

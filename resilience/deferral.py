@@ -53,20 +53,20 @@ SQS_MAX_BATCH = 10  # ReceiveMessage / DeleteMessageBatch limit
 SQS_MAX_RETENTION_S = 14 * 24 * 3600
 DEFAULT_MAX_MESSAGE_BYTES = 262_144  # SQS's historical default, used until the queue says
 
-NEAR_RETENTION = metrics._get_or_create(
+NEAR_RETENTION = metrics.get_or_create(
     metrics.Gauge,
     "tidegate_deferred_near_retention",
     "Deferred entries seen (last drain or listing) within the warning margin of the SQS "
     "retention period: they will be dropped by SQS unless replayed.",
     ("dependency",),
 )
-OLDEST_AGE = metrics._get_or_create(
+OLDEST_AGE = metrics.get_or_create(
     metrics.Gauge,
     "tidegate_deferred_oldest_age_seconds",
     "Age in SQS of the oldest deferred entry seen (last drain or listing).",
     ("dependency",),
 )
-DEFERRED_DEPTH = metrics._get_or_create(
+DEFERRED_DEPTH = metrics.get_or_create(
     metrics.Gauge,
     "tidegate_deferred_depth",
     "Approximate number of deferred entries waiting in SQS, by queue (deferred or dlq).",

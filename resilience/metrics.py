@@ -20,10 +20,13 @@ __all__ = [
     "SHEDS",
     "STORE_DEGRADED",
     "STORE_ERRORS",
+    "get_or_create",
 ]
 
 
-def _get_or_create(kind, name: str, doc: str, labels: tuple[str, ...] = (), **kw):
+def get_or_create(kind, name: str, doc: str, labels: tuple[str, ...] = (), **kw):
+    """The collector registered under ``name``, created on first use: a module that declares
+    metrics can be imported twice (tests, reloads) without a duplicate-timeseries error."""
     registry: CollectorRegistry = REGISTRY
     existing = registry._names_to_collectors.get(name)
     if existing is None and kind is Counter:
@@ -34,68 +37,68 @@ def _get_or_create(kind, name: str, doc: str, labels: tuple[str, ...] = (), **kw
     return kind(base, doc, labels, registry=registry, **kw)
 
 
-CALLS = _get_or_create(
+CALLS = get_or_create(
     Counter,
     "tidegate_calls_total",
     "Guarded calls by outcome (success, failure, rejected, fallback, timeout).",
     ("dependency", "outcome"),
 )
-CALL_DURATION = _get_or_create(
+CALL_DURATION = get_or_create(
     Histogram,
     "tidegate_call_duration_seconds",
     "Duration of one attempt against the dependency, in seconds.",
     ("dependency",),
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.08, 0.1, 0.16, 0.25, 0.5, 1, 2.5, 5),
 )
-BREAKER_STATE = _get_or_create(
+BREAKER_STATE = get_or_create(
     Gauge,
     "tidegate_breaker_state",
     "Circuit breaker state: 0 closed, 1 half-open, 2 open.",
     ("dependency",),
 )
-BREAKER_TRANSITIONS = _get_or_create(
+BREAKER_TRANSITIONS = get_or_create(
     Counter,
     "tidegate_breaker_transitions_total",
     "Circuit breaker state changes seen by this process.",
     ("dependency", "from_state", "to_state"),
 )
-REJECTIONS = _get_or_create(
+REJECTIONS = get_or_create(
     Counter,
     "tidegate_rejections_total",
     "Calls refused before reaching the dependency, by reason.",
     ("dependency", "reason"),
 )
-SHEDS = _get_or_create(
+SHEDS = get_or_create(
     Counter,
     "tidegate_sheds_total",
     "Requests shed under load, by priority.",
     ("priority",),
 )
-RETRIES = _get_or_create(
+RETRIES = get_or_create(
     Counter,
     "tidegate_retries_total",
     "Retry attempts started (attempt 2 onward).",
     ("dependency",),
 )
-FALLBACKS = _get_or_create(
+FALLBACKS = get_or_create(
     Counter,
     "tidegate_fallbacks_total",
     "Fallback results served, by kind.",
     ("dependency", "kind"),
 )
-DEFERRALS = _get_or_create(
+DEFERRALS = get_or_create(
     Counter,
     "tidegate_deferrals_total",
     "Requests queued for later, by result (stored, failed).",
     ("dependency", "result"),
 )
-STORE_DEGRADED = _get_or_create(
+STORE_DEGRADED = get_or_create(
     Gauge,
     "tidegate_state_store_degraded",
     "1 while the shared state store is unreachable and local state is used instead.",
     ("store",),
 )
-STORE_ERRORS = _get_or_create(
+STORE_ERRORS = get_or_create(
     Counter,
     "tidegate_state_store_errors_total",
     "Failed calls to the shared state store.",

@@ -26,14 +26,16 @@ from kombu import Connection, Exchange, Queue
 from prometheus_client import Counter
 
 from resilience.errors import PermanentError, TransientError
+from resilience.metrics import get_or_create
 from workers import headers as h
 from workers.errors import BrokerUnavailable
 from workers.topology import DLX_EXCHANGE, Topology
 
-DEAD_LETTERS = Counter(
+DEAD_LETTERS = get_or_create(
+    Counter,
     "tidegate_dead_letters_total",
     "Dead-letter records safely published, by origin queue and reason.",
-    ["queue", "reason"],
+    ("queue", "reason"),
 )
 
 RECORD_MARK = "tidegate_dead_letter"  # header set on every record Tidegate publishes

@@ -58,20 +58,20 @@ DEFERRALS_HEADER = "tidegate_deferrals"  # how often this request was deferred s
 FIRST_DEFERRED_HEADER = "tidegate_first_deferred_at"  # epoch seconds of the first deferral
 _TASK_ID_NS = uuid.UUID("5f0c2a56-6b0e-4d8e-9a43-1f3d1f6c9b21")
 
-REPLAYED = metrics._get_or_create(
+REPLAYED = metrics.get_or_create(
     metrics.Counter,
     "tidegate_replayed_total",
     "Deferred entries handled by the replayer, by result (published, deleted, poison, "
     "publish_failed, delete_failed).",
     ("dependency", "result"),
 )
-REPLAY_GATE = metrics._get_or_create(
+REPLAY_GATE = metrics.get_or_create(
     metrics.Gauge,
     "tidegate_replayer_gate",
     "What the replayer sees of its dependency: 0 down, 1 trial (half-open), 2 up.",
     ("dependency",),
 )
-REPLAY_RATE = metrics._get_or_create(
+REPLAY_RATE = metrics.get_or_create(
     metrics.Gauge,
     "tidegate_replayer_rate",
     "The replayer's current slow-start publish rate limit (entries per second).",
