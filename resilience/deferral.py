@@ -380,7 +380,12 @@ class SqsDeferralStore:
         )
         message_id = response.get("MessageId")
         if not message_id:
-            raise DeferralError(f"{self.dependency}: SendMessage returned no MessageId")
+            # Seen when the endpoint dies mid-response: the outcome is unknown, and the caller
+            # must treat it like any other failed store (the replay is idempotent if it landed).
+            raise DeferralError(
+                f"{self.dependency}: SendMessage failed on SQS queue {self.spec.queue}: "
+                "the response carried no MessageId (the entry may or may not be stored)"
+            )
         return str(message_id)
 
     # -- replay side

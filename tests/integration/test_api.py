@@ -135,12 +135,25 @@ def test_429_with_retry_after_when_the_client_is_over_its_rate(broker, api_polic
     app.close()
 
 
-def test_503_with_retry_after_when_shed_and_critical_still_accepted(client):
+def test_503_with_retry_after_when_shed_and_critical_still_accepted(client, broker, policy_file):
     codes = []
     for i in range(HIGH + 5):
         r = client.post("/v1/jobs", json=job(args=[f"d{i}"], priority="low"), headers=AUTH)
         codes.append(r.status_code)
     assert 503 in codes and codes[0] == 202
+    # LOW is admitted with falling probability up to low + span/2 = 7.5, so the loop can stop
+    # at depth 6 or 7 where a further LOW may still pass. HIGH is admitted with p = 1 up to
+    # 7.5: top up with it to depth 8, where LOW's probability is exactly 0.
+    from workers.depth import probe_for
+    from workers.settings import load_settings
+
+    truth = probe_for(load_settings(broker_url=broker.url, policy_file=policy_file))
+    for i in range(HIGH):
+        if truth.depth("search").ready >= 8:
+            break
+        r = client.post("/v1/jobs", json=job(args=[f"h{i}"], priority="high"), headers=AUTH)
+        assert r.status_code == 202, r.text
+    wait_until(lambda: truth.depth("search").ready >= 8, 10, message="search depth >= 8")
     r = client.post("/v1/jobs", json=job(priority="low"), headers=AUTH)
     assert r.status_code == 503
     # nothing drains the queue (no worker): Retry-After is the configured maximum, not 1 s
