@@ -1,7 +1,8 @@
 """Shared fixtures: real Redis, RabbitMQ, a moto SQS server, simulators and Celery workers.
 
-Isolation: ``TIDEGATE_TEST_SLOT`` (0-5; under pytest-xdist the worker's index) picks the Redis
-databases and the RabbitMQ vhost, so parallel test runs do not trample each other's queues.
+Isolation: ``TIDEGATE_TEST_SLOT`` (0-5; under pytest-xdist ``TIDEGATE_TEST_SLOT_BASE`` plus the
+worker's index) picks the Redis databases and the RabbitMQ vhost, so parallel test runs do not
+trample each other's queues. Slot 5 shares Redis db 7 with the benchmarks.
 """
 
 from __future__ import annotations
@@ -17,9 +18,11 @@ import redis
 
 from tidegate.stack import ROOT, MotoServer, Sim, Worker, wait_until, write_policy
 
-# Under pytest-xdist each worker takes the slot of its index (gw0 -> 0, gw1 -> 1, ...).
+# Under pytest-xdist each worker takes the slot of its index (gw0 -> 0, gw1 -> 1, ...), plus
+# TIDEGATE_TEST_SLOT_BASE so that two whole runs can share one machine (base 0 and base 2).
 SLOT = int(os.environ.get("TIDEGATE_TEST_SLOT")
-           or os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw"))
+           or int(os.environ.get("TIDEGATE_TEST_SLOT_BASE", "0"))
+           + int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw")))
 _SLOT_DBS = [(10, 11), (12, 13), (14, 15), (2, 3), (4, 5), (6, 7)]
 BROKER_DB, STATE_DB = _SLOT_DBS[SLOT]
 REDIS_BROKER_URL = f"redis://127.0.0.1:6379/{BROKER_DB}"
