@@ -3,8 +3,15 @@
 The decision logic runs in the state store (:mod:`resilience.stores`) so it is atomic across
 processes with Redis. This object adds the local layer that keeps the success path cheap:
 outcomes are counted locally and merged into the store every ``sync_interval`` (or at once on
-a failure), and an OPEN state is cached locally until its ``retry_after`` runs out. With the
-memory store ``sync_interval`` is 0: every outcome is merged at once.
+a failure or a slow call), and an OPEN state is cached locally until its ``retry_after`` runs
+out. The opening decision stays exact: only successes wait, and a failure merges them with
+it before the rate is computed. What the wait costs is the time stamp: a success is placed
+in the rolling window up to ``sync_interval`` late (set ``sync_interval = 0`` to merge every
+outcome at once). The same holds for every store, the memory one included.
+
+:meth:`CircuitBreaker.closed_generation` and :meth:`CircuitBreaker.count_success` are the
+success path :class:`~resilience.policy.Policy` takes while the breaker is CLOSED and no
+merge is due: an attribute read, and one count under a lock.
 
 Opening rule: with at least ``minimum_calls`` calls in the last ``window`` seconds, the failure
 rate (or the slow-call rate) at or above its threshold opens the breaker - the seed's
@@ -70,7 +77,7 @@ class BreakerConfig:
     slow_call_rate: float = 1.0
     record: tuple[type[BaseException], ...] = (TransientError, OSError, TimeoutError)
     ignore: tuple[type[BaseException], ...] = (PermanentError, RejectedError)
-    sync_interval: float = 0.25  # shared stores only: how often local counts are merged
+    sync_interval: float = 0.25  # how often local success counts are merged into the store
 
     def __post_init__(self) -> None:
         def check(ok: bool, msg: str) -> None:
@@ -145,15 +152,15 @@ class CircuitBreaker:
         self.config = config or BreakerConfig()
         self.store: StateStore = store if store is not None else MemoryStore(clock)
         self.clock = clock
-        self.sync_interval = (
-            0.0 if isinstance(self.store, MemoryStore) else self.config.sync_interval
-        )
+        self.sync_interval = self.config.sync_interval
         self._lock = threading.Lock()
         self._listeners: list[StateListener] = []
         self._pending = [0, 0, 0]  # calls, failures, slow since the last merge
         self._last_sync = -math.inf
         self._snap = BreakerSnapshot("closed", -1, 0.0)
         self._local_until = -math.inf  # cached OPEN (or busy HALF_OPEN) holds until then
+        self._fast_until = -math.inf  # CLOSED and no merge due until then (the success path)
+        self._dirty_until = -math.inf  # a failure or slow call seen here is in the window
         metrics.BREAKER_STATE.labels(dependency=name).set(0)
 
     # -- events
@@ -177,6 +184,11 @@ class CircuitBreaker:
                 self._local_until = -math.inf
             if snap.generation != old.generation:
                 self._pending = [0, 0, 0]
+            self._fast_until = (
+                self._last_sync + self.sync_interval
+                if snap.state == "closed" and snap.generation >= 0 and now >= self._dirty_until
+                else -math.inf
+            )
         if old.state != snap.state:
             old_s, new_s = BreakerState(old.state), BreakerState(snap.state)
             metrics.BREAKER_STATE.labels(dependency=self.name).set(new_s.gauge)
@@ -191,9 +203,18 @@ class CircuitBreaker:
                     except Exception:
                         log.exception("breaker %s state listener failed", self.name)
 
-    def _sync(self, now: float) -> BreakerSnapshot:
+    def _sync(
+        self, now: float, calls: int = 0, failures: int = 0, slow: int = 0
+    ) -> BreakerSnapshot:
+        """Merge the pending counts (plus the given outcome) into the store; apply its state."""
         with self._lock:
-            calls, failures, slow = self._pending
+            pending = self._pending
+            # Pending successes happened within sync_interval after the last merge; after a
+            # quiet spell longer than the window they have left it, and are dropped.
+            if now - self._last_sync - self.sync_interval < self.config.window:
+                calls += pending[0]
+                failures += pending[1]
+                slow += pending[2]
             self._pending = [0, 0, 0]
             self._last_sync = now
         snap = self.store.breaker_sync(self.name, self.config, calls, failures, slow)
@@ -220,16 +241,28 @@ class CircuitBreaker:
             max(0.0, self._local_until - self.clock.now()) if self._snap.state != "closed" else 0.0
         )
 
+    # -- the success path while CLOSED
+    def closed_generation(self, now: float) -> int | None:
+        """The generation to count a call under while CLOSED with no merge due, else None.
+
+        None means: take the full path (:meth:`acquire`), which merges and re-reads the state.
+        """
+        return self._snap.generation if now < self._fast_until else None
+
+    def count_success(self, generation: int) -> None:
+        """Count one fast (not slow) success started under ``generation``; merged later."""
+        with self._lock:
+            if self._snap.generation == generation:
+                self._pending[0] += 1
+
     # -- one attempt
     def acquire(self) -> Permit:
         """Permission for one attempt, or :class:`CircuitOpen` (with ``retry_after``)."""
         now = self.clock.now()
         snap = self._snap
         if snap.state == "closed" or snap.generation < 0:
-            if snap.generation < 0 or (
-                self.sync_interval > 0 and now - self._last_sync >= self.sync_interval
-            ):
-                snap = self._sync(now)  # memory store: every record already merged
+            if snap.generation < 0 or now - self._last_sync >= self.sync_interval:
+                snap = self._sync(now)
             if snap.state == "closed":
                 return Permit(False, snap.generation, now)
         if now < self._local_until:
@@ -261,30 +294,18 @@ class CircuitBreaker:
             return outcome
         slow_limit = self.config.slow_call_duration
         slow = 1 if slow_limit is not None and duration >= slow_limit else 0
-        if self.sync_interval == 0:  # memory store: merge this outcome at once, O(1)
-            if self._snap.generation != permit.generation:
-                return outcome
-            snap = self.store.breaker_sync(
-                self.name, self.config, 1, 1 if outcome == "failure" else 0, slow
-            )
-            self._last_sync = now
-            if snap != self._snap:
-                self._apply(snap, now)
-            return outcome
+        failed = 1 if outcome == "failure" else 0
         with self._lock:
             if self._snap.generation != permit.generation:
                 return outcome  # the state moved on since this attempt started
-            self._pending[0] += 1
-            self._pending[1] += outcome == "failure"
-            self._pending[2] += slow
-            due = (
-                self.sync_interval == 0
-                or outcome == "failure"
-                or slow
-                or now - self._last_sync >= self.sync_interval
-            )
-        if due:
-            self._sync(now)
+            if failed or slow:
+                self._dirty_until = now + self.config.window
+            elif now - self._last_sync < self.sync_interval and now >= self._dirty_until:
+                # a success while the window holds no failure seen here cannot open the
+                # breaker: count it now, merge it later
+                self._pending[0] += 1
+                return outcome
+        self._sync(now, 1, failed, slow)
         return outcome
 
     def record_success(self, permit: Permit, duration: float | None = None) -> None:

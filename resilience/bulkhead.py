@@ -1,6 +1,7 @@
 """Bulkhead: a concurrency limit per dependency, with a bounded wait and a clear rejection.
 
-A slot is one count under a lock (the uncontended path is one lock, no allocation). Sync
+A slot is a token in a ``queue.SimpleQueue`` (C code: taking one is a single call, and a
+bounded wait is the queue's own blocking ``get``; a lock plus a counter cost twice as much). Sync
 work either runs inline under a slot (:meth:`Bulkhead.call`, the cooperative timeout mode)
 or in the bulkhead's own thread pool (:meth:`Bulkhead.submit`, size = ``max_concurrent``) so
 an attempt can be abandoned on timeout; the slot is released only when the work really
@@ -13,8 +14,8 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import math
+import queue
 import threading
-import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -49,10 +50,10 @@ class Bulkhead:
         self.name = name
         self.config = config or BulkheadConfig()
         self._max = self.config.max_concurrent
-        self._in_use = 0
-        self._waiting = 0
-        self._count_lock = threading.Lock()  # guards _in_use; a slot is one count
-        self._freed = threading.Condition(self._count_lock)
+        self._slots: queue.SimpleQueue[bool] = queue.SimpleQueue()
+        for _ in range(self._max):
+            self._slots.put(True)
+        self.try_take = self._slots.get_nowait  # hot path: raises queue.Empty when full
         self._pool: ThreadPoolExecutor | None = None
         self._pool_lock = threading.Lock()
         self._rejections = metrics.REJECTIONS.labels(dependency=name, reason=BulkheadFull.reason)
@@ -60,14 +61,14 @@ class Bulkhead:
     @property
     def in_use(self) -> int:
         """Slots taken, including abandoned work still running."""
-        return self._in_use
+        return self._max - self._slots.qsize()
 
     def _try_take(self) -> bool:
-        with self._count_lock:
-            if self._in_use < self._max:
-                self._in_use += 1
-                return True
+        try:
+            self._slots.get_nowait()
+        except queue.Empty:
             return False
+        return True
 
     def _reject(self) -> None:
         self._rejections.inc()
@@ -78,25 +79,18 @@ class Bulkhead:
 
     def acquire(self, max_wait: float | None = None) -> None:
         """Take a slot, waiting at most ``max_wait`` (default: the config's), or BulkheadFull."""
-        with self._count_lock:  # fast path: one uncontended lock, no allocation
-            if self._in_use < self._max:
-                self._in_use += 1
+        try:
+            self._slots.get_nowait()
+            return
+        except queue.Empty:
+            pass
+        wait = self.config.max_wait if max_wait is None else max_wait
+        if wait > 0:
+            try:
+                self._slots.get(timeout=wait)
                 return
-            wait = self.config.max_wait if max_wait is None else max_wait
-            if wait > 0:
-                end = time.monotonic() + wait
-                self._waiting += 1
-                try:
-                    while self._in_use >= self._max:
-                        left = end - time.monotonic()
-                        if left <= 0:
-                            break
-                        self._freed.wait(left)
-                    else:
-                        self._in_use += 1
-                        return
-                finally:
-                    self._waiting -= 1
+            except queue.Empty:
+                pass
         self._reject()
 
     async def aacquire(self, max_wait: float | None = None) -> None:
@@ -117,12 +111,10 @@ class Bulkhead:
             pause = min(pause * 2, 0.01)
 
     def release(self) -> None:
-        with self._count_lock:
-            if self._in_use <= 0:
-                raise ValueError(f"{self.name}: bulkhead released more often than acquired")
-            self._in_use -= 1
-            if self._waiting:
-                self._freed.notify()
+        """Give a slot back (a waiter in :meth:`acquire` wakes up)."""
+        if self._slots.qsize() >= self._max:
+            raise ValueError(f"{self.name}: bulkhead released more often than acquired")
+        self._slots.put(True)
 
     def _executor(self) -> ThreadPoolExecutor:
         if self._pool is None:

@@ -1,14 +1,16 @@
 """Observed latency per dependency, and the seed's timeout rule: P99 x 2.
 
-A bounded reservoir (Vitter's algorithm R) keeps memory constant however many calls are
-recorded; the P99 it gives is an estimate, good enough to *suggest* a timeout to an operator.
+The recorder keeps the durations of the last ``size`` calls. A timeout should follow what the
+dependency does now, not its average since the process started, and a bounded window keeps
+memory constant. Recording is one ``deque.append`` (atomic in CPython, no lock), because the
+chain records every call; the sort happens only when somebody asks for a percentile.
 """
 
 from __future__ import annotations
 
 import math
-import random
-import threading
+from collections import deque
+from collections.abc import Iterable
 
 from .errors import ConfigError
 
@@ -16,33 +18,29 @@ __all__ = ["LatencyRecorder"]
 
 
 class LatencyRecorder:
-    def __init__(self, size: int = 2048, rng: random.Random | None = None) -> None:
+    def __init__(self, size: int = 2048) -> None:
         if size < 1:
-            raise ConfigError(f"latency reservoir size must be >= 1, got {size}")
+            raise ConfigError(f"latency window size must be >= 1, got {size}")
         self.size = size
-        self.count = 0
-        self._samples: list[float] = []
-        self._rng = rng or random.Random()
-        self._lock = threading.Lock()
+        self._samples: deque[float] = deque(maxlen=size)
+        self.record = self._samples.append  # one C call per recorded duration
+        self.extend = self._samples.extend
 
-    def record(self, seconds: float) -> None:
-        with self._lock:
-            self.count += 1
-            if len(self._samples) < self.size:
-                self._samples.append(seconds)
-            else:
-                j = self._rng.randrange(self.count)
-                if j < self.size:
-                    self._samples[j] = seconds
+    def record(self, seconds: float) -> None:  # replaced per instance in __init__
+        """Add one duration (seconds)."""
+        self._samples.append(seconds)
+
+    def extend(self, durations: Iterable[float]) -> None:  # replaced per instance in __init__
+        """Add many durations at once."""
+        self._samples.extend(durations)
 
     def percentile(self, q: float) -> float | None:
-        """The q-quantile (0 < q <= 1) of what was seen, nearest-rank; None before any call."""
+        """The q-quantile (0 < q <= 1) of the window, nearest-rank; None before any call."""
         if not 0 < q <= 1:
             raise ConfigError(f"percentile must be in (0, 1], got {q}")
-        with self._lock:
-            if not self._samples:
-                return None
-            ordered = sorted(self._samples)
+        ordered = sorted(self._samples)  # sorted() copies under the GIL: safe against appends
+        if not ordered:
+            return None
         return ordered[max(0, math.ceil(q * len(ordered)) - 1)]
 
     def p99(self) -> float | None:

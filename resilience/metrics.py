@@ -1,18 +1,25 @@
 """Prometheus metrics for every pattern, on the default registry.
 
+Per-call records of the chain's success path (attempt durations, successes) are batched in
+:mod:`resilience.callstats`; everything else is counted where it happens.
+
 Importing this module twice (e.g. under two module names, or after a test reload) must not
 raise "Duplicated timeseries": collectors are looked up in the registry before being created.
 """
 
 from __future__ import annotations
 
-from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge
+
+# Registers tidegate_call_duration_seconds (a custom collector fed in bulk) and the hook that
+# folds every policy's per-call records before a scrape reads the counters below: it must be
+# registered first, because the registry collects in registration order.
+from . import callstats as _callstats  # noqa: F401
 
 __all__ = [
     "BREAKER_STATE",
     "BREAKER_TRANSITIONS",
     "CALLS",
-    "CALL_DURATION",
     "DEFERRALS",
     "FALLBACKS",
     "REJECTIONS",
@@ -42,13 +49,6 @@ CALLS = get_or_create(
     "tidegate_calls_total",
     "Guarded calls by outcome (success, failure, rejected, fallback, timeout).",
     ("dependency", "outcome"),
-)
-CALL_DURATION = get_or_create(
-    Histogram,
-    "tidegate_call_duration_seconds",
-    "Duration of one attempt against the dependency, in seconds.",
-    ("dependency",),
-    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.08, 0.1, 0.16, 0.25, 0.5, 1, 2.5, 5),
 )
 BREAKER_STATE = get_or_create(
     Gauge,

@@ -15,9 +15,15 @@ whose client code does not take its timeouts from the budget sets ``timeout.mode
 "abandon"``: its attempts run in the bulkhead's pool and are abandoned on timeout. See
 :mod:`resilience.timeout` and ``docs/resilience.md`` for why the default is cooperative.
 
-The success path is kept lean: tenacity is entered only once the first attempt has failed,
-labelled metric children are looked up once per policy, and the call context handed to
-fallbacks is built only when a fallback needs it.
+The success path is kept lean, because every guarded call pays it. While the breaker is
+CLOSED with no merge due and a bulkhead slot is free, a cooperative call runs as one flat
+sequence: a clock read, a slot token, one context-variable scope for the attempt's budget, the
+call, a second clock read, one breaker count, and one append to :class:`~resilience.callstats.
+CallStats` (which feeds the histogram, the success counter, the latency window and the retry
+budget in bulk). Anything else - a failure, a late or slow result, an open or half-open
+breaker, a full bulkhead, the abandon mode - takes the full path, layer by layer, with
+tenacity entered only once the first attempt has failed. Both paths make the same decisions;
+``tests/unit/test_resilience_policy.py`` runs them side by side.
 """
 
 from __future__ import annotations
@@ -25,18 +31,22 @@ from __future__ import annotations
 import contextvars
 import functools
 import inspect
+import math
+import queue
 import random
 import threading
+import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from . import deadline as _deadline
 from . import metrics
-from .breaker import BreakerConfig, CircuitBreaker
+from .breaker import BreakerConfig, CircuitBreaker, Permit
 from .bulkhead import Bulkhead, BulkheadConfig
+from .callstats import CallStats
 from .clock import SYSTEM_CLOCK, Clock
-from .errors import ConfigError, PermanentError, RejectedError, TransientError
+from .errors import AttemptTimeout, ConfigError, PermanentError, RejectedError, TransientError
 from .fallback import (
     CachedValue,
     CallContext,
@@ -288,19 +298,37 @@ class Policy:
                 config.fallback, dependency=self.name, cache=cache, deferral_sink=deferral_sink
             )
         )
-        self.latency = LatencyRecorder()
         self._fallback_on = (TransientError, *config.retry_config.retry_on)
-        self._duration = metrics.CALL_DURATION.labels(dependency=self.name)
         self._outcomes = {
             o: metrics.CALLS.labels(dependency=self.name, outcome=o)
             for o in ("success", "failure", "rejected", "fallback")
         }
-        # the hot path reads these once per call: bound methods, looked up once
-        self._deadline_s = config.deadline
         self._count_success = self._outcomes["success"].inc
-        self._record_latency = self.latency.record
-        self._observe_duration = self._duration.observe
+        # a first-attempt success is one append here; folded into these in bulk
+        self.stats = CallStats(
+            self.name,
+            on_successes=(self._count_success, self.retry_budget.record_request),
+            latency=LatencyRecorder(),
+            now=clock.now,
+        )
         self._admits = self.rate_limiter is not None or self.shedder is not None
+        # the success path reads these once per call: plain attributes and bound methods
+        self._deadline_s = config.deadline
+        self._timeout_s = config.timeout
+        self._slow_s = config.breaker.slow_call_duration or math.inf
+        self._now = time.monotonic if clock is SYSTEM_CLOCK else clock.now
+        self._inline = self.timeout.mode == "cooperative"
+        self._closed_generation = self.breaker.closed_generation
+        self._count_breaker_success = self.breaker.count_success
+        self._take_slot = self.bulkhead.try_take
+        self._release_slot = self.bulkhead.release
+        self._record_first_success = self.stats.success
+
+    @property
+    def latency(self) -> LatencyRecorder:
+        """Attempt durations of the last calls (``suggested_timeout()``: P99 x 2)."""
+        self.stats.fold()
+        return self.stats.latency
 
     # -- layers shared by sync and async
     def _admit(self, priority: Priority, client: str | None) -> None:
@@ -336,10 +364,6 @@ class Policy:
         metrics.FALLBACKS.labels(dependency=self.name, kind=self.fallback.kind).inc()
         return result
 
-    def _observe(self, seconds: float) -> None:
-        self._record_latency(seconds)
-        self._observe_duration(seconds)
-
     def _succeeded(self, ctx: CallContext, result: Any) -> None:
         self._count_success()
         if self.fallback is not None:
@@ -364,12 +388,11 @@ class Policy:
         except BaseException as exc:
             took = clock.now() - start
             breaker.record(permit, exc, took)
-            self._observe(took)
+            self.stats.other(took)
             raise
         took = clock.now() - start
         breaker.record(permit, None, took)
-        self._record_latency(took)
-        self._observe_duration(took)
+        self.stats.other(took)
         return result
 
     # -- sync
@@ -386,21 +409,117 @@ class Policy:
         prio = priority if type(priority) is Priority else Priority.parse(priority)
         if self._admits:
             self._admit(prio, client)
+        now = self._now()
+        if now >= self.stats.fold_at:
+            self.stats.fold()
+        generation = self._closed_generation(now) if self._inline else None
+        if generation is None:
+            return self._call_full(fn, args, kwargs, idempotency_key, prio)
+        # The success path (module docstring): attempt 1, inline, under the nearer of the
+        # attempt timeout and an enclosing deadline (this call's own deadline is longer).
+        expires = now + self._timeout_s
+        outer = _deadline._current.get()
+        if outer is not None and outer.expires_at < expires:
+            expires = outer.expires_at
+            if expires <= now:
+                return self._call_full(fn, args, kwargs, idempotency_key, prio)
+        try:
+            self._take_slot()
+        except queue.Empty:  # full: the full path waits for a slot or rejects
+            return self._call_full(fn, args, kwargs, idempotency_key, prio)
+        token = _deadline._current.set(_deadline.new_deadline(expires, self.clock))
+        try:
+            result = fn(*args, **kwargs)
+        except BaseException as exc:
+            _deadline._current.reset(token)
+            self._release_slot()
+            return self._first_failed(exc, now, expires, generation, outer,
+                                      fn, args, kwargs, idempotency_key, prio)
+        _deadline._current.reset(token)
+        self._release_slot()
+        end = self._now()
+        took = end - now
+        if end >= expires or took >= self._slow_s:
+            return self._first_late_or_slow(result, now, end, expires, generation, outer,
+                                            fn, args, kwargs, idempotency_key, prio)
+        self._count_breaker_success(generation)
+        self._record_first_success(took)
+        if self.fallback is not None:
+            ctx = CallContext(self.name, _task_name(fn), args, kwargs, idempotency_key, int(prio))
+            self.fallback.on_success(ctx, result)
+        return result
+
+    def _first_late_or_slow(self, result: Any, start: float, end: float, expires: float,
+                            generation: int, outer: _deadline.Deadline | None, fn: Callable,
+                            args: tuple, kwargs: dict, key: str | None, prio: Priority) -> Any:
+        """Attempt 1 on the success path returned, but late (a timeout) or slow."""
+        if end >= expires:
+            limit = expires - start
+            late = self.timeout._expired(limit)
+            return self._first_failed(late, start, expires, generation, outer,
+                                      fn, args, kwargs, key, prio)
+        self.breaker.record(Permit(False, generation, start), None, end - start)  # slow
+        self.stats.success(end - start)
+        if self.fallback is not None:
+            ctx = CallContext(self.name, _task_name(fn), args, kwargs, key, int(prio))
+            self.fallback.on_success(ctx, result)
+        return result
+
+    def _first_failed(self, exc: BaseException, start: float, expires: float, generation: int,
+                      outer: _deadline.Deadline | None, fn: Callable, args: tuple,
+                      kwargs: dict, key: str | None, prio: Priority) -> Any:
+        """Attempt 1 on the success path failed: record it, then retry or fall back as the
+        full path would (tenacity resumes with this failure as its attempt 1)."""
+        end = self._now()
+        if isinstance(exc, Exception) and end >= expires and not isinstance(exc, AttemptTimeout):
+            late = self.timeout._expired(expires - start)  # a late error is a timeout too
+            late.__cause__ = exc
+            exc = late
+        self.breaker.record(Permit(False, generation, start), exc, end - start)
+        self.stats.other(end - start)
+        if not isinstance(exc, Exception):
+            raise exc  # cancellation and interrupts surface as they are
+        self.stats.fold()  # the budget sees every earlier success before a retry is decided
+        self.retry_budget.record_request()
+        try:
+            if not (self.config.idempotent or key is not None):
+                raise exc
+            total = start + self._deadline_s
+            scope = (outer if outer is not None and outer.expires_at <= total
+                     else _deadline.new_deadline(total, self.clock))
+            token = _deadline._current.set(scope)
+            try:
+                result = self.retrier.resume(
+                    exc, functools.partial(self._attempt, fn, args, kwargs))
+            finally:
+                _deadline._current.reset(token)
+        except Exception as error:
+            ctx = CallContext(self.name, _task_name(fn), args, kwargs, key, int(prio))
+            return self._recover(ctx, error)
+        self._count_success()
+        if self.fallback is not None:
+            ctx = CallContext(self.name, _task_name(fn), args, kwargs, key, int(prio))
+            self.fallback.on_success(ctx, result)
+        return result
+
+    def _call_full(self, fn: Callable[..., T], args: tuple, kwargs: dict, key: str | None,
+                   prio: Priority) -> T | Any:
+        """The chain layer by layer: deadline, retry, breaker, bulkhead, timeout."""
         token = self._enter_deadline()
         try:
             try:
                 result = self.retrier.call(
                     functools.partial(self._attempt, fn, args, kwargs),
-                    retryable=self.config.idempotent or idempotency_key is not None,
+                    retryable=self.config.idempotent or key is not None,
                 )
             finally:
                 _deadline._current.reset(token)
         except Exception as exc:
-            ctx = CallContext(self.name, _task_name(fn), args, kwargs, idempotency_key, int(prio))
+            ctx = CallContext(self.name, _task_name(fn), args, kwargs, key, int(prio))
             return self._recover(ctx, exc)
         self._count_success()
         if self.fallback is not None:
-            ctx = CallContext(self.name, _task_name(fn), args, kwargs, idempotency_key, int(prio))
+            ctx = CallContext(self.name, _task_name(fn), args, kwargs, key, int(prio))
             self.fallback.on_success(ctx, result)
         return result
 
@@ -427,11 +546,11 @@ class Policy:
             except BaseException as exc:
                 took = self.clock.now() - start
                 self.breaker.record(permit, exc, took)
-                self._observe(took)
+                self.stats.other(took)
                 raise
             took = self.clock.now() - start
             self.breaker.record(permit, None, took)
-            self._observe(took)
+            self.stats.other(took)
             return result
 
         try:

@@ -264,6 +264,16 @@ class Retrier:
             return attempt()
         except Exception as exc:  # cancellation and interrupts surface as they are
             first = exc
+        return self.resume(first, attempt)
+
+    def resume(self, first: Exception, attempt: Callable[[], T]) -> T:
+        """Go on after attempt 1 failed with ``first`` (run by the caller): attempts 2..n.
+
+        The caller has counted the request (:meth:`RetryBudget.record_request`) and decided
+        the call is retryable.
+        """
+        if self.config.max_attempts == 1:
+            raise first
         return self._sync(_replay_first(first, attempt))
 
     async def acall(self, attempt: Callable[[], Awaitable[T]], *, retryable: bool = True) -> T:
