@@ -64,6 +64,12 @@ def rabbitmq_up() -> str:
 @pytest.fixture
 def state_redis(redis_up: str) -> Iterator[redis.Redis]:
     """A clean Redis database for shared state (breakers, limiters, idempotency keys)."""
+    from workers.depth import flush_all
+
+    # Producers of earlier tests in this process may still hold publish counts their flusher
+    # thread has not merged yet; landing after the flush they would inflate this test's
+    # depth estimates (seen: HIGH refused "at depth 10" with 7 messages queued).
+    flush_all()
     client = redis.Redis.from_url(STATE_REDIS_URL, socket_timeout=5, socket_connect_timeout=2)
     client.flushdb()
     yield client

@@ -20,6 +20,7 @@ shared publish counter and successive readings; Retry-After is computed from it.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import dataclasses
 import json
@@ -27,6 +28,7 @@ import logging
 import math
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from typing import Any, Protocol, runtime_checkable
@@ -45,6 +47,7 @@ __all__ = [
     "RedisDepthProbe",
     "SQSDepthProbe",
     "SharedDepthCache",
+    "flush_all",
     "probe_for",
     "sqs_queue_name",
 ]
@@ -449,6 +452,7 @@ class SharedDepthCache:
         self.clock = clock
         self._refresh = redis_client.register_script(_REFRESH_LUA)
         self._local: dict[str, tuple[QueueDepth, float | None]] = {}
+        _LIVE_CACHES.add(self)
 
     def _key(self, queue: str, what: str) -> str:
         return f"{self.prefix}:{{{queue}}}:{what}"
@@ -582,6 +586,24 @@ class SharedDepthCache:
                             / (depth.measured_at - cached[0].measured_at)) or cached[1]
             self._local[queue] = cached = (depth, drain)
         return DepthEstimate(cached[0], 0, cached[1])
+
+
+_LIVE_CACHES: weakref.WeakSet[SharedDepthCache] = weakref.WeakSet()
+
+
+def flush_all() -> None:
+    """Merge every live cache's unflushed publish counts into the shared counters now.
+
+    Runs at interpreter exit (the flusher is a daemon thread: without this a producer's last
+    ``flush_s`` of publishes would never reach the counter the drain rate is computed from),
+    and lets a test settle every cache before it empties the shared database: a count that
+    lands afterwards would be read as messages published since the next reading.
+    """
+    for cache in list(_LIVE_CACHES):
+        cache.flush()
+
+
+atexit.register(flush_all)
 
 
 def _parse(raw: bytes | None) -> tuple[QueueDepth, int] | None:
