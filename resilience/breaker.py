@@ -3,11 +3,16 @@
 The decision logic runs in the state store (:mod:`resilience.stores`) so it is atomic across
 processes with Redis. This object adds the local layer that keeps the success path cheap:
 outcomes are counted locally and merged into the store every ``sync_interval`` (or at once on
-a failure or a slow call), and an OPEN state is cached locally until its ``retry_after`` runs
-out. The opening decision stays exact: only successes wait, and a failure merges them with
-it before the rate is computed. What the wait costs is the time stamp: a success is placed
-in the rolling window up to ``sync_interval`` late (set ``sync_interval = 0`` to merge every
-outcome at once). The same holds for every store, the memory one included.
+a failure or a slow call), and an OPEN state is cached locally, re-read from the store at
+most every ``OPEN_RECHECK_S`` (so an operator's ``tidegate breaker close`` reaches every
+process within about a second) and at once when its ``retry_after`` runs out.
+
+The opening decision stays exact: only successes wait, and a failure merges them with it
+before the rate is computed. A batch of successes is merged with its age, so the store puts
+it in the bucket where it happened (a batch never spans two of the memory store's buckets;
+with Redis, whose buckets follow the server's clock, it may land in the bucket next to its
+own). This holds for every store, the memory one included; ``sync_interval = 0`` merges
+every outcome at once.
 
 :meth:`CircuitBreaker.closed_generation` and :meth:`CircuitBreaker.count_success` are the
 success path :class:`~resilience.policy.Policy` takes while the breaker is CLOSED and no
@@ -41,12 +46,14 @@ from .errors import (
     TransientError,
     exception_types,
 )
-from .stores import BreakerSnapshot, MemoryStore, StateStore
+from .stores import BUCKETS_PER_WINDOW, BreakerSnapshot, MemoryStore, StateStore
 
 __all__ = ["BreakerConfig", "BreakerState", "CircuitBreaker", "Permit"]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+
+OPEN_RECHECK_S = 1.0  # how long an OPEN state read from the store is trusted locally
 
 
 class BreakerState(StrEnum):
@@ -155,10 +162,12 @@ class CircuitBreaker:
         self.sync_interval = self.config.sync_interval
         self._lock = threading.Lock()
         self._listeners: list[StateListener] = []
-        self._pending = [0, 0, 0]  # calls, failures, slow since the last merge
+        self._pending = 0  # successes since the last merge (failures merge at once)
+        self._batch_until = -math.inf  # successes may wait for the merge until then
         self._last_sync = -math.inf
         self._snap = BreakerSnapshot("closed", -1, 0.0)
         self._local_until = -math.inf  # cached OPEN (or busy HALF_OPEN) holds until then
+        self._retry_at = -math.inf  # when the OPEN (or busy HALF_OPEN) state lets calls in
         self._fast_until = -math.inf  # CLOSED and no merge due until then (the success path)
         self._dirty_until = -math.inf  # a failure or slow call seen here is in the window
         metrics.BREAKER_STATE.labels(dependency=name).set(0)
@@ -174,18 +183,15 @@ class CircuitBreaker:
             old = self._snap
             self._snap = snap
             if snap.state == "open" or (snap.state == "half_open" and snap.retry_after > 0):
-                hold = (
-                    snap.retry_after
-                    if snap.state == "open"
-                    else min(snap.retry_after, self.sync_interval)
-                )
-                self._local_until = now + hold
+                recheck = OPEN_RECHECK_S if snap.state == "open" else self.sync_interval
+                self._local_until = now + min(snap.retry_after, max(recheck, self.sync_interval))
+                self._retry_at = now + snap.retry_after
             else:
-                self._local_until = -math.inf
+                self._local_until = self._retry_at = -math.inf
             if snap.generation != old.generation:
-                self._pending = [0, 0, 0]
+                self._pending = 0
             self._fast_until = (
-                self._last_sync + self.sync_interval
+                self._batch_until
                 if snap.state == "closed" and snap.generation >= 0 and now >= self._dirty_until
                 else -math.inf
             )
@@ -206,18 +212,18 @@ class CircuitBreaker:
     def _sync(
         self, now: float, calls: int = 0, failures: int = 0, slow: int = 0
     ) -> BreakerSnapshot:
-        """Merge the pending counts (plus the given outcome) into the store; apply its state."""
+        """Merge the pending successes (with their age) and the given outcome; apply."""
         with self._lock:
-            pending = self._pending
-            # Pending successes happened within sync_interval after the last merge; after a
-            # quiet spell longer than the window they have left it, and are dropped.
-            if now - self._last_sync - self.sync_interval < self.config.window:
-                calls += pending[0]
-                failures += pending[1]
-                slow += pending[2]
-            self._pending = [0, 0, 0]
+            earlier = self._pending
+            age = now - self._last_sync if earlier else 0.0
+            self._pending = 0
             self._last_sync = now
-        snap = self.store.breaker_sync(self.name, self.config, calls, failures, slow)
+            # the next batch ends after sync_interval, or where the window's bucket ends
+            width = self.config.window / BUCKETS_PER_WINDOW
+            self._batch_until = min(now + self.sync_interval, (now // width + 1) * width)
+        snap = self.store.breaker_sync(
+            self.name, self.config, calls, failures, slow, earlier, age
+        )
         self._apply(snap, now)
         return snap
 
@@ -238,7 +244,7 @@ class CircuitBreaker:
     def retry_after(self) -> float:
         """Seconds until an OPEN breaker lets a trial call through (0 when not open)."""
         return (
-            max(0.0, self._local_until - self.clock.now()) if self._snap.state != "closed" else 0.0
+            max(0.0, self._retry_at - self.clock.now()) if self._snap.state != "closed" else 0.0
         )
 
     # -- the success path while CLOSED
@@ -253,7 +259,7 @@ class CircuitBreaker:
         """Count one fast (not slow) success started under ``generation``; merged later."""
         with self._lock:
             if self._snap.generation == generation:
-                self._pending[0] += 1
+                self._pending += 1
 
     # -- one attempt
     def acquire(self) -> Permit:
@@ -266,7 +272,7 @@ class CircuitBreaker:
             if snap.state == "closed":
                 return Permit(False, snap.generation, now)
         if now < self._local_until:
-            self._reject(self._local_until - now)
+            self._reject(self._retry_at - now)
         granted, snap = self.store.breaker_acquire(self.name, self.config)
         self._apply(snap, now)
         if granted:
@@ -300,10 +306,10 @@ class CircuitBreaker:
                 return outcome  # the state moved on since this attempt started
             if failed or slow:
                 self._dirty_until = now + self.config.window
-            elif now - self._last_sync < self.sync_interval and now >= self._dirty_until:
+            elif now < self._batch_until and now >= self._dirty_until:
                 # a success while the window holds no failure seen here cannot open the
                 # breaker: count it now, merge it later
-                self._pending[0] += 1
+                self._pending += 1
                 return outcome
         self._sync(now, 1, failed, slow)
         return outcome
@@ -346,7 +352,7 @@ class CircuitBreaker:
     def reset(self) -> None:
         """Close now and forget the window."""
         with self._lock:
-            self._pending = [0, 0, 0]
+            self._pending = 0
         self._apply(
             self.store.breaker_force(self.name, self.config, "closed", 0.0), self.clock.now()
         )

@@ -80,9 +80,14 @@ class StateStore(Protocol):
     name: str
 
     def breaker_sync(
-        self, name: str, cfg: BreakerParams, calls: int, failures: int, slow: int
+        self, name: str, cfg: BreakerParams, calls: int, failures: int, slow: int,
+        earlier: int = 0, age: float = 0.0,
     ) -> BreakerSnapshot:
-        """Merge counts into the rolling window (CLOSED only), trip if over threshold."""
+        """Merge counts into the rolling window (CLOSED only), trip if over threshold.
+
+        ``earlier`` successes happened ``age`` seconds ago (a local batch): they go to the
+        bucket of that time, or nowhere if it has left the window.
+        """
 
     def breaker_acquire(self, name: str, cfg: BreakerParams) -> tuple[bool, BreakerSnapshot]:
         """Ask for a trial slot (OPEN past its duration becomes HALF_OPEN)."""
@@ -175,7 +180,9 @@ class MemoryStore:
         if b.state == "open":
             return BreakerSnapshot("open", b.gen, max(0.0, b.until - now))
         if b.state == "half_open" and b.probes >= cfg.half_open_calls:
-            return BreakerSnapshot("half_open", b.gen, HALF_OPEN_BUSY_RETRY_AFTER)
+            # busy: come back in a second, or when the trials' lease runs out if sooner
+            lease_left = max(0.0, b.probe_since + cfg.open_duration - now)
+            return BreakerSnapshot("half_open", b.gen, min(HALF_OPEN_BUSY_RETRY_AFTER, lease_left))
         return BreakerSnapshot(b.state, b.gen, 0.0)
 
     @staticmethod
@@ -188,31 +195,38 @@ class MemoryStore:
         if b.state == "open" and now >= b.until:
             b.state, b.gen, b.probes, b.successes, b.probe_since = "half_open", b.gen + 1, 0, 0, now
 
-    def breaker_sync(self, name, cfg, calls, failures, slow):
+    def breaker_sync(self, name, cfg, calls, failures, slow, earlier=0, age=0.0):
         with self._lock:
             now = self.clock.now()
             b = self._b(name)
             self._half_open_if_due(b, now)
-            if b.state == "closed" and (calls or failures or slow):
-                idx = math.floor(now / (cfg.window / BUCKETS_PER_WINDOW))
+            if b.state == "closed" and (calls or failures or slow or earlier):
+                width = cfg.window / BUCKETS_PER_WINDOW
+                idx = math.floor(now / width)
+                oldest = idx - BUCKETS_PER_WINDOW + 1
                 buckets, totals = b.buckets, b.totals
                 if idx != b.idx:  # a new bucket: drop the ones that left the window
-                    oldest = idx - BUCKETS_PER_WINDOW + 1
                     for k in [k for k in buckets if k < oldest]:
                         gone = buckets.pop(k)
                         totals[0] -= gone[0]
                         totals[1] -= gone[1]
                         totals[2] -= gone[2]
                     b.idx = idx
-                bucket = buckets.get(idx)
-                if bucket is None:
-                    bucket = buckets[idx] = [0, 0, 0]
-                bucket[0] += calls
-                bucket[1] += failures
-                bucket[2] += slow
-                totals[0] += calls
-                totals[1] += failures
-                totals[2] += slow
+                adds = [(idx, calls, failures, slow)]
+                if earlier:
+                    then = math.floor((now - age) / width)
+                    if then >= oldest:
+                        adds.append((min(then, idx), earlier, 0, 0))
+                for k, c, f, sl in adds:
+                    bucket = buckets.get(k)
+                    if bucket is None:
+                        bucket = buckets[k] = [0, 0, 0]
+                    bucket[0] += c
+                    bucket[1] += f
+                    bucket[2] += sl
+                    totals[0] += c
+                    totals[1] += f
+                    totals[2] += sl
                 if _over_threshold(cfg, totals[0], totals[1], totals[2]):
                     self._open(b, now, cfg.open_duration)
             return self._snap(b, cfg, now)
@@ -382,7 +396,7 @@ local function snap()
   if state == 'open' then
     retry_after = math.max(0, until_ - now)
   elseif state == 'half_open' and probes >= half_open_calls then
-    retry_after = tonumber(ARGV[11])
+    retry_after = math.min(tonumber(ARGV[11]), math.max(0, since + open_duration - now))
   end
   return {state, gen, string.format('%.6f', retry_after)}
 end
@@ -390,9 +404,14 @@ end
 if op == 'sync' then
   half_open_if_due()
   local calls, failures, slow = tonumber(ARGV[12]), tonumber(ARGV[13]), tonumber(ARGV[14])
-  if state == 'closed' and (calls + failures + slow) > 0 then
+  local earlier, age = tonumber(ARGV[15] or '0'), tonumber(ARGV[16] or '0')
+  if state == 'closed' and (calls + failures + slow + earlier) > 0 then
     local idx = math.floor(now / (window / nb))
     redis.call('HINCRBY', KEYS[2], 'c:' .. idx, calls)
+    if earlier > 0 then  -- a local batch of successes, placed where it happened
+      local then_ = math.min(idx, math.floor((now - age) / (window / nb)))
+      if then_ > idx - nb then redis.call('HINCRBY', KEYS[2], 'c:' .. then_, earlier) end
+    end
     if failures > 0 then redis.call('HINCRBY', KEYS[2], 'f:' .. idx, failures) end
     if slow > 0 then redis.call('HINCRBY', KEYS[2], 's:' .. idx, slow) end
     redis.call('PEXPIRE', KEYS[2], math.ceil(window * 2000))
@@ -633,11 +652,12 @@ class RedisStore:
         return BreakerSnapshot(state, int(raw[1]), float(raw[2]))
 
     # -- breaker
-    def breaker_sync(self, name, cfg, calls, failures, slow):
+    def breaker_sync(self, name, cfg, calls, failures, slow, earlier=0, age=0.0):
         return self._run(
             "breaker_sync",
-            lambda: self._snap(self._breaker_call(name, cfg, "sync", calls, failures, slow)),
-            lambda: self.fallback.breaker_sync(name, cfg, calls, failures, slow),
+            lambda: self._snap(self._breaker_call(
+                name, cfg, "sync", calls, failures, slow, earlier, repr(float(age)))),
+            lambda: self.fallback.breaker_sync(name, cfg, calls, failures, slow, earlier, age),
         )
 
     def breaker_acquire(self, name, cfg):

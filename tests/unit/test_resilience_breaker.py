@@ -286,3 +286,27 @@ def test_breaker_matches_model(ops, minimum, rate, half_open_calls):
         b.record(permit, None, 0.001)
         model.record(clock.now(), "probe", False)
     assert b.state.value == (model.tick(clock.now()) or model.state)
+
+
+def test_an_operator_close_reaches_a_process_holding_open_within_the_recheck():
+    """Two processes' breakers on one store: B caches OPEN, but re-reads it every
+    OPEN_RECHECK_S, so a close forced elsewhere is seen long before open_duration ends."""
+    from resilience.breaker import OPEN_RECHECK_S
+
+    clock = FakeClock()
+    store = MemoryStore(clock)
+    cfg = BreakerConfig(minimum_calls=4, window=10.0, open_duration=30.0)
+    a = CircuitBreaker("dep", cfg, store, clock)
+    b = CircuitBreaker("dep", cfg, store, clock)
+    a.force_open()
+    with pytest.raises(CircuitOpen) as info:
+        b.acquire()
+    assert info.value.retry_after == pytest.approx(30.0)  # the real reopen time, not the recheck
+    a.reset()  # an operator closes it (tidegate breaker close)
+    clock.advance(OPEN_RECHECK_S / 2)
+    with pytest.raises(CircuitOpen) as info:
+        b.acquire()  # still trusting its cached OPEN
+    assert info.value.retry_after == pytest.approx(30.0 - OPEN_RECHECK_S / 2)
+    clock.advance(OPEN_RECHECK_S / 2)
+    b.record(b.acquire(), None, 0.001)
+    assert b.state is CLOSED and b.retry_after == 0.0
