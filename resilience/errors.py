@@ -16,6 +16,7 @@ __all__ = [
     "ConfigError",
     "DeadlineExceeded",
     "DeferralError",
+    "LateResult",
     "NotIdempotent",
     "PermanentError",
     "RateLimited",
@@ -148,6 +149,16 @@ class DeadlineExceeded(TransientError):
 
 class AttemptTimeout(DeadlineExceeded):
     """One attempt ran past its per-attempt timeout (the budget may allow another)."""
+
+
+class LateResult(AttemptTimeout):
+    """An attempt returned, but after its timeout (cooperative mode). ``result`` is what it
+    returned: a call that may not be retried gets it back (its effect happened), the rest
+    treat it as the timeout it is."""
+
+    def __init__(self, message: str, result: object) -> None:
+        super().__init__(message)
+        self.result = result
 
 
 class RetriesExhausted(TransientError):

@@ -31,6 +31,7 @@ from __future__ import annotations
 import contextvars
 import functools
 import inspect
+import logging
 import math
 import queue
 import random
@@ -46,7 +47,14 @@ from .breaker import BreakerConfig, CircuitBreaker, Permit
 from .bulkhead import Bulkhead, BulkheadConfig
 from .callstats import CallStats
 from .clock import SYSTEM_CLOCK, Clock
-from .errors import AttemptTimeout, ConfigError, PermanentError, RejectedError, TransientError
+from .errors import (
+    AttemptTimeout,
+    ConfigError,
+    LateResult,
+    PermanentError,
+    RejectedError,
+    TransientError,
+)
 from .fallback import (
     CachedValue,
     CallContext,
@@ -74,6 +82,7 @@ __all__ = [
 ]
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 FALLBACK_KINDS = ("none", "cached", "default", "graceful", "queue")
 LEAD_KEYS = frozenset({"queue", "url", "tasks"})  # read by workers/, ignored here
@@ -454,8 +463,7 @@ class Policy:
                             args: tuple, kwargs: dict, key: str | None, prio: Priority) -> Any:
         """Attempt 1 on the success path returned, but late (a timeout) or slow."""
         if end >= expires:
-            limit = expires - start
-            late = self.timeout._expired(limit)
+            late = LateResult(str(self.timeout._expired(expires - start)), result)
             return self._first_failed(late, start, expires, generation, outer,
                                       fn, args, kwargs, key, prio)
         self.breaker.record(Permit(False, generation, start), None, end - start)  # slow
@@ -483,7 +491,7 @@ class Policy:
         self.retry_budget.record_request()
         try:
             if not (self.config.idempotent or key is not None):
-                raise exc
+                return self._no_retry(exc, fn, args, kwargs, key, prio)
             total = start + self._deadline_s
             scope = (outer if outer is not None and outer.expires_at <= total
                      else _deadline.new_deadline(total, self.clock))
@@ -502,19 +510,35 @@ class Policy:
             self.fallback.on_success(ctx, result)
         return result
 
+    def _no_retry(self, exc: Exception, fn: Callable, args: tuple, kwargs: dict,
+                  key: str | None, prio: Priority) -> Any:
+        """A call that may not be retried failed once. A late *result* is returned all the
+        same: its effect happened and nothing may redo it, so reporting a failure would only
+        hide a done charge (the breaker has counted the timeout). Anything else is raised."""
+        if isinstance(exc, LateResult):
+            log.warning("%s: answered after the attempt timeout; the result is kept (the call "
+                        "may not be retried, its effect happened)", self.name)
+            self._count_success()
+            if self.fallback is not None:
+                ctx = CallContext(self.name, _task_name(fn), args, kwargs, key, int(prio))
+                self.fallback.on_success(ctx, exc.result)
+            return exc.result
+        raise exc
+
     def _call_full(self, fn: Callable[..., T], args: tuple, kwargs: dict, key: str | None,
                    prio: Priority) -> T | Any:
         """The chain layer by layer: deadline, retry, breaker, bulkhead, timeout."""
+        retryable = self.config.idempotent or key is not None
         token = self._enter_deadline()
         try:
             try:
                 result = self.retrier.call(
-                    functools.partial(self._attempt, fn, args, kwargs),
-                    retryable=self.config.idempotent or key is not None,
-                )
+                    functools.partial(self._attempt, fn, args, kwargs), retryable=retryable)
             finally:
                 _deadline._current.reset(token)
         except Exception as exc:
+            if not retryable and isinstance(exc, LateResult):
+                return self._no_retry(exc, fn, args, kwargs, key, prio)
             ctx = CallContext(self.name, _task_name(fn), args, kwargs, key, int(prio))
             return self._recover(ctx, exc)
         self._count_success()

@@ -39,7 +39,7 @@ from typing import Any, TypeVar
 from . import deadline as _deadline
 from .bulkhead import Bulkhead
 from .clock import SYSTEM_CLOCK, Clock
-from .errors import AttemptTimeout, ConfigError, DeadlineExceeded
+from .errors import AttemptTimeout, ConfigError, DeadlineExceeded, LateResult
 
 __all__ = [
     "ABANDON",
@@ -157,8 +157,8 @@ class Timeout:
         finally:
             _deadline._current.reset(token)
             bulkhead.release()
-        if clock.now() >= expires:
-            raise self._expired(limit)  # a late result is a timeout, never a late success
+        if clock.now() >= expires:  # a late result is a timeout (the Policy may keep it)
+            raise LateResult(str(self._expired(limit)), result)
         return result
 
     async def acall(self, fn: Callable[..., Awaitable[T]], *args: Any, **kwargs: Any) -> T:
