@@ -96,10 +96,18 @@ def grab_trials(prefix, name, cfg, stop, out):
     out.put(("done", os.getpid()))
 
 
-def hammer_limiter(prefix, name, rate, burst, start_at, seconds, out):
+def hammer_limiter(prefix, name, rate, burst, ready, go, start_at, seconds, out):
+    """Say ready, wait for ``go``, then take tokens from ``start_at.value`` for ``seconds``
+    (the parent sets the start only once every process is up, however slow the spawn)."""
     from resilience.ratelimit import RateLimitConfig, RateLimiter
 
     rl = RateLimiter(name, RateLimitConfig(rate=rate, burst=burst), store(prefix))
+    rl.try_acquire("warm-up")  # connect and load the script before the window opens
+    ready.set()
+    if not go.wait(120):
+        out.put(-1)
+        return
+    start_at = start_at.value
     while time.time() < start_at:
         time.sleep(0.001)
     allowed = 0

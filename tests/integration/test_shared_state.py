@@ -105,17 +105,23 @@ def test_half_open_lets_exactly_one_trial_through_cluster_wide(prefix):
 
 def test_global_rate_limit_holds_across_processes(prefix):
     rate, seconds, burst = 50.0, 3.0, 1
-    out = CTX.Queue()
-    start_at = time.time() + 3.0  # after the spawned interpreters are up
+    out, go = CTX.Queue(), CTX.Event()
+    start_at = CTX.Value("d", 0.0)
+    readies = [CTX.Event() for _ in range(4)]
     procs = [
         CTX.Process(
             target=_redis.hammer_limiter,
-            args=(prefix, "global", rate, burst, start_at, seconds, out),
+            args=(prefix, "global", rate, burst, ready, go, start_at, seconds, out),
         )
-        for _ in range(4)
+        for ready in readies
     ]
     for p in procs:
         p.start()
+    # the window opens once every spawned interpreter is up (a fixed head start is not
+    # enough on a loaded machine: a late process would shrink the measured total)
+    assert all(r.wait(40) for r in readies)
+    start_at.value = time.time() + 0.5
+    go.set()
     counts = _collect(out, 4, timeout=40)
     for p in procs:
         p.join(10)
