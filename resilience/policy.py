@@ -454,7 +454,14 @@ class Policy:
         self._count_breaker_success(generation)
         self._record_first_success(took)
         if self.fallback is not None:
-            ctx = CallContext(self.name, _task_name(fn), args, kwargs, idempotency_key, int(prio))
+            self._remember(result, fn, args, kwargs, idempotency_key, prio)
+        return result
+
+    def _remember(self, result: Any, fn: Callable, args: tuple, kwargs: dict, key: str | None,
+                  prio: Priority) -> Any:
+        """Let the fallback see a success (a cached fallback keeps the answer)."""
+        if self.fallback is not None:
+            ctx = CallContext(self.name, _task_name(fn), args, kwargs, key, int(prio))
             self.fallback.on_success(ctx, result)
         return result
 
@@ -468,10 +475,7 @@ class Policy:
                                       fn, args, kwargs, key, prio)
         self.breaker.record(Permit(False, generation, start), None, end - start)  # slow
         self.stats.success(end - start)
-        if self.fallback is not None:
-            ctx = CallContext(self.name, _task_name(fn), args, kwargs, key, int(prio))
-            self.fallback.on_success(ctx, result)
-        return result
+        return self._remember(result, fn, args, kwargs, key, prio)
 
     def _first_failed(self, exc: BaseException, start: float, expires: float, generation: int,
                       outer: _deadline.Deadline | None, fn: Callable, args: tuple,
@@ -505,10 +509,7 @@ class Policy:
             ctx = CallContext(self.name, _task_name(fn), args, kwargs, key, int(prio))
             return self._recover(ctx, error)
         self._count_success()
-        if self.fallback is not None:
-            ctx = CallContext(self.name, _task_name(fn), args, kwargs, key, int(prio))
-            self.fallback.on_success(ctx, result)
-        return result
+        return self._remember(result, fn, args, kwargs, key, prio)
 
     def _no_retry(self, exc: Exception, fn: Callable, args: tuple, kwargs: dict,
                   key: str | None, prio: Priority) -> Any:
@@ -519,10 +520,7 @@ class Policy:
             log.warning("%s: answered after the attempt timeout; the result is kept (the call "
                         "may not be retried, its effect happened)", self.name)
             self._count_success()
-            if self.fallback is not None:
-                ctx = CallContext(self.name, _task_name(fn), args, kwargs, key, int(prio))
-                self.fallback.on_success(ctx, exc.result)
-            return exc.result
+            return self._remember(exc.result, fn, args, kwargs, key, prio)
         raise exc
 
     def _call_full(self, fn: Callable[..., T], args: tuple, kwargs: dict, key: str | None,
@@ -542,10 +540,7 @@ class Policy:
             ctx = CallContext(self.name, _task_name(fn), args, kwargs, key, int(prio))
             return self._recover(ctx, exc)
         self._count_success()
-        if self.fallback is not None:
-            ctx = CallContext(self.name, _task_name(fn), args, kwargs, key, int(prio))
-            self.fallback.on_success(ctx, result)
-        return result
+        return self._remember(result, fn, args, kwargs, key, prio)
 
     # -- async
     async def acall(
