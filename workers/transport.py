@@ -19,6 +19,13 @@ without a message is harmless. The script keeps each signal list honest for the 
 reads (emptied when the queue is empty, one token left when messages remain), and a publish
 caps it and gives it a TTL, so a queue nobody consumes (a DLQ) keeps a small, expiring one.
 
+The consumer does not write that record a second time: kombu's ``QoS.append`` (an ``HSET`` +
+``ZADD`` round trip per message) is skipped for the message the script has just recorded, and
+only for it (the transport remembers that one delivery tag while it hands the message over).
+A message put back by kombu's restore (visibility timeout, reject with requeue, shutdown)
+rings its queue's signal list in the restore's own transaction, so it is fetched at once
+rather than when the ``BRPOP`` times out.
+
 Everything else is kombu's: priorities (``sep``, ``priority_steps``), the queue cycle, fanout
 (pub/sub), restore, ``global_keyprefix``. Queues consumed with ``no_ack`` (Celery's reply
 queues) are popped without an unacked record, as before. Off with
@@ -33,6 +40,7 @@ from typing import Any
 
 from kombu import connection as kombu_connection
 from kombu.transport import redis as kombu_redis
+from kombu.transport import virtual
 from kombu.utils.encoding import bytes_to_str
 from kombu.utils.json import dumps, loads
 from redis import exceptions as redis_errors
@@ -106,8 +114,21 @@ if "EVAL" in _prefixed.PREFIXED_SIMPLE_COMMANDS or "EVAL" in _prefixed.PREFIXED_
     raise ImportError("kombu now prefixes EVAL keys itself: workers.transport needs updating")
 
 
+class QoS(kombu_redis.QoS):
+    """kombu's Redis QoS; a message the fetch script recorded is not recorded again."""
+
+    def append(self, message: Any, delivery_tag: str) -> None:
+        if getattr(self.channel.connection, "recorded_tag", None) == delivery_tag:
+            # unacked[tag] and unacked_index[tag] were written by FETCH, in kombu's format
+            virtual.QoS.append(self, message, delivery_tag)
+            return
+        super().append(message, delivery_tag)
+
+
 class Channel(kombu_redis.Channel):
-    """kombu's Redis channel; only publishing and the BRPOP-driven fetch differ."""
+    """kombu's Redis channel; publishing, the BRPOP-driven fetch and restore's token differ."""
+
+    QoS = QoS
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self._no_ack: dict[str, bool] = {}  # queue -> consumed without acks (latest consumer)
@@ -192,16 +213,26 @@ class Channel(kombu_redis.Channel):
             fetched = self._fetch()
             if fetched is None:
                 raise Empty()
-            queue, payload = fetched
+            queue, payload, recorded = fetched
             self._queue_cycle.rotate(queue)
-            self.connection._deliver(payload, queue)
+            # Only this message, only while it is handed over (synchronously, on this thread):
+            # the QoS of whichever channel consumes ``queue`` then skips its own HSET + ZADD.
+            transport = self.connection
+            transport.recorded_tag = payload["properties"]["delivery_tag"] if recorded else None
+            try:
+                transport._deliver(payload, queue)
+            finally:
+                transport.recorded_tag = None
             return True
         finally:
             self._in_poll = None
             self._flush_brpop_reauth()
 
-    def _fetch(self) -> tuple[str, dict[str, Any]] | None:
-        """Pop one message (kombu's priority order) and record it as unacked, atomically."""
+    def _fetch(self) -> tuple[str, dict[str, Any], bool] | None:
+        """Pop one message (kombu's priority order) and record it as unacked, atomically.
+
+        Returns (queue, payload, whether the script recorded it as unacked), or None.
+        """
         queues = self._queue_cycle.consume(len(self.active_queues))
         if not queues:
             return None
@@ -215,14 +246,28 @@ class Channel(kombu_redis.Channel):
             reply = client.eval(FETCH, len(keys), *keys, *argv)
         if not reply:
             return None
-        index, item, _recorded = reply
-        return queues[int(index) - 1], loads(bytes_to_str(item))
+        index, item, recorded = reply
+        return queues[int(index) - 1], loads(bytes_to_str(item)), bool(recorded)
+
+    def _do_restore_message(self, payload: dict[str, Any], exchange: str, routing_key: str,
+                            pipe: Any, leftmost: bool = False) -> None:
+        """kombu's restore, plus a token for each queue it lands in (same transaction)."""
+        super()._do_restore_message(payload, exchange, routing_key, pipe, leftmost)
+        if not self.ack_emulation:
+            return
+        try:
+            queues = self._lookup(exchange, routing_key)
+        except Exception:  # kombu logged it (message not restored): nothing to ring
+            return
+        for queue in queues:
+            pipe.eval(RING, 1, self.signal_key(queue), SIGNAL_CAP, SIGNAL_TTL_MS)
 
 
 class Transport(kombu_redis.Transport):
     """kombu's Redis transport with :class:`Channel`'s reliable fetch."""
 
     Channel = Channel
+    recorded_tag: str | None = None  # the message being handed over, recorded by FETCH
 
 
-__all__ = ["FETCH", "RING", "SIGNAL_PREFIX", "TRANSPORT_PATH", "Channel", "Transport"]
+__all__ = ["FETCH", "RING", "SIGNAL_PREFIX", "TRANSPORT_PATH", "Channel", "QoS", "Transport"]

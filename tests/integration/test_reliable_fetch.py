@@ -61,10 +61,10 @@ def test_a_consumer_dead_right_after_the_pop_leaves_the_message_unacked_and_it_r
     assert r.llen(SIGNAL_PREFIX + "search") == 1  # the publish rang the queue's signal list
     conn, channel = _consuming_channel(celery_app, "search")
     try:
-        queue, payload = channel._fetch()  # the pop; this consumer now "dies": no ack, ever
+        queue, payload, recorded = channel._fetch()  # the pop; this consumer now "dies"
     finally:
         conn.collect()  # drop it without closing: no graceful restore, like kill -9
-    assert queue == "search" and payload["headers"]["id"] == job.id
+    assert queue == "search" and payload["headers"]["id"] == job.id and recorded
     tag = payload["properties"]["delivery_tag"]
     stored, exchange, routing_key = json.loads(r.hget("unacked", tag))  # kombu's format
     assert stored == payload and routing_key == "search" and isinstance(exchange, str)
@@ -89,7 +89,7 @@ def test_priority_order_is_kombus_across_steps_and_queues(producer, celery_app, 
     try:
         order = []
         while (fetched := channel._fetch()) is not None:
-            queue, payload = fetched
+            queue, payload, _recorded = fetched
             order.append((queue, payload["headers"]["task"]))
             assert r.hexists("unacked", payload["properties"]["delivery_tag"])
     finally:
@@ -98,6 +98,43 @@ def test_priority_order_is_kombus_across_steps_and_queues(producer, celery_app, 
         [("email", "email.send")] * 3, order
     assert r.hlen("unacked") == 5
     assert not r.exists(SIGNAL_PREFIX + "email") and not r.exists(SIGNAL_PREFIX + "search")
+
+
+def test_the_consumer_does_not_record_a_fetched_message_again_and_a_restore_rings(
+        producer, celery_app, r, monkeypatch):
+    from kombu.transport import redis as kombu_redis
+
+    appended: list[str] = []  # kombu's own HSET + ZADD, which FETCH made redundant
+    stock_append = kombu_redis.QoS.append
+    monkeypatch.setattr(kombu_redis.QoS, "append",
+                        lambda qos, m, tag: appended.append(tag) or stock_append(qos, m, tag))
+    job = producer.enqueue("search.index", ["doc-once"])
+    got: list = []
+    conn = celery_app.connection_for_read()
+    try:
+        channel = conn.channel()
+        channel.basic_consume("search", no_ack=False, callback=got.append, consumer_tag="t")
+        conn.drain_events(timeout=5)  # kombu's own poll: BRPOP on the signal list, then FETCH
+        assert [m.headers["id"] for m in got] == [job.id]
+        tag = got[0].delivery_tag
+        assert appended == [] and tag in channel.qos._delivered  # kombu's QoS still counts it
+        stored, exchange, routing_key = json.loads(r.hget("unacked", tag))
+        assert stored == got[0]._raw and (exchange, routing_key) == (
+            got[0].delivery_info["exchange"], got[0].delivery_info["routing_key"])
+        assert r.zscore("unacked_index", tag) is not None
+        assert not r.exists(SIGNAL_PREFIX + "search")
+
+        channel.qos.restore_by_tag(tag)  # what the visibility timeout does to a dead worker's
+        assert _ready(r, "search") == 1 and r.hlen("unacked") == 0
+        assert r.llen(SIGNAL_PREFIX + "search") == 1  # found at once, not after BRPOP's timeout
+        got.clear()
+        conn.drain_events(timeout=5)
+        assert [m.headers["id"] for m in got] == [job.id] and got[0].delivery_info["redelivered"]
+        assert appended == [] and r.hexists("unacked", got[0].delivery_tag)
+        got[0].ack()
+        assert r.hlen("unacked") == 0 and r.zcard("unacked_index") == 0
+    finally:
+        conn.release()
 
 
 def test_messages_published_without_a_token_are_consumed(
