@@ -14,7 +14,7 @@ unchanged. The consumer's blocking ``BRPOP`` (still on the hub socket, as kombu 
 waits on a per-queue *signal* list (``_tidegate.signal.<queue>``) that the publisher rings in
 the same transaction as its ``LPUSH``; a token, or the ``BRPOP`` timeout, runs the script. The
 timeout keeps messages found that arrive without a token (bare Celery/kombu producers, kombu's
-restore, a token lost with a killed worker): at most ``brpop_timeout`` (1 s) late. A token
+stock restore, a token lost with a killed worker): at most ``brpop_timeout`` (1 s) late. A token
 without a message is harmless. The script keeps each signal list honest for the queues it
 reads (emptied when the queue is empty, one token left when messages remain), and a publish
 caps it and gives it a TTL, so a queue nobody consumes (a DLQ) keeps a small, expiring one.
