@@ -9,6 +9,9 @@ Every delivery of a resilient task takes a mark before it calls anything:
 * ``done``      -> the effect already happened: the duplicate is acked without running;
 * ``dead``      -> the message was dead-lettered: a duplicate is acked (``dlq replay`` clears it).
 
+Taking the mark is one ``SET NX GET`` (Redis >= 7.0; a script on older servers): set only if
+absent, and report what was there, atomically.
+
 The mark is keyed by the idempotency key when the task carries one, otherwise by the task id
 (which survives broker redelivery and Celery retries). A mark outlives any redelivery: its
 TTL (``TIDEGATE_IDEMPOTENCY_TTL_S``, default 7 days) must exceed the longest time a message
@@ -30,7 +33,8 @@ from resilience.errors import ConfigError, TransientError
 DEFAULT_TTL_S = 7 * 24 * 3600
 PREFIX = "tidegate:idem"
 
-# KEYS[1] mark. ARGV: 1 started-record, 2 ttl ms. Returns {state, record-or-empty}.
+# Redis < 7.0 only (SET cannot combine NX and GET there). KEYS[1] mark. ARGV: 1 started-record,
+# 2 ttl ms. Returns the mark already there, or nil once it has set ours.
 _BEGIN_LUA = """
 local cur = redis.call('GET', KEYS[1])
 if cur then return cur end
@@ -86,7 +90,9 @@ class IdempotencyStore:
         self.ttl_ms = int(ttl_s * 1000)
         self.prefix = prefix
         self._begin = client.register_script(_BEGIN_LUA)
+        self._set_nx_get = True  # until the server says SET NX GET is a syntax error (< 7.0)
         self._errors = (redis.exceptions.RedisError, OSError)
+        self._syntax_error = redis.exceptions.ResponseError
 
     def key(self, task: str, key: str) -> str:
         return f"{self.prefix}:{task}:{key}"
@@ -101,12 +107,24 @@ class IdempotencyStore:
         """Take the ``started`` mark atomically, or report the mark already there."""
         record = json.dumps({"s": "started", "w": worker or socket.gethostname(),
                              "t": time.time()})
-        raw = self._guard("begin", lambda: self._begin(keys=[self.key(task, key)],
-                                                         args=[record, self.ttl_ms]))
+        name = self.key(task, key)
+        raw = self._guard("begin", lambda: self._take(name, record))
         if raw is None:
             return Mark(key, MarkState.NEW)
         doc = json.loads(raw)
         return Mark(key, MarkState(doc["s"]), doc.get("w"), doc.get("t"), doc.get("r"))
+
+    def _take(self, name: str, record: str) -> Any:
+        # One plain command, on every delivery's path: cheaper than the script, same atomicity
+        # (set only if absent, and report what was there).
+        if self._set_nx_get:
+            try:
+                return self.client.set(name, record, nx=True, get=True, px=self.ttl_ms)
+            except self._syntax_error as exc:
+                if "syntax" not in str(exc).lower():
+                    raise
+                self._set_nx_get = False
+        return self._begin(keys=[name], args=[record, self.ttl_ms])
 
     def finish(self, task: str, key: str, result: Any = None) -> None:
         """Mark the effect as done; later duplicates are acked without running."""
