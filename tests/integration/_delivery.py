@@ -62,8 +62,8 @@ queue = "email"
 url = "{email}"
 tasks = ["email.*"]
 idempotent = true
-timeout_ms = 500
-deadline_ms = 1000
+timeout_ms = {email_timeout_ms}
+deadline_ms = {email_deadline_ms}
 [dependencies.email.retry]
 base_s = 0.05
 max_wait_s = 0.3
@@ -80,7 +80,8 @@ LIMITS = {"TIDEGATE_TASK_SOFT_TIME_LIMIT_S": "20", "TIDEGATE_TASK_HARD_TIME_LIMI
 
 def write_policy(path: Path, sims: dict, **overrides: Any) -> Path:
     values = {"payments_timeout_ms": 1000, "payments_deadline_ms": 2000,
-              "search_timeout_ms": 1000, "search_deadline_ms": 2000, **overrides}
+              "search_timeout_ms": 1000, "search_deadline_ms": 2000,
+              "email_timeout_ms": 500, "email_deadline_ms": 1000, **overrides}
     path.write_text(POLICY.format(**{n: s.url for n, s in sims.items()}, **values))
     return path
 

@@ -22,10 +22,13 @@ REDELIVERY_S = 120  # visibility timeout + kombu's restore sweep, on a loaded ma
 
 @pytest.fixture
 def slow_env(sims, tmp_path: Path) -> dict[str, str]:
-    """Timeouts long enough to kill a worker while a call is in flight."""
+    """Timeouts long enough to kill a worker while a call is in flight, and far above the
+    simulators' latency here (400 ms): an email call timed out by a busy machine would be
+    retried, and the provider, which applied it anyway, would count a second request."""
     policy = write_policy(tmp_path / "slow-policy.toml", sims, payments_timeout_ms=8000,
                           payments_deadline_ms=9000, search_timeout_ms=8000,
-                          search_deadline_ms=9000)
+                          search_deadline_ms=9000, email_timeout_ms=4000,
+                          email_deadline_ms=5000)
     return {"TIDEGATE_POLICY_FILE": str(policy), **LIMITS}
 
 
@@ -160,7 +163,7 @@ def test_warm_shutdown_finishes_the_running_task_and_returns_the_rest(
         broker, sims, producer, start_worker, slow_env, celery_app, state_redis):
     import signal
 
-    sims["email"].control(mode="slow", latency_ms=400)  # below the 500 ms timeout
+    sims["email"].control(mode="slow", latency_ms=400)  # well below slow_env's 4 s timeout
     jobs = [producer.enqueue("email.send", [f"s{i}@x", "hi"], idempotency_key=f"stop-{i}")
             for i in range(4)]
     first = start_worker("email", env=slow_env, concurrency=1)
