@@ -8,21 +8,29 @@ request itself is wrong, a stale answer would hide it).
 Results are typed so callers can render them: :class:`Unavailable` (fail gracefully) and
 :class:`Deferred` (queued for later). Queue-for-later never loses a request silently: if the
 sink cannot store it, the next strategy runs, and if none is left, :class:`DeferralError`.
+
+A replayed request that fails again is deferred again, and carries its history along: the
+code that replays it runs it under :func:`replay_lineage`, so the new entry keeps the count
+and the time of the first deferral. Past ``max_deferrals`` the request is not deferred again
+(:class:`NoFallback`): the error surfaces and the caller's own handling (a worker's
+dead-letter queue) takes it, instead of a request cycling between SQS and the work queue.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import copy
 import logging
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
 from . import metrics
-from .errors import DeferralError, TidegateError
+from .errors import ConfigError, DeferralError, TidegateError
 from .stores import Cache
 
 __all__ = [
@@ -40,6 +48,7 @@ __all__ = [
     "QueueForLater",
     "Unavailable",
     "default_cache_key",
+    "replay_lineage",
 ]
 
 log = logging.getLogger(__name__)
@@ -87,6 +96,29 @@ class DeferredRequest:
     reason: str = ""
     first_deferred_at: float = field(default_factory=time.time)
     deferrals: int = 1
+
+
+@dataclass(frozen=True)
+class _Lineage:
+    deferrals: int
+    first_deferred_at: float
+
+
+_lineage: contextvars.ContextVar[_Lineage | None] = contextvars.ContextVar(
+    "tidegate_replay_lineage", default=None
+)
+
+
+@contextlib.contextmanager
+def replay_lineage(deferrals: int, first_deferred_at: float | None) -> Iterator[None]:
+    """Run a replayed request knowing it was deferred ``deferrals`` times, first at
+    ``first_deferred_at`` (epoch seconds): a new deferral continues that history."""
+    first = float(first_deferred_at) if first_deferred_at else time.time()
+    token = _lineage.set(_Lineage(max(0, int(deferrals)), first))
+    try:
+        yield
+    finally:
+        _lineage.reset(token)
 
 
 @runtime_checkable
@@ -226,14 +258,29 @@ class Graceful(Fallback):
 
 
 class QueueForLater(Fallback):
-    """Store the request in a :class:`DeferralSink`; return :class:`Deferred`."""
+    """Store the request in a :class:`DeferralSink`; return :class:`Deferred`.
+
+    A request already deferred ``max_deferrals`` times (see :func:`replay_lineage`) is not
+    deferred again: :class:`NoFallback`, so the error reaches the caller.
+    """
 
     kind = "queue"
 
-    def __init__(self, sink: DeferralSink) -> None:
+    def __init__(self, sink: DeferralSink, max_deferrals: int = 5) -> None:
+        if not (isinstance(max_deferrals, int) and max_deferrals >= 1):
+            raise ConfigError(f"max_deferrals must be an integer >= 1, got {max_deferrals!r}")
         self.sink = sink
+        self.max_deferrals = max_deferrals
 
     def recover(self, ctx: CallContext, error: BaseException) -> Deferred:
+        lineage = _lineage.get()
+        deferrals = (lineage.deferrals if lineage else 0) + 1
+        if deferrals > self.max_deferrals:
+            metrics.DEFERRALS.labels(dependency=ctx.dependency, result="refused").inc()
+            raise NoFallback(
+                f"{ctx.dependency}: already deferred {deferrals - 1} times "
+                f"(max_deferrals {self.max_deferrals}); not deferred again"
+            )
         request = DeferredRequest(
             dependency=ctx.dependency,
             task=ctx.task,
@@ -242,6 +289,8 @@ class QueueForLater(Fallback):
             idempotency_key=ctx.idempotency_key,
             priority=int(ctx.priority),
             reason=f"{type(error).__name__}: {error}",
+            first_deferred_at=lineage.first_deferred_at if lineage else time.time(),
+            deferrals=deferrals,
         )
         try:
             rid = self.sink.defer(request)

@@ -89,7 +89,7 @@ FALLBACKS = get_or_create(
 DEFERRALS = get_or_create(
     Counter,
     "tidegate_deferrals_total",
-    "Requests queued for later, by result (stored, failed).",
+    "Requests queued for later, by result (stored, failed, refused: deferred too often).",
     ("dependency", "result"),
 )
 STORE_DEGRADED = get_or_create(

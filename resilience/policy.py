@@ -94,6 +94,7 @@ class FallbackSpec:
     ttl: float = 300.0  # cached: how stale an answer may be served
     value: Any = None  # default: the value returned
     message: str | None = None  # graceful: what users read
+    max_deferrals: int = 5  # queue: a request deferred this often is not deferred again
 
     def __post_init__(self) -> None:
         if self.kind not in FALLBACK_KINDS:
@@ -101,6 +102,10 @@ class FallbackSpec:
                 f"fallback kind must be one of {', '.join(FALLBACK_KINDS)}, got {self.kind!r}"
             )
         check_timeout(self.ttl, "fallback ttl_s")
+        if not (isinstance(self.max_deferrals, int) and not isinstance(self.max_deferrals, bool)
+                and self.max_deferrals >= 1):
+            raise ConfigError(
+                f"fallback max_deferrals must be an integer >= 1, got {self.max_deferrals!r}")
 
 
 @dataclass(frozen=True)
@@ -185,6 +190,7 @@ class PolicyConfig:
                 "ttl_s": ("ttl", 1),
                 "value": ("value", 1),
                 "message": ("message", 1),
+                "max_deferrals": ("max_deferrals", 1),
             },
         }
         builders = {
@@ -255,7 +261,7 @@ def build_fallback(
         return Graceful(spec.message)
     if deferral_sink is None:
         raise ConfigError(f"{dependency}: fallback kind 'queue' needs a deferral sink")
-    return QueueForLater(deferral_sink)
+    return QueueForLater(deferral_sink, spec.max_deferrals)
 
 
 def _task_name(fn: Callable[..., Any]) -> str:

@@ -73,7 +73,7 @@ def _fallback(config: PolicyConfig, cache: RedisCache) -> Fallback | None:
         return Graceful(spec.message)
     if spec.kind == "queue":
         sink = _deferral_sink(config.name)
-        return QueueForLater(sink) if sink is not None else None
+        return QueueForLater(sink, spec.max_deferrals) if sink is not None else None
     return None
 
 

@@ -316,3 +316,33 @@ def test_registry():
     assert "other" not in reg
     assert reg.policy("other").config.timeout == 0.08
     assert reg.names() == ["other", "search"]
+
+
+def test_a_replayed_request_keeps_its_deferral_history_and_is_capped():
+    import time
+
+    from resilience.fallback import MemoryDeferralSink, NoFallback, replay_lineage
+
+    sink = MemoryDeferralSink()
+    fallback = QueueForLater(sink, max_deferrals=3)
+    ctx = CallContext("email", "email.send", ("a@example.com",), idempotency_key="k9")
+    first = fallback.recover(ctx, TransientError("down"))
+    stored = sink.requests[first.id]
+    assert stored.deferrals == 1
+    # the replayer published it with its history; the dependency fails again
+    with replay_lineage(stored.deferrals, stored.first_deferred_at):
+        again = sink.requests[fallback.recover(ctx, TransientError("down again")).id]
+    assert again.deferrals == 2 and again.first_deferred_at == stored.first_deferred_at
+    with replay_lineage(2, stored.first_deferred_at):
+        assert sink.requests[fallback.recover(ctx, TransientError("x")).id].deferrals == 3
+    with replay_lineage(3, stored.first_deferred_at), pytest.raises(NoFallback,
+                                                                    match="deferred 3 times"):
+        fallback.recover(ctx, TransientError("still down"))
+    assert len(sink.requests) == 3  # the fourth was not stored: the caller's error surfaces
+    with replay_lineage(0, None):  # a fresh request: history starts now
+        fresh = sink.requests[fallback.recover(ctx, TransientError("x")).id]
+    assert fresh.deferrals == 1 and abs(fresh.first_deferred_at - time.time()) < 60
+    assert PolicyConfig.from_mapping(
+        "email", {"fallback": {"kind": "queue", "max_deferrals": 2}}).fallback.max_deferrals == 2
+    with pytest.raises(ConfigError, match="max_deferrals"):
+        PolicyConfig.from_mapping("email", {"fallback": {"kind": "queue", "max_deferrals": 0}})
