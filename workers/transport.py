@@ -24,7 +24,8 @@ The consumer does not write that record a second time: kombu's ``QoS.append`` (a
 only for it (the transport remembers that one delivery tag while it hands the message over).
 A message put back by kombu's restore (visibility timeout, reject with requeue, shutdown)
 rings its queue's signal list in the restore's own transaction, so it is fetched at once
-rather than when the ``BRPOP`` times out.
+rather than when the ``BRPOP`` times out. Every publish, fetch, ack and restore shares one
+redis-py client object per connection pool instead of building one per call as kombu does.
 
 Everything else is kombu's: priorities (``sep``, ``priority_steps``), the queue cycle, fanout
 (pub/sub), restore, ``global_keyprefix``. Queues consumed with ``no_ack`` (Celery's reply
@@ -34,6 +35,8 @@ queues) are popped without an unacked record, as before. Off with
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from queue import Empty
 from time import monotonic, time
 from typing import Any
@@ -132,6 +135,7 @@ class Channel(kombu_redis.Channel):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self._no_ack: dict[str, bool] = {}  # queue -> consumed without acks (latest consumer)
+        self._shared_client: Any = None  # conn_or_acquire's client, for self.pool
         super().__init__(*args, **kwargs)
 
     def _connparams(self, asynchronous: bool = False) -> dict[str, Any]:
@@ -142,6 +146,24 @@ class Channel(kombu_redis.Channel):
         if self.connection is None or self.connection.client is None:
             raise redis_errors.ConnectionError("the channel's broker connection is closed")
         return super()._connparams(asynchronous=asynchronous)
+
+    @contextmanager
+    def conn_or_acquire(self, client: Any = None) -> Iterator[Any]:
+        """kombu's, without a new redis-py client object per call (about 60 us each).
+
+        kombu builds one for every publish, fetch, ack and restore; the client object holds no
+        connection of its own (each command takes one from the channel's pool), so one per
+        pool serves every thread. A new pool (after a disconnect or a fork) gets a new client;
+        a closed channel still raises the ConnectionError of :meth:`_connparams`.
+        """
+        if client:
+            yield client
+            return
+        pool = self.pool
+        shared = self._shared_client
+        if shared is None or shared.connection_pool is not pool:
+            shared = self._shared_client = self._create_client()
+        yield shared
 
     def _key(self, name: str) -> str:
         return f"{self.global_keyprefix}{name}"
