@@ -12,7 +12,10 @@ DEADLINE = "tidegate_deadline"  # wall-clock epoch seconds: the enqueuer's total
 ENQUEUED_AT = "tidegate_enqueued_at"
 ATTEMPT = "tidegate_attempt"  # 1 for the first delivery; counted by the resilient task
 FIRST_SEEN = "tidegate_first_seen"
-ALL = (IDEMPOTENCY_KEY, PRIORITY, DEADLINE, ENQUEUED_AT, ATTEMPT, FIRST_SEEN)
+DEFERRALS = "tidegate_deferrals"  # set by the replayer: how often this request was deferred
+FIRST_DEFERRED_AT = "tidegate_first_deferred_at"  # epoch seconds of its first deferral
+ALL = (IDEMPOTENCY_KEY, PRIORITY, DEADLINE, ENQUEUED_AT, ATTEMPT, FIRST_SEEN, DEFERRALS,
+       FIRST_DEFERRED_AT)
 
 
 def read(request: object, name: str, default: object = None) -> object:

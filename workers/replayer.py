@@ -54,8 +54,8 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-DEFERRALS_HEADER = "tidegate_deferrals"  # how often this request was deferred so far
-FIRST_DEFERRED_HEADER = "tidegate_first_deferred_at"  # epoch seconds of the first deferral
+DEFERRALS_HEADER = h.DEFERRALS  # how often this request was deferred so far
+FIRST_DEFERRED_HEADER = h.FIRST_DEFERRED_AT  # epoch seconds of the first deferral
 _TASK_ID_NS = uuid.UUID("5f0c2a56-6b0e-4d8e-9a43-1f3d1f6c9b21")
 
 REPLAYED = metrics.get_or_create(

@@ -56,6 +56,7 @@ from resilience.fallback import (
     Graceful,
     NoFallback,
     QueueForLater,
+    replay_lineage,
 )
 from resilience.retry import backoff_delay
 from resilience.shedding import Priority
@@ -108,6 +109,20 @@ class Execution:
 
 def current_execution() -> Execution | None:
     return _current.get()
+
+
+def _lineage_of(ex: Execution) -> contextlib.AbstractContextManager[None]:
+    """A replayed request runs under its deferral history, so deferring it again continues
+    the count (and the cap) instead of starting over (see resilience.fallback)."""
+    deferrals = ex.headers.get(h.DEFERRALS)
+    try:
+        count = int(deferrals) if deferrals is not None else 0
+    except (TypeError, ValueError):
+        count = 0
+    if count <= 0:
+        return contextlib.nullcontext()
+    first = ex.headers.get(h.FIRST_DEFERRED_AT)
+    return replay_lineage(count, float(first) if isinstance(first, int | float) else None)
 
 
 def _jsonable(value: Any) -> Any:
@@ -211,6 +226,10 @@ class ResilientTask(Task):
                 log.error("%s[%s]: queue-for-later failed (%s); normal failure path", ex.task,
                           ex.task_id, err)
                 raise exc from None
+            except NoFallback as err:  # deferred too often already: retry, then dead-letter
+                log.warning("%s[%s]: not queued for later: %s; normal failure path", ex.task,
+                            ex.task_id, err)
+                raise exc from None
             ex.fallbacks.append(f"{dependency}:queue")
             return deferred
         raise exc
@@ -290,7 +309,8 @@ class ResilientTask(Task):
             log.warning("%s[%s]: redelivered after an unfinished run on %s; running again "
                         "(idempotent)", ex.task, ex.task_id, mark.worker)
         try:
-            result = self.run(*args, **kwargs)
+            with _lineage_of(ex):
+                result = self.run(*args, **kwargs)
         except Retry:
             raise
         except SoftTimeLimitExceeded as exc:

@@ -242,3 +242,40 @@ def test_rabbitmq_native_dead_lettering_is_listed_and_replayable(
     start_worker("search", env=worker_env)
     wait_until(lambda: sims["search"].ledger()["applied"] == 1, 30, message="replayed index")
     assert list(sims["search"].ledger()["effects"]) == ["native-1"]
+
+
+def test_a_replayed_email_deferred_again_keeps_its_history_and_is_capped(
+        broker, sims, celery_app, start_worker, worker_env, settings, fast_policy,
+        moto_sqs, deferral_prefix, state_redis):
+    """The replayer's headers reach the fallback: a second deferral continues the count and
+    the first-deferral time; past max_deferrals (5) the request is not deferred again."""
+    from tests.conftest import sqs_env
+    from workers import headers as h
+    from workers.deferral import sink_for
+    from workers.settings import load_settings
+
+    worker = start_worker("email", env={**worker_env, **sqs_env(moto_sqs, deferral_prefix)})
+    force_breaker(settings, fast_policy, "email", "open", seconds=600)
+    first_at = 1_700_000_000.0
+
+    def as_replayed(key: str, deferrals: int) -> None:
+        celery_app.send_task("email.send", args=[f"{key}@x", "hi"], queue="email",
+                             headers={h.IDEMPOTENCY_KEY: key, h.DEFERRALS: deferrals,
+                                      h.FIRST_DEFERRED_AT: first_at})
+
+    as_replayed("again-1", 2)
+    wait_until(lambda: "deferred as" in worker.output(), 30, message="deferred again")
+    store = sink_for("email", load_settings(
+        broker_url=broker.url, redis_url=settings.redis_url, policy_file=fast_policy,
+        sqs_endpoint_url=moto_sqs.url, deferral_queue_prefix=deferral_prefix,
+        aws_access_key_id="testing", aws_secret_access_key="testing"))
+    [entry] = store.peek(10, hold_s=1)
+    assert (entry.request.idempotency_key, entry.request.deferrals) == ("again-1", 3)
+    assert entry.request.first_deferred_at == first_at
+
+    as_replayed("capped-1", 5)
+    wait_until(lambda: "not queued for later" in worker.output(), 30,
+               message="the sixth deferral refused")
+    assert "already deferred 5 times" in worker.output()
+    assert [e.request.idempotency_key for e in store.peek(10, hold_s=1)] == ["again-1"]
+    assert sims["email"].ledger()["requests"] == 0  # the circuit is open: nothing was sent
