@@ -251,11 +251,12 @@ class Throttle:
         start = self.clock()
         budget = self._wait_budget(queue, max_wait_s)
         cfg = self.config(queue)
+        paused = False
         while True:
             d = self.decide(queue, priority)
             waited = self.clock() - start
             if d.admitted:
-                if waited > 0:
+                if paused:  # only calls that were really held back count as throttled
                     metrics.THROTTLE_WAIT.labels(queue=queue).observe(waited)
                 return d
             remaining = budget - waited
@@ -263,6 +264,7 @@ class Throttle:
             if remaining <= 0 or d.retry_after > 4 * max(budget, cfg.poll_s) + remaining:
                 raise self._refuse(d, waited)
             self.sleep(self._pause(cfg, remaining))
+            paused = True
 
     async def admit_async(
         self,
@@ -276,14 +278,16 @@ class Throttle:
         start = self.clock()
         budget = self._wait_budget(queue, max_wait_s)
         cfg = self.config(queue)
+        paused = False
         while True:
             d = await run(self.decide, queue, priority)
             waited = self.clock() - start
             if d.admitted:
-                if waited > 0:
+                if paused:
                     metrics.THROTTLE_WAIT.labels(queue=queue).observe(waited)
                 return d
             remaining = budget - waited
             if remaining <= 0 or d.retry_after > 4 * max(budget, cfg.poll_s) + remaining:
                 raise self._refuse(d, waited)
             await asyncio.sleep(self._pause(cfg, remaining))
+            paused = True

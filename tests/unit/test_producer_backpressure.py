@@ -125,6 +125,37 @@ def test_a_waiting_call_is_admitted_once_the_queue_drains():
     assert 0 < t.now < 2.0
 
 
+def test_only_calls_held_back_are_recorded_as_throttle_waits():
+    from prometheus_client import REGISTRY
+
+    def waits() -> float:
+        return REGISTRY.get_sample_value("tidegate_producer_throttle_wait_seconds_count",
+                                         {"queue": "held"}) or 0.0
+
+    before = waits()
+    cache = FakeCache(depth=0, drain=100.0)
+    th, t = throttle(cache)
+
+    def ticking() -> float:  # a real clock moves between two reads: "waited > 0" always held
+        t.now += 1e-6
+        return t.now
+
+    th.clock = ticking
+    for _ in range(3):
+        assert th.admit("held", Priority.HIGH).admitted
+    assert waits() == before  # admitted at once: not throttled
+    cache.depth = 250
+    original = t.sleep
+
+    def sleep(seconds: float) -> None:
+        original(seconds)
+        cache.depth = 0
+
+    th.sleep = sleep
+    assert th.admit("held", Priority.HIGH, max_wait_s=2.0).admitted
+    assert waits() == before + 1
+
+
 def test_hopeless_waits_are_cut_short():
     """retry_after far beyond the wait budget: refuse at once instead of holding the caller."""
     cache = FakeCache(depth=10_000, drain=1.0)
