@@ -144,30 +144,21 @@ class IdempotencyStore:
         reaches Redis before anything the ack lets happen. What is lost: a SET the server
         refuses (out of memory, read-only replica) is no longer logged; the stale ``started``
         mark then has the documented effect (idempotent: runs again; else ``outcome_unknown``).
-        A connection that cannot send falls back to redis-py's SET (its reconnect and retries),
-        whose failure raises (-> ``StoreUnavailable``).
+        A connection that cannot send still raises (-> ``StoreUnavailable``).
         """
         pool = getattr(self.client, "connection_pool", None)
         if pool is None or not self._skips_replies(pool):
             self.client.set(name, doc, px=self.ttl_ms)
             return
+        conn = pool.get_connection()
         try:
-            conn = pool.get_connection()
-        except self._errors:
-            conn = None  # redis-py's own SET below reconnects and retries
-        if conn is not None:
-            try:
-                conn.send_packed_command(conn.pack_commands(
-                    [("CLIENT", "REPLY", "SKIP"), ("SET", name, doc, "PX", self.ttl_ms)]))
-                return
-            except self._errors:
-                conn.disconnect()  # a broken connection: the same fallback
-            except BaseException:
-                conn.disconnect()
-                raise
-            finally:
-                pool.release(conn)
-        self.client.set(name, doc, px=self.ttl_ms)
+            conn.send_packed_command(conn.pack_commands(
+                [("CLIENT", "REPLY", "SKIP"), ("SET", name, doc, "PX", self.ttl_ms)]))
+        except BaseException:
+            conn.disconnect()
+            raise
+        finally:
+            pool.release(conn)
 
     def _skips_replies(self, pool: Any) -> bool:
         """Whether the server honours ``CLIENT REPLY SKIP`` (asked once, on first use)."""
