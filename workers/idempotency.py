@@ -91,7 +91,6 @@ class IdempotencyStore:
         self.prefix = prefix
         self._begin = client.register_script(_BEGIN_LUA)
         self._set_nx_get = True  # until the server says SET NX GET is a syntax error (< 7.0)
-        self._reply_skip: bool | None = None  # CLIENT REPLY SKIP honoured (asked on first use)
         self._errors = (redis.exceptions.RedisError, OSError)
         self._syntax_error = redis.exceptions.ResponseError
 
@@ -133,56 +132,7 @@ class IdempotencyStore:
             doc = json.dumps({"s": "done", "t": time.time(), "r": result}, default=str)
         except (TypeError, ValueError):
             doc = json.dumps({"s": "done", "t": time.time(), "r": None})
-        name = self.key(task, key)
-        self._guard("finish", lambda: self._set_unanswered(name, doc))
-
-    def _set_unanswered(self, name: str, doc: str) -> None:
-        """SET, sent with ``CLIENT REPLY SKIP`` where the server has it: no reply to wait for.
-
-        Why: it is on every delivery's path, after the effect, and its answer changes nothing
-        (a mark not stored is only logged, see ``workers.resilient``). Sent before the ack, it
-        reaches Redis before anything the ack lets happen. What is lost: a SET the server
-        refuses (out of memory, read-only replica) is no longer logged; the stale ``started``
-        mark then has the documented effect (idempotent: runs again; else ``outcome_unknown``).
-        A connection that cannot send still raises (-> ``StoreUnavailable``).
-        """
-        pool = getattr(self.client, "connection_pool", None)
-        if pool is None or not self._skips_replies(pool):
-            self.client.set(name, doc, px=self.ttl_ms)
-            return
-        conn = pool.get_connection()
-        try:
-            conn.send_packed_command(conn.pack_commands(
-                [("CLIENT", "REPLY", "SKIP"), ("SET", name, doc, "PX", self.ttl_ms)]))
-        except BaseException:
-            conn.disconnect()
-            raise
-        finally:
-            pool.release(conn)
-
-    def _skips_replies(self, pool: Any) -> bool:
-        """Whether the server honours ``CLIENT REPLY SKIP`` (asked once, on first use)."""
-        if self._reply_skip is None:
-            conn = pool.get_connection()
-            try:
-                conn.send_packed_command(conn.pack_commands(
-                    [("CLIENT", "REPLY", "SKIP"), ("PING", "skipped"), ("PING", "answered")]))
-                replies: list[Any] = []
-                while len(replies) < 3:  # honoured: only "answered"; else an error and both
-                    try:
-                        reply = conn.read_response()
-                    except self._syntax_error:
-                        reply = None
-                    replies.append(reply)
-                    if reply in (b"answered", "answered"):
-                        break
-                self._reply_skip = len(replies) == 1
-            except BaseException:
-                conn.disconnect()
-                raise
-            finally:
-                pool.release(conn)
-        return self._reply_skip
+        self._guard("finish", lambda: self.client.set(self.key(task, key), doc, px=self.ttl_ms))
 
     def release(self, task: str, key: str) -> None:
         """Drop the mark: nothing reached the dependency, so a later try is a first try."""
