@@ -174,24 +174,29 @@ def test_cached_price_and_graceful_receipt(
     assert "receipt will follow" in receipt["message"]
 
 
+def _email_deferrals(broker, settings, policy, moto_sqs, prefix):
+    """The email deferral store the worker writes to, read directly from moto."""
+    from workers.deferral import sink_for
+    from workers.settings import load_settings
+
+    return sink_for("email", load_settings(
+        broker_url=broker.url, redis_url=settings.redis_url, policy_file=policy,
+        sqs_endpoint_url=moto_sqs.url, deferral_queue_prefix=prefix,
+        aws_access_key_id="testing", aws_secret_access_key="testing"))
+
+
 def test_email_refused_by_an_open_circuit_is_queued_for_later(
         broker, sims, producer, start_worker, worker_env, celery_app, settings, fast_policy,
         moto_sqs, deferral_prefix, state_redis):
     """email.send: the dependency was not called; the request waits in SQS, not in the DLQ."""
     from tests.conftest import sqs_env
-    from workers.deferral import sink_for
 
     env = {**worker_env, **sqs_env(moto_sqs, deferral_prefix)}
     worker = start_worker("email", env=env)
     force_breaker(settings, fast_policy, "email", "open", seconds=600)
     job = producer.enqueue("email.send", ["later@x", "hi"], priority="medium")
     wait_until(lambda: "deferred as" in worker.output(), 30, message="the email deferred")
-    from workers.settings import load_settings
-
-    store = sink_for("email", load_settings(
-        broker_url=broker.url, redis_url=settings.redis_url, policy_file=fast_policy,
-        sqs_endpoint_url=moto_sqs.url, deferral_queue_prefix=deferral_prefix,
-        aws_access_key_id="testing", aws_secret_access_key="testing"))
+    store = _email_deferrals(broker, settings, fast_policy, moto_sqs, deferral_prefix)
     [entry] = store.peek(10, hold_s=1)
     request = entry.request
     assert (request.task, list(request.args), request.dependency) == (
@@ -251,8 +256,6 @@ def test_a_replayed_email_deferred_again_keeps_its_history_and_is_capped(
     the first-deferral time; past max_deferrals (5) the request is not deferred again."""
     from tests.conftest import sqs_env
     from workers import headers as h
-    from workers.deferral import sink_for
-    from workers.settings import load_settings
 
     worker = start_worker("email", env={**worker_env, **sqs_env(moto_sqs, deferral_prefix)})
     force_breaker(settings, fast_policy, "email", "open", seconds=600)
@@ -265,10 +268,7 @@ def test_a_replayed_email_deferred_again_keeps_its_history_and_is_capped(
 
     as_replayed("again-1", 2)
     wait_until(lambda: "deferred as" in worker.output(), 30, message="deferred again")
-    store = sink_for("email", load_settings(
-        broker_url=broker.url, redis_url=settings.redis_url, policy_file=fast_policy,
-        sqs_endpoint_url=moto_sqs.url, deferral_queue_prefix=deferral_prefix,
-        aws_access_key_id="testing", aws_secret_access_key="testing"))
+    store = _email_deferrals(broker, settings, fast_policy, moto_sqs, deferral_prefix)
     [entry] = store.peek(10, hold_s=1)
     assert (entry.request.idempotency_key, entry.request.deferrals) == ("again-1", 3)
     assert entry.request.first_deferred_at == first_at
