@@ -120,6 +120,9 @@ def create_app(settings: Settings | None = None, topology: Topology | None = Non
         **broker_transport(settings),
     )
     _report_to_cluster(app, settings)
+    from workers.wakeup import LoopWakeup
+
+    app.steps["consumer"].add(LoopWakeup)  # warm shutdown within ~1 s on every transport
     app.tidegate_settings = settings  # type: ignore[attr-defined]
     app.tidegate_topology = topology  # type: ignore[attr-defined]
     return app
