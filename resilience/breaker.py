@@ -183,8 +183,10 @@ class CircuitBreaker:
             old = self._snap
             self._snap = snap
             if snap.state == "open" or (snap.state == "half_open" and snap.retry_after > 0):
-                recheck = OPEN_RECHECK_S if snap.state == "open" else self.sync_interval
-                self._local_until = now + min(snap.retry_after, max(recheck, self.sync_interval))
+                # trust it until the store is worth asking again (never past retry_after)
+                hold = max(OPEN_RECHECK_S, self.sync_interval) if snap.state == "open" \
+                    else self.sync_interval
+                self._local_until = now + min(snap.retry_after, hold)
                 self._retry_at = now + snap.retry_after
             else:
                 self._local_until = self._retry_at = -math.inf

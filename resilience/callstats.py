@@ -132,7 +132,12 @@ def fold_all() -> None:
 
 
 class DurationCollector(Collector):
-    """Exposes ``tidegate_call_duration_seconds`` from the folded totals."""
+    """Exposes ``tidegate_call_duration_seconds`` from the folded totals.
+
+    Its ``collect`` folds every policy's records first. It is registered before the other
+    Tidegate metrics (:mod:`resilience.metrics` imports this module first) and the registry
+    collects in registration order, so a scrape's success counter is folded before it is read.
+    """
 
     def describe(self) -> Iterator[HistogramMetricFamily]:
         yield HistogramMetricFamily(METRIC, DOC, labels=("dependency",))
@@ -148,22 +153,10 @@ class DurationCollector(Collector):
         yield family
 
 
-class _FoldFirst(Collector):
-    """Registered before the other Tidegate metrics: a scrape folds before it reads them."""
-
-    def describe(self) -> Iterator[Any]:
-        return iter(())
-
-    def collect(self) -> Iterator[Any]:
-        fold_all()
-        return iter(())
-
-
 def _register() -> None:
     names = REGISTRY._names_to_collectors  # re-import safe, as metrics.get_or_create
     if f"{METRIC}_bucket" not in names and METRIC not in names:
         REGISTRY.register(DurationCollector())
-        REGISTRY.register(_FoldFirst())
 
 
 _register()

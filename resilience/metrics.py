@@ -11,9 +11,9 @@ from __future__ import annotations
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge
 
-# Registers tidegate_call_duration_seconds (a custom collector fed in bulk) and the hook that
-# folds every policy's per-call records before a scrape reads the counters below: it must be
-# registered first, because the registry collects in registration order.
+# Registers tidegate_call_duration_seconds, a custom collector that folds every policy's
+# per-call records (successes included) when collected: it must be registered before the
+# counters below, because the registry collects in registration order.
 from . import callstats as _callstats  # noqa: F401
 
 __all__ = [

@@ -379,19 +379,13 @@ class Policy:
         metrics.FALLBACKS.labels(dependency=self.name, kind=self.fallback.kind).inc()
         return result
 
-    def _succeeded(self, ctx: CallContext, result: Any) -> None:
-        self._count_success()
-        if self.fallback is not None:
-            self.fallback.on_success(ctx, result)
-
-    def _enter_deadline(self) -> contextvars.Token:
-        """Publish the call's total budget (an enclosing tighter deadline wins)."""
-        clock = self.clock
-        expires = clock.now() + self._deadline_s
+    def _enter_deadline(self, start: float) -> contextvars.Token:
+        """Publish the call's total budget from ``start`` (an enclosing tighter one wins)."""
+        expires = start + self._deadline_s
         outer = _deadline._current.get()
         if outer is not None and outer.expires_at <= expires:
             return _deadline._current.set(outer)
-        return _deadline._current.set(_deadline.Deadline(expires, clock))
+        return _deadline._current.set(_deadline.new_deadline(expires, self.clock))
 
     def _attempt(self, fn: Callable[..., T], args: tuple, kwargs: dict) -> T:
         """One attempt: breaker permit, the timed call, its outcome recorded."""
@@ -448,14 +442,14 @@ class Policy:
         except BaseException as exc:
             _deadline._current.reset(token)
             self._release_slot()
-            return self._first_failed(exc, now, expires, generation, outer,
+            return self._first_failed(exc, now, expires, generation,
                                       fn, args, kwargs, idempotency_key, prio)
         _deadline._current.reset(token)
         self._release_slot()
         end = self._now()
         took = end - now
         if end >= expires or took >= self._slow_s:
-            return self._first_late_or_slow(result, now, end, expires, generation, outer,
+            return self._first_late_or_slow(result, now, end, expires, generation,
                                             fn, args, kwargs, idempotency_key, prio)
         self._count_breaker_success(generation)
         self._record_first_success(took)
@@ -472,20 +466,20 @@ class Policy:
         return result
 
     def _first_late_or_slow(self, result: Any, start: float, end: float, expires: float,
-                            generation: int, outer: _deadline.Deadline | None, fn: Callable,
-                            args: tuple, kwargs: dict, key: str | None, prio: Priority) -> Any:
+                            generation: int, fn: Callable, args: tuple, kwargs: dict,
+                            key: str | None, prio: Priority) -> Any:
         """Attempt 1 on the success path returned, but late (a timeout) or slow."""
         if end >= expires:
             late = LateResult(str(self.timeout._expired(expires - start)), result)
-            return self._first_failed(late, start, expires, generation, outer,
+            return self._first_failed(late, start, expires, generation,
                                       fn, args, kwargs, key, prio)
         self.breaker.record(Permit(False, generation, start), None, end - start)  # slow
         self.stats.success(end - start)
         return self._remember(result, fn, args, kwargs, key, prio)
 
     def _first_failed(self, exc: BaseException, start: float, expires: float, generation: int,
-                      outer: _deadline.Deadline | None, fn: Callable, args: tuple,
-                      kwargs: dict, key: str | None, prio: Priority) -> Any:
+                      fn: Callable, args: tuple, kwargs: dict, key: str | None,
+                      prio: Priority) -> Any:
         """Attempt 1 on the success path failed: record it, then retry or fall back as the
         full path would (tenacity resumes with this failure as its attempt 1)."""
         end = self._now()
@@ -500,12 +494,9 @@ class Policy:
         self.stats.fold()  # the budget sees every earlier success before a retry is decided
         self.retry_budget.record_request()
         try:
-            if not (self.config.idempotent or key is not None):
+            if not self._retryable(key):
                 return self._no_retry(exc, fn, args, kwargs, key, prio)
-            total = start + self._deadline_s
-            scope = (outer if outer is not None and outer.expires_at <= total
-                     else _deadline.new_deadline(total, self.clock))
-            token = _deadline._current.set(scope)
+            token = self._enter_deadline(start)  # the call's budget, counted from attempt 1
             try:
                 result = self.retrier.resume(
                     exc, functools.partial(self._attempt, fn, args, kwargs))
@@ -532,8 +523,8 @@ class Policy:
     def _call_full(self, fn: Callable[..., T], args: tuple, kwargs: dict, key: str | None,
                    prio: Priority) -> T | Any:
         """The chain layer by layer: deadline, retry, breaker, bulkhead, timeout."""
-        retryable = self.config.idempotent or key is not None
-        token = self._enter_deadline()
+        retryable = self._retryable(key)
+        token = self._enter_deadline(self.clock.now())
         try:
             try:
                 result = self.retrier.call(
@@ -561,7 +552,6 @@ class Policy:
         """Await ``fn(*args, **kwargs)`` through the chain."""
         prio = Priority.parse(priority)
         self._admit(prio, client)
-        ctx = CallContext(self.name, _task_name(fn), args, kwargs, idempotency_key, int(prio))
 
         async def attempt() -> T:
             permit = self.breaker.acquire()
@@ -584,9 +574,10 @@ class Policy:
                     attempt, retryable=self._retryable(idempotency_key)
                 )
         except Exception as exc:
+            ctx = CallContext(self.name, _task_name(fn), args, kwargs, idempotency_key, int(prio))
             return self._recover(ctx, exc)
-        self._succeeded(ctx, result)
-        return result
+        self._count_success()
+        return self._remember(result, fn, args, kwargs, idempotency_key, prio)
 
     # -- decorator
     def guard(self, fn: Callable[..., Any]) -> Callable[..., Any]:
