@@ -96,6 +96,7 @@ class _Prepared:
     deadline_s: float | None
     task_id: str
     started: float
+    fresh_id: bool = False  # task_id generated here for this one publish (h.FRESH_ID)
 
 
 def state_client(settings: Settings) -> Any:
@@ -193,7 +194,8 @@ class Producer:
         ):
             raise InvalidPayload("idempotency_key must be a string of 1-255 characters")
         return _Prepared(task, list(args), dict(kwargs), prio, target, idempotency_key,
-                         deadline_s, task_id or str(uuid.uuid4()), time.monotonic())
+                         deadline_s, task_id or str(uuid.uuid4()), time.monotonic(),
+                         fresh_id=task_id is None)
 
     # -- gates --------------------------------------------------------------------------------
     def _rate_limit(self, p: _Prepared, client: str | None) -> None:
@@ -310,6 +312,7 @@ class Producer:
             h.ENQUEUED_AT: now,
             h.IDEMPOTENCY_KEY: p.idempotency_key,
             h.DEADLINE: now + p.deadline_s if p.deadline_s else None,
+            h.FRESH_ID: 1 if p.fresh_id else None,
         }
         options = dict(
             args=p.args, kwargs=p.kwargs, task_id=p.task_id, queue=p.queue,

@@ -14,6 +14,9 @@ ATTEMPT = "tidegate_attempt"  # 1 for the first delivery; counted by the resilie
 FIRST_SEEN = "tidegate_first_seen"
 DEFERRALS = "tidegate_deferrals"  # set by the replayer: how often this request was deferred
 FIRST_DEFERRED_AT = "tidegate_first_deferred_at"  # epoch seconds of its first deferral
+# Set by the Producer on a task id it generated itself for that one publish: no other message
+# can carry the id unless this one is redelivered. Not in ALL: retries and replays drop it.
+FRESH_ID = "tidegate_fresh_id"
 ALL = (IDEMPOTENCY_KEY, PRIORITY, DEADLINE, ENQUEUED_AT, ATTEMPT, FIRST_SEEN, DEFERRALS,
        FIRST_DEFERRED_AT)
 

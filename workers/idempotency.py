@@ -10,7 +10,10 @@ Every delivery of a resilient task takes a mark before it calls anything:
 * ``dead``      -> the message was dead-lettered: a duplicate is acked (``dlq replay`` clears it).
 
 Taking the mark is one ``SET NX GET`` (Redis >= 7.0; a script on older servers): set only if
-absent, and report what was there, atomically.
+absent, and report what was there, atomically. The worker skips it where nothing can be there
+(``Execution.reads_mark`` in ``workers.resilient``). The ``done`` mark is written without
+waiting for Redis' reply when the store has a :class:`~workers.redis_line.ReplyLater` line
+(the worker's does): it reaches Redis before the task's ack, and the task does not wait.
 
 The mark is keyed by the idempotency key when the task carries one, otherwise by the task id
 (which survives broker redelivery and Celery retries). A mark outlives any redelivery: its
@@ -29,6 +32,7 @@ from enum import StrEnum
 from typing import Any
 
 from resilience.errors import ConfigError, TransientError
+from workers.redis_line import ReplyLater, ReplyLaterError
 
 DEFAULT_TTL_S = 7 * 24 * 3600
 PREFIX = "tidegate:idem"
@@ -81,7 +85,8 @@ def ttl_from_env() -> int:
 class IdempotencyStore:
     """Marks in Redis under ``tidegate:idem:<task>:<key>``. Thread-safe (redis-py pools)."""
 
-    def __init__(self, client: Any, ttl_s: int = DEFAULT_TTL_S, prefix: str = PREFIX) -> None:
+    def __init__(self, client: Any, ttl_s: int = DEFAULT_TTL_S, prefix: str = PREFIX, *,
+                 replies: ReplyLater | None = None) -> None:
         import redis
 
         if ttl_s <= 0:
@@ -93,6 +98,7 @@ class IdempotencyStore:
         self._set_nx_get = True  # until the server says SET NX GET is a syntax error (< 7.0)
         self._errors = (redis.exceptions.RedisError, OSError)
         self._syntax_error = redis.exceptions.ResponseError
+        self._later = replies
 
     def key(self, task: str, key: str) -> str:
         return f"{self.prefix}:{task}:{key}"
@@ -132,7 +138,19 @@ class IdempotencyStore:
             doc = json.dumps({"s": "done", "t": time.time(), "r": result}, default=str)
         except (TypeError, ValueError):
             doc = json.dumps({"s": "done", "t": time.time(), "r": None})
-        self._guard("finish", lambda: self.client.set(self.key(task, key), doc, px=self.ttl_ms))
+        if self._later is None:
+            self._guard("finish", lambda: self.client.set(self.key(task, key), doc,
+                                                          px=self.ttl_ms))
+            return
+        try:
+            self._later.send("SET", self.key(task, key), doc, "PX", self.ttl_ms)
+        except ReplyLaterError as exc:
+            raise StoreUnavailable(f"idempotency store unreachable (finish): {exc}") from None
+
+    def close(self) -> None:
+        """Read the replies still owed to the done marks (at worker shutdown)."""
+        if self._later is not None:
+            self._later.close()
 
     def release(self, task: str, key: str) -> None:
         """Drop the mark: nothing reached the dependency, so a later try is a first try."""

@@ -11,16 +11,20 @@ Built lazily and per process id, so a prefork child never uses its parent's sock
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import threading
 from dataclasses import dataclass
 from typing import Any
 
+from celery import signals
+
 from resilience.fallback import CachedValue, DefaultValue, Fallback, Graceful, QueueForLater
 from resilience.policy import Policy, PolicyConfig, PolicyRegistry
 from resilience.stores import RedisCache, RedisStore, redis_client
 from workers.idempotency import IdempotencyStore, ttl_from_env
+from workers.redis_line import ReplyLater
 from workers.settings import Settings
 from workers.topology import Topology
 
@@ -88,9 +92,21 @@ def build_state(settings: Settings, topology: Topology) -> WorkerState:
                 for name, cfg in configs.items()}
     registry = PolicyRegistry(policies, store=store)
     fallbacks = {name: _fallback(cfg, cache) for name, cfg in configs.items()}
-    idem = IdempotencyStore(redis_client(settings.redis_url, socket_timeout=2.0,
-                                         socket_connect_timeout=2.0), ttl_from_env())
+    idem_client = redis_client(settings.redis_url, socket_timeout=2.0, socket_connect_timeout=2.0)
+    idem = IdempotencyStore(idem_client, ttl_from_env(), replies=ReplyLater(idem_client))
     return WorkerState(registry, configs, fallbacks, idem, os.getpid())
+
+
+def close_states(**_: Any) -> None:
+    """Read the replies still owed to this process's done marks (they were all sent already;
+    this only reports the ones Redis refused). At exit, and when a prefork child stops."""
+    for (_, pid), state in list(_state.items()):
+        if pid == os.getpid():
+            state.idempotency.close()
+
+
+atexit.register(close_states)
+signals.worker_process_shutdown.connect(close_states, weak=False)
 
 
 def state_for(app: Any) -> WorkerState:

@@ -63,7 +63,7 @@ from resilience.shedding import Priority
 from workers import deadletter as dl
 from workers import headers as h
 from workers.errors import InvalidPayload
-from workers.idempotency import MarkState, StoreUnavailable, mark_key
+from workers.idempotency import Mark, MarkState, StoreUnavailable, mark_key
 from workers.poison import signature_of
 from workers.policies import WorkerState, state_for
 
@@ -73,6 +73,7 @@ __all__ = ["Execution", "ResilientTask", "current_execution", "resilient_task"]
 
 RETRYABLE = (TransientError, OSError, TimeoutError)
 REFUSAL_MAX_WAIT_S = 120.0  # longest countdown for a task refused before any call
+FLAGS_REDELIVERY = frozenset({"redis", "amqp"})  # transports that mark a redelivered message
 _current: contextvars.ContextVar[Execution | None] = contextvars.ContextVar(
     "tidegate_execution", default=None
 )
@@ -95,12 +96,24 @@ class Execution:
     priority: Priority
     first_seen: float
     worker: str
+    redelivered: bool = False  # the broker says an earlier delivery was not acked
+    fresh: bool = False  # first delivery of a task id the Producer generated (h.FRESH_ID)
     effect_attempted: bool = False  # a write reached (or may have reached) a dependency
     fallbacks: list[str] = field(default_factory=list)
 
     @property
     def mark(self) -> str:
         return mark_key(self.idempotency_key, self.task_id)
+
+    @property
+    def reads_mark(self) -> bool:
+        """Whether taking the mark must read what is there first.
+
+        Not for idempotent work without a key on its first delivery of a fresh id: no other
+        message carries that id, so no mark can exist yet, and a "started" mark would change
+        nothing (idempotent work runs again after a lost worker). It still gets its "done" mark.
+        """
+        return not (self.idempotent and self.idempotency_key is None and self.fresh)
 
     @property
     def last_attempt(self) -> bool:
@@ -264,6 +277,7 @@ class ResilientTask(Task):
         except Exception:
             priority = Priority.HIGH
         delivery = req.delivery_info or {}
+        redelivered = bool(delivery.get("redelivered"))
         queue = delivery.get("routing_key") or self.app.tidegate_topology.queue_for_task(self.name)
         if queue.endswith(".dlq") or queue not in self.app.tidegate_topology.work_queues:
             queue = self.app.tidegate_topology.queue_for_task(self.name)
@@ -274,7 +288,10 @@ class ResilientTask(Task):
             max_attempts=max_attempts, priority=priority,
             first_seen=float(tidegate.get(h.FIRST_SEEN) or tidegate.get(h.ENQUEUED_AT)
                              or time.time()),
-            worker=req.hostname or "-",
+            worker=req.hostname or "-", redelivered=redelivered,
+            # only where the broker flags redeliveries (SQS does not): else a repeat looks fresh
+            fresh=(not redelivered and self.app.tidegate_settings.transport in FLAGS_REDELIVERY
+                   and bool(h.read(req, h.FRESH_ID))),
         )
 
     def _deliver(self, state: WorkerState, ex: Execution, args: tuple, kwargs: dict) -> Any:
@@ -288,10 +305,13 @@ class ResilientTask(Task):
             return self._dead_letter(state, ex, "deadline_expired", TransientError(
                 f"the enqueuer's deadline passed {time.time() - float(deadline):.1f}s before "
                 "a worker took the task"), mark=False)
-        try:
-            mark = state.idempotency.begin(self.name, ex.mark, worker=ex.worker)
-        except StoreUnavailable as exc:
-            return self._retry_or_dead_letter(state, ex, exc, nothing_called=True)
+        if ex.reads_mark:
+            try:
+                mark = state.idempotency.begin(self.name, ex.mark, worker=ex.worker)
+            except StoreUnavailable as exc:
+                return self._retry_or_dead_letter(state, ex, exc, nothing_called=True)
+        else:
+            mark = Mark(ex.mark, MarkState.NEW)  # a round trip saved: nothing can be there
         if mark.state is MarkState.DONE:
             log.info("%s[%s]: duplicate of a finished task (key %s); acked, not run", ex.task,
                      ex.task_id, ex.mark)
@@ -308,6 +328,9 @@ class ResilientTask(Task):
                     "finished (worker lost?): not run again, the effect may have happened"))
             log.warning("%s[%s]: redelivered after an unfinished run on %s; running again "
                         "(idempotent)", ex.task, ex.task_id, mark.worker)
+        elif ex.redelivered and ex.idempotent:
+            log.warning("%s[%s]: redelivered after an unfinished delivery; running again "
+                        "(idempotent)", ex.task, ex.task_id)
         try:
             with _lineage_of(ex):
                 result = self.run(*args, **kwargs)

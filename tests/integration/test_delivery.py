@@ -138,18 +138,23 @@ def test_open_circuit_with_default_fallback_still_indexes_later(
 
 def test_duplicate_delivery_runs_once(
         broker, sims, producer, start_worker, worker_env, celery_app, state_redis):
-    worker = start_worker("email,payments", env=worker_env, concurrency=1)
+    worker = start_worker("email,payments,search", env=worker_env, concurrency=1)
     producer.enqueue("email.send", ["c@x", "hi"], idempotency_key="dup-1")
     producer.enqueue("email.send", ["c@x", "hi"], idempotency_key="dup-1")
     # the very same message twice (e.g. a producer retry after a lost confirm)
     producer.enqueue("payments.charge", ["acct-4", 100], task_id="same-task-id")
     producer.enqueue("payments.charge", ["acct-4", 100], task_id="same-task-id")
+    # idempotent and unkeyed: a task id the caller chose is not fresh, so the mark is read
+    producer.enqueue("search.index", ["doc-dup"], task_id="same-index-id")
+    producer.enqueue("search.index", ["doc-dup"], task_id="same-index-id")
     wait_until(lambda: len(marks(state_redis, "email.send")) == 1
-               and len(marks(state_redis, "payments.charge")) == 1, 30, message="two marks")
-    wait_until(lambda: worker.output().count("duplicate of a finished task") >= 2, 30,
-               message="both duplicates acked")
+               and len(marks(state_redis, "payments.charge")) == 1
+               and len(marks(state_redis, "search.index")) == 1, 30, message="three marks")
+    wait_until(lambda: worker.output().count("duplicate of a finished task") >= 3, 30,
+               message="the three duplicates acked")
     assert sims["email"].ledger()["effects"]["dup-1"]["requests"] == 1
     assert sims["payments"].ledger()["effects"]["same-task-id"]["requests"] == 1
+    assert sims["search"].ledger()["effects"]["index:doc-dup"]["requests"] == 1
     assert dead_letters(celery_app, "email") == dead_letters(celery_app, "payments") == []
 
 
