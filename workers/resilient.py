@@ -43,7 +43,7 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from celery import Task, shared_task
 from celery.exceptions import Reject, Retry, SoftTimeLimitExceeded
@@ -118,6 +118,18 @@ class Execution:
     @property
     def last_attempt(self) -> bool:
         return self.attempt >= self.max_attempts
+
+
+class _Static(NamedTuple):
+    """What every delivery of one task shares (``ResilientTask._static``)."""
+
+    home_queue: str  # where the policy file routes the task
+    work_queues: frozenset[str]
+    max_attempts: int
+    honours_fresh_ids: bool  # the broker flags redeliveries, so h.FRESH_ID can be trusted
+
+
+_PRIORITY_NAMES = {p.name: p for p in Priority}
 
 
 def current_execution() -> Execution | None:
@@ -264,33 +276,47 @@ class ResilientTask(Task):
         finally:
             _current.reset(token)
 
+    def _static(self) -> _Static:
+        """What every delivery of this task shares: worked out on the first one."""
+        static: _Static | None = self.__dict__.get("_tidegate_static")
+        if static is None:
+            config = state_for(self.app).configs.get(self.dependency or "")
+            topology = self.app.tidegate_topology
+            static = self._tidegate_static = _Static(
+                home_queue=topology.queue_for_task(self.name),
+                work_queues=frozenset(topology.work_queues),
+                max_attempts=config.retry_config.max_attempts if config else 1,
+                # only where the broker flags redeliveries (SQS does not): a repeat looks fresh
+                honours_fresh_ids=self.app.tidegate_settings.transport in FLAGS_REDELIVERY,
+            )
+        return static
+
     def _execution(self, args: tuple, kwargs: dict) -> Execution:
         req = self.request
-        state = state_for(self.app)
+        static = self._static()
         tidegate = {n: v for n in h.ALL if (v := h.read(req, n)) is not None}
         key = h.idempotency_key(req, kwargs.get("idempotency_key"))
-        dependency = self.dependency or ""
-        config = state.configs.get(dependency)
-        max_attempts = config.retry_config.max_attempts if config else 1
-        try:
-            priority = Priority.parse(tidegate.get(h.PRIORITY, Priority.HIGH))
-        except Exception:
-            priority = Priority.HIGH
+        raw_priority = tidegate.get(h.PRIORITY)
+        priority = _PRIORITY_NAMES.get(raw_priority)  # type: ignore[arg-type]
+        if priority is None:
+            try:
+                priority = Priority.parse(raw_priority or Priority.HIGH)
+            except Exception:
+                priority = Priority.HIGH
         delivery = req.delivery_info or {}
         redelivered = bool(delivery.get("redelivered"))
-        queue = delivery.get("routing_key") or self.app.tidegate_topology.queue_for_task(self.name)
-        if queue.endswith(".dlq") or queue not in self.app.tidegate_topology.work_queues:
-            queue = self.app.tidegate_topology.queue_for_task(self.name)
+        queue = delivery.get("routing_key") or static.home_queue
+        if queue not in static.work_queues:  # a DLQ replay, or a routing key of its own
+            queue = static.home_queue
         return Execution(
             task=self.name, task_id=req.id or "", queue=queue, args=tuple(args),
             kwargs=dict(kwargs), headers=tidegate, idempotency_key=key,
             idempotent=bool(self.idempotent or key), attempt=(req.retries or 0) + 1,
-            max_attempts=max_attempts, priority=priority,
+            max_attempts=static.max_attempts, priority=priority,
             first_seen=float(tidegate.get(h.FIRST_SEEN) or tidegate.get(h.ENQUEUED_AT)
                              or time.time()),
             worker=req.hostname or "-", redelivered=redelivered,
-            # only where the broker flags redeliveries (SQS does not): else a repeat looks fresh
-            fresh=(not redelivered and self.app.tidegate_settings.transport in FLAGS_REDELIVERY
+            fresh=(not redelivered and static.honours_fresh_ids
                    and bool(h.read(req, h.FRESH_ID))),
         )
 

@@ -92,6 +92,7 @@ def test_exporter_and_depth_cli_report_the_truth(broker, policy_file, celery_app
     times = ProcessingTimes(state_redis)
     times.observe("payments", 0.4)
     times.observe("payments", 0.6)  # mean 0.5 s -> 2 tasks/s, 2 s wait -> 4 per worker
+    times.flush()  # what a worker's timer does within a second
     topology = load_topology(policy_file)
     cfg = PolicyConfig.from_mapping("payments", topology.dependency("payments").policy).breaker
     CircuitBreaker("payments", cfg, RedisStore(state_redis)).force_open(120)

@@ -7,6 +7,7 @@ import redis
 from prometheus_client import CollectorRegistry, Counter
 
 from tests.conftest import STATE_REDIS_URL
+from tidegate.stack import wait_until
 from workers.autoscale import ProcessingTimes
 from workers.cluster_metrics import CounterMirror, read_cluster_counters
 
@@ -54,8 +55,27 @@ def test_worker_signals_record_processing_time_per_queue(state_redis, policy_fil
             signals.task_postrun.send(sender=task, task_id=task_id, task=task)
         finally:
             task.pop_request()
+    # buffered, then written by a timer within a second
+    wait_until(lambda: state_redis.llen(times.key("search")) >= 2, 10, interval=0.1,
+               message="both processing times written")
     assert state_redis.llen(times.key("search")) == 2  # one per task, not one per app
     assert 0 <= times.mean("search") < 5
     assert times.mean("payments") is None
     app.close()
     other.close()
+
+
+def test_processing_times_are_buffered_and_written_together(state_redis):
+    times = ProcessingTimes(state_redis, keep=30, flush_s=60.0)
+    for i in range(50):
+        times.observe("search", i / 1000)
+    assert state_redis.llen(times.key("search")) == 0  # nothing written per task
+    times.flush()
+    values = [float(v) for v in state_redis.lrange(times.key("search"), 0, -1)]
+    assert values == [i / 1000 for i in range(49, 19, -1)]  # the newest 30, newest first
+    assert 0 < state_redis.ttl(times.key("search")) <= 3600
+
+    quick = ProcessingTimes(state_redis, flush_s=0.2)
+    quick.observe("payments", 0.5)
+    wait_until(lambda: quick.mean("payments") == 0.5, 10, interval=0.05,
+               message="the timer's write")
