@@ -1,4 +1,4 @@
-"""No-op tasks for the pipeline benchmark: one plain Celery task, one resilient task.
+"""No-op tasks for the pipeline benchmark: one plain Celery task and two resilient ones.
 
 Both count their completion in Redis (the same cost for both), so the benchmark can tell
 when a run is done without a result backend.
@@ -37,6 +37,14 @@ def plain_noop(i: int) -> int:
 @resilient_task("bench.resilient_noop", dependency="search", idempotent=True)
 def resilient_noop(self, i: int) -> int:
     """The same work through Tidegate's task base and the dependency's chain."""
+    result = self.read("search", _noop, i)
+    _counter().incr(COUNTER)
+    return result
+
+
+@resilient_task("bench.resilient_noop_once", dependency="search", idempotent=False)
+def resilient_noop_once(self, i: int) -> int:
+    """Not idempotent: the delivery reads and takes its idempotency mark before the call."""
     result = self.read("search", _noop, i)
     _counter().incr(COUNTER)
     return result
