@@ -66,6 +66,13 @@ OLDEST_AGE = metrics.get_or_create(
     "Age in SQS of the oldest deferred entry seen (last drain or listing).",
     ("dependency",),
 )
+REFRESHED = metrics.get_or_create(
+    metrics.Counter,
+    "tidegate_deferred_refreshed",
+    "Deferred entries stored again as new SQS messages so that SQS retention cannot drop "
+    "them while the dependency stays down.",
+    ("dependency",),
+)
 DEFERRED_DEPTH = metrics.get_or_create(
     metrics.Gauge,
     "tidegate_deferred_depth",
@@ -465,6 +472,44 @@ class SqsDeferralStore:
                 )
             except DeferralError as exc:
                 log.warning("%s (entries reappear after their visibility timeout)", exc)
+
+    def refresh(self, entries: Sequence[DeferredEntry]) -> list[DeferredEntry]:
+        """Store each received entry again as a new message, then delete the old one.
+
+        SQS drops a message ``MessageRetentionPeriod`` after it was sent, however long its
+        dependency stays down; a new copy starts that clock (and its receive count) over.
+        The content is unchanged: same idempotency key, same deferral count and first
+        deferral time. Returns the entries refreshed. Poison entries and entries SQS would
+        not take again are released as they are; an entry copied but not deleted is stored
+        twice, and the replay's idempotency key makes the second one harmless.
+        """
+        resolved = self.resolve()
+        copied: list[DeferredEntry] = []
+        good = [e for e in entries if e.request is not None]
+        for start in range(0, len(good), SQS_MAX_BATCH):
+            chunk = good[start : start + SQS_MAX_BATCH]
+            try:
+                response = self._call(
+                    "SendMessageBatch",
+                    self.client.send_message_batch,
+                    QueueUrl=resolved.url,
+                    Entries=[{"Id": str(i), "MessageBody": encode_entry(e.request)}
+                             for i, e in enumerate(chunk) if e.request is not None],
+                )
+            except DeferralError as exc:
+                log.warning("%s (not refreshed: %d entries)", exc, len(chunk))
+                continue
+            for item in response.get("Failed", []):
+                log.warning("%s: could not store deferred entry %s again: %s %s",
+                            self.dependency, chunk[int(item["Id"])].message_id,
+                            item.get("Code"), item.get("Message"))
+            copied.extend(chunk[int(item["Id"])] for item in response.get("Successful", [])
+                          if item.get("MessageId"))
+        done = {e.message_id for e in copied}
+        self.release([e for e in entries if e.message_id not in done])
+        self.delete(copied)  # a failed delete leaves a harmless twin (same key)
+        REFRESHED.labels(dependency=self.dependency).inc(len(copied))
+        return copied
 
     def stats(self) -> QueueStats:
         resolved = self.resolve()

@@ -48,6 +48,7 @@ __all__ = [
     "ReplayConfig",
     "ReplayStats",
     "Replayer",
+    "SweepSchedule",
     "build_replayer",
     "replay_task_id",
 ]
@@ -103,6 +104,9 @@ class ReplayConfig:
     depth_wait_s: float = 0.25  # between checks while the work queue is at its watermark
     idle_wait_s: int = 2  # SQS long poll while the deferral queue is empty
     max_backoff_s: float = 30.0  # after broker/SQS errors
+    # While nothing is replayed, every entry is stored again this often so that SQS retention
+    # cannot drop it (None: retention minus the near-retention margin, or half the retention)
+    refresh_every_s: float | None = None
 
     def __post_init__(self) -> None:
         if self.max_queue_depth < 1:
@@ -113,6 +117,8 @@ class ReplayConfig:
             raise ConfigError("replayer ramp_factor must be >= 1 and ramp_interval_s > 0")
         if not 0 <= self.idle_wait_s <= 20:
             raise ConfigError("replayer idle_wait_s must be 0-20 (the SQS long-poll limit)")
+        if self.refresh_every_s is not None and self.refresh_every_s <= 0:
+            raise ConfigError("replayer refresh_every_s must be > 0")
 
     @classmethod
     def from_settings(cls, settings: Settings, **overrides: Any) -> ReplayConfig:
@@ -130,6 +136,7 @@ class ReplayStats:
     publish_failed: int = 0
     delete_failed: int = 0
     batches: int = 0
+    refreshed: int = 0  # stored again so that SQS retention cannot drop them
     started: float = field(default_factory=time.monotonic)
 
     def as_dict(self) -> dict[str, Any]:
@@ -257,11 +264,68 @@ class Gate:
         return "trial" if breaker == "half_open" else "up"
 
 
+# KEYS[1] next-sweep time. ARGV: 1 now, 2 period (epoch seconds). 1 if a sweep is due and
+# this caller takes it (the next one is then a period away); a key not seen before starts
+# the clock instead.
+_CLAIM_SWEEP = """
+local due = redis.call('GET', KEYS[1])
+local now, every = tonumber(ARGV[1]), tonumber(ARGV[2])
+if due and now < tonumber(due) then return 0 end
+redis.call('SET', KEYS[1], tostring(now + every))
+if due then return 1 end
+return 0
+"""
+
+
+class SweepSchedule:
+    """When a dependency's next retention sweep is due, shared by all its replayers.
+
+    Kept in Redis (``tidegate:deferral:<dependency>:next_sweep``) so a restarted replayer
+    does not start the period over (a crash-looping one would otherwise never sweep), and
+    so that of several replayers one sweeps. A dependency seen for the first time is due
+    one period later. Without Redis (or when it is away) an in-process clock stands in.
+    """
+
+    def __init__(self, dependency: str, client: Any = None,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.key = f"tidegate:deferral:{dependency}:next_sweep"
+        self.clock = clock
+        self._claim = client.register_script(_CLAIM_SWEEP) if client is not None else None
+        self._client = client
+        self._local_due: float | None = None
+
+    def claim(self, every: float) -> bool:
+        """True when a sweep is due and the caller should run it now."""
+        now = self.clock()
+        if self._claim is not None:
+            try:
+                return bool(self._claim(keys=[self.key], args=[repr(now), repr(every)]))
+            except Exception as exc:  # Redis away: the local clock decides meanwhile
+                log.warning("sweep schedule in Redis unavailable: %s", exc)
+        if self._local_due is None:
+            self._local_due = now + every
+        if now < self._local_due:
+            return False
+        self._local_due = now + every
+        return True
+
+    def retry_in(self, seconds: float) -> None:
+        """A sweep failed: be due again soon rather than a whole period later."""
+        due = self.clock() + seconds
+        self._local_due = due
+        if self._client is not None:
+            try:
+                self._client.set(self.key, repr(due))
+            except Exception as exc:
+                log.warning("sweep schedule in Redis unavailable: %s", exc)
+
+
 class Replayer:
     """Replays one dependency's deferred entries. One thread per instance."""
 
     def __init__(self, app: Any, dependency: Dependency, store: SqsDeferralStore, gate: Gate,
-                 depth: DepthReader, config: ReplayConfig | None = None) -> None:
+                 depth: DepthReader, config: ReplayConfig | None = None,
+                 schedule: SweepSchedule | None = None) -> None:
         self.app = app
         self.dependency = dependency
         self.name = dependency.name
@@ -274,6 +338,7 @@ class Replayer:
         self.ramp = SlowStart(self.cfg)
         self.stats = ReplayStats()
         self._backoff = 0.0
+        self.schedule = schedule or SweepSchedule(dependency.name)
         app.loader.import_default_modules()
 
     # -- one batch
@@ -354,9 +419,11 @@ class Replayer:
         if gate == "down":
             self.ramp.reset()
             self.gate.forget()
+            self._sweep_if_due()
             return "down", self.cfg.down_wait_s
         room = self._room()
         if room <= 0:
+            self._sweep_if_due()
             return "full", self.cfg.depth_wait_s
         wanted = 1 if gate == "trial" else min(SQS_MAX_BATCH, room)
         granted, wait = self.ramp.take(wanted)
@@ -382,6 +449,68 @@ class Replayer:
         if self._backoff:
             return "error", self._backoff
         return ("trial", self.cfg.down_wait_s) if gate == "trial" else ("replayed", 0.0)
+
+    # -- retention
+    def refresh_every_s(self) -> float:
+        """How often entries are stored again while nothing is replayed."""
+        if self.cfg.refresh_every_s is not None:
+            return self.cfg.refresh_every_s
+        retention, margin = self.store.retention_s, self.store.spec.near_retention_s
+        return float(retention - margin if 0 < margin < retention else retention / 2)
+
+    def _sweep_if_due(self) -> None:
+        try:
+            every = self.refresh_every_s()
+            if not self.schedule.claim(every):
+                return
+            refreshed = self.sweep()
+        except DeferralError as exc:  # SQS away: try again in a minute
+            log.warning("replayer %s: refreshing deferred entries failed: %s", self.name, exc)
+            self.schedule.retry_in(min(60.0, self.refresh_every_s() / 4))
+            return
+        if refreshed:
+            log.info("replayer %s: %d deferred entries stored again (SQS retention %d s); "
+                     "next time in %.0f s", self.name, refreshed, self.store.retention_s,
+                     self.refresh_every_s())
+
+    def sweep(self) -> int:
+        """Store every entry of the deferral queue again (:meth:`SqsDeferralStore.refresh`).
+
+        Runs while the dependency is down (or the work queue full) and the last sweep is
+        ``refresh_every_s`` old: an entry is then never older than that, so SQS retention
+        cannot drop it however long the outage lasts. Every entry is copied, not only old
+        ones: an entry received and put back would spend a receive toward the DLQ each time,
+        while a copy starts with none. Entries are told apart by idempotency key, so the
+        sweep's own copies (visible at once) are not copied again; they become replayable
+        again after the sweep's visibility hold (at most 300 s).
+        """
+        every = self.refresh_every_s()
+        started = time.monotonic()
+        hold = int(max(10, min(300, every / 2)))  # hidden while the sweep goes on
+        seen: set[str] = set()  # idempotency keys; message ids for poison entries
+
+        def ident(e: DeferredEntry) -> str:
+            return e.request.idempotency_key if e.request is not None else e.message_id
+
+        refreshed = 0
+        held: list[DeferredEntry] = []
+        try:
+            # bounded: what was received first must not reappear while the sweep goes on
+            while time.monotonic() - started < hold / 2:
+                batch = self.store.receive(SQS_MAX_BATCH, visibility_timeout=hold)
+                # Our own copies and poison come back here: they stay hidden until the sweep
+                # is over (put back now, they would spend receives, toward the DLQ).
+                fresh = [e for e in batch if ident(e) not in seen]
+                held.extend(e for e in batch if ident(e) in seen)
+                if not fresh:
+                    break
+                seen.update(ident(e) for e in fresh)
+                self.store.observe_ages(fresh)
+                refreshed += len(self.store.refresh(fresh))
+        finally:
+            self.store.release(held)  # replayable at once when the dependency is back
+            self.stats.refreshed += refreshed
+        return refreshed
 
     # -- loops
     def run(self, stop: threading.Event) -> ReplayStats:
@@ -440,5 +569,6 @@ def build_replayer(app: Any, dependency: str, config: ReplayConfig | None = None
         state_store = RedisStore(redis_client(settings.redis_url, socket_timeout=0.5,
                                               socket_connect_timeout=0.5))
     gate = Gate(dep, state_store, settings, cfg.probe_interval_s)
+    schedule = SweepSchedule(dependency, getattr(state_store, "client", None))
     return Replayer(app, dep, store_for(dependency, settings, topology), gate,
-                    depth or depth_reader(settings), cfg)
+                    depth or depth_reader(settings), cfg, schedule)

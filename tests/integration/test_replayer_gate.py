@@ -134,3 +134,60 @@ def test_poison_entries_end_in_the_dlq_after_max_receive_count(rig):
     assert rig.sink.stats().total == 0
     assert rig.replayer.stats.poison >= 2 and rig.replayer.stats.published == 0
     assert _depth() == 0
+
+
+def _visible_entries(sink, n: int) -> list:
+    """Receive (hidden for 30 s) until n distinct entries were seen."""
+    seen: dict[str, object] = {}
+    wait_until(lambda: (seen.update((e.message_id, e) for e in sink.receive(
+        10, visibility_timeout=30)) or True) and len(seen) >= n, 30, interval=0.05,
+               message=f"{n} entries received")
+    return list(seen.values())
+
+
+def test_refresh_stores_each_entry_again_with_its_content(rig):
+    from dataclasses import replace as dc_replace
+
+    for i in range(15):
+        rig.sink.defer(DeferredRequest("email", "email.send", (f"r{i}@x", "s"),
+                                       idempotency_key=f"r-{i}", deferrals=2,
+                                       first_deferred_at=1000.0 + i))
+    old = _visible_entries(rig.sink, 15)
+    poison = dc_replace(old[0], request=None, error="undecodable")  # never copied
+    refreshed = rig.sink.refresh([poison, *old[1:]])
+    assert len(refreshed) == 14
+    new = _visible_entries(rig.sink, 15)
+    assert {e.message_id for e in new} & {e.message_id for e in old} == {old[0].message_id}
+    by_key = {e.request.idempotency_key: e for e in new}
+    assert set(by_key) == {f"r-{i}" for i in range(15)}  # nothing lost, nothing doubled
+    for e in new:
+        if e.message_id != old[0].message_id:  # copies: a new message with the same content
+            assert e.receive_count == 1 and e.request.deferrals == 2
+            i = int(e.request.idempotency_key.split("-")[1])
+            assert e.request.first_deferred_at == 1000.0 + i
+    assert rig.sink.stats().total == 15
+
+
+def test_while_down_a_due_sweep_refreshes_every_entry_then_the_replay_is_exactly_once(rig):
+    from workers.replayer import ReplayConfig
+
+    _defer(rig.sink, 23, tag="s")
+    rig.replayer.cfg = ReplayConfig(visibility_timeout_s=1, start_rate=1000.0, idle_wait_s=0,
+                                    probe_interval_s=0.01, refresh_every_s=1.0)
+    rig.force("open")
+    assert rig.replayer.step(long_poll=False)[0] == "down"
+    assert rig.replayer.stats.refreshed == 0  # a period starts the first time it is seen
+    wait_until(lambda: rig.replayer.step(long_poll=False)[0] == "down"
+               and rig.replayer.stats.refreshed > 0, 30, interval=0.2,
+               message="a sweep while email is down")
+    assert rig.replayer.stats.refreshed == 23 and rig.replayer.stats.published == 0
+    assert rig.sink.stats().visible == 23  # the sweep's copies are replayable at once
+    rig.force("closed")
+    rig.replayer.cfg = ReplayConfig(visibility_timeout_s=1, start_rate=1000.0, idle_wait_s=0,
+                                    probe_interval_s=0.01)
+    stats = rig.replayer.drain()
+    assert stats.published == 23 and rig.sink.stats().total == 0
+    client = redis.Redis.from_url(REDIS_BROKER_URL, socket_timeout=5)
+    keys = [json.loads(m)["headers"]["tidegate_idempotency_key"]
+            for k in ("email", "email:3", "email:6", "email:9") for m in client.lrange(k, 0, -1)]
+    assert sorted(keys) == sorted(f"s-{i}" for i in range(23))
