@@ -172,11 +172,13 @@ def _epoch(value: Any) -> float:
 def _broker_errors(settings: Any) -> Iterator[None]:
     """Broker trouble as one clear, typed error (exit 3 in the CLI), password left out."""
     import redis
+    from botocore.exceptions import BotoCoreError, ClientError
     from kombu.exceptions import KombuError, OperationalError
 
     try:
         yield
-    except (OSError, OperationalError, KombuError, redis.exceptions.RedisError) as exc:
+    except (OSError, OperationalError, KombuError, redis.exceptions.RedisError, BotoCoreError,
+            ClientError) as exc:
         where = Connection(settings.broker_url).as_uri(include_password=False)
         raise BrokerUnavailable(f"broker unreachable at {where}: {exc}") from None
 
@@ -231,6 +233,12 @@ class DeadLetters:
     def _list(self, queue: str, limit: int | None) -> list[DeadLetter]:
         dlq = self.topology.dead_letter_queue(queue)
         out: list[DeadLetter] = []
+        if self.settings.transport == "sqs":
+            with self._sqs_dlq(queue) as sqs:
+                try:
+                    return [record for _, record in sqs.receive_all(limit)]
+                finally:
+                    sqs.release_all()
         if self.settings.transport == "redis":
             for raw in reversed(self._redis().lrange(dlq, 0, -1)):
                 out.append(self._parse_redis(raw, dlq))
@@ -253,11 +261,18 @@ class DeadLetters:
 
     @staticmethod
     def _parse_redis(raw: bytes, dlq: str) -> DeadLetter:
-        envelope = json.loads(raw)
-        body = envelope.get("body")
-        if (envelope.get("properties") or {}).get("body_encoding") == "base64":
-            body = base64.b64decode(body)
-        return parse(body, envelope.get("headers"), dlq)
+        return _parse_envelope(json.loads(raw), dlq)
+
+    @contextlib.contextmanager
+    def _sqs_dlq(self, queue: str) -> Iterator[_SqsDlq]:
+        with self._connection() as conn:
+            channel = conn.channel()
+            try:
+                bound = dead_letter_queue(self.topology, queue)(channel)
+                bound.declare()
+                yield _SqsDlq(channel, self.topology.dead_letter_queue(queue))
+            finally:
+                channel.close()  # nothing is unacked on it: _SqsDlq bypasses kombu's QoS
 
     def show(self, queue: str, record_id: str) -> DeadLetter:
         matches = [r for r in self.list(queue) if r.id.startswith(record_id)]
@@ -281,6 +296,17 @@ class DeadLetters:
     def _take(self, queue: str, select: Callable[[DeadLetter], bool],
               handle: Callable[[DeadLetter], None]) -> Iterator[DeadLetter]:
         dlq = self.topology.dead_letter_queue(queue)
+        if self.settings.transport == "sqs":
+            with self._sqs_dlq(queue) as sqs:
+                try:
+                    for message, record in sqs.receive_all(None):
+                        if select(record):
+                            handle(record)
+                            sqs.delete(message)
+                            yield record
+                finally:
+                    sqs.release_all()
+            return
         if self.settings.transport == "redis":
             client = self._redis()
             for raw in reversed(client.lrange(dlq, 0, -1)):
@@ -334,6 +360,66 @@ class DeadLetters:
                            task_id=task_id, queue=record.queue, headers=keep,
                            priority=priority, retry=False)
         return task_id
+
+
+def _parse_envelope(envelope: dict[str, Any], dlq: str) -> DeadLetter:
+    """A record from kombu's message envelope (the Redis and SQS transports store one)."""
+    body = envelope.get("body")
+    if (envelope.get("properties") or {}).get("body_encoding") == "base64":
+        body = base64.b64decode(body)
+    return parse(body, envelope.get("headers"), dlq)
+
+
+class _SqsDlq:
+    """One DLQ on Celery's SQS transport, read with SQS's own calls.
+
+    Why not kombu's ``basic_get`` as on RabbitMQ: a message taken and not acked on kombu's
+    SQS channel is re-published as a copy when the channel closes, while the original stays
+    hidden and comes back after the visibility timeout, so every ``dlq list`` would double
+    the DLQ. Here a listing receives each message (hidden for ``HOLD_S`` so one pass sees
+    distinct ones) and makes it visible again at the end; taking a record deletes it.
+    """
+
+    HOLD_S = 30
+
+    def __init__(self, channel: Any, dlq: str) -> None:
+        self.channel = channel
+        self.dlq = dlq
+        self.url = channel._new_queue(dlq)  # kombu's name mapping (prefix, "." -> "-")
+        self.client = channel.sqs(dlq)
+        self._held: dict[str, str] = {}  # message id -> receipt handle, to put back
+
+    def receive_all(self, limit: int | None) -> list[tuple[dict[str, Any], DeadLetter]]:
+        """Every message (up to ``limit``), oldest first, with its record."""
+        seen: dict[str, tuple[dict[str, Any], DeadLetter]] = {}
+        while limit is None or len(seen) < limit:
+            response = self.client.receive_message(
+                QueueUrl=self.url, MaxNumberOfMessages=10, VisibilityTimeout=self.HOLD_S,
+                WaitTimeSeconds=0, MessageSystemAttributeNames=["SentTimestamp"])
+            fresh = [m for m in response.get("Messages", []) if m["MessageId"] not in seen]
+            if not fresh:
+                break
+            for m in fresh:
+                self._held[m["MessageId"]] = m["ReceiptHandle"]
+                envelope = self.channel._message_to_python(m, self.dlq, self.url)
+                seen[m["MessageId"]] = (m, _parse_envelope(envelope, self.dlq))
+        ordered = sorted(seen.values(),
+                         key=lambda mr: int(mr[0].get("Attributes", {}).get("SentTimestamp", 0)))
+        return ordered[:limit] if limit else ordered
+
+    def delete(self, message: dict[str, Any]) -> None:
+        self.client.delete_message(QueueUrl=self.url, ReceiptHandle=message["ReceiptHandle"])
+        self._held.pop(message["MessageId"], None)
+
+    def release_all(self) -> None:
+        """Make every message still held visible again (else after HOLD_S)."""
+        items = list(self._held.items())
+        self._held.clear()
+        for start in range(0, len(items), 10):
+            chunk = items[start : start + 10]
+            self.client.change_message_visibility_batch(QueueUrl=self.url, Entries=[
+                {"Id": str(i), "ReceiptHandle": handle, "VisibilityTimeout": 0}
+                for i, (_, handle) in enumerate(chunk)])
 
 
 def check_replayable(record: DeadLetter, *, force: bool) -> None:
