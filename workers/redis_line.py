@@ -16,7 +16,8 @@ even if the process is killed right after, so Redis sees the mark before the ack
 
 redis-py has pipelines (sent and answered in one go) but nothing that lets a caller move on
 before the answer, hence this small class. Its connections come from the client's own
-connection settings (timeouts, TLS, credentials), outside the client's pool.
+connection settings (timeouts, TLS, credentials), outside the client's pool: one per thread
+of a threads or prefork worker (under gevent or eventlet, one per greenlet: not meant there).
 """
 
 from __future__ import annotations
