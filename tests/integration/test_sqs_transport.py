@@ -90,7 +90,8 @@ def test_dlq_tooling_on_sqs_lists_without_duplicating_and_takes_once(
 
     def stored() -> int:
         a = sqs.get_queue_attributes(QueueUrl=url, AttributeNames=["All"])["Attributes"]
-        return int(a["ApproximateNumberOfMessages"]) + int(a["ApproximateNumberOfMessagesNotVisible"])
+        return (int(a["ApproximateNumberOfMessages"])
+                + int(a["ApproximateNumberOfMessagesNotVisible"]))
 
     try:
         for _ in range(2):  # listed twice: the same three, still three stored, all visible
