@@ -24,7 +24,7 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -431,47 +431,52 @@ class SqsDeferralStore:
             body_bytes=len(body.encode()),
         )
 
-    def delete(self, entries: Sequence[DeferredEntry]) -> list[DeferredEntry]:
-        """Delete in batches of 10; return the entries SQS did NOT delete (they reappear)."""
-        failed: list[DeferredEntry] = []
+    def _batched(self, action: str, fn: Any, entries: Sequence[DeferredEntry],
+                 item: Callable[[DeferredEntry], dict[str, Any]],
+                 ) -> tuple[list[DeferredEntry], list[tuple[DeferredEntry, str]]]:
+        """One SQS batch call per 10 entries: (entries SQS confirmed, [(entry, why not)]).
+
+        Only an entry listed under ``Successful`` counts as done: a reply cut short (an
+        empty 200, seen when an endpoint dies mid-response) confirms nothing.
+        """
         resolved = self.resolve()
+        done: list[DeferredEntry] = []
+        failed: list[tuple[DeferredEntry, str]] = []
         for start in range(0, len(entries), SQS_MAX_BATCH):
             chunk = entries[start : start + SQS_MAX_BATCH]
             try:
-                response = self._call(
-                    "DeleteMessageBatch",
-                    self.client.delete_message_batch,
-                    QueueUrl=resolved.url,
-                    Entries=[{"Id": str(i), "ReceiptHandle": e.receipt_handle}
-                             for i, e in enumerate(chunk)],
-                )
+                response = self._call(action, fn, QueueUrl=resolved.url, Entries=[
+                    {"Id": str(i), **item(e)} for i, e in enumerate(chunk)])
             except DeferralError as exc:
-                log.warning("%s", exc)
-                failed.extend(chunk)
+                failed.extend((e, str(exc)) for e in chunk)
                 continue
-            for item in response.get("Failed", []):
-                entry = chunk[int(item["Id"])]
-                log.warning("%s: could not delete deferred entry %s: %s %s", self.dependency,
-                            entry.message_id, item.get("Code"), item.get("Message"))
-                failed.append(entry)
-        return failed
+            ok = {int(x["Id"]) for x in response.get("Successful", [])}
+            why = {int(x["Id"]): f"{x.get('Code')} {x.get('Message')}"
+                   for x in response.get("Failed", [])}
+            for i, e in enumerate(chunk):
+                if i in ok:
+                    done.append(e)
+                else:
+                    failed.append((e, why.get(i, "no answer from SQS")))
+        return done, failed
+
+    def delete(self, entries: Sequence[DeferredEntry]) -> list[DeferredEntry]:
+        """Delete in batches of 10; return the entries SQS did NOT delete (they reappear)."""
+        _, failed = self._batched("DeleteMessageBatch", self.client.delete_message_batch,
+                                  entries, lambda e: {"ReceiptHandle": e.receipt_handle})
+        for entry, why in failed:
+            log.warning("%s: could not delete deferred entry %s: %s", self.dependency,
+                        entry.message_id, why)
+        return [entry for entry, _ in failed]
 
     def release(self, entries: Iterable[DeferredEntry]) -> None:
         """Make received entries visible again now (best effort: else after the timeout)."""
-        items = list(entries)
-        resolved = self.resolve()
-        for start in range(0, len(items), SQS_MAX_BATCH):
-            chunk = items[start : start + SQS_MAX_BATCH]
-            try:
-                self._call(
-                    "ChangeMessageVisibilityBatch",
-                    self.client.change_message_visibility_batch,
-                    QueueUrl=resolved.url,
-                    Entries=[{"Id": str(i), "ReceiptHandle": e.receipt_handle,
-                              "VisibilityTimeout": 0} for i, e in enumerate(chunk)],
-                )
-            except DeferralError as exc:
-                log.warning("%s (entries reappear after their visibility timeout)", exc)
+        _, failed = self._batched(
+            "ChangeMessageVisibilityBatch", self.client.change_message_visibility_batch,
+            list(entries), lambda e: {"ReceiptHandle": e.receipt_handle, "VisibilityTimeout": 0})
+        if failed:
+            log.warning("%s: %d entries reappear only after their visibility timeout: %s",
+                        self.dependency, len(failed), failed[0][1])
 
     def refresh(self, entries: Sequence[DeferredEntry]) -> list[DeferredEntry]:
         """Store each received entry again as a new message, then delete the old one.
@@ -483,28 +488,13 @@ class SqsDeferralStore:
         not take again are released as they are; an entry copied but not deleted is stored
         twice, and the replay's idempotency key makes the second one harmless.
         """
-        resolved = self.resolve()
-        copied: list[DeferredEntry] = []
         good = [e for e in entries if e.request is not None]
-        for start in range(0, len(good), SQS_MAX_BATCH):
-            chunk = good[start : start + SQS_MAX_BATCH]
-            try:
-                response = self._call(
-                    "SendMessageBatch",
-                    self.client.send_message_batch,
-                    QueueUrl=resolved.url,
-                    Entries=[{"Id": str(i), "MessageBody": encode_entry(e.request)}
-                             for i, e in enumerate(chunk) if e.request is not None],
-                )
-            except DeferralError as exc:
-                log.warning("%s (not refreshed: %d entries)", exc, len(chunk))
-                continue
-            for item in response.get("Failed", []):
-                log.warning("%s: could not store deferred entry %s again: %s %s",
-                            self.dependency, chunk[int(item["Id"])].message_id,
-                            item.get("Code"), item.get("Message"))
-            copied.extend(chunk[int(item["Id"])] for item in response.get("Successful", [])
-                          if item.get("MessageId"))
+        copied, failed = self._batched(
+            "SendMessageBatch", self.client.send_message_batch, good,
+            lambda e: {"MessageBody": encode_entry(e.request)})  # type: ignore[arg-type]
+        for entry, why in failed:
+            log.warning("%s: could not store deferred entry %s again: %s", self.dependency,
+                        entry.message_id, why)
         done = {e.message_id for e in copied}
         self.release([e for e in entries if e.message_id not in done])
         self.delete(copied)  # a failed delete leaves a harmless twin (same key)

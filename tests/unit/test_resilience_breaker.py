@@ -189,10 +189,15 @@ class Model:
         self.probes = 0
         self.successes = 0
         self.since = 0.0
+        self.episode = 0  # one per state entered: a trial counts only in the episode it began
+
+    def enter(self, state):
+        self.state, self.episode = state, self.episode + 1
 
     def tick(self, now):
         if self.state == "open" and now >= self.until:
-            self.state, self.probes, self.successes, self.since = "half_open", 0, 0, now
+            self.enter("half_open")
+            self.probes, self.successes, self.since = 0, 0, now
 
     def bucket(self, t):
         return int(t // (self.cfg.window / 10))
@@ -212,16 +217,18 @@ class Model:
                 return "probe"
         return None
 
-    def record(self, now, kind, failed):
+    def record(self, now, kind, failed, episode=None):
         if kind == "probe":
-            if self.state != "half_open":
-                return
+            if self.state != "half_open" or episode not in (None, self.episode):
+                return  # a trial of an earlier HALF_OPEN says nothing about this one
             if failed:
-                self.state, self.until, self.calls = "open", now + self.cfg.open_duration, []
+                self.enter("open")
+                self.until, self.calls = now + self.cfg.open_duration, []
             else:
                 self.successes += 1
                 if self.successes >= self.cfg.half_open_calls:
-                    self.state, self.calls = "closed", []
+                    self.enter("closed")
+                    self.calls = []
             return
         self.tick(now)
         if self.state != "closed":
@@ -232,7 +239,8 @@ class Model:
         n = len(self.calls)
         fails = sum(f for _, f in self.calls)
         if n >= self.cfg.minimum_calls and fails / n >= self.cfg.failure_rate:
-            self.state, self.until, self.calls = "open", now + self.cfg.open_duration, []
+            self.enter("open")
+            self.until, self.calls = now + self.cfg.open_duration, []
 
 
 ops = st.lists(
@@ -277,14 +285,14 @@ def test_breaker_matches_model(ops, minimum, rate, half_open_calls):
         assert expected is not None, "allowed but model says reject"
         assert permit.probe == (expected == "probe")
         if permit.probe and arg and len(in_flight) < 1:
-            in_flight.append(permit)  # hold one trial open for a while
+            in_flight.append((permit, model.episode))  # hold one trial open for a while
             continue
         b.record(permit, TransientError("x") if arg else None, 0.001)
         model.record(now, expected, arg)
         assert b.state.value == (model.tick(clock.now()) or model.state)
-    for permit in in_flight:
+    for permit, episode in in_flight:  # late reports: count only in the episode they began
         b.record(permit, None, 0.001)
-        model.record(clock.now(), "probe", False)
+        model.record(clock.now(), "probe", False, episode)
     assert b.state.value == (model.tick(clock.now()) or model.state)
 
 
