@@ -129,8 +129,6 @@ class _Static(NamedTuple):
     honours_fresh_ids: bool  # the broker flags redeliveries, so h.FRESH_ID can be trusted
 
 
-_PRIORITY_NAMES = {p.name: p for p in Priority}
-
 
 def current_execution() -> Execution | None:
     return _current.get()
@@ -296,13 +294,10 @@ class ResilientTask(Task):
         static = self._static()
         tidegate = {n: v for n in h.ALL if (v := h.read(req, n)) is not None}
         key = h.idempotency_key(req, kwargs.get("idempotency_key"))
-        raw_priority = tidegate.get(h.PRIORITY)
-        priority = _PRIORITY_NAMES.get(raw_priority)  # type: ignore[arg-type]
-        if priority is None:
-            try:
-                priority = Priority.parse(raw_priority or Priority.HIGH)
-            except Exception:
-                priority = Priority.HIGH
+        try:
+            priority = Priority.parse(tidegate.get(h.PRIORITY, Priority.HIGH))
+        except Exception:
+            priority = Priority.HIGH
         delivery = req.delivery_info or {}
         redelivered = bool(delivery.get("redelivered"))
         queue = delivery.get("routing_key") or static.home_queue
