@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if "amqp" in args.brokers:
         _ensure_vhost()
-    print(f"pipeline throughput: {args.jobs} no-op jobs per run, {args.rounds} rounds A/B, "
+    print(f"pipeline throughput: {args.jobs} no-op jobs per run, {args.rounds} rounds A/B/C, "
           "1 worker (8 threads), median jobs/s")
     print(f"{'broker':<8}{'bare Celery':>14}{'Tidegate':>12}{'ratio':>9}"
           f"{'not idempotent':>17}{'ratio':>9}")

@@ -24,6 +24,7 @@ reads it)::
 
 from __future__ import annotations
 
+import logging
 import math
 import threading
 import time
@@ -36,6 +37,8 @@ from typing import Any
 
 from resilience.clock import SYSTEM_CLOCK, Clock
 from resilience.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "Autoscaler",
@@ -252,9 +255,7 @@ class ProcessingTimes:
         try:
             self.flush()
         except Exception as exc:  # Redis away: these observations are dropped, not retried
-            import logging
-
-            logging.getLogger(__name__).warning("processing times not recorded: %s", exc)
+            log.warning("processing times not recorded: %s", exc)
 
     def mean(self, queue: str) -> float | None:
         values = [float(v) for v in self.client.lrange(self.key(queue), 0, -1)]
@@ -267,11 +268,8 @@ def record_processing_times(app: Any, times: ProcessingTimes) -> None:
     Durations are measured in the worker around the task body; the queue is the delivery's
     routing key. A Redis error is logged, never raised into the task.
     """
-    import logging
-
     from celery import signals
 
-    log = logging.getLogger(__name__)
     started: dict[str, tuple[float, str]] = {}
     lock = threading.Lock()
 

@@ -235,10 +235,7 @@ class DeadLetters:
         out: list[DeadLetter] = []
         if self.settings.transport == "sqs":
             with self._sqs_dlq(queue) as sqs:
-                try:
-                    return [record for _, record in sqs.receive_all(limit)]
-                finally:
-                    sqs.release_all()
+                return [record for _, record in sqs.receive_all(limit)]
         if self.settings.transport == "redis":
             for raw in reversed(self._redis().lrange(dlq, 0, -1)):
                 out.append(self._parse_redis(raw, dlq))
@@ -270,7 +267,11 @@ class DeadLetters:
             try:
                 bound = dead_letter_queue(self.topology, queue)(channel)
                 bound.declare()
-                yield _SqsDlq(channel, self.topology.dead_letter_queue(queue))
+                sqs = _SqsDlq(channel, self.topology.dead_letter_queue(queue))
+                try:
+                    yield sqs
+                finally:
+                    sqs.release_all()  # whatever was received and not taken: visible again
             finally:
                 channel.close()  # nothing is unacked on it: _SqsDlq bypasses kombu's QoS
 
@@ -298,14 +299,11 @@ class DeadLetters:
         dlq = self.topology.dead_letter_queue(queue)
         if self.settings.transport == "sqs":
             with self._sqs_dlq(queue) as sqs:
-                try:
-                    for message, record in sqs.receive_all(None):
-                        if select(record):
-                            handle(record)
-                            sqs.delete(message)
-                            yield record
-                finally:
-                    sqs.release_all()
+                for message, record in sqs.receive_all(None):
+                    if select(record):
+                        handle(record)
+                        sqs.delete(message)
+                        yield record
             return
         if self.settings.transport == "redis":
             client = self._redis()

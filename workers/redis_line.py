@@ -126,7 +126,8 @@ class ReplyLater:
             except self._errors as exc:
                 if resent:  # answered by a fresh connection, and broken again: give up
                     line.conn.disconnect()
-                    lost, _ = len(line.unread), line.unread.clear()
+                    lost = len(line.unread)
+                    line.unread.clear()
                     raise ReplyLaterError(f"Redis connection keeps breaking ({exc}): {lost} "
                                           "writes may not be stored") from None
                 self._resend(line, exc)

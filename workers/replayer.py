@@ -460,31 +460,29 @@ class Replayer:
 
     def _sweep_if_due(self) -> None:
         try:
-            every = self.refresh_every_s()
+            every = self.refresh_every_s()  # reads the queue's retention: may fail too
             if not self.schedule.claim(every):
                 return
-            refreshed = self.sweep()
-        except DeferralError as exc:  # SQS away: try again in a minute
+            refreshed = self.sweep(every)
+        except DeferralError as exc:  # SQS away: try again within a minute
             log.warning("replayer %s: refreshing deferred entries failed: %s", self.name, exc)
-            self.schedule.retry_in(min(60.0, self.refresh_every_s() / 4))
+            self.schedule.retry_in(60.0)
             return
         if refreshed:
-            log.info("replayer %s: %d deferred entries stored again (SQS retention %d s); "
-                     "next time in %.0f s", self.name, refreshed, self.store.retention_s,
-                     self.refresh_every_s())
+            log.info("replayer %s: %d deferred entries stored again; next time in %.0f s",
+                     self.name, refreshed, every)
 
-    def sweep(self) -> int:
+    def sweep(self, every: float) -> int:
         """Store every entry of the deferral queue again (:meth:`SqsDeferralStore.refresh`).
 
-        Runs while the dependency is down (or the work queue full) and the last sweep is
-        ``refresh_every_s`` old: an entry is then never older than that, so SQS retention
-        cannot drop it however long the outage lasts. Every entry is copied, not only old
-        ones: an entry received and put back would spend a receive toward the DLQ each time,
-        while a copy starts with none. Entries are told apart by idempotency key, so the
-        sweep's own copies (visible at once) are not copied again; they become replayable
-        again after the sweep's visibility hold (at most 300 s).
+        Runs while the dependency is down (or the work queue full), once per ``every``
+        seconds: an entry is then never older than that, so SQS retention cannot drop it
+        however long the outage lasts. Every entry is copied, not only old ones: an entry
+        received and put back would spend a receive toward the DLQ each time, while a copy
+        starts with none. Entries are told apart by idempotency key, so the sweep's own
+        copies (visible at once) are not copied again; those it receives are put back when
+        it ends, so the replay can start at once.
         """
-        every = self.refresh_every_s()
         started = time.monotonic()
         hold = int(max(10, min(300, every / 2)))  # hidden while the sweep goes on
         seen: set[str] = set()  # idempotency keys; message ids for poison entries

@@ -191,3 +191,33 @@ def test_while_down_a_due_sweep_refreshes_every_entry_then_the_replay_is_exactly
     keys = [json.loads(m)["headers"]["tidegate_idempotency_key"]
             for k in ("email", "email:3", "email:6", "email:9") for m in client.lrange(k, 0, -1)]
     assert sorted(keys) == sorted(f"s-{i}" for i in range(23))
+
+
+def test_an_unreachable_sqs_endpoint_while_down_does_not_stop_the_replayer(
+        broker, policy_file, state_redis):
+    """The sweep's schedule needs the queue's retention, which needs SQS: when the endpoint
+    is dead the step reports "down" and the sweep is tried again later, nothing raises."""
+    from tidegate.stack import free_port
+    from workers.application import create_app
+    from workers.replayer import ReplayConfig, build_replayer
+    from workers.settings import load_settings
+
+    settings = load_settings(broker_url=broker.url, redis_url=STATE_REDIS_URL,
+                             policy_file=policy_file,
+                             sqs_endpoint_url=f"http://127.0.0.1:{free_port()}",
+                             aws_access_key_id="testing", aws_secret_access_key="testing",
+                             connect_timeout_s=0.2, read_timeout_s=0.5, sqs_max_attempts=1)
+    app = create_app(settings)
+    store = RedisStore(redis_client(STATE_REDIS_URL, socket_timeout=1,
+                                    socket_connect_timeout=1))
+    replayer = build_replayer(app, "email", ReplayConfig(probe_interval_s=0.01),
+                              state_store=store)
+    topo = app.tidegate_topology.dependency("email")
+    store.breaker_force("email", PolicyConfig.from_mapping("email", topo.policy).breaker,
+                        "open", 60.0)
+    try:
+        assert replayer.step(long_poll=False)[0] == "down"
+        assert replayer.step(long_poll=False)[0] == "down"
+        assert replayer.stats.refreshed == 0
+    finally:
+        app.close()
