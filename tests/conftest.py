@@ -1,6 +1,6 @@
 """Shared fixtures: real Redis, RabbitMQ, a moto SQS server, simulators and Celery workers.
 
-Isolation: ``TIDEGATE_TEST_SLOT`` (0-5; under pytest-xdist ``TIDEGATE_TEST_SLOT_BASE`` plus the
+Isolation: ``TIDEGATE_TEST_SLOT`` (0-6; under pytest-xdist ``TIDEGATE_TEST_SLOT_BASE`` plus the
 worker's index) picks the Redis databases and the RabbitMQ vhost, so parallel test runs do not
 trample each other's queues. Slot 5 shares Redis db 7 with the benchmarks.
 """
@@ -23,7 +23,7 @@ from tidegate.stack import ROOT, MotoServer, Sim, Worker, wait_until, write_poli
 SLOT = int(os.environ.get("TIDEGATE_TEST_SLOT")
            or int(os.environ.get("TIDEGATE_TEST_SLOT_BASE", "0"))
            + int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw")))
-_SLOT_DBS = [(10, 11), (12, 13), (14, 15), (2, 3), (4, 5), (6, 7)]
+_SLOT_DBS = [(10, 11), (12, 13), (14, 15), (2, 3), (4, 5), (6, 7), (8, 9)]
 BROKER_DB, STATE_DB = _SLOT_DBS[SLOT]
 REDIS_BROKER_URL = f"redis://127.0.0.1:6379/{BROKER_DB}"
 STATE_REDIS_URL = f"redis://127.0.0.1:6379/{STATE_DB}"
