@@ -23,10 +23,14 @@ from tidegate.stack import ROOT, MotoServer, Sim, Worker, wait_until, write_poli
 SLOT = int(os.environ.get("TIDEGATE_TEST_SLOT")
            or int(os.environ.get("TIDEGATE_TEST_SLOT_BASE", "0"))
            + int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw")))
-_SLOT_DBS = [(10, 11), (12, 13), (14, 15), (2, 3), (4, 5), (6, 7), (8, 9)]
-BROKER_DB, STATE_DB = _SLOT_DBS[SLOT]
-REDIS_BROKER_URL = f"redis://127.0.0.1:6379/{BROKER_DB}"
-STATE_REDIS_URL = f"redis://127.0.0.1:6379/{STATE_DB}"
+# Slot 6 takes dbs 0 and 1, which only `make run` uses (db 8 belongs to the benchmarks and db 9
+# to the shared-state tests, which never flush it). TIDEGATE_TEST_REDIS_PORT points a run at a
+# private redis-server, where any slot is free.
+_SLOT_DBS = [(10, 11), (12, 13), (14, 15), (2, 3), (4, 5), (6, 7), (0, 1)]
+BROKER_DB, STATE_DB = _SLOT_DBS[SLOT % len(_SLOT_DBS)]
+REDIS_PORT = int(os.environ.get("TIDEGATE_TEST_REDIS_PORT", "6379"))
+REDIS_BROKER_URL = f"redis://127.0.0.1:{REDIS_PORT}/{BROKER_DB}"
+STATE_REDIS_URL = f"redis://127.0.0.1:{REDIS_PORT}/{STATE_DB}"
 VHOST = f"tidegate_test_{SLOT}"
 AMQP_URL = f"amqp://guest:guest@127.0.0.1:5672/{VHOST}"
 SIM_NAMES = ("payments", "search", "email", "pricing")

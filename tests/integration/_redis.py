@@ -7,7 +7,9 @@ import os
 import time
 import uuid
 
-REDIS_URL = os.environ.get("TIDEGATE_STATE_TEST_URL", "redis://127.0.0.1:6379/9")
+REDIS_URL = os.environ.get(
+    "TIDEGATE_STATE_TEST_URL",
+    f"redis://127.0.0.1:{os.environ.get('TIDEGATE_TEST_REDIS_PORT', '6379')}/9")
 
 
 def client():
