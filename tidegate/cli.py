@@ -105,6 +105,7 @@ app.add_typer(__import__("tidegate.cli_dlq").cli_dlq.dlq, name="dlq")  # dead-le
 app.add_typer(__import__("tidegate.cli_breaker").cli_breaker.breaker, name="breaker")  # breakers
 app.command(name="api")(__import__("tidegate.cli_api").cli_api.api)  # HTTP service
 app.command(name="demo")(__import__("tidegate.demo.cli").demo.cli.demo)  # the storm demo
+app.add_typer(__import__("tidegate.cli_deploy").cli_deploy.deploy, name="deploy")  # KEDA files
 
 
 def main() -> None:
