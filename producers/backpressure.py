@@ -29,9 +29,8 @@ import logging
 import math
 import random
 import time
-import tomllib
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -99,7 +98,7 @@ class BackpressureConfig:
         return self.low_watermark + self.span * (top - CLASS_BANDS.ramp / 2)
 
 
-_FILE_KEYS = {"low_watermark": ("low_watermark", 1), "high_watermark": ("high_watermark", 1),
+FILE_KEYS = {"low_watermark": ("low_watermark", 1), "high_watermark": ("high_watermark", 1),
               "max_wait_ms": ("max_wait_s", 1000), "poll_ms": ("poll_s", 1000),
               "min_retry_after_s": ("min_retry_after_s", 1),
               "max_retry_after_s": ("max_retry_after_s", 1)}
@@ -112,47 +111,28 @@ def load_backpressure(
 
     Keyed by queue, not dependency: depth belongs to a queue, and two dependencies may share
     one (pricing is read inside the payments queue). A queue table overrides only what it
-    names; unknown keys and unknown queues are ConfigErrors naming the table.
+    names. The whole file is checked when it loads (:mod:`workers.policy_file`: unknown keys,
+    unknown queues, watermark order); ``topology`` is accepted for older callers.
     """
-    try:
-        data = tomllib.loads(Path(path).read_text())
-    except (OSError, tomllib.TOMLDecodeError) as exc:
-        raise ConfigError(f"TIDEGATE_POLICY_FILE {path}: {exc}") from None
-    table = data.get("backpressure", {})
-    if not isinstance(table, dict):
-        raise ConfigError(f"{path}: backpressure must be a table")
+    from workers.policy_file import load_policy_file
 
-    def build(base: BackpressureConfig, values: Mapping[str, Any], where: str):
-        kw: dict[str, Any] = {}
+    top, per_queue = load_policy_file(path).backpressure_tables()
+
+    def build(values: Mapping[str, Any], where: str) -> BackpressureConfig:
+        kw = {}
         for key, value in values.items():
-            if key not in _FILE_KEYS:
-                raise ConfigError(f"{path}: unknown key {where}.{key} "
-                                  f"(expected one of {', '.join(_FILE_KEYS)})")
-            attr, scale = _FILE_KEYS[key]
-            if scale != 1:
-                if isinstance(value, bool) or not isinstance(value, int | float):
-                    raise ConfigError(f"{path}: {where}.{key} must be a number")
-                value = value / scale
-            kw[attr] = value
+            attr, scale = FILE_KEYS[key]
+            kw[attr] = value / scale if scale != 1 else value
         try:
-            return replace(base, **kw)
+            return BackpressureConfig(**kw)
         except ConfigError as exc:
-            raise ConfigError(f"{path}: {where}: {exc}") from None
+            raise ConfigError(f"{path}: [{where}]: {exc}") from None
 
-    top = {k: v for k, v in table.items() if not isinstance(v, dict)}
-    default = build(BackpressureConfig(), top, "backpressure")
-    per_queue = {}
-    for queue, values in table.items():
-        if not isinstance(values, dict):
-            continue
-        if topology is not None and queue not in topology.work_queues:
-            raise ConfigError(f"{path}: backpressure.{queue}: unknown queue; known: "
-                              f"{', '.join(topology.work_queues)}")
-        per_queue[queue] = build(default, values, f"backpressure.{queue}")
-    return default, per_queue
+    return build(top, "backpressure"), {q: build(v, f"backpressure.{q}")
+                                        for q, v in per_queue.items()}
 
 
-assert {f.name for f in fields(BackpressureConfig)} == {a for a, _ in _FILE_KEYS.values()}
+assert {f.name for f in fields(BackpressureConfig)} == {a for a, _ in FILE_KEYS.values()}
 
 
 @dataclass(frozen=True)

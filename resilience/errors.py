@@ -8,6 +8,9 @@ Every ``str()`` is one line so logs and dead-letter records stay greppable.
 
 from __future__ import annotations
 
+import difflib
+from collections.abc import Iterable
+
 __all__ = [
     "AttemptTimeout",
     "Backpressure",
@@ -25,6 +28,7 @@ __all__ = [
     "Shed",
     "TidegateError",
     "TransientError",
+    "did_you_mean",
     "exception_types",
 ]
 
@@ -36,6 +40,15 @@ def exception_types(value: object, what: str) -> tuple[type[BaseException], ...]
         if not (isinstance(v, type) and issubclass(v, BaseException)):
             raise ConfigError(f"{what} must hold exception types, got {v!r}")
     return items
+
+
+def did_you_mean(name: str, known: Iterable[str]) -> str:
+    """``"; did you mean 'x'?"`` for a close known name, else ``"; known: a, b"`` (or "")."""
+    known = sorted(known)
+    close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+    if close:
+        return f"; did you mean {close[0]!r}?"
+    return f"; known: {', '.join(known)}" if known else ""
 
 
 def _one_line(text: str) -> str:

@@ -39,6 +39,7 @@ import threading
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any, TypeVar
 
 from . import deadline as _deadline
@@ -54,6 +55,7 @@ from .errors import (
     PermanentError,
     RejectedError,
     TransientError,
+    did_you_mean,
 )
 from .fallback import (
     CachedValue,
@@ -73,6 +75,8 @@ from .stores import Cache, MemoryCache, MemoryStore, StateStore
 from .timeout import DEFAULT_TIMEOUT_MODE, Timeout, check_timeout, check_timeout_mode
 
 __all__ = [
+    "FILE_KEYS",
+    "FILE_SECTIONS",
     "FallbackSpec",
     "Policy",
     "PolicyConfig",
@@ -87,6 +91,43 @@ log = logging.getLogger(__name__)
 FALLBACK_KINDS = ("none", "cached", "default", "graceful", "queue")
 LEAD_KEYS = frozenset({"queue", "url", "tasks"})  # read by workers/, ignored here
 
+
+# The policy file's keys -> (PolicyConfig or section attribute, divisor to seconds): a
+# dependency's top-level numbers, then its sub-tables. ``timeout`` holds flat fields.
+FILE_KEYS: Mapping[str, tuple[str, float]] = MappingProxyType({
+    "idempotent": ("idempotent", 1),
+    "timeout_ms": ("timeout", 1000),
+    "deadline_ms": ("deadline", 1000),
+})
+FILE_SECTIONS: Mapping[str, Mapping[str, tuple[str, float]]] = MappingProxyType({
+    "timeout": {"mode": ("timeout_mode", 1)},  # ``timeout.mode = "abandon"``
+    "retry": {
+        "max_attempts": ("max_attempts", 1),
+        "base_s": ("base", 1),
+        "max_wait_s": ("max_wait", 1),
+    },
+    "breaker": {
+        "failure_rate": ("failure_rate", 1),
+        "window_s": ("window", 1),
+        "minimum_calls": ("minimum_calls", 1),
+        "open_s": ("open_duration", 1),
+        "half_open_calls": ("half_open_calls", 1),
+        "slow_call_ms": ("slow_call_duration", 1000),
+        "slow_call_rate": ("slow_call_rate", 1),
+    },
+    "bulkhead": {
+        "max_concurrent": ("max_concurrent", 1),
+        "max_wait_ms": ("max_wait", 1000),
+    },
+    "rate_limit": {"rate_per_s": ("rate", 1), "burst": ("burst", 1)},
+    "fallback": {
+        "kind": ("kind", 1),
+        "ttl_s": ("ttl", 1),
+        "value": ("value", 1),
+        "message": ("message", 1),
+        "max_deferrals": ("max_deferrals", 1),
+    },
+})
 
 @dataclass(frozen=True)
 class FallbackSpec:
@@ -159,40 +200,7 @@ class PolicyConfig:
         for k in LEAD_KEYS:
             table.pop(k, None)
         kw: dict[str, Any] = {"name": name}
-        top = {
-            "idempotent": ("idempotent", 1),
-            "timeout_ms": ("timeout", 1000),
-            "deadline_ms": ("deadline", 1000),
-        }
-        sections: dict[str, dict[str, tuple[str, float]]] = {
-            "timeout": {"mode": ("timeout_mode", 1)},  # ``timeout.mode = "abandon"``
-            "retry": {
-                "max_attempts": ("max_attempts", 1),
-                "base_s": ("base", 1),
-                "max_wait_s": ("max_wait", 1),
-            },
-            "breaker": {
-                "failure_rate": ("failure_rate", 1),
-                "window_s": ("window", 1),
-                "minimum_calls": ("minimum_calls", 1),
-                "open_s": ("open_duration", 1),
-                "half_open_calls": ("half_open_calls", 1),
-                "slow_call_ms": ("slow_call_duration", 1000),
-                "slow_call_rate": ("slow_call_rate", 1),
-            },
-            "bulkhead": {
-                "max_concurrent": ("max_concurrent", 1),
-                "max_wait_ms": ("max_wait", 1000),
-            },
-            "rate_limit": {"rate_per_s": ("rate", 1), "burst": ("burst", 1)},
-            "fallback": {
-                "kind": ("kind", 1),
-                "ttl_s": ("ttl", 1),
-                "value": ("value", 1),
-                "message": ("message", 1),
-                "max_deferrals": ("max_deferrals", 1),
-            },
-        }
+        top, sections = FILE_KEYS, FILE_SECTIONS
         builders = {
             "retry": RetryConfig,
             "breaker": BreakerConfig,
@@ -627,8 +635,9 @@ def build_policies(
 class PolicyRegistry:
     """One place to get the policy (and breaker) of a dependency by name.
 
-    Unknown names get a policy with the seed defaults, created once, as Resilience4j's
-    registries do.
+    An unknown name is a ConfigError (with the close name meant): a misspelled dependency
+    must not quietly run on the seed's defaults. :meth:`add` registers one explicitly
+    (``registry.add(PolicyConfig(name="x"))`` for the seed's defaults).
     """
 
     def __init__(
@@ -662,16 +671,23 @@ class PolicyRegistry:
         return cls(policies, store=store, clock=clock, deferral_sink=deferral_sink, cache=cache)
 
     def policy(self, name: str) -> Policy:
+        p = self._policies.get(name)
+        if p is None:
+            raise ConfigError(f"unknown dependency {name!r}{did_you_mean(name, self._policies)}")
+        return p
+
+    def add(self, config: PolicyConfig) -> Policy:
+        """Register ``config``'s dependency (once: a second add of a name is refused)."""
         with self._lock:
-            p = self._policies.get(name)
-            if p is None:
-                p = self._policies[name] = Policy(
-                    PolicyConfig(name=name),
-                    store=self.store,
-                    clock=self.clock,
-                    deferral_sink=self.deferral_sink,
-                    cache=self.cache,
-                )
+            if config.name in self._policies:
+                raise ConfigError(f"dependency {config.name!r} is already registered")
+            p = self._policies[config.name] = Policy(
+                config,
+                store=self.store,
+                clock=self.clock,
+                deferral_sink=self.deferral_sink,
+                cache=self.cache,
+            )
             return p
 
     __getitem__ = policy

@@ -103,6 +103,7 @@ cli_depth.register(app)  # depth, exporter
 cli_deferred.register(app)  # replayer, deferred list|replay
 app.add_typer(__import__("tidegate.cli_dlq").cli_dlq.dlq, name="dlq")  # dead-letter queues
 app.add_typer(__import__("tidegate.cli_breaker").cli_breaker.breaker, name="breaker")  # breakers
+app.add_typer(__import__("tidegate.cli_policy").cli_policy.policy, name="policy")  # policy check
 app.command(name="api")(__import__("tidegate.cli_api").cli_api.api)  # HTTP service
 app.command(name="demo")(__import__("tidegate.demo.cli").demo.cli.demo)  # the storm demo
 app.add_typer(__import__("tidegate.cli_deploy").cli_deploy.deploy, name="deploy")  # KEDA files

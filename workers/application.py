@@ -15,10 +15,11 @@ from urllib.parse import urlsplit
 
 from celery import Celery
 
+from workers.policy_file import DEFAULT_TASK_MODULES, load_policy_file
 from workers.settings import Settings, get_settings
 from workers.topology import DEFAULT_QUEUE, Topology, load_topology
 
-TASK_MODULES = ("workers.tasks.payments", "workers.tasks.search", "workers.tasks.email")
+TASK_MODULES = DEFAULT_TASK_MODULES  # the policy file's ``[app] include`` when left out
 
 
 def transport_options(settings: Settings) -> dict[str, Any]:
@@ -89,7 +90,8 @@ def create_app(settings: Settings | None = None, topology: Topology | None = Non
     def route(name: str, args: Any, kwargs: Any, options: Any, task: Any = None, **kw: Any):
         return {"queue": topology.queue_for_task(name)}
 
-    app = Celery("tidegate", broker=settings.broker_url, include=list(TASK_MODULES))
+    include = load_policy_file(settings.policy_file).include  # [app] include (the example's)
+    app = Celery("tidegate", broker=settings.broker_url, include=list(include))
     app.conf.update(
         task_serializer="json",
         result_serializer="json",

@@ -28,10 +28,9 @@ import logging
 import math
 import threading
 import time
-import tomllib
 from collections import deque
 from collections.abc import Mapping
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -169,32 +168,13 @@ class Autoscaler:
 def load_scaling_policies(path: Path) -> tuple[ScalingPolicy, dict[str, ScalingPolicy]]:
     """``[autoscaling]`` (defaults for every queue) and ``[autoscaling.QUEUE]`` tables.
 
-    Both are optional; a queue table overrides only the keys it names. Unknown keys are a
-    ConfigError naming the table.
+    Both are optional; a queue table overrides only the keys it names. The whole file is
+    checked (:mod:`workers.policy_file`): unknown keys and queues are ConfigErrors naming them.
     """
-    try:
-        data = tomllib.loads(path.read_text())
-    except (OSError, tomllib.TOMLDecodeError) as exc:
-        raise ConfigError(f"TIDEGATE_POLICY_FILE {path}: {exc}") from None
-    table = data.get("autoscaling", {})
-    if not isinstance(table, dict):
-        raise ConfigError(f"{path}: autoscaling must be a table")
-    known = {f.name for f in fields(ScalingPolicy)}
-    top = {k: v for k, v in table.items() if not isinstance(v, dict)}
-    queues = {k: v for k, v in table.items() if isinstance(v, dict)}
+    from workers.policy_file import load_policy_file
 
-    def build(base: ScalingPolicy, values: dict[str, Any], where: str) -> ScalingPolicy:
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ConfigError(f"{path}: unknown key {where}.{unknown[0]} "
-                              f"(expected one of {', '.join(sorted(known))})")
-        try:
-            return replace(base, **values)
-        except ConfigError as exc:
-            raise ConfigError(f"{path}: {where}: {exc}") from None
-
-    default = build(ScalingPolicy(), top, "autoscaling")
-    return default, {q: build(default, v, f"autoscaling.{q}") for q, v in queues.items()}
+    parsed = load_policy_file(path)
+    return parsed.scaling_default, dict(parsed.scaling)
 
 
 class ProcessingTimes:

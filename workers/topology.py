@@ -9,7 +9,6 @@ One queue per dependency is the bulkhead at the broker: a hanging payments provi
 from __future__ import annotations
 
 import fnmatch
-import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +17,7 @@ from typing import Any
 
 from kombu import Exchange, Queue
 
-from resilience.errors import ConfigError
+from resilience.errors import ConfigError, did_you_mean
 from resilience.shedding import Priority
 
 DEFAULT_QUEUE = "default"
@@ -63,8 +62,8 @@ class Topology:
         for dep in self.dependencies:
             if dep.name == name:
                 return dep
-        known = ", ".join(d.name for d in self.dependencies)
-        raise ConfigError(f"unknown dependency {name!r}; known: {known}")
+        known = [d.name for d in self.dependencies]
+        raise ConfigError(f"unknown dependency {name!r}{did_you_mean(name, known)}")
 
     def dependency_for_queue(self, queue: str) -> Dependency | None:
         """The dependency whose tasks feed ``queue`` (the first one that declares tasks)."""
@@ -79,9 +78,7 @@ class Topology:
 
     def check_queue(self, queue: str) -> str:
         if queue not in self.work_queues:
-            raise ConfigError(
-                f"unknown queue {queue!r}; known: {', '.join(self.work_queues)}"
-            )
+            raise ConfigError(f"unknown queue {queue!r}{did_you_mean(queue, self.work_queues)}")
         return queue
 
     @staticmethod
@@ -135,25 +132,8 @@ def broker_priority(priority: Priority, transport: str) -> int | None:
 
 
 def load_topology(path: Path) -> Topology:
-    """Parse the policy file's ``[dependencies.*]`` tables into a Topology."""
-    try:
-        data = tomllib.loads(path.read_text())
-    except (OSError, tomllib.TOMLDecodeError) as exc:
-        raise ConfigError(f"TIDEGATE_POLICY_FILE {path}: {exc}") from None
-    tables = data.get("dependencies")
-    if not isinstance(tables, dict) or not tables:
-        raise ConfigError(f"TIDEGATE_POLICY_FILE {path}: no [dependencies.NAME] tables")
-    deps = []
-    for name, table in tables.items():
-        if not isinstance(table, dict):
-            raise ConfigError(f"{path}: dependencies.{name} must be a table")
-        queue = table.get("queue", name)
-        url = table.get("url")
-        if not isinstance(url, str) or not url.startswith(("http://", "https://")):
-            raise ConfigError(f"{path}: dependencies.{name}.url must be an http(s) URL")
-        tasks = table.get("tasks", [f"{name}.*"])
-        if not isinstance(tasks, list) or not all(isinstance(t, str) for t in tasks):
-            raise ConfigError(f"{path}: dependencies.{name}.tasks must be a list of patterns")
-        policy = {k: v for k, v in table.items() if k not in WORKER_KEYS}
-        deps.append(Dependency(name, queue, url, tuple(tasks), MappingProxyType(policy)))
-    return Topology(tuple(deps))
+    """The policy file's ``[dependencies.*]`` tables as a Topology (the whole file is checked:
+    see :mod:`workers.policy_file`)."""
+    from workers.policy_file import load_policy_file
+
+    return load_policy_file(path).topology

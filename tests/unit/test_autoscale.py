@@ -127,7 +127,7 @@ def test_bad_inputs_are_refused():
 def test_policies_from_the_policy_file(tmp_path):
     path = tmp_path / "policy.toml"
     path.write_text(
-        "[dependencies.x]\nurl = 'http://127.0.0.1:1'\n"
+        "[dependencies.payments]\nurl = 'http://127.0.0.1:1'\n"
         "[autoscaling]\nacceptable_wait_s = 20\nmax_workers = 8\n"
         "[autoscaling.payments]\nmin_workers = 2\n"
     )
@@ -135,10 +135,16 @@ def test_policies_from_the_policy_file(tmp_path):
     assert (default.acceptable_wait_s, default.max_workers, default.min_workers) == (20, 8, 1)
     assert per_queue["payments"] == ScalingPolicy(acceptable_wait_s=20, max_workers=8,
                                                   min_workers=2)
-    path.write_text("[autoscaling.search]\nmax_workes = 3\n")
-    with pytest.raises(ConfigError, match=r"autoscaling\.search\.max_workes"):
+    deps = "[dependencies.search]\nurl = 'http://127.0.0.1:1'\n"
+    path.write_text(deps + "[autoscaling.search]\nmax_workes = 3\n")
+    with pytest.raises(ConfigError, match=r"autoscaling\.search\.max_workes\]: unknown key; "
+                                          r"did you mean 'max_workers'"):
         load_scaling_policies(path)
-    path.write_text("[autoscaling]\nmin_workers = -1\n")
+    path.write_text(deps + "[autoscaling.serch]\nmax_workers = 3\n")
+    with pytest.raises(ConfigError, match=r"autoscaling\.serch\]: unknown queue; "
+                                          r"did you mean 'search'"):
+        load_scaling_policies(path)
+    path.write_text(deps + "[autoscaling]\nmin_workers = -1\n")
     with pytest.raises(ConfigError, match="min_workers"):
         load_scaling_policies(path)
     # The shipped policy file parses (its [autoscaling] tables are optional).

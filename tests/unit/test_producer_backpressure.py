@@ -233,10 +233,12 @@ high_watermark = 500
 
 
 @pytest.mark.parametrize(("extra", "message"), [
-    ("[backpressure]\nlow_water = 5\n", "unknown key backpressure.low_water"),
-    ("[backpressure.nope]\nlow_watermark = 5\n", "backpressure.nope: unknown queue"),
+    ("[backpressure]\nlow_water = 5\n",
+     r"\[backpressure.low_water\]: unknown key; did you mean 'low_watermark'"),
+    ("[backpressure.nope]\nlow_watermark = 5\n", r"\[backpressure.nope\]: unknown queue"),
     ("[backpressure.search]\nlow_watermark = 900\nhigh_watermark = 100\n", "must exceed"),
-    ("[backpressure]\nmax_wait_ms = 'soon'\n", "must be a number"),
+    ("[backpressure]\nmax_wait_ms = 'soon'\n",
+     r"\[backpressure.max_wait_ms\]: input should be a valid number"),
 ])
 def test_policy_file_errors_name_the_table(tmp_path, extra, message):
     path = _policy(tmp_path, extra)

@@ -314,8 +314,13 @@ def test_registry():
     reg = PolicyRegistry.from_tables({"search": {"idempotent": True}})
     assert reg.policy("search") is reg["search"] and reg.breaker("search") is reg["search"].breaker
     assert "other" not in reg
+    with pytest.raises(ConfigError, match="unknown dependency 'serch'; did you mean 'search'"):
+        reg.policy("serch")  # a typo is an error, never the seed's defaults in silence
+    assert reg.add(PolicyConfig(name="other")).config.timeout == 0.08
     assert reg.policy("other").config.timeout == 0.08
     assert reg.names() == ["other", "search"]
+    with pytest.raises(ConfigError, match="already registered"):
+        reg.add(PolicyConfig(name="other"))
 
 
 def test_a_replayed_request_keeps_its_deferral_history_and_is_capped():
