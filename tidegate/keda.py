@@ -62,13 +62,10 @@ class QueueScaling:
 
 
 def scaling_for(policy_file: Path) -> list[QueueScaling]:
-    """Each work queue of the policy file with its autoscaling policy, in file order."""
+    """Each work queue of the policy file with its autoscaling policy, in file order (the
+    policy file's schema refuses an ``[autoscaling.QUEUE]`` table for an unknown queue)."""
     default, per_queue = load_scaling_policies(policy_file)
     queues = load_topology(policy_file).work_queues
-    unknown = sorted(set(per_queue) - set(queues))
-    if unknown:
-        raise ConfigError(f"{policy_file}: autoscaling.{unknown[0]} names no work queue "
-                          f"(work queues: {', '.join(queues)})")
     out = []
     for queue in queues:
         policy = per_queue.get(queue, default)

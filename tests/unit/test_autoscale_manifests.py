@@ -183,7 +183,8 @@ default_processing_s = 0.5
 def test_autoscaling_table_for_an_unknown_queue_is_refused(tmp_path):
     path = tmp_path / "policy.toml"
     path.write_text(DEFAULT_POLICY_FILE.read_text() + "\n[autoscaling.serach]\nmin_workers = 2\n")
-    with pytest.raises(ConfigError, match=r"autoscaling\.serach names no work queue"):
+    with pytest.raises(ConfigError, match=r"\[autoscaling\.serach\]: unknown queue; "
+                                          r"did you mean 'search'"):
         scaling_for(path)
 
 
