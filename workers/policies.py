@@ -93,7 +93,9 @@ def build_state(settings: Settings, topology: Topology) -> WorkerState:
     registry = PolicyRegistry(policies, store=store)
     fallbacks = {name: _fallback(cfg, cache) for name, cfg in configs.items()}
     idem_client = redis_client(settings.redis_url, socket_timeout=2.0, socket_connect_timeout=2.0)
-    idem = IdempotencyStore(idem_client, ttl_from_env(), replies=ReplyLater(idem_client))
+    # A cluster has no single connection to write marks on unanswered: they wait (SET).
+    replies = ReplyLater(idem_client) if idem_client.connection_pool is not None else None
+    idem = IdempotencyStore(idem_client, ttl_from_env(), replies=replies)
     return WorkerState(registry, configs, fallbacks, idem, os.getpid())
 
 

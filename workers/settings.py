@@ -81,8 +81,16 @@ class Settings(BaseSettings):
     @field_validator("redis_url")
     @classmethod
     def _redis_scheme(cls, value: str) -> str:
-        if urlsplit(value).scheme not in {"redis", "rediss", "unix"}:
-            raise ValueError("must be a redis://, rediss:// or unix:// URL")
+        if urlsplit(value).scheme not in {"redis", "rediss", "unix", "redis-cluster",
+                                          "rediss-cluster"}:
+            raise ValueError("must be a redis://, rediss://, unix:// or redis-cluster:// URL")
+        if urlsplit(value).scheme.endswith("-cluster"):
+            from resilience.redis_cluster import parse_cluster_url
+
+            try:
+                parse_cluster_url(value)
+            except ConfigError as exc:
+                raise ValueError(str(exc)) from None
         return value
 
     @field_validator("policy_file")

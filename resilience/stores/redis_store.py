@@ -54,6 +54,11 @@ def redis_client(
 
     if not socket_timeout or not socket_connect_timeout:
         raise ConfigError("Redis state store needs finite socket timeouts (never infinite)")
+    if url.startswith(("redis-cluster://", "rediss-cluster://")):  # resilience.redis_cluster
+        from resilience.redis_cluster import cluster_client
+
+        return cluster_client(url, socket_timeout=socket_timeout,
+                              socket_connect_timeout=socket_connect_timeout, **kwargs)
     return redis.Redis.from_url(
         url,
         socket_timeout=socket_timeout,
