@@ -24,6 +24,8 @@ from pathlib import Path
 
 import redis
 
+from workers.installation import installation
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
@@ -80,7 +82,7 @@ def bench_broker(name: str, url: str, jobs: int, rounds: int, tmp: Path) -> dict
         from kombu import Connection
 
         with Connection(url, connect_timeout=5) as conn:
-            app.tidegate_topology.declare(conn)
+            installation(app).topology.declare(conn)
             conn.default_channel.queue_purge("default")
     env = {"TIDEGATE_BROKER_URL": url, "TIDEGATE_REDIS_URL": STATE_URL,
            "PYTHONPATH": str(ROOT)}

@@ -30,6 +30,7 @@ from resilience.stores import RedisStore, redis_client
 from workers import headers as h
 from workers.depth import SharedDepthCache, probe_for
 from workers.errors import BrokerUnavailable, InvalidPayload, UnknownQueue, UnknownTask
+from workers.installation import installation, load_app
 from workers.settings import Settings
 from workers.topology import Topology, broker_priority
 
@@ -136,13 +137,11 @@ class Producer:
         limiter: RateLimiter | None = None,
         deferral: DeferralGate | None = AUTO,
     ):
-        if app is None:
-            from workers import app as default_app
-
-            app = default_app
+        app = load_app() if app is None else app  # TIDEGATE_APP, else the shipped example
         self.app = app
-        self.settings: Settings = app.tidegate_settings
-        self.topology: Topology = app.tidegate_topology
+        installed = installation(app)  # NotInstalled (one line) if Tidegate is not on it
+        self.settings: Settings = installed.settings
+        self.topology: Topology = installed.topology
         self.max_message_bytes = max_message_bytes or self.settings.api_max_body_bytes
         app.loader.import_default_modules()
         needs_state = throttle is AUTO or deferral is AUTO

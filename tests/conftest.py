@@ -17,6 +17,7 @@ import pytest
 import redis
 
 from tidegate.stack import ROOT, MotoServer, Sim, Worker, wait_until, write_policy
+from workers.installation import installation
 
 # Under pytest-xdist each worker takes the slot of its index (gw0 -> 0, gw1 -> 1, ...), plus
 # TIDEGATE_TEST_SLOT_BASE so that two whole runs can share one machine (base 0 and base 2).
@@ -96,7 +97,7 @@ def _purge_amqp(url: str, queues: list[str]) -> None:
 
     app = create_app(load_settings(broker_url=url))
     with Connection(url, connect_timeout=5) as conn:
-        app.tidegate_topology.declare(conn)
+        installation(app).topology.declare(conn)
         channel = conn.channel()
         for q in queues:
             channel.queue_purge(q)

@@ -16,6 +16,7 @@ import typer
 
 from resilience.errors import ConfigError, PermanentError, TidegateError, TransientError
 from tidegate import cli_deferred, cli_depth
+from tidegate.cli_app import AppOpt, add_app_option, use_app
 
 app = typer.Typer(
     no_args_is_help=True,
@@ -107,6 +108,12 @@ app.add_typer(__import__("tidegate.cli_policy").cli_policy.policy, name="policy"
 app.command(name="api")(__import__("tidegate.cli_api").cli_api.api)  # HTTP service
 app.command(name="demo")(__import__("tidegate.demo.cli").demo.cli.demo)  # the storm demo
 app.add_typer(__import__("tidegate.cli_deploy").cli_deploy.deploy, name="deploy")  # KEDA files
+add_app_option(app, skip={"downstream", "feed", "demo", "deploy"})  # --app/-A on each command
+
+
+@app.callback()
+def _root(celery_app: AppOpt = None) -> None:
+    use_app(celery_app)
 
 
 def main() -> None:

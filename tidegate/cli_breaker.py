@@ -32,9 +32,10 @@ def _store_and_configs() -> tuple[Any, dict[str, Any]]:
     from resilience.errors import TransientError
     from resilience.policy import PolicyConfig
     from resilience.stores import RedisStore, redis_client
-    from workers import app
+    from workers.installation import installation, load_app
 
-    settings, topology = app.tidegate_settings, app.tidegate_topology
+    installed = installation(load_app())
+    settings, topology = installed.settings, installed.topology
     client = redis_client(settings.redis_url, socket_timeout=2.0, socket_connect_timeout=2.0)
     try:
         client.ping()

@@ -20,20 +20,26 @@ deferred = typer.Typer(no_args_is_help=True, add_completion=False,
 
 
 def _app() -> Any:
-    from workers import app
+    from workers.installation import load_app
 
-    return app
+    return load_app()
+
+
+def _installed(app: Any) -> Any:
+    from workers.installation import installation
+
+    return installation(app)
 
 
 def _queueing(app: Any, dependency: str | None) -> list[str]:
     from workers.deferral import queueing_dependencies
 
-    names = queueing_dependencies(app.tidegate_topology)
+    names = queueing_dependencies(_installed(app).topology)
     if dependency is None:
         if not names:
             raise ConfigError("no dependency in the policy file has fallback kind \"queue\"")
         return names
-    app.tidegate_topology.dependency(dependency)  # ConfigError naming the known ones
+    _installed(app).topology.dependency(dependency)  # ConfigError naming the known ones
     if dependency not in names:
         raise ConfigError(f"{dependency!r} does not queue for later (its fallback kind is not "
                           f"\"queue\"); these do: {', '.join(names) or 'none'}")
@@ -97,7 +103,7 @@ def list_deferred(
 
     app = _app()
     _queueing(app, dependency)
-    store = store_for(dependency, app.tidegate_settings, app.tidegate_topology)
+    store = store_for(dependency, _installed(app).settings, _installed(app).topology)
     stats = store.stats()
     entries = store.peek(limit) if limit else []
     now = time.time()

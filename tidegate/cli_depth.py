@@ -77,9 +77,11 @@ def depth(
 ) -> None:
     """Depth per queue: ready, in flight, oldest age, dead-letter, deferred, desired workers."""
     from tidegate.snapshot import Observer
-    from workers.settings import get_settings
+    from workers.installation import installation, load_app
 
-    observer = Observer(get_settings(), ttl_s=interval / 2 if watch else 0.001)
+    installed = installation(load_app())
+    observer = Observer(installed.settings, installed.topology,
+                        ttl_s=interval / 2 if watch else 0.001)
 
     def read() -> dict[str, Any]:
         doc = _document(observer.snapshot())

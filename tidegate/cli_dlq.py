@@ -25,10 +25,10 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output")
 
 
 def _tools() -> Any:
-    from workers import app
     from workers.deadletter import DeadLetters
+    from workers.installation import load_app
 
-    return DeadLetters(app)
+    return DeadLetters(load_app())
 
 
 def _when(ts: float | None) -> str:

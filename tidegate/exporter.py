@@ -193,9 +193,10 @@ def serve(host: str, port: int, *, interval_s: float = 1.0, ttl_s: float = 1.0,
     import uvicorn
 
     from tidegate.status import History, create_app
-    from workers.settings import get_settings
+    from workers.installation import installation, load_app
 
-    observer = Observer(get_settings(), ttl_s=ttl_s)
+    installed = installation(load_app())  # --app/TIDEGATE_APP, else the example
+    observer = Observer(installed.settings, installed.topology, ttl_s=ttl_s)
     history = History(max_age_s=history_s)
     sampler = Sampler(observer, history, interval_s).start()
     app = create_app(observer, history, build_registry(observer))

@@ -9,6 +9,7 @@ import uuid
 
 from producers import Producer
 from resilience.errors import TidegateError
+from workers.installation import DEFAULT_APP, load_app
 
 JOBS = (
     ("payments.charge", "critical", lambda i: ([f"acct-{i % 50}", 500 + i % 900], {})),
@@ -19,7 +20,7 @@ JOBS = (
 
 def run(rate: float, count: int | None = None) -> None:
     """Enqueue ``rate`` jobs per second (``count`` in all, or until interrupted)."""
-    producer = Producer()
+    producer = Producer(load_app(DEFAULT_APP))  # the example's tasks, whatever TIDEGATE_APP says
     rng = random.Random()
     interval = 1.0 / rate
     for i in itertools.count() if count is None else range(count):

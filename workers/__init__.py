@@ -1,7 +1,30 @@
-"""The Celery side of Tidegate: ``celery -A workers worker -Q payments``."""
+"""The Celery side of Tidegate.
 
-from workers.application import create_app
+Library mode: ``workers.install(app)`` on your own Celery app (docs/adopting.md). The shipped
+example pipeline is ``workers.app`` (``celery -A workers worker -Q payments``), built on first
+access: importing this package builds no app and reads no environment.
+"""
 
-app = create_app()
+from __future__ import annotations
 
-__all__ = ["app", "create_app"]
+import importlib
+from typing import Any
+
+__all__ = ["ResilientTask", "app", "create_app", "install", "resilient_task"]
+
+_LAZY = {
+    "install": "workers.installation",
+    "resilient_task": "workers.resilient",
+    "ResilientTask": "workers.resilient",
+    "create_app": "workers.application",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name == "app":  # the example app, once per process (what `celery -A workers` finds)
+        from workers.application import example_app
+
+        return example_app()
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'workers' has no attribute {name!r}")

@@ -1,7 +1,9 @@
-"""The Celery app: ``celery -A workers worker -Q payments``.
+"""The Celery configuration Tidegate installs, and the shipped example app built with it.
 
-Configured for the way Tidegate promises work is delivered: JSON only (pickle is refused on
-both ends), prefetch 1 so a worker pulls one task at a time at its own pace, late ack decided
+``celery -A workers worker -Q payments`` runs the example (``workers.app``, built on first
+use); :func:`workers.install` applies the same configuration to your own app. Configured for
+the way Tidegate promises work is delivered: JSON only (pickle is refused on both ends),
+prefetch 1 so a worker pulls one task at a time at its own pace, late ack decided
 per task (idempotent work only, see ``workers.resilient``), bounded time limits as the outer
 timeout backstop, and a broker connection that gives up after the connect timeout instead of
 hanging. The same app runs unchanged on Redis, RabbitMQ and SQS URLs.
@@ -10,14 +12,16 @@ hanging. The same app runs unchanged on Redis, RabbitMQ and SQS URLs.
 from __future__ import annotations
 
 import ssl
+import threading
 from typing import Any
 from urllib.parse import urlsplit
 
 from celery import Celery
 
+from workers.installation import install
 from workers.policy_file import DEFAULT_TASK_MODULES, load_policy_file
 from workers.settings import Settings, get_settings
-from workers.topology import DEFAULT_QUEUE, Topology, load_topology
+from workers.topology import Topology
 
 TASK_MODULES = DEFAULT_TASK_MODULES  # the policy file's ``[app] include`` when left out
 
@@ -83,62 +87,27 @@ def broker_transport(settings: Settings) -> dict[str, Any]:
 
 
 def create_app(settings: Settings | None = None, topology: Topology | None = None) -> Celery:
-    """Build the Celery app from settings and the topology (both read once)."""
+    """Build the shipped example app (its tasks: the policy file's ``[app] include``, else
+    ``TASK_MODULES``) with Tidegate installed.
+
+    ``settings`` default to the environment, read now; the app becomes Celery's current app,
+    as any app that ``celery -A`` starts does.
+    """
     settings = settings or get_settings()
-    topology = topology or load_topology(settings.policy_file)
-
-    def route(name: str, args: Any, kwargs: Any, options: Any, task: Any = None, **kw: Any):
-        return {"queue": topology.queue_for_task(name)}
-
-    include = load_policy_file(settings.policy_file).include  # [app] include (the example's)
+    include = load_policy_file(settings.policy_file).include  # [app] include, else the example's
     app = Celery("tidegate", broker=settings.broker_url, include=list(include))
-    app.conf.update(
-        task_serializer="json",
-        result_serializer="json",
-        accept_content=["json"],
-        result_accept_content=["json"],
-        event_serializer="json",
-        task_ignore_result=True,
-        task_queues=topology.kombu_queues(),
-        task_default_queue=DEFAULT_QUEUE,
-        task_default_exchange=DEFAULT_QUEUE,
-        task_default_routing_key=DEFAULT_QUEUE,
-        task_create_missing_queues=False,
-        task_routes=(route,),
-        task_acks_late=False,  # ResilientTask acks late: after deciding the outcome
-        worker_consumer="workers.poison:PoisonAwareConsumer",  # poison -> DLQ, not dropped
-        task_soft_time_limit=settings.task_soft_time_limit_s,
-        task_time_limit=settings.task_hard_time_limit_s,
-        worker_prefetch_multiplier=1,
-        worker_cancel_long_running_tasks_on_connection_loss=True,
-        worker_hijack_root_logger=False,
-        broker_connection_timeout=settings.connect_timeout_s,
-        broker_connection_retry_on_startup=True,
-        # A worker rides out a broker outage (reconnecting with Celery's capped backoff) rather
-        # than exiting; producers never wait on the broker (they publish with retry=False).
-        broker_connection_max_retries=None,
-        broker_transport_options=transport_options(settings),
-        broker_pool_limit=10,
-        **broker_transport(settings),
-    )
-    _report_to_cluster(app, settings)
-    from workers.wakeup import LoopWakeup
-
-    app.steps["consumer"].add(LoopWakeup)  # warm shutdown within ~1 s on every transport
-    app.tidegate_settings = settings  # type: ignore[attr-defined]
-    app.tidegate_topology = topology  # type: ignore[attr-defined]
+    install(app, settings, topology=topology)
     return app
 
 
-def _report_to_cluster(app: Celery, settings: Settings) -> None:
-    """In worker processes: mirror this process's counters (sheds, retries, dead letters...)
-    and each task's processing time into the shared Redis, where the exporter and the
-    desired-workers figure read them. Only Celery's worker signals start anything."""
-    from resilience.stores import redis_client
-    from workers.autoscale import ProcessingTimes, record_processing_times
-    from workers.cluster_metrics import install
+_example: Celery | None = None
+_example_lock = threading.Lock()
 
-    client = redis_client(settings.redis_url, socket_timeout=settings.read_timeout_s,
-                          socket_connect_timeout=settings.connect_timeout_s)
-    install(app, client)
-    record_processing_times(app, ProcessingTimes(client))
+
+def example_app() -> Celery:
+    """``workers.app``: the example app from the environment, built on first use."""
+    global _example
+    with _example_lock:
+        if _example is None:
+            _example = create_app()
+    return _example

@@ -29,6 +29,7 @@ from resilience.errors import PermanentError, TransientError
 from resilience.metrics import get_or_create
 from workers import headers as h
 from workers.errors import BrokerUnavailable
+from workers.installation import installation
 from workers.topology import DLX_EXCHANGE, Topology
 
 DEAD_LETTERS = get_or_create(
@@ -188,8 +189,9 @@ class DeadLetters:
 
     def __init__(self, app: Any) -> None:
         self.app = app
-        self.settings = app.tidegate_settings
-        self.topology: Topology = app.tidegate_topology
+        installed = installation(app)
+        self.settings = installed.settings
+        self.topology: Topology = installed.topology
 
     # -- publishing (workers) ------------------------------------------------------------
     def publish(self, record: DeadLetter) -> None:

@@ -21,6 +21,7 @@ from celery.worker.consumer import Consumer
 
 from workers import deadletter as dl
 from workers import headers as h
+from workers.installation import installation
 
 log = logging.getLogger("tidegate.worker")
 
@@ -35,7 +36,7 @@ class Poison(Exception):
 
 
 def _origin_queue(app: Any, message: Any, task: str | None) -> str:
-    topology = app.tidegate_topology
+    topology = installation(app).topology
     queue = (getattr(message, "delivery_info", None) or {}).get("routing_key")
     if queue in topology.work_queues:
         return queue
@@ -117,7 +118,7 @@ class PoisonAwareConsumer(Consumer):
                 try:
                     record = dead_letter_poison(app, message, poison)
                 except dl.DeadLetterError as err:
-                    requeue = app.tidegate_settings.transport != "amqp"
+                    requeue = installation(app).settings.transport != "amqp"
                     log.error("poison message not dead-lettered (%s); rejecting, requeue=%s",
                               err, requeue)
                     message.reject(requeue=requeue)

@@ -24,6 +24,7 @@ from resilience.fallback import CachedValue, DefaultValue, Fallback, Graceful, Q
 from resilience.policy import Policy, PolicyConfig, PolicyRegistry
 from resilience.stores import RedisCache, RedisStore, redis_client
 from workers.idempotency import IdempotencyStore, ttl_from_env
+from workers.installation import installation
 from workers.redis_line import ReplyLater
 from workers.settings import Settings
 from workers.topology import Topology
@@ -119,5 +120,6 @@ def state_for(app: Any) -> WorkerState:
         with _lock:
             state = _state.get(key)
             if state is None:
-                state = _state[key] = build_state(app.tidegate_settings, app.tidegate_topology)
+                installed = installation(app)
+                state = _state[key] = build_state(installed.settings, installed.topology)
     return state

@@ -37,6 +37,7 @@ from resilience.shedding import Priority
 from resilience.stores import RedisStore, StateStore, redis_client
 from workers import headers as h
 from workers.deferral import store_for
+from workers.installation import installation
 from workers.settings import Settings
 from workers.topology import Dependency, Topology, broker_priority
 
@@ -333,8 +334,9 @@ class Replayer:
         self.gate = gate
         self.depth = depth
         self.cfg = config or ReplayConfig()
-        self.topology: Topology = app.tidegate_topology
-        self.transport: str = app.tidegate_settings.transport
+        installed = installation(app)
+        self.topology: Topology = installed.topology
+        self.transport: str = installed.settings.transport
         self.ramp = SlowStart(self.cfg)
         self.stats = ReplayStats()
         self._backoff = 0.0
@@ -559,8 +561,9 @@ def build_replayer(app: Any, dependency: str, config: ReplayConfig | None = None
                    *, state_store: StateStore | None = None,
                    depth: DepthReader | None = None) -> Replayer:
     """A replayer for ``dependency`` wired from the app's settings and topology."""
-    settings: Settings = app.tidegate_settings
-    topology: Topology = app.tidegate_topology
+    installed = installation(app)
+    settings: Settings = installed.settings
+    topology: Topology = installed.topology
     dep = topology.dependency(dependency)
     cfg = config or ReplayConfig.from_settings(settings)
     if state_store is None:

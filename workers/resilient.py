@@ -64,6 +64,7 @@ from workers import deadletter as dl
 from workers import headers as h
 from workers.errors import InvalidPayload
 from workers.idempotency import Mark, MarkState, StoreUnavailable, mark_key
+from workers.installation import installation
 from workers.poison import signature_of
 from workers.policies import WorkerState, state_for
 
@@ -279,13 +280,14 @@ class ResilientTask(Task):
         static: _Static | None = self.__dict__.get("_tidegate_static")
         if static is None:
             config = state_for(self.app).configs.get(self.dependency or "")
-            topology = self.app.tidegate_topology
+            installed = installation(self.app)
+            topology = installed.topology
             static = self._tidegate_static = _Static(
                 home_queue=topology.queue_for_task(self.name),
                 work_queues=frozenset(topology.work_queues),
                 max_attempts=config.retry_config.max_attempts if config else 1,
                 # only where the broker flags redeliveries (SQS does not): a repeat looks fresh
-                honours_fresh_ids=self.app.tidegate_settings.transport in FLAGS_REDELIVERY,
+                honours_fresh_ids=installed.settings.transport in FLAGS_REDELIVERY,
             )
         return static
 
@@ -438,7 +440,7 @@ class ResilientTask(Task):
         except dl.DeadLetterError as err:
             # Not stored: the message must not be acked. RabbitMQ's native dead-lettering
             # takes a rejected message; elsewhere it goes back to the queue.
-            requeue = self.app.tidegate_settings.transport != "amqp"
+            requeue = installation(self.app).settings.transport != "amqp"
             log.error("%s[%s]: %s; rejecting (requeue=%s)", ex.task, ex.task_id, err, requeue)
             raise Reject(str(err), requeue=requeue) from err
         if mark:
@@ -447,7 +449,7 @@ class ResilientTask(Task):
             except StoreUnavailable:
                 log.warning("%s[%s]: could not mark as dead-lettered", ex.task, ex.task_id)
         log.error("%s[%s]: dead-lettered to %s as %s (record %s): %s: %s", ex.task, ex.task_id,
-                  self.app.tidegate_topology.dead_letter_queue(ex.queue), reason, record.id,
+                  installation(self.app).topology.dead_letter_queue(ex.queue), reason, record.id,
                   record.exception_type, record.exception_message)
         return {"dead_lettered": record.id, "reason": reason}
 

@@ -11,6 +11,7 @@ from kombu import Connection
 
 from tests.integration._delivery import dead_letters, fast_policy, wait_dead, worker_env  # noqa: F401
 from tests.support.procs import wait_until
+from workers.installation import installation
 
 pytestmark = pytest.mark.integration
 
@@ -18,7 +19,7 @@ pytestmark = pytest.mark.integration
 def _inject(celery_app, broker, body, *, task: str, content_type: str = "application/json",
             encoding: str = "utf-8") -> str:
     """Publish a hand-made message on the email queue, as a broken producer would."""
-    queue = next(q for q in celery_app.tidegate_topology.kombu_queues() if q.name == "email")
+    queue = next(q for q in installation(celery_app).topology.kombu_queues() if q.name == "email")
     task_id = str(uuid.uuid4())
     headers = {"lang": "py", "task": task, "id": task_id, "root_id": task_id, "retries": 0,
                "tidegate_priority": "HIGH"}

@@ -14,6 +14,7 @@ from resilience.shedding import Priority
 from tests.conftest import STATE_REDIS_URL, tidegate_env
 from tests.support.procs import Worker, wait_until
 from workers.errors import BrokerUnavailable, InvalidPayload, UnknownTask
+from workers.installation import installation
 
 pytestmark = pytest.mark.integration
 
@@ -58,7 +59,7 @@ def test_flood_keeps_depth_under_high_watermark_and_the_worker_busy(
     worker = Worker("search", tidegate_env(broker, bp_policy), tmp_path, concurrency=1)
     worker.wait_ready()
     producer = _producer(bp_app)
-    truth = probe_for(bp_app.tidegate_settings)
+    truth = probe_for(installation(bp_app).settings)
     stop = threading.Event()
     counts = {"ok": 0, "refused": 0}
     lock = threading.Lock()
@@ -105,7 +106,7 @@ def test_shedding_order_by_priority_and_critical_never_refused(broker, bp_app, s
     from workers.depth import probe_for
 
     producer = _producer(bp_app)
-    truth = probe_for(bp_app.tidegate_settings)
+    truth = probe_for(installation(bp_app).settings)
     admitted_at: dict[Priority, list[int]] = {p: [] for p in Priority}  # depth when asked
     refused_at: dict[Priority, int] = {}
     for _ in range(HIGH + 10):
@@ -143,8 +144,8 @@ def test_client_rate_limit_is_global_through_redis(broker, bp_app, state_redis):
 
     config = RateLimitConfig(rate=2, burst=3)
     # two producers, as if in two processes: they share one budget per client
-    a = _producer(bp_app, limiter=client_limiter(bp_app.tidegate_settings, config))
-    b = _producer(bp_app, limiter=client_limiter(bp_app.tidegate_settings, config))
+    a = _producer(bp_app, limiter=client_limiter(installation(bp_app).settings, config))
+    b = _producer(bp_app, limiter=client_limiter(installation(bp_app).settings, config))
     outcomes = []
     for i in range(6):
         try:
@@ -169,7 +170,7 @@ def test_bad_input_is_refused_before_any_publish(broker, bp_app, state_redis):
         producer.enqueue("search.index", [float("nan")])
     with pytest.raises(InvalidPayload, match="idempotency_key"):
         producer.enqueue("search.index", ["d"], idempotency_key="")
-    assert probe_for(bp_app.tidegate_settings).depth("search").ready == 0
+    assert probe_for(installation(bp_app).settings).depth("search").ready == 0
 
 
 def test_batch_enqueue_reports_each_job(broker, bp_app, state_redis):
@@ -183,7 +184,7 @@ def test_batch_enqueue_reports_each_job(broker, bp_app, state_redis):
     assert [type(r).__name__ for r in results] == (["EnqueueResult"] * 2 + ["UnknownTask"]
                                                    + ["EnqueueResult"] * 3)
     assert len({r.id for r in results if hasattr(r, "id")}) == 5
-    assert probe_for(bp_app.tidegate_settings).depth("search").ready == 5
+    assert probe_for(installation(bp_app).settings).depth("search").ready == 5
 
 
 def test_async_producer_publishes(broker, bp_app, state_redis):
@@ -199,7 +200,7 @@ def test_async_producer_publishes(broker, bp_app, state_redis):
 
     results = asyncio.run(main())
     assert {r.state for r in results} == {"queued"}
-    assert probe_for(bp_app.tidegate_settings).depth("search").ready == 4
+    assert probe_for(installation(bp_app).settings).depth("search").ready == 4
 
 
 @pytest.mark.parametrize("url", ["redis://127.0.0.1:1/0", "amqp://guest:guest@127.0.0.1:1//"])
@@ -234,7 +235,7 @@ def test_amqp_queue_deleted_behind_kombus_back_is_redeclared_not_lost(rabbitmq_u
     with Connection(rabbitmq_up, connect_timeout=5) as conn:
         conn.default_channel.queue_delete("email")
     producer.enqueue("email.send", ["y@example.com", "s", "b"])
-    wait_until(lambda: probe_for(app.tidegate_settings).depth("email").ready == 1, 10,
+    wait_until(lambda: probe_for(installation(app).settings).depth("email").ready == 1, 10,
                message="the second message in the re-declared queue")
     app.close()
 
@@ -249,15 +250,15 @@ def test_open_circuit_defers_queue_for_later_jobs_instead_of_queueing(broker, bp
     from resilience.stores import RedisStore, redis_client
     from workers.depth import probe_for
 
-    topology = bp_app.tidegate_topology
+    topology = installation(bp_app).topology
     sink = MemoryDeferralSink()
-    auto = DeferralGate.from_settings(bp_app.tidegate_settings, topology,
+    auto = DeferralGate.from_settings(installation(bp_app).settings, topology,
                                       redis_client(STATE_REDIS_URL, socket_timeout=1,
                                                    socket_connect_timeout=1))
     assert auto is not None and set(auto.breakers) == {"email"}  # only fallback kind "queue"
     gate = DeferralGate(topology, auto.breakers, lambda dep: sink)
     producer = _producer(bp_app, deferral=gate)
-    truth = probe_for(bp_app.tidegate_settings)
+    truth = probe_for(installation(bp_app).settings)
 
     assert producer.enqueue("email.send", ["a@example.com", "s", "b"]).state == "queued"
     config = PolicyConfig.from_mapping("email", topology.dependency("email").policy)

@@ -13,6 +13,7 @@ from resilience.policy import PolicyConfig
 from resilience.stores import RedisStore, redis_client
 from tests.conftest import REDIS_BROKER_URL, STATE_REDIS_URL
 from tests.support.procs import wait_until
+from workers.installation import installation
 
 pytestmark = [pytest.mark.integration,
               pytest.mark.parametrize("broker", ["redis"], indirect=True)]
@@ -41,7 +42,7 @@ def rig(broker, sims, policy_file, moto_sqs, deferral_prefix, state_redis):
     cfg = ReplayConfig(visibility_timeout_s=1, start_rate=1000.0, idle_wait_s=0,
                        probe_interval_s=0.01, max_queue_depth=1000)
     replayer = build_replayer(app, "email", cfg, state_store=store)
-    topo = app.tidegate_topology.dependency("email")
+    topo = installation(app).topology.dependency("email")
     breaker_cfg = PolicyConfig.from_mapping("email", topo.policy).breaker
 
     class Rig:
@@ -212,7 +213,7 @@ def test_an_unreachable_sqs_endpoint_while_down_does_not_stop_the_replayer(
                                     socket_connect_timeout=1))
     replayer = build_replayer(app, "email", ReplayConfig(probe_interval_s=0.01),
                               state_store=store)
-    topo = app.tidegate_topology.dependency("email")
+    topo = installation(app).topology.dependency("email")
     store.breaker_force("email", PolicyConfig.from_mapping("email", topo.policy).breaker,
                         "open", 60.0)
     try:

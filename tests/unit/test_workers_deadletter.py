@@ -112,10 +112,15 @@ def test_a_message_cannot_raise_the_workers_time_limits(asked, expected):
 
 
 def test_replay_keeps_identity_and_key_but_not_the_deadline_or_attempts():
+    from celery import Celery
+
+    from workers.installation import install
+    from workers.settings import load_settings
+
     sent = {}
-    app = SimpleNamespace(
-        tidegate_settings=SimpleNamespace(transport="redis"), tidegate_topology=None,
-        send_task=lambda name, **kw: sent.update(name=name, **kw))
+    app = Celery("replay-test", set_as_current=False)
+    install(app, load_settings(broker_url="redis://127.0.0.1:1/0"))  # never connected
+    app.send_task = lambda name, **kw: sent.update(name=name, **kw)
     record = dl.DeadLetter(
         reason=dl.RETRIES_EXHAUSTED, queue="email", task="email.send", task_id="t-9",
         args=["a@x", "s"], kwargs={"body": "b"}, idempotency_key="k-9", idempotent=True,
