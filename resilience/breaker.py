@@ -36,7 +36,6 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, TypeVar
 
-from . import metrics
 from .clock import SYSTEM_CLOCK, Clock
 from .errors import (
     CircuitOpen,
@@ -46,6 +45,7 @@ from .errors import (
     TransientError,
     exception_types,
 )
+from .events import EVENTS, EventBus, Rejected, StateTransition
 from .stores import BUCKETS_PER_WINDOW, BreakerSnapshot, MemoryStore, StateStore
 
 __all__ = ["BreakerConfig", "BreakerState", "CircuitBreaker", "Permit"]
@@ -154,9 +154,12 @@ class CircuitBreaker:
         config: BreakerConfig | None = None,
         store: StateStore | None = None,
         clock: Clock = SYSTEM_CLOCK,
+        *,
+        events: EventBus = EVENTS,
     ) -> None:
         self.name = name
         self.config = config or BreakerConfig()
+        self.events = events
         self.store: StateStore = store if store is not None else MemoryStore(clock)
         self.clock = clock
         self.sync_interval = self.config.sync_interval
@@ -170,7 +173,7 @@ class CircuitBreaker:
         self._retry_at = -math.inf  # when the OPEN (or busy HALF_OPEN) state lets calls in
         self._fast_until = -math.inf  # CLOSED and no merge due until then (the success path)
         self._dirty_until = -math.inf  # a failure or slow call seen here is in the window
-        metrics.BREAKER_STATE.labels(dependency=name).set(0)
+        events.emit(StateTransition(name, None, "closed"))
 
     # -- events
     def on_state_change(self, callback: StateListener) -> StateListener:
@@ -199,12 +202,10 @@ class CircuitBreaker:
             )
         if old.state != snap.state:
             old_s, new_s = BreakerState(old.state), BreakerState(snap.state)
-            metrics.BREAKER_STATE.labels(dependency=self.name).set(new_s.gauge)
-            if old.generation >= 0:
-                metrics.BREAKER_TRANSITIONS.labels(
-                    dependency=self.name, from_state=old_s.value, to_state=new_s.value
-                ).inc()
-                log.info("breaker %s: %s -> %s", self.name, old_s, new_s)
+            seen = old.generation >= 0  # else: the first state this process reads
+            self.events.emit(StateTransition(self.name, old_s.value if seen else None,
+                                             new_s.value))
+            if seen:
                 for cb in list(self._listeners):
                     try:
                         cb(self.name, old_s, new_s)
@@ -283,8 +284,9 @@ class CircuitBreaker:
         raise AssertionError("unreachable")
 
     def _reject(self, retry_after: float) -> None:
-        metrics.REJECTIONS.labels(dependency=self.name, reason=CircuitOpen.reason).inc()
-        raise CircuitOpen(retry_after=max(0.0, retry_after), dependency=self.name)
+        retry_after = max(0.0, retry_after)
+        self.events.emit(Rejected(self.name, CircuitOpen.reason, retry_after))
+        raise CircuitOpen(retry_after=retry_after, dependency=self.name)
 
     def record(
         self, permit: Permit, error: BaseException | None = None, duration: float | None = None

@@ -21,8 +21,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from . import metrics
 from .errors import BulkheadFull, ConfigError
+from .events import EVENTS, EventBus, Rejected
 
 __all__ = ["Bulkhead", "BulkheadConfig"]
 
@@ -46,8 +46,10 @@ class BulkheadConfig:
 
 
 class Bulkhead:
-    def __init__(self, name: str, config: BulkheadConfig | None = None) -> None:
+    def __init__(self, name: str, config: BulkheadConfig | None = None, *,
+                 events: EventBus = EVENTS) -> None:
         self.name = name
+        self.events = events
         self.config = config or BulkheadConfig()
         self._max = self.config.max_concurrent
         self._slots: queue.SimpleQueue[bool] = queue.SimpleQueue()
@@ -56,7 +58,6 @@ class Bulkhead:
         self.try_take = self._slots.get_nowait  # hot path: raises queue.Empty when full
         self._pool: ThreadPoolExecutor | None = None
         self._pool_lock = threading.Lock()
-        self._rejections = metrics.REJECTIONS.labels(dependency=name, reason=BulkheadFull.reason)
 
     @property
     def in_use(self) -> int:
@@ -71,7 +72,7 @@ class Bulkhead:
         return True
 
     def _reject(self) -> None:
-        self._rejections.inc()
+        self.events.emit(Rejected(self.name, BulkheadFull.reason))
         raise BulkheadFull(
             f"{self.name}: bulkhead full ({self.config.max_concurrent} concurrent calls)",
             dependency=self.name,

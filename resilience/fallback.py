@@ -29,8 +29,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
-from . import metrics
 from .errors import ConfigError, DeferralError, TidegateError
+from .events import EVENTS, DeferralAttempted, EventBus
 from .stores import Cache
 
 __all__ = [
@@ -266,17 +266,19 @@ class QueueForLater(Fallback):
 
     kind = "queue"
 
-    def __init__(self, sink: DeferralSink, max_deferrals: int = 5) -> None:
+    def __init__(self, sink: DeferralSink, max_deferrals: int = 5, *,
+                 events: EventBus = EVENTS) -> None:
         if not (isinstance(max_deferrals, int) and max_deferrals >= 1):
             raise ConfigError(f"max_deferrals must be an integer >= 1, got {max_deferrals!r}")
         self.sink = sink
         self.max_deferrals = max_deferrals
+        self.events = events
 
     def recover(self, ctx: CallContext, error: BaseException) -> Deferred:
         lineage = _lineage.get()
         deferrals = (lineage.deferrals if lineage else 0) + 1
         if deferrals > self.max_deferrals:
-            metrics.DEFERRALS.labels(dependency=ctx.dependency, result="refused").inc()
+            self.events.emit(DeferralAttempted(ctx.dependency, "refused"))
             raise NoFallback(
                 f"{ctx.dependency}: already deferred {deferrals - 1} times "
                 f"(max_deferrals {self.max_deferrals}); not deferred again"
@@ -295,12 +297,12 @@ class QueueForLater(Fallback):
         try:
             rid = self.sink.defer(request)
         except DeferralError:
-            metrics.DEFERRALS.labels(dependency=ctx.dependency, result="failed").inc()
+            self.events.emit(DeferralAttempted(ctx.dependency, "failed"))
             raise
         except Exception as exc:
-            metrics.DEFERRALS.labels(dependency=ctx.dependency, result="failed").inc()
+            self.events.emit(DeferralAttempted(ctx.dependency, "failed"))
             raise DeferralError(f"{ctx.dependency}: request not stored: {exc}") from exc
-        metrics.DEFERRALS.labels(dependency=ctx.dependency, result="stored").inc()
+        self.events.emit(DeferralAttempted(ctx.dependency, "stored"))
         return Deferred(rid, ctx.dependency)
 
     def __repr__(self) -> str:

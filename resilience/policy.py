@@ -43,7 +43,6 @@ from types import MappingProxyType
 from typing import Any, TypeVar
 
 from . import deadline as _deadline
-from . import metrics
 from .breaker import BreakerConfig, CircuitBreaker, Permit
 from .bulkhead import Bulkhead, BulkheadConfig
 from .callstats import CallStats
@@ -57,6 +56,7 @@ from .errors import (
     TransientError,
     did_you_mean,
 )
+from .events import EVENTS, CallFinished, EventBus, FallbackServed
 from .fallback import (
     CachedValue,
     CallContext,
@@ -257,6 +257,7 @@ def build_fallback(
     dependency: str,
     cache: Cache | None = None,
     deferral_sink: DeferralSink | None = None,
+    events: EventBus = EVENTS,
 ) -> Fallback | None:
     """The strategy a spec names. A queue fallback without a sink is refused (never lose it)."""
     if spec.kind == "none":
@@ -269,7 +270,7 @@ def build_fallback(
         return Graceful(spec.message)
     if deferral_sink is None:
         raise ConfigError(f"{dependency}: fallback kind 'queue' needs a deferral sink")
-    return QueueForLater(deferral_sink, spec.max_deferrals)
+    return QueueForLater(deferral_sink, spec.max_deferrals, events=events)
 
 
 def _task_name(fn: Callable[..., Any]) -> str:
@@ -294,22 +295,26 @@ class Policy:
         shedder: LoadShedder | None = None,
         retry_budget: RetryBudget | None = None,
         rng: Any = random,
+        events: EventBus = EVENTS,
     ) -> None:
         self.config = config
         self.name = config.name
+        self.events = events
         self.clock = clock
         self.store: StateStore = store if store is not None else MemoryStore(clock)
-        self.breaker = CircuitBreaker(self.name, config.breaker, self.store, clock)
-        self.bulkhead = Bulkhead(self.name, config.bulkhead)
+        self.breaker = CircuitBreaker(self.name, config.breaker, self.store, clock,
+                                      events=events)
+        self.bulkhead = Bulkhead(self.name, config.bulkhead, events=events)
         self.timeout = Timeout(config.timeout, self.bulkhead, clock, mode=config.timeout_mode)
         self.retry_budget = retry_budget or RetryBudget(
             name=self.name, store=self.store, clock=clock
         )
         self.retrier = Retrier(
-            config.retry_config, name=self.name, budget=self.retry_budget, clock=clock, rng=rng
+            config.retry_config, name=self.name, budget=self.retry_budget, clock=clock, rng=rng,
+            events=events,
         )
         self.rate_limiter = (
-            RateLimiter(self.name, config.rate_limit, self.store, clock)
+            RateLimiter(self.name, config.rate_limit, self.store, clock, events=events)
             if config.rate_limit
             else None
         )
@@ -318,21 +323,18 @@ class Policy:
             fallback
             if fallback is not None
             else build_fallback(
-                config.fallback, dependency=self.name, cache=cache, deferral_sink=deferral_sink
+                config.fallback, dependency=self.name, cache=cache, deferral_sink=deferral_sink,
+                events=events,
             )
         )
         self._fallback_on = (TransientError, *config.retry_config.retry_on)
-        self._outcomes = {
-            o: metrics.CALLS.labels(dependency=self.name, outcome=o)
-            for o in ("success", "failure", "rejected", "fallback")
-        }
-        self._count_success = self._outcomes["success"].inc
         # a first-attempt success is one append here; folded into these in bulk
         self.stats = CallStats(
             self.name,
-            on_successes=(self._count_success, self.retry_budget.record_request),
+            on_successes=(self.retry_budget.record_request,),
             latency=LatencyRecorder(),
             now=clock.now,
+            events=events,
         )
         self._admits = self.rate_limiter is not None or self.shedder is not None
         # the success path reads these once per call: plain attributes and bound methods
@@ -346,6 +348,9 @@ class Policy:
         self._take_slot = self.bulkhead.try_take
         self._release_slot = self.bulkhead.release
         self._record_first_success = self.stats.success
+
+    def _count(self, outcome: str) -> None:
+        self.events.emit(CallFinished(self.name, outcome))
 
     @property
     def latency(self) -> LatencyRecorder:
@@ -361,7 +366,7 @@ class Policy:
             if self.shedder is not None:
                 self.shedder.admit(priority)
         except RejectedError:
-            self._outcomes["rejected"].inc()
+            self._count("rejected")
             raise
 
     def _retryable(self, idempotency_key: str | None) -> bool:
@@ -373,18 +378,18 @@ class Policy:
             or isinstance(error, PermanentError)
             or not isinstance(error, self._fallback_on)
         ):
-            self._outcomes["rejected" if isinstance(error, RejectedError) else "failure"].inc()
+            self._count("rejected" if isinstance(error, RejectedError) else "failure")
             raise error
         try:
             result = self.fallback.recover(ctx, error)
         except NoFallback:
-            self._outcomes["failure"].inc()
+            self._count("failure")
             raise error from None
         except BaseException:
-            self._outcomes["failure"].inc()
+            self._count("failure")
             raise
-        self._outcomes["fallback"].inc()
-        metrics.FALLBACKS.labels(dependency=self.name, kind=self.fallback.kind).inc()
+        self._count("fallback")
+        self.events.emit(FallbackServed(self.name, self.fallback.kind))
         return result
 
     def _enter_deadline(self, start: float) -> contextvars.Token:
@@ -513,7 +518,7 @@ class Policy:
         except Exception as error:
             ctx = CallContext(self.name, _task_name(fn), args, kwargs, key, int(prio))
             return self._recover(ctx, error)
-        self._count_success()
+        self._count("success")
         return self._remember(result, fn, args, kwargs, key, prio)
 
     def _no_retry(self, exc: Exception, fn: Callable, args: tuple, kwargs: dict,
@@ -524,7 +529,7 @@ class Policy:
         if isinstance(exc, LateResult):
             log.warning("%s: answered after the attempt timeout; the result is kept (the call "
                         "may not be retried, its effect happened)", self.name)
-            self._count_success()
+            self._count("success")
             return self._remember(exc.result, fn, args, kwargs, key, prio)
         raise exc
 
@@ -544,7 +549,7 @@ class Policy:
                 return self._no_retry(exc, fn, args, kwargs, key, prio)
             ctx = CallContext(self.name, _task_name(fn), args, kwargs, key, int(prio))
             return self._recover(ctx, exc)
-        self._count_success()
+        self._count("success")
         return self._remember(result, fn, args, kwargs, key, prio)
 
     # -- async
@@ -584,7 +589,7 @@ class Policy:
         except Exception as exc:
             ctx = CallContext(self.name, _task_name(fn), args, kwargs, idempotency_key, int(prio))
             return self._recover(ctx, exc)
-        self._count_success()
+        self._count("success")
         return self._remember(result, fn, args, kwargs, idempotency_key, prio)
 
     # -- decorator

@@ -10,9 +10,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from . import metrics
 from .clock import SYSTEM_CLOCK, Clock
 from .errors import ConfigError, RateLimited
+from .events import EVENTS, EventBus, Rejected
 from .stores import MemoryStore, StateStore
 
 __all__ = ["RateLimitConfig", "RateLimiter"]
@@ -39,8 +39,11 @@ class RateLimiter:
         config: RateLimitConfig,
         store: StateStore | None = None,
         clock: Clock = SYSTEM_CLOCK,
+        *,
+        events: EventBus = EVENTS,
     ) -> None:
         self.name = name
+        self.events = events
         self.config = config
         self.store: StateStore = store if store is not None else MemoryStore(clock)
 
@@ -54,7 +57,7 @@ class RateLimiter:
         """Return if allowed, else raise :class:`RateLimited` with ``retry_after``."""
         allowed, retry_after = self.try_acquire(key, cost)
         if not allowed:
-            metrics.REJECTIONS.labels(dependency=self.name, reason=RateLimited.reason).inc()
+            self.events.emit(Rejected(self.name, RateLimited.reason, retry_after))
             raise RateLimited(
                 f"{self.name}: rate limited key {key!r}",
                 retry_after=retry_after,

@@ -25,7 +25,6 @@ import tenacity
 from tenacity.wait import wait_base
 
 from . import deadline as _deadline
-from . import metrics
 from .clock import SYSTEM_CLOCK, Clock
 from .errors import (
     ConfigError,
@@ -37,6 +36,7 @@ from .errors import (
     TransientError,
     exception_types,
 )
+from .events import EVENTS, EventBus, RetryScheduled
 from .stores import MemoryStore, StateStore
 
 __all__ = [
@@ -207,9 +207,11 @@ class Retrier:
         budget: RetryBudget | None = None,
         clock: Clock = SYSTEM_CLOCK,
         rng: Any = random,
+        events: EventBus = EVENTS,
     ) -> None:
         self.config = config or RetryConfig()
         self.name = name
+        self.events = events
         self.budget = budget
         self.clock = clock
         self.wait = SeedBackoff(self.config.base, self.config.max_wait, rng)
@@ -226,7 +228,10 @@ class Retrier:
         self._sync = tenacity.Retrying(sleep=clock.sleep, **self._kwargs)
 
     def _before_sleep(self, retry_state: tenacity.RetryCallState) -> None:
-        metrics.RETRIES.labels(dependency=self.name).inc()
+        error = retry_state.outcome.exception() if retry_state.outcome else None
+        self.events.emit(RetryScheduled(
+            self.name, retry_state.attempt_number, retry_state.upcoming_sleep or 0.0,
+            f"{type(error).__name__}: {error}"))
 
     def _give_up(self, retry_state: tenacity.RetryCallState) -> Any:
         last = retry_state.outcome.exception() if retry_state.outcome else None

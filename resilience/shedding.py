@@ -15,8 +15,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from enum import IntEnum
 
-from . import metrics
 from .errors import ConfigError, Shed
+from .events import EVENTS, EventBus, LoadShed
 
 __all__ = ["LoadShedder", "Priority", "SheddingThresholds"]
 
@@ -121,6 +121,7 @@ class LoadShedder:
         *,
         name: str | None = None,
         error: type[Shed] = Shed,
+        events: EventBus = EVENTS,
     ) -> None:
         if thresholds is None:
             thresholds = SheddingThresholds()
@@ -130,6 +131,7 @@ class LoadShedder:
         self.thresholds = thresholds
         self.name = name
         self.error = error
+        self.events = events
 
     def load(self) -> float:
         """Read the signal; a broken signal counts as idle (shedding must never cause an outage)."""
@@ -182,9 +184,7 @@ class LoadShedder:
             self._shed(p, load)
 
     def _shed(self, p: Priority, load: float) -> None:
-        metrics.SHEDS.labels(priority=p.name.lower()).inc()
-        if self.name:
-            metrics.REJECTIONS.labels(dependency=self.name, reason=self.error.reason).inc()
+        self.events.emit(LoadShed(p.name.lower(), self.name or None, self.error.reason, load))
         raise self.error(
             f"{self.name + ': ' if self.name else ''}{self.error.reason} priority "
             f"{p.name} at load {load:.2f}",

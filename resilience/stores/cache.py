@@ -11,9 +11,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, NamedTuple, Protocol, runtime_checkable
 
-from .. import metrics
 from ..clock import SYSTEM_CLOCK, Clock
 from ..errors import ConfigError
+from ..events import EVENTS, EventBus, StoreFailed
 from .redis_store import check_timeouts
 
 __all__ = ["Cache", "CacheEntry", "MemoryCache", "RedisCache"]
@@ -83,6 +83,7 @@ class RedisCache:
         *,
         dumps: Callable[[Any], str] = json.dumps,
         loads: Callable[[str | bytes], Any] = json.loads,
+        events: EventBus = EVENTS,
     ) -> None:
         import redis
 
@@ -91,6 +92,7 @@ class RedisCache:
         self.prefix = prefix
         self.dumps = dumps
         self.loads = loads
+        self.events = events
         self._errors = (redis.exceptions.RedisError, OSError)
 
     def _key(self, key: str) -> str:
@@ -104,7 +106,7 @@ class RedisCache:
             doc = json.loads(raw)
             return CacheEntry(self.loads(doc["v"]), max(0.0, time.time() - doc["t"]))
         except self._errors:
-            metrics.STORE_ERRORS.labels(store="redis_cache", operation="get").inc()
+            self.events.emit(StoreFailed("redis_cache", "get"))
             return None
         except (ValueError, KeyError, TypeError):
             return None
@@ -114,6 +116,6 @@ class RedisCache:
             doc = json.dumps({"v": self.dumps(value), "t": time.time()})
             self.client.set(self._key(key), doc, px=max(1, math.ceil(ttl * 1000)))
         except self._errors:
-            metrics.STORE_ERRORS.labels(store="redis_cache", operation="set").inc()
+            self.events.emit(StoreFailed("redis_cache", "set"))
         except (TypeError, ValueError):
             log.warning("value for cache key %s is not serialisable; not cached", key)

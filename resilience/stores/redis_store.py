@@ -13,15 +13,14 @@ metrics turn into ``tidegate_state_store_degraded{store=...}`` = 1) and tries Re
 from __future__ import annotations
 
 import functools
-import logging
 import time
 from collections.abc import Callable
 from importlib import resources
 from typing import Any
 
-from .. import metrics
 from ..clock import SYSTEM_CLOCK, Clock
 from ..errors import ConfigError
+from ..events import EVENTS, EventBus, StoreDegraded, StoreFailed
 from .breaker import RedisBreakerOps
 from .memory import MemoryStore
 from .ratelimit import RedisGcraOps
@@ -29,7 +28,6 @@ from .retry_budget import RedisBudgetOps
 
 __all__ = ["SCRIPTS", "RedisStore", "check_timeouts", "lua_source", "redis_client"]
 
-log = logging.getLogger(__name__)
 
 SCRIPTS = ("breaker", "gcra", "retry_budget")
 """The Lua scripts in ``resilience/stores/lua/`` (each runs after ``now.lua``)."""
@@ -100,6 +98,7 @@ class RedisStore(RedisBreakerOps, RedisGcraOps, RedisBudgetOps):
         fallback: MemoryStore | None = None,
         retry_interval: float = 1.0,
         name: str = "redis",
+        events: EventBus = EVENTS,
     ) -> None:
         import redis
 
@@ -110,12 +109,13 @@ class RedisStore(RedisBreakerOps, RedisGcraOps, RedisBudgetOps):
         self.clock = clock
         self.fallback = fallback if fallback is not None else MemoryStore(clock or SYSTEM_CLOCK)
         self.retry_interval = retry_interval
+        self.events = events
         self._errors: tuple[type[BaseException], ...] = (redis.exceptions.RedisError, OSError)
         self._down_until = 0.0
         self._degraded = False
         scripts = {name: client.register_script(lua_source(name)) for name in SCRIPTS}
         self._script = scripts.__getitem__
-        metrics.STORE_DEGRADED.labels(store=name).set(0)
+        events.emit(StoreDegraded(name, False))
 
     def key(self, kind: str, name: str, suffix: str = "") -> str:
         base = "{" + f"{self.prefix}:{kind}:{name}" + "}"
@@ -135,17 +135,15 @@ class RedisStore(RedisBreakerOps, RedisGcraOps, RedisBudgetOps):
         try:
             result = remote()
         except self._errors as exc:
-            metrics.STORE_ERRORS.labels(store=self.name, operation=operation).inc()
-            if not self._degraded:
-                log.warning("state store %s unreachable (%s); using local state", self.name, exc)
-            self._degraded = True
+            self.events.emit(StoreFailed(self.name, operation))
             self._down_until = time.monotonic() + self.retry_interval
-            metrics.STORE_DEGRADED.labels(store=self.name).set(1)
+            if not self._degraded:
+                self._degraded = True
+                self.events.emit(StoreDegraded(self.name, True, str(exc)))
             return local()
         if self._degraded:
-            log.warning("state store %s reachable again", self.name)
             self._degraded = False
-            metrics.STORE_DEGRADED.labels(store=self.name).set(0)
+            self.events.emit(StoreDegraded(self.name, False, "reachable again"))
         return result
 
     def clear(self) -> int:
