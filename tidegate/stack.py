@@ -53,13 +53,14 @@ def wait_until(predicate: Callable[[], Any], timeout: float = 30.0, interval: fl
 class Proc:
     """A child process with its output in a log file, stopped for sure at teardown."""
 
-    def __init__(self, argv: list[str], env: Mapping[str, str], log: Path, name: str) -> None:
+    def __init__(self, argv: list[str], env: Mapping[str, str], log: Path, name: str,
+                 cwd: Path = ROOT) -> None:
         self.name = name
         self.log_path = log
         self._log = open(log, "wb")  # noqa: SIM115 - closed in stop()
         self.popen = subprocess.Popen(
             argv, env={**os.environ, **env}, stdout=self._log, stderr=subprocess.STDOUT,
-            cwd=ROOT, start_new_session=True,
+            cwd=cwd, start_new_session=True,
         )
 
     @property
@@ -121,15 +122,18 @@ class Sim:
 
 
 class Worker(Proc):
-    """``celery -A workers worker -Q <queues>`` as a real subprocess."""
+    """``celery -A <app> worker -Q <queues>`` as a real subprocess (the example app unless
+    ``app`` names another, found from ``cwd``)."""
 
     def __init__(self, queues: str, env: Mapping[str, str], tmp: Path, *, pool: str = "threads",
-                 concurrency: int = 2, extra: tuple[str, ...] = ()) -> None:
+                 concurrency: int = 2, extra: tuple[str, ...] = (), app: str = "workers",
+                 cwd: Path = ROOT) -> None:
         self.node = f"{queues.replace(',', '-')}-{uuid.uuid4().hex[:6]}@127.0.0.1"
-        argv = [str(BIN / "celery"), "-A", "workers", "worker", "-Q", queues, "-n", self.node,
+        argv = [str(BIN / "celery"), "-A", app, "worker", "-Q", queues, "-n", self.node,
                 "-P", pool, "-c", str(concurrency), "--loglevel", "INFO", "--without-gossip",
                 "--without-mingle", "--without-heartbeat", *extra]
-        super().__init__(argv, env, tmp / f"worker-{self.node.split('@')[0]}.log", self.node)
+        super().__init__(argv, env, tmp / f"worker-{self.node.split('@')[0]}.log", self.node,
+                         cwd)
 
     def wait_ready(self, timeout: float = 60.0) -> Worker:
         wait_until(lambda: not self.alive() or " ready." in self.output(), timeout,

@@ -79,8 +79,15 @@ class DownstreamClient:
 
 
 @functools.cache
-def client_for(name: str) -> DownstreamClient:
-    """The process-wide client for the dependency ``name`` from the policy file."""
+def client_for(name: str, app: Any = None) -> DownstreamClient:
+    """The process-wide client for the dependency ``name``: its ``url`` in the policy file
+    Tidegate was installed with on ``app`` (a task passes ``self.app``), else in
+    ``TIDEGATE_POLICY_FILE``."""
+    if app is not None:
+        from workers.installation import installation
+
+        installed = installation(app)
+        return DownstreamClient(name, installed.topology.dependency(name).url, installed.settings)
     settings = get_settings()
     dependency = load_topology(settings.policy_file).dependency(name)
     return DownstreamClient(name, dependency.url, settings)

@@ -193,16 +193,28 @@ def load_app(spec: str | None = None) -> Any:
     return app
 
 
-def _refuse_uninstalled_worker(sender: Any = None, **_: Any) -> None:
-    """A worker whose app carries resilient tasks but no Tidegate would run each of them into
-    an error and ack it (the message lost): refuse to start instead, in one line."""
+def _check_worker(sender: Any = None, **_: Any) -> None:
+    """Refuse to start, in one line, a worker that would lose or misroute work: one whose app
+    carries resilient tasks but no Tidegate (each message would run into an error and be
+    acked), or a resilient task whose dependency the policy file does not declare."""
     from workers.resilient import ResilientTask
 
     app = getattr(sender, "app", None)
-    if app is None or is_installed(app):
+    if app is None:
         return
-    if any(isinstance(task, ResilientTask) for task in app.tasks.values()):
+    resilient = [t for t in app.tasks.values() if isinstance(t, ResilientTask)]
+    if not resilient:
+        return
+    if not is_installed(app):
         raise SystemExit(f"tidegate: error: {_not_installed(app)}")
+    topology = installation(app).topology
+    known = {d.name for d in topology.dependencies}
+    for task in resilient:
+        if task.dependency not in known:
+            raise SystemExit(
+                f"tidegate: error: task {task.name}: dependency {task.dependency!r} is not in "
+                f"the policy file {installation(app).settings.policy_file} (declared: "
+                f"{', '.join(sorted(known))})")
 
 
-signals.worker_init.connect(_refuse_uninstalled_worker, weak=False)
+signals.worker_init.connect(_check_worker, weak=False)

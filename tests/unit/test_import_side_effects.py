@@ -139,3 +139,35 @@ def test_a_user_app_with_resilient_tasks_but_no_tidegate_refuses_to_start_a_work
     last = result.stderr.strip().splitlines()[-1]
     assert last == ("tidegate: error: this Celery app ('plainproj') has no Tidegate installed; "
                     "call workers.install(app) first (docs/adopting.md)")
+
+
+def test_a_worker_with_a_task_whose_dependency_is_not_in_the_policy_file_refuses_to_start(
+        tmp_path):
+    project = tmp_path / "typoproj"
+    project.mkdir()
+    (project / "__init__.py").write_text(textwrap.dedent("""
+        from celery import Celery
+        import workers
+        from workers.settings import load_settings
+
+        app = Celery("typoproj", include=["typoproj.tasks"])
+        workers.install(app, load_settings(broker_url="memory://"))  # the shipped policy file
+    """))
+    (project / "tasks.py").write_text(textwrap.dedent("""
+        from workers.resilient import resilient_task
+
+        @resilient_task("inventory.reserve", dependency="inventory", idempotent=True)
+        def reserve(self, sku):
+            return sku
+    """))
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{tmp_path}"}
+    env.pop("TIDEGATE_POLICY_FILE", None)
+    result = subprocess.run(
+        [os.path.join(os.path.dirname(sys.executable), "celery"), "-A", "typoproj", "worker",
+         "-P", "solo", "--without-gossip", "--without-mingle", "--without-heartbeat"],
+        env=env, capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert result.returncode != 0
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("tidegate: error: task inventory.reserve: dependency 'inventory' "
+                           "is not in the policy file ")
+    assert last.endswith("(declared: email, payments, pricing, search)")
