@@ -377,8 +377,9 @@ class AsyncProducer:
     (``asyncio.to_thread``); validation runs inline.
     """
 
-    def __init__(self, producer: Producer | None = None) -> None:
-        self.producer = producer or Producer()
+    def __init__(self, producer: Producer | Celery | None = None) -> None:
+        """``AsyncProducer(app)`` or ``AsyncProducer(Producer(app, ...))``."""
+        self.producer = producer if isinstance(producer, Producer) else Producer(producer)
 
     async def enqueue(
         self,
