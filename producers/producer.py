@@ -1,8 +1,9 @@
 """Enqueue jobs onto the work queues, refusing bad input before it reaches a broker.
 
 Every call validates the task name, the queue and the JSON payload, then passes the gates in
-the order of DESIGN.md's chain: the per-client rate limit (429), queue-for-later when the
-dependency's circuit is open, and the depth throttle (503, LOW shed first, CRITICAL never).
+the chain's order (docs/architecture.md): the per-client rate limit (429), queue-for-later
+when the dependency's circuit is open, and the depth throttle (503, LOW shed first, CRITICAL
+never).
 It publishes with publisher confirms, a publish timeout and ``mandatory`` on RabbitMQ, and
 turns a broker that cannot be reached within the connect timeout into
 :class:`~workers.errors.BrokerUnavailable`, never a hang.

@@ -1,6 +1,6 @@
 """The chain for one dependency, built from the policy file, applied as a call or decorator.
 
-Outermost first (DESIGN.md)::
+Outermost first (docs/architecture.md)::
 
     RateLimiter > LoadShedder > Fallback > Deadline > Retry > CircuitBreaker > Bulkhead
     > Timeout > call

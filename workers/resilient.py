@@ -1,4 +1,4 @@
-"""``ResilientTask``: the delivery-semantics table of DESIGN.md, for every task that uses it.
+"""``ResilientTask``: the delivery semantics of docs/architecture.md, for every task using it.
 
 Declare a task with its dependency and whether it is idempotent::
 

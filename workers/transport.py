@@ -5,7 +5,7 @@ unacked (``HSET unacked`` + ``ZADD unacked_index``) in a second, separate step i
 process (``Channel._brpop_read`` then ``QoS.append``). A worker SIGKILLed between the two loses
 the message for good: it is in no list and in no unacked record, so no visibility timeout
 brings it back (celery/celery#7950, celery/kombu#305; still so in kombu 5.7). ``tidegate demo``
-saw it under load. DESIGN.md promises "worker killed mid-task: redelivered (late ack)".
+saw it under load. docs/architecture.md promises "worker killed mid-task: redelivered (late ack)".
 
 How: a message leaves its queue list only inside one Lua script that also records it as
 unacked, in kombu's exact format (``unacked[tag] = [payload, exchange, routing_key]`` and

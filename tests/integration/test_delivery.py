@@ -1,5 +1,5 @@
 # ruff: noqa: F811  (pytest fixtures imported from _delivery are parameters here)
-"""The delivery-semantics table of DESIGN.md, row by row, on Redis and RabbitMQ.
+"""The delivery-semantics table of docs/architecture.md, row by row, on Redis and RabbitMQ.
 
 Each test runs a real ``celery -A workers worker`` against the downstream simulators and
 checks the simulator's ledger (effects and attempts per idempotency key) and the DLQ.
