@@ -13,8 +13,15 @@ import sys
 from typing import Annotated, Any
 
 import typer
+import typer.main
 
-from resilience.errors import ConfigError, PermanentError, TidegateError, TransientError
+from resilience.errors import (
+    ConfigError,
+    DeferralError,
+    PermanentError,
+    TidegateError,
+    TransientError,
+)
 from tidegate import cli_deferred, cli_depth
 from tidegate.cli_app import AppOpt, add_app_option, use_app
 
@@ -116,31 +123,70 @@ def _root(celery_app: AppOpt = None) -> None:
     use_app(celery_app)
 
 
+# Typer >= 0.29 vendors click (typer._click); older releases raise click's own classes. Both
+# are found through a class typer exports, so neither import path is hard-wired.
+_CLICK_ERROR = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
+_USAGE_ERROR = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "UsageError")
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+def usage_error(exc: Exception) -> int:
+    """Print a click/typer error as one line on stderr; return its exit code (2 for usage)."""
+    ctx = getattr(exc, "ctx", None)
+    where = ctx.command_path if ctx is not None else "tidegate"
+    message = exc.format_message()  # type: ignore[attr-defined]
+    commands = getattr(ctx.command, "commands", None) if ctx is not None else None
+    if commands and message.startswith("Missing command"):
+        message = f"missing command: one of {', '.join(sorted(commands))}"
+    hint = f" (see '{where} --help')" if isinstance(exc, _USAGE_ERROR) else ""
+    typer.echo(f"{where}: error: {_one_line(message)}{hint}", err=True)
+    return EXIT_BAD_INPUT if isinstance(exc, _USAGE_ERROR) else getattr(exc, "exit_code", 1)
+
+
+def _missing_command_is_an_error(group: Any) -> None:
+    """A group called without a command answers "missing command" in one line instead of
+    its help page (``no_args_is_help`` prints the page through rich, outside any handler)."""
+    group.no_args_is_help = False
+    for sub in getattr(group, "commands", {}).values():
+        if hasattr(sub, "commands"):
+            _missing_command_is_an_error(sub)
+
+
+def command() -> Any:
+    """The click command of :data:`app`, every group of it included, as :func:`main` runs it."""
+    root = typer.main.get_command(app)
+    _missing_command_is_an_error(root)
+    return root
+
+
+def _runtime_error(exc: TidegateError) -> int:
+    """Tidegate's own errors: one line, the README's exit code."""
+    typer.echo(f"tidegate: error: {exc}", err=True)
+    if isinstance(exc, ConfigError | PermanentError):
+        return EXIT_BAD_INPUT
+    if isinstance(exc, TransientError | DeferralError):  # broker, state store, SQS unavailable
+        return EXIT_UNAVAILABLE
+    return 1
+
+
 def main() -> None:
-    """Entry point: run the CLI, turning Tidegate's own errors into one-line messages."""
+    """Entry point: usage errors and Tidegate's own errors become one line (exit 2 for bad
+    input, 3 for an unavailable broker or store); anything else is a bug and keeps its
+    traceback."""
     try:
-        code = app(standalone_mode=False)  # returns the exit code of a typer.Exit
+        code = command().main(standalone_mode=False)  # the exit code of a typer.Exit
         sys.exit(code if isinstance(code, int) else 0)
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
     except typer.Abort:
         sys.exit(1)
-    except (ConfigError, PermanentError) as exc:
-        typer.echo(f"tidegate: error: {exc}", err=True)
-        sys.exit(EXIT_BAD_INPUT)
-    except TransientError as exc:
-        typer.echo(f"tidegate: error: {exc}", err=True)
-        sys.exit(EXIT_UNAVAILABLE)
     except TidegateError as exc:
-        typer.echo(f"tidegate: error: {exc}", err=True)
-        sys.exit(1)
-    except Exception as exc:  # click usage errors arrive here in standalone_mode=False
-        import click
-
-        if isinstance(exc, click.ClickException):
-            exc.show()
-            sys.exit(exc.exit_code)
-        raise
+        sys.exit(_runtime_error(exc))
+    except _CLICK_ERROR as exc:
+        sys.exit(usage_error(exc))
 
 
 if __name__ == "__main__":

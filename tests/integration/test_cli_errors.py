@@ -47,3 +47,15 @@ def test_unreachable_broker_fails_fast(scheme):
 def test_bad_setting_is_named():
     out = run("enqueue", "search.index", env={"TIDEGATE_BROKER_URL": "kafka://x"})
     assert out.returncode == 2 and "TIDEGATE_BROKER_URL" in out.stderr
+
+
+@pytest.mark.parametrize("action", ["list", "replay"])
+def test_unreachable_sqs_is_an_unavailable_store(action):
+    """DeferralError (the SQS endpoint cannot be reached) exits 3, like a dead broker."""
+    env = {"TIDEGATE_SQS_ENDPOINT_URL": f"http://127.0.0.1:{free_port()}",
+           "TIDEGATE_AWS_ACCESS_KEY_ID": "test", "TIDEGATE_AWS_SECRET_ACCESS_KEY": "test",
+           "TIDEGATE_SQS_MAX_ATTEMPTS": "1"}
+    out = run("deferred", action, "email", env=env)
+    assert out.returncode == 3, out
+    assert out.stderr.count("\n") == 1 and "email" in out.stderr, out.stderr
+    assert "Traceback" not in out.stderr
