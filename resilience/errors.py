@@ -19,6 +19,7 @@ __all__ = [
     "ConfigError",
     "DeadlineExceeded",
     "DeferralError",
+    "InProgress",
     "LateResult",
     "NotIdempotent",
     "PermanentError",
@@ -126,6 +127,14 @@ class RateLimited(RejectedError):
     """The caller (key) exceeded its rate: HTTP 429 with Retry-After."""
 
     reason = "rate_limited"
+
+
+class InProgress(RejectedError):
+    """The dependency refused the request because an earlier one with the same idempotency key
+    is still in progress (HTTP 409): this one applied nothing; ask again later for the first
+    one's outcome, with the same key (the provider then answers with that outcome)."""
+
+    reason = "in_progress"
 
 
 class Shed(RejectedError):

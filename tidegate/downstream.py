@@ -1,11 +1,18 @@
 """A downstream simulator: the HTTP dependency that tests, the demo and the benchmarks call.
 
 Its behaviour switches at run time (``POST /control``): healthy, failing with an error rate,
-down, hanging, or slow. It keeps a ledger of the effects it applied per idempotency key
-(``GET /ledger``) and honours the key like a real payments API does: a repeated key returns
-the first result and applies nothing. So a test can prove that an effect happened exactly
-once, and also count how often a key was *attempted* (``requests``), which shows whether a
-non-idempotent task was run again.
+down, hanging, or slow. It honours the ``Idempotency-Key`` header like a real payments API:
+the check and the claim of a key are one atomic step (no await between them), so
+
+* a key already applied returns the first result and applies nothing (``duplicate: true``);
+* a key whose first request is still in progress is answered ``409 Conflict`` (with
+  ``Retry-After``): nothing applied, ask again for the first request's outcome;
+* a key whose first request failed is free again.
+
+``GET /ledger`` shows every application, in order (``applications``), besides the effect per
+key, so a test can prove that an effect happened exactly once and a double can never hide
+behind a key; it also counts how often a key was *attempted* (``requests``) and refused as in
+progress (``conflicts``), which shows whether a task was run again or twice at once.
 """
 
 from __future__ import annotations
@@ -48,16 +55,29 @@ class Effect:
 @dataclass
 class Ledger:
     effects: dict[str, Effect] = field(default_factory=dict)
+    applications: list[dict[str, Any]] = field(default_factory=list)  # every one, in order
+    in_progress: set[str] = field(default_factory=set)  # keys whose first request is running
     requests: int = 0
     failed: int = 0
     duplicates: int = 0
+    conflicts: int = 0
+
+    def apply(self, key: str, op: str, payload: Any, result: dict[str, Any]) -> Effect:
+        effect = Effect(op, payload, time.time(), result=result)
+        self.effects[key] = effect
+        self.applications.append({"key": key, "op": op, "id": result.get("id"),
+                                  "applied_at": effect.applied_at, "payload": payload})
+        return effect
 
     def snapshot(self) -> dict[str, Any]:
         return {
-            "applied": len(self.effects),
+            "applied": len(self.applications),
             "requests": self.requests,
             "failed": self.failed,
             "duplicates": self.duplicates,
+            "conflicts": self.conflicts,
+            "in_progress": sorted(self.in_progress),
+            "applications": list(self.applications),
             "effects": {
                 k: {"op": e.op, "requests": e.requests, "applied_at": e.applied_at,
                     "payload": e.payload}
@@ -95,26 +115,41 @@ def create_app(name: str = "downstream", seed: int | None = None) -> FastAPI:
             payload = await request.json()
         except ValueError:
             raise HTTPException(400, "body must be JSON") from None
+        # Check and claim in one step: no await between them, so two concurrent requests with
+        # one key cannot both pass (the event loop runs one handler at a time up to an await).
         seen = ledger.effects.get(key)
         if seen is not None:
             seen.requests += 1
-        if control.apply_then_fail and control.mode == "failing":
-            if seen is None:
-                ledger.effects[key] = Effect(op, payload, time.time())
-            ledger.failed += 1
-            raise HTTPException(control.error_status, f"{name} failed after applying (simulated)")
+        elif key in ledger.in_progress:
+            ledger.conflicts += 1
+            return JSONResponse(
+                {"detail": f"{name}: a request with this idempotency key is in progress"},
+                status_code=409, headers={"Retry-After": "1"})
+        else:
+            ledger.in_progress.add(key)
         try:
-            await behave(control)
-        except HTTPException:
-            ledger.failed += 1
-            state["attempts"][key] = state["attempts"].get(key, 0) + 1
-            raise
-        if seen is not None:
-            ledger.duplicates += 1
-            return JSONResponse({**seen.result, "duplicate": True})
-        result = {"id": str(uuid.uuid4()), "op": op, "key": key, "service": name}
-        ledger.effects[key] = Effect(op, payload, time.time(), result=result)
-        return JSONResponse({**result, "duplicate": False})
+            if control.apply_then_fail and control.mode == "failing":
+                if seen is None:
+                    ledger.apply(key, op, payload, {"id": str(uuid.uuid4()), "op": op,
+                                                    "key": key, "service": name})
+                ledger.failed += 1
+                raise HTTPException(control.error_status,
+                                    f"{name} failed after applying (simulated)")
+            try:
+                await behave(control)
+            except HTTPException:
+                ledger.failed += 1
+                state["attempts"][key] = state["attempts"].get(key, 0) + 1
+                raise
+            if seen is not None:
+                ledger.duplicates += 1
+                return JSONResponse({**seen.result, "duplicate": True})
+            result = {"id": str(uuid.uuid4()), "op": op, "key": key, "service": name}
+            ledger.apply(key, op, payload, result)
+            return JSONResponse({**result, "duplicate": False})
+        finally:
+            if seen is None:
+                ledger.in_progress.discard(key)
 
     @app.get("/price")
     async def price(sku: str = "default") -> dict[str, Any]:

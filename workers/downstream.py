@@ -1,7 +1,9 @@
 """HTTP calls from tasks to their dependencies, with timeouts that follow the deadline.
 
 Errors are sorted into the one tree: connection problems, timeouts, 429 and 5xx are
-transient (worth retrying if the work is idempotent); other 4xx are permanent.
+transient (worth retrying if the work is idempotent); a 409 for a request that carries an
+idempotency key is :class:`~resilience.errors.InProgress` (an earlier request with that key
+is still running at the provider: nothing applied, ask again later); other 4xx are permanent.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from typing import Any
 import httpx
 
 from resilience.deadline import client_timeout
-from resilience.errors import PermanentError, TransientError
+from resilience.errors import InProgress, PermanentError, TransientError
 from workers.settings import Settings, get_settings
 from workers.topology import load_topology
 
@@ -64,6 +66,10 @@ class DownstreamClient:
         except httpx.TransportError as exc:
             raise DownstreamError(f"{self.name}: cannot reach {self.base_url}: {exc!r}") from exc
         status = response.status_code
+        if status == 409 and idempotency_key:
+            raise InProgress(f"{self.name}: {path}: a request with the same idempotency key is "
+                             "still in progress", retry_after=_retry_after(response),
+                             dependency=self.name)
         if status >= 500 or status in (408, 429):
             raise DownstreamError(f"{self.name}: {path} answered {status}", status=status)
         if status >= 400:
@@ -76,6 +82,13 @@ class DownstreamClient:
 
     def get(self, path: str, **params: Any) -> dict[str, Any]:
         return self.request("GET", path, params=params)
+
+
+def _retry_after(response: httpx.Response) -> float:
+    try:
+        return max(0.1, min(float(response.headers.get("retry-after", "1")), 60.0))
+    except ValueError:  # an HTTP date: not worth parsing for a hint
+        return 1.0
 
 
 @functools.cache

@@ -17,11 +17,10 @@ import inspect
 import logging
 from typing import Any
 
-from celery.worker.consumer import Consumer
-
 from workers import deadletter as dl
 from workers import headers as h
 from workers.installation import installation
+from workers.qos import LoopThreadQos
 
 log = logging.getLogger("tidegate.worker")
 
@@ -103,8 +102,9 @@ def dead_letter_poison(app: Any, message: Any, poison: Poison) -> dl.DeadLetter:
     return record
 
 
-class PoisonAwareConsumer(Consumer):
-    """Celery's consumer, with poison messages dead-lettered instead of dropped."""
+class PoisonAwareConsumer(LoopThreadQos):
+    """Celery's consumer, with poison messages dead-lettered instead of dropped (and prefetch
+    changes kept on the loop thread: :mod:`workers.qos`)."""
 
     def create_task_handler(self, *args: Any, **kwargs: Any):
         handle = super().create_task_handler(*args, **kwargs)

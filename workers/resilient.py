@@ -48,7 +48,7 @@ from typing import Any, NamedTuple
 from celery import Task, shared_task
 from celery.exceptions import Reject, Retry, SoftTimeLimitExceeded
 
-from resilience.errors import PermanentError, RejectedError, TransientError
+from resilience.errors import InProgress, PermanentError, RejectedError, TransientError
 from resilience.fallback import (
     CallContext,
     DeferralError,
@@ -205,9 +205,17 @@ class ResilientTask(Task):
         name = f"{dependency}:{getattr(fn, '__name__', 'call')}"
 
         def invoked() -> Any:
+            attempted = ex.effect_attempted
             if kind != "read":
                 ex.effect_attempted = True
-            return fn(*args, **kwargs)
+            try:
+                return fn(*args, **kwargs)
+            except InProgress:
+                # The provider refused this request: an earlier one with the same key is still
+                # running there. This one applied nothing; a later try with the same key gets
+                # the first one's outcome (never a second effect).
+                ex.effect_attempted = attempted
+                raise
 
         invoked.name = name  # type: ignore[attr-defined]  (the chain labels calls by it)
         ctx = CallContext(dependency, name, args, kwargs, ex.idempotency_key, int(ex.priority))
