@@ -83,7 +83,8 @@ def check_message(app: Any, message: Any) -> None:
         return
 
 
-def dead_letter_poison(app: Any, message: Any, poison: Poison) -> dl.DeadLetter:
+def dead_letter_poison(app: Any, message: Any, poison: Poison,
+                       hostname: str | None = None) -> dl.DeadLetter:
     headers = message.headers if isinstance(message.headers, dict) else {}
     task = poison.fields.get("task")
     record = dl.DeadLetter(
@@ -96,7 +97,7 @@ def dead_letter_poison(app: Any, message: Any, poison: Poison) -> dl.DeadLetter:
         attempts=int(headers.get("retries") or 0) + 1,
         first_seen=headers.get(h.FIRST_SEEN) or headers.get(h.ENQUEUED_AT),
         raw_body=None if poison.reason == dl.INVALID_ARGUMENTS else dl._text(message.body),
-        worker=getattr(app, "_tidegate_hostname", None) or dl.socket.gethostname(),
+        worker=hostname or dl.socket.gethostname(),
     ).with_error(poison)
     dl.DeadLetters(app).publish(record)
     return record
@@ -108,15 +109,14 @@ class PoisonAwareConsumer(LoopThreadQos):
 
     def create_task_handler(self, *args: Any, **kwargs: Any):
         handle = super().create_task_handler(*args, **kwargs)
-        app = self.app
-        app._tidegate_hostname = self.hostname
+        app, hostname = self.app, self.hostname
 
         def on_task_received(message: Any) -> Any:
             try:
                 check_message(app, message)
             except Poison as poison:
                 try:
-                    record = dead_letter_poison(app, message, poison)
+                    record = dead_letter_poison(app, message, poison, hostname)
                 except dl.DeadLetterError as err:
                     requeue = installation(app).settings.transport != "amqp"
                     log.error("poison message not dead-lettered (%s); rejecting, requeue=%s",
