@@ -21,6 +21,7 @@ from celery import Celery
 from workers.installation import install
 from workers.policy_file import DEFAULT_TASK_MODULES, load_policy_file
 from workers.settings import Settings, get_settings
+from workers.startup import exit_on_config_error
 from workers.topology import Topology
 
 TASK_MODULES = DEFAULT_TASK_MODULES  # the policy file's ``[app] include`` when left out
@@ -104,6 +105,7 @@ _example: Celery | None = None
 _example_lock = threading.Lock()
 
 
+@exit_on_config_error  # under `celery -A workers`: one line and exit 2, not a traceback
 def example_app() -> Celery:
     """``workers.app``: the example app from the environment, built on first use."""
     global _example

@@ -27,6 +27,7 @@ from celery import signals
 
 from resilience.errors import ConfigError
 from workers.settings import Settings, load_settings
+from workers.startup import exit_on_config_error
 from workers.topology import DEFAULT_QUEUE, Topology, load_topology
 
 __all__ = ["APP_ENV", "DEFAULT_APP", "Installation", "NotInstalled", "install", "installation",
@@ -86,6 +87,7 @@ def _settings_for(app: Any, policy_file: str | Path | None) -> Settings:
     return load_settings(**overrides)
 
 
+@exit_on_config_error  # under the celery command: one line and exit 2, not a traceback
 def install(app: Any, settings: Settings | None = None, *,
             policy_file: str | Path | None = None,
             topology: Topology | None = None) -> Installation:
