@@ -17,8 +17,11 @@ run: $(STAMP)
 ## test: the whole suite against real Redis, RabbitMQ and a moto SQS server
 test: $(STAMP)
 	@scripts/services.sh redis rabbitmq
+	@echo "test: ruff check ."
 	@$(BIN)/ruff check .
+	@echo "test: the suite on two workers (pytest -n 2 -m 'not serial')"
 	@$(BIN)/pytest -n 2 -m "not serial" --durations=15 $(PYTEST_ARGS)
+	@echo "test: the serial tests, one at a time (pytest -m serial)"
 	@$(BIN)/pytest -m serial $(PYTEST_ARGS)
 
 ## demo: a two-minute storm on the real pipeline; report and charts in demo-out/ (DEMO_ARGS=...)

@@ -16,18 +16,33 @@ if [ -z "$PYTHON" ]; then
   done
 fi
 [ -n "$PYTHON" ] || { echo "bootstrap: Python 3.11+ is required" >&2; exit 1; }
-[ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
-"$VENV/bin/python" -m pip install -q --upgrade pip 2>&1 | grep -v '^WARNING' || true
-"$VENV/bin/python" -m pip install -q -e '.[dev]' 2>&1 | grep -vE '^(WARNING|  )|^$|!!|with strategy' || true
+started=$SECONDS
+step() { echo "bootstrap: $*"; }  # one line per step, so a first install never looks hung
+if [ -x "$VENV/bin/python" ]; then
+  step "reusing the virtual environment $VENV (pyproject.toml changed since the last install)"
+else
+  step "creating the virtual environment $VENV with $PYTHON ($("$PYTHON" --version 2>&1))"
+  "$PYTHON" -m venv "$VENV"
+fi
+# pip's own lines (Collecting, Downloading with its progress bar, Installing) stay visible.
+export PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_ROOT_USER_ACTION=ignore
+step "upgrading pip"
+"$VENV/bin/python" -m pip install --upgrade pip
+step "installing Tidegate and its dev tools (pip install -e '.[dev]'; about a minute the first time)"
+"$VENV/bin/python" -m pip install -e '.[dev]'
+step "checking the installed packages import"
 "$VENV/bin/python" -c 'import celery, kombu, redis, boto3, tenacity, moto, pycurl, fastapi'
 if ! command -v docker-compose >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+  step "installing docker-compose with apt-get (only to validate docker-compose.yml; no engine)"
   (apt-get install -y -q docker-compose >/dev/null 2>&1 ||
    { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q docker-compose >/dev/null 2>&1; }) ||
     echo "bootstrap: could not install docker-compose; the compose-file test will say so" >&2
 fi
 if ! { [ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ]; } && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+  step "installing chromium and chromium-driver with apt-get (the status page's browser test)"
   (apt-get install -y -q chromium chromium-driver >/dev/null 2>&1 ||
    { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q chromium chromium-driver >/dev/null 2>&1; }) ||
     echo "bootstrap: could not install chromium; the browser test will skip and say so" >&2
 fi
 touch "$VENV/.installed"
+step "done in $(( SECONDS - started )) s"

