@@ -27,6 +27,7 @@ BENCHMARKS: list[tuple[str, list[str], str]] = [
     ("bulkhead_isolation.py", [], "Bulkhead isolation: search while payments hangs"),
     ("backpressure.py", [], "Backpressure and overload: naive producer vs Tidegate"),
     ("replay.py", [], "Replay: queue-for-later drain vs raw SQS receive+delete"),
+    ("api_overload.py", [], "API overload: answers by status at 3x capacity vs a 503 floor"),
 ]
 
 

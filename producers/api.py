@@ -10,6 +10,8 @@ unreachable) with a ``Retry-After`` computed from the queue's drain rate. ``/hea
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import hashlib
 import hmac
 import json
@@ -17,6 +19,7 @@ import logging
 import math
 import time
 import uuid
+from collections.abc import AsyncIterator
 from typing import Annotated, Any, Literal
 
 from fastapi import FastAPI, Request
@@ -24,6 +27,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
+from starlette.requests import ClientDisconnect
 
 from resilience.errors import (
     ConfigError,
@@ -39,8 +43,9 @@ from workers.depth import DepthUnavailable
 from workers.errors import BrokerUnavailable, InvalidPayload, UnknownQueue, UnknownTask
 
 from . import metrics
+from .admission import CachedState, LoopLag, PublishLane
 from .idempotency import IdempotencyConflict, IdempotencyUnavailable, SubmissionStore
-from .producer import AsyncProducer, Producer, client_limiter, state_client
+from .producer import EnqueueResult, Producer, client_limiter, state_client
 
 __all__ = ["ApiSettings", "JobRequest", "create_api"]
 
@@ -61,6 +66,8 @@ class ApiSettings(BaseSettings):
     max_wait_ms: int = Field(default=250, ge=0, le=30_000)  # throttle wait inside a request
     idempotency_ttl_s: int = Field(default=86_400, ge=60)
     broker_retry_after_s: int = Field(default=5, ge=1)
+    publish_threads: int = Field(default=2, ge=1, le=256)  # the publish lane's concurrency
+    max_queued: int = Field(default=512, ge=1)  # jobs waiting for a publish thread, at most
 
 
 Priority = Literal["critical", "high", "medium", "low"]
@@ -159,6 +166,17 @@ def _problem_for(exc: TidegateError, settings: ApiSettings) -> Problem:
     return Problem(500, "internal_error", "internal error")
 
 
+CLIENT_CLOSED = 499  # the client hung up before the answer (nginx's code; never sent)
+
+
+class ClientGone(Problem):
+    """The client hung up mid-body: nothing to answer, nothing to log, not a server error."""
+
+    def __init__(self) -> None:
+        super().__init__(CLIENT_CLOSED, "client_closed_request",
+                         "the client closed the connection before sending the whole body")
+
+
 class Tokens:
     """Bearer tokens, compared in constant time; a client is named by its token's hash."""
 
@@ -193,11 +211,15 @@ async def _read_body(request: Request, limit: int) -> bytes:
             raise Problem(413, "payload_too_large",
                           f"body of {declared} bytes exceeds the limit of {limit} bytes")
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:  # chunked or lying about its length
-            raise Problem(413, "payload_too_large", f"body exceeds the limit of {limit} bytes")
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:  # chunked or lying about its length
+                raise Problem(413, "payload_too_large",
+                              f"body exceeds the limit of {limit} bytes")
+            chunks.append(chunk)
+    except ClientDisconnect:
+        raise ClientGone() from None
     return b"".join(chunks)
 
 
@@ -243,7 +265,10 @@ def create_api(
     if producer.limiter is None:
         producer.limiter = client_limiter(settings, RateLimitConfig(
             api_settings.client_rate_per_s, api_settings.client_burst), state, name="api-client")
-    aproducer = AsyncProducer(producer)
+    lane = PublishLane(api_settings.publish_threads, api_settings.max_queued)
+    lag = LoopLag()
+    cached = CachedState(producer, RateLimitConfig(api_settings.client_rate_per_s,
+                                                   api_settings.client_burst))
     tokens = Tokens(settings.tokens())
     submissions = SubmissionStore(state, ttl_s=api_settings.idempotency_ttl_s)
     limit = settings.api_max_body_bytes
@@ -251,30 +276,64 @@ def create_api(
     if not settings.tokens():
         log.warning("TIDEGATE_API_TOKENS is empty: every /v1 request will be refused (401)")
 
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        yield
+        cached.close()
+
     app = FastAPI(
+        lifespan=lifespan,
         title="Tidegate",
         version="1",
         description="Enqueue jobs with priority, idempotency and backpressure. "
                     "See docs/http-api.md.",
     )
 
-    @app.middleware("http")
-    async def count(request: Request, call_next):
-        try:
-            response = await call_next(request)
-        except Exception:
-            metrics.HTTP_REQUESTS.labels(route=_route(request), status="500").inc()
-            raise
-        metrics.HTTP_REQUESTS.labels(route=_route(request), status=str(response.status_code)
-                                     ).inc()
-        return response
+    app.add_middleware(_CountResponses)
 
     @app.exception_handler(Problem)
     async def problem(_: Request, exc: Problem) -> JSONResponse:
         return exc.response()
 
+    def publish(p: Any, client: str, depth_decided: bool, may_defer: bool,
+                reservation: Any) -> tuple[int, dict[str, Any], dict[str, str]]:
+        """The blocking half of one job, on a lane thread: idempotency record, cluster-wide
+        rate limit, deferral, depth (if the loop had no fresh reading), publish."""
+        if reservation is not None:
+            # no waiting on a lane thread: submit() retries from the event loop
+            reservation = submissions.reserve(client, p.idempotency_key, reservation, wait_s=0)
+            if not reservation.fingerprint_matches:
+                raise Problem(422, "idempotency_key_reused",
+                              "this idempotency_key was used for a different job",
+                              field="idempotency_key")
+            if reservation.job is not None:
+                return 202, reservation.job, {"Idempotent-Replayed": "true"}
+        try:
+            producer._rate_limit(p, client)
+            result = producer._defer(p) if may_defer else None
+            if result is None:
+                if not depth_decided and producer.throttle is not None:
+                    d = producer.throttle.decide(p.queue, p.priority)
+                    if not d.admitted:
+                        raise producer.throttle.refusal(d, 0.0)
+                with cached.gate.publish():
+                    producer._publish(p)
+                result = producer._done(EnqueueResult(p.task_id, "queued", p.queue, p.task,
+                                                      p.priority, p.idempotency_key))
+        except BaseException:
+            if reservation is not None:
+                submissions.release(reservation)
+            raise
+        accepted = result.to_dict()
+        if reservation is not None:
+            submissions.complete(reservation, accepted)
+        return 202, accepted, {}
+
     async def submit(client: str, body: Any) -> tuple[int, dict[str, Any], dict[str, str]]:
-        """One job: (status, body, headers). Shared by the single and the batch endpoint."""
+        """One job: (status, body, headers). Shared by the single and the batch endpoint.
+
+        Everything that may refuse is decided here on the event loop from cached state; only
+        an admitted job waits for a publish thread (see producers/admission.py)."""
         try:
             if not isinstance(body, dict):
                 raise Problem(422, "invalid_request", "a job must be a JSON object",
@@ -283,33 +342,35 @@ def create_api(
                 job = JobRequest.model_validate(body)
             except ValidationError as exc:
                 raise _validation_problem(exc) from None
-            reservation = None
             task_id = None
             if job.idempotency_key is not None:
-                reservation = await asyncio.to_thread(
-                    submissions.reserve, client, job.idempotency_key, job.model_dump())
-                if not reservation.fingerprint_matches:
-                    raise Problem(422, "idempotency_key_reused",
-                                  "this idempotency_key was used for a different job",
-                                  field="idempotency_key")
-                if reservation.job is not None:
-                    return 202, reservation.job, {"Idempotent-Replayed": "true"}
                 # the same key always names the same task id, even after the record expires
                 task_id = str(uuid.uuid5(uuid.NAMESPACE_URL, f"{client}/{job.idempotency_key}"))
-            try:
-                result = await aproducer.enqueue(
-                    job.task, job.args, job.kwargs, priority=job.priority,
-                    idempotency_key=job.idempotency_key, queue=job.queue,
-                    deadline_s=job.deadline_ms / 1000 if job.deadline_ms else None,
-                    task_id=task_id, client=client, max_wait_s=max_wait_s)
-            except BaseException:
-                if reservation is not None:
-                    await asyncio.to_thread(submissions.release, reservation)
-                raise
-            accepted = result.to_dict()
-            if reservation is not None:
-                await asyncio.to_thread(submissions.complete, reservation, accepted)
-            return 202, accepted, {}
+            p = producer._prepare(job.task, job.args, job.kwargs, job.priority,
+                                  job.idempotency_key, job.queue,
+                                  job.deadline_ms / 1000 if job.deadline_ms else None, task_id)
+            budget = max_wait_s if p.deadline_s is None else min(max_wait_s, p.deadline_s / 2)
+            cached.rate_limit(client, p.queue, p.priority)
+            may_defer = cached.breaker_open(p.task)
+            decision = None if may_defer else cached.depth_decision(p.queue, p.priority)
+            if decision is not None and not decision.admitted:
+                raise producer.throttle.refusal(decision, 0.0)
+            # a late loop is shed only while publishing competes with it for the GIL
+            shed = ((lag.refusal(p.priority) if lane.busy() else None)
+                    or lane.refusal(p.priority, budget))
+            if shed is not None:
+                producer._refused(p, "shed")
+                raise shed
+            fingerprint = job.model_dump() if job.idempotency_key is not None else None
+            pending_until = time.monotonic() + submissions.pending_wait_s
+            while True:
+                try:
+                    return await lane.run(p.priority, budget, functools.partial(
+                        publish, p, client, decision is not None, may_defer, fingerprint))
+                except IdempotencyConflict:  # the same key is being enqueued by another request
+                    if time.monotonic() >= pending_until:
+                        raise
+                    await asyncio.sleep(0.05)
         except Problem as exc:
             return exc.status, exc.body(), exc.headers()
         except TidegateError as exc:
@@ -381,8 +442,36 @@ def create_api(
     return app
 
 
-def _route(request: Request) -> str:
-    route = request.scope.get("route")
+class _CountResponses:
+    """``tidegate_api_requests_total`` by route and status: plain ASGI, because Starlette's
+    BaseHTTPMiddleware costs a task and two streams per request, a lot beside a refusal. A
+    client that hung up (ClientDisconnect) counts as 499, never as a server error."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        status = 500
+
+        async def sent(message: dict[str, Any]) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, sent)
+        except ClientDisconnect:  # hung up where _read_body could not see it: not our error
+            status = CLIENT_CLOSED
+        finally:
+            metrics.HTTP_REQUESTS.labels(route=_route(scope), status=str(status)).inc()
+
+
+def _route(scope: dict[str, Any]) -> str:
+    route = scope.get("route")
     return getattr(route, "path", None) or "unmatched"
 
 

@@ -175,7 +175,6 @@ class Throttle:
 
     # -- one check, no waiting
     def decide(self, queue: str, priority: Priority) -> Decision:
-        cfg = self.config(queue)
         if priority is Priority.CRITICAL:
             return Decision(True, queue, priority, None, 1.0, 0.0)
         if self.clock() < self._blind_until.get(queue, -math.inf):
@@ -191,6 +190,14 @@ class Throttle:
                 self._warned_at = now
                 log.warning("depth of %s unavailable, admitting without throttle for %.0fs: %s",
                             queue, BLIND_S, exc)
+            return Decision(True, queue, priority, None, 1.0, 0.0)
+        return self.judge(queue, priority, est)
+
+    def judge(self, queue: str, priority: Priority, est: DepthEstimate) -> Decision:
+        """The decision for a depth already read (no I/O: the HTTP API's event loop calls it
+        with a cached estimate)."""
+        cfg = self.config(queue)
+        if priority is Priority.CRITICAL:
             return Decision(True, queue, priority, None, 1.0, 0.0)
         depth = est.backlog
         p = self._shedder.admission_probability(priority, cfg.load(depth))
@@ -215,7 +222,8 @@ class Throttle:
     def _wait_budget(self, queue: str, max_wait_s: float | None) -> float:
         return self.config(queue).max_wait_s if max_wait_s is None else max(0.0, max_wait_s)
 
-    def _refuse(self, d: Decision, waited: float) -> Backpressure:
+    def refusal(self, d: Decision, waited: float) -> Backpressure:
+        """The Backpressure error for a refused decision (counted in the metrics)."""
         metrics.REFUSED.labels(queue=d.queue, priority=d.priority.name.lower(),
                                reason="backpressure").inc()
         metrics.THROTTLE_WAIT.labels(queue=d.queue).observe(waited)
@@ -242,7 +250,7 @@ class Throttle:
             remaining = budget - waited
             # Waiting is pointless when the queue needs far longer than we may wait.
             if remaining <= 0 or d.retry_after > 4 * max(budget, cfg.poll_s) + remaining:
-                raise self._refuse(d, waited)
+                raise self.refusal(d, waited)
             self.sleep(self._pause(cfg, remaining))
             paused = True
 
@@ -268,6 +276,6 @@ class Throttle:
                 return d
             remaining = budget - waited
             if remaining <= 0 or d.retry_after > 4 * max(budget, cfg.poll_s) + remaining:
-                raise self._refuse(d, waited)
+                raise self.refusal(d, waited)
             await asyncio.sleep(self._pause(cfg, remaining))
             paused = True

@@ -66,12 +66,16 @@ class SubmissionStore:
         digest = hashlib.sha256(key.encode()).hexdigest()[:32]
         return f"{self.prefix}:{client_id}:{digest}"
 
-    def reserve(self, client_id: str, key: str, body: dict[str, Any]) -> Reservation:
+    def reserve(self, client_id: str, key: str, body: dict[str, Any],
+                wait_s: float | None = None) -> Reservation:
+        """Reserve ``key`` or return its record; while another request holds it pending, wait
+        up to ``wait_s`` (default ``pending_wait_s``; 0: do not wait), then
+        IdempotencyConflict."""
         import redis
 
         rkey, fp = self._key(client_id, key), fingerprint(body)
         pending = json.dumps({"state": "pending", "fingerprint": fp, "at": time.time()})
-        deadline = time.monotonic() + self.pending_wait_s
+        deadline = time.monotonic() + (self.pending_wait_s if wait_s is None else wait_s)
         try:
             while True:
                 if self.redis.set(rkey, pending, nx=True, ex=self.ttl_s):

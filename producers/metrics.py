@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 
 from resilience.metrics import get_or_create
 
-__all__ = ["ENQUEUED", "HTTP_REQUESTS", "REFUSED", "THROTTLE_WAIT"]
+__all__ = ["API_LANE", "ENQUEUED", "HTTP_REQUESTS", "REFUSED", "THROTTLE_WAIT"]
 
 
 
@@ -25,3 +25,7 @@ THROTTLE_WAIT = get_or_create(
 HTTP_REQUESTS = get_or_create(
     Counter, "tidegate_api_requests_total",
     "HTTP API responses by route and status code.", ("route", "status"))
+API_LANE = get_or_create(
+    Gauge, "tidegate_api_publish_lane",
+    "The HTTP API's publish lane: jobs publishing (state=running) and waiting for a thread.",
+    ("state",))

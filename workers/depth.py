@@ -521,6 +521,19 @@ class SharedDepthCache:
             self._recent[queue] = (est, now, here)
         return est
 
+    def peek(self, queue: str) -> tuple[DepthEstimate, float] | None:
+        """The last estimate with this process's publishes since added, and its age in
+        seconds; no I/O (None before the first :meth:`estimate`). For callers that must not
+        block, such as an event loop, while something else keeps the estimate fresh."""
+        with self._lock:
+            recent = self._recent.get(queue)
+            here = self._published_here.get(queue, 0)
+        if recent is None:
+            return None
+        est, at, here_then = recent
+        return (dataclasses.replace(est, published_since=est.published_since + here - here_then),
+                max(0.0, self.clock() - at))
+
     def _shared_estimate(self, queue: str) -> DepthEstimate:
         """Reading + what was published since + drain rate, in one Redis round trip."""
         import redis
