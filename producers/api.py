@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import hashlib
 import hmac
 import json
 import logging
 import math
+import sys
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -68,6 +70,7 @@ class ApiSettings(BaseSettings):
     broker_retry_after_s: int = Field(default=5, ge=1)
     publish_threads: int = Field(default=2, ge=1, le=256)  # the publish lane's concurrency
     max_queued: int = Field(default=512, ge=1)  # jobs waiting for a publish thread, at most
+    gil_switch_ms: float = Field(default=1.0, ge=0, le=100)  # served process; 0: Python's 5 ms
 
 
 Priority = Literal["critical", "high", "medium", "low"]
@@ -166,6 +169,7 @@ def _problem_for(exc: TidegateError, settings: ApiSettings) -> Problem:
     return Problem(500, "internal_error", "internal error")
 
 
+LATER = "(drawn on the publish lane)"  # task_id placeholder until the job is admitted
 CLIENT_CLOSED = 499  # the client hung up before the answer (nginx's code; never sent)
 
 
@@ -278,6 +282,10 @@ def create_api(
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        if api_settings.gil_switch_ms:
+            # The event loop answers; publish threads hold the GIL for up to a switch interval
+            # each time the loop gives it up for a syscall (5 ms by default: a convoy).
+            sys.setswitchinterval(api_settings.gil_switch_ms / 1000)
         yield
         cached.close()
 
@@ -299,6 +307,8 @@ def create_api(
                 reservation: Any) -> tuple[int, dict[str, Any], dict[str, str]]:
         """The blocking half of one job, on a lane thread: idempotency record, cluster-wide
         rate limit, deferral, depth (if the loop had no fresh reading), publish."""
+        if p.task_id is LATER:
+            p = dataclasses.replace(p, task_id=str(uuid.uuid4()), fresh_id=True)
         if reservation is not None:
             # no waiting on a lane thread: submit() retries from the event loop
             reservation = submissions.reserve(client, p.idempotency_key, reservation, wait_s=0)
@@ -342,9 +352,11 @@ def create_api(
                 job = JobRequest.model_validate(body)
             except ValidationError as exc:
                 raise _validation_problem(exc) from None
-            task_id = None
+            # The same key always names the same task id, even after the record expires. A
+            # fresh id is drawn on the lane: uuid4 reads os.urandom, which releases the GIL, and
+            # winning it back from a busy publish thread can cost the loop a switch interval.
+            task_id = LATER
             if job.idempotency_key is not None:
-                # the same key always names the same task id, even after the record expires
                 task_id = str(uuid.uuid5(uuid.NAMESPACE_URL, f"{client}/{job.idempotency_key}"))
             p = producer._prepare(job.task, job.args, job.kwargs, job.priority,
                                   job.idempotency_key, job.queue,
