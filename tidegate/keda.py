@@ -24,14 +24,11 @@ import yaml
 
 from resilience.errors import ConfigError
 from workers.autoscale import ScalingPolicy, load_scaling_policies, target_backlog_per_worker
-from workers.topology import load_topology
+from workers.topology import REDIS_PRIORITY_STEPS, REDIS_SEP, load_topology
 
 __all__ = ["BROKERS", "Endpoints", "QueueScaling", "render", "scaling_for"]
 
 BROKERS = ("redis", "rabbitmq", "sqs", "prometheus")
-# kombu's Redis priority lists as workers.application configures them (sep ":", steps 0-9).
-REDIS_PRIORITY_STEPS = (0, 3, 6, 9)
-REDIS_SEP = ":"
 POLLING_INTERVAL_S = 15
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -175,10 +172,11 @@ _BUILDERS = {"redis": _redis, "rabbitmq": _rabbitmq, "sqs": _sqs, "prometheus": 
 _HEADERS = {
     "redis": """\
 Redis broker (kombu lists). kombu keeps each priority in its own list - "<queue>"
-(priority 0, CRITICAL), "<queue>:3", "<queue>:6", "<queue>:9" (LOW) - and KEDA's redis
-scaler reads one list; several triggers alone would be combined by the HPA as a MAX,
-under-counting, so scalingModifiers sums them (KEDA >= 2.12). Not counted: messages reserved
-by a worker (kombu's shared "unacked" hash); the prometheus variant counts them.""",
+(priority 0, CRITICAL), "<queue>\\x06\\x163", "...6", "...9" (LOW; "\\x06\\x16" is kombu's
+separator, a YAML escape here) - and KEDA's redis scaler reads one list; several triggers
+alone would be combined by the HPA as a MAX, under-counting, so scalingModifiers sums them
+(KEDA >= 2.12). Not counted: messages reserved by a worker (kombu's shared "unacked" hash);
+the prometheus variant counts them.""",
     "rabbitmq": """\
 RabbitMQ broker. mode QueueLength over the management API (protocol http) counts ready +
 unacknowledged messages, so tasks being worked on keep their workers; over amqp KEDA would see

@@ -22,7 +22,7 @@ from workers.installation import install
 from workers.policy_file import DEFAULT_TASK_MODULES, load_policy_file
 from workers.settings import Settings, get_settings
 from workers.startup import exit_on_config_error
-from workers.topology import Topology
+from workers.topology import REDIS_PRIORITY_STEPS, Topology
 
 TASK_MODULES = DEFAULT_TASK_MODULES  # the policy file's ``[app] include`` when left out
 
@@ -40,8 +40,9 @@ def transport_options(settings: Settings) -> dict[str, Any]:
             # visibility timeout so a short timeout is not stretched by the sweep.
             "unacked_restore_interval": max(1, min(10, settings.visibility_timeout_s // 10)),
             "unacked_restore_throttle": 1 if settings.visibility_timeout_s < 600 else 10,
-            "priority_steps": [0, 3, 6, 9],
-            "sep": ":",
+            # kombu's own priority layout and separator (REDIS_SEP), nothing else: stock
+            # clients (Flower, `celery --broker=URL inspect`, bare producers) assume them.
+            "priority_steps": list(REDIS_PRIORITY_STEPS),
             "queue_order_strategy": "priority",
             "socket_connect_timeout": connect,
             "socket_timeout": read + 5,  # above the BRPOP timeout (1 s) so polls do not trip it

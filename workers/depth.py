@@ -8,7 +8,7 @@ where it cannot know (never a guess dressed up as a number):
 broker     ready                               in flight           oldest message age
 =========  ==================================  ==================  ======================
 Redis      LLEN of the list + priority lists   kombu ``unacked``   enqueue-time header at
-           (``q``, ``q:3``, ``q:6``, ``q:9``)  hash, per queue     the tail (next to pop)
+           (``q`` and ``q<sep>3/6/9``)         hash, per queue     the tail (next to pop)
 RabbitMQ   passive ``queue.declare``           management API      None (AMQP cannot peek)
 SQS        ApproximateNumberOfMessages         ...NotVisible       None (not exposed)
 =========  ==================================  ==================  ======================
@@ -37,7 +37,7 @@ from urllib.parse import quote, unquote, urlsplit
 from resilience.errors import ConfigError, TransientError
 from workers import headers as h
 from workers.settings import Settings
-from workers.topology import Topology
+from workers.topology import REDIS_PRIORITY_STEPS, REDIS_SEP, Topology
 
 __all__ = [
     "DepthProbe",
@@ -111,8 +111,8 @@ class RedisDepthProbe:
         self,
         client: Any,
         *,
-        sep: str = ":",
-        priority_steps: Iterable[int] = (0, 3, 6, 9),
+        sep: str = REDIS_SEP,
+        priority_steps: Iterable[int] = REDIS_PRIORITY_STEPS,
         unacked_key: str = "unacked",
         clock: Callable[[], float] = time.time,
     ) -> None:

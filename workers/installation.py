@@ -137,6 +137,11 @@ def _configure(app: Any, settings: Settings, topology: Topology) -> None:
         accept_content=["json"],
         result_accept_content=["json"],
         event_serializer="json",
+        # Task events on, so Flower and `celery events` see every task and its true outcome
+        # (dead-lettered: FAILURE with the reason; queued for later: DEFERRED). Cost in
+        # docs/delivery.md ("Flower and celery inspect"); TIDEGATE_TASK_EVENTS=false: off.
+        worker_send_task_events=settings.task_events,
+        task_send_sent_event=settings.task_events,
         task_ignore_result=True,
         task_queues=topology.kombu_queues(),
         task_default_queue=DEFAULT_QUEUE,

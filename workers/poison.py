@@ -19,8 +19,10 @@ from typing import Any
 
 from workers import deadletter as dl
 from workers import headers as h
+from workers.errors import DeadLettered
 from workers.installation import installation
 from workers.qos import LoopThreadQos
+from workers.topology import DLQ_SUFFIX
 
 log = logging.getLogger("tidegate.worker")
 
@@ -103,6 +105,30 @@ def dead_letter_poison(app: Any, message: Any, poison: Poison,
     return record
 
 
+def report_failure(app: Any, dispatcher: Any, message: Any, record: dl.DeadLetter) -> None:
+    """What Celery would have recorded had the task run and failed: a ``task-failed`` event
+    (Flower, ``celery events``) and FAILURE in the result backend where the message asked for
+    a result. Best effort: the record is safely in the DLQ already."""
+    headers = message.headers if isinstance(message.headers, dict) else {}
+    if not record.task_id:
+        return
+    exc = DeadLettered(f"{record.reason}: {record.exception_type}: "
+                       f"{(record.exception_message or '')[:500]} (dead-lettered to "
+                       f"{record.queue}{DLQ_SUFFIX}, record {record.id})", record.reason,
+                       record.id)
+    try:
+        if dispatcher is not None and dispatcher.enabled:
+            dispatcher.send("task-failed", uuid=record.task_id, name=record.task,
+                            exception=repr(exc), traceback="")
+        task = app.tasks.get(record.task) if record.task else None
+        wants = headers.get("ignore_result")
+        if app.conf.result_backend and (wants is False or (
+                wants is None and task is not None and not task.ignore_result)):
+            app.backend.mark_as_failure(record.task_id, exc)
+    except Exception as err:  # a monitor or backend down must not undo the dead letter
+        log.warning("dead letter %s not reported to Celery: %s", record.id, err)
+
+
 class PoisonAwareConsumer(LoopThreadQos):
     """Celery's consumer, with poison messages dead-lettered instead of dropped (and prefetch
     changes kept on the loop thread: :mod:`workers.qos`)."""
@@ -126,6 +152,7 @@ class PoisonAwareConsumer(LoopThreadQos):
                 message.ack()
                 log.error("poison message dead-lettered as %s (record %s): %s", poison.reason,
                           record.id, poison)
+                report_failure(app, getattr(self, "event_dispatcher", None), message, record)
                 return None
             clamp_time_limits(message.headers, app.conf.task_time_limit,
                               app.conf.task_soft_time_limit)

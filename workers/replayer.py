@@ -39,7 +39,7 @@ from workers import headers as h
 from workers.deferral import store_for
 from workers.installation import installation
 from workers.settings import Settings
-from workers.topology import Dependency, Topology, broker_priority
+from workers.topology import Dependency, Topology, broker_priority, redis_priority_lists
 
 __all__ = [
     "DEFERRALS_HEADER",
@@ -204,9 +204,9 @@ class _LocalDepth:
                                        socket_connect_timeout=settings.connect_timeout_s)
 
     def ready(self, queue: str) -> int:
-        if self._redis is not None:  # kombu's priority sub-lists, sep ":"
+        if self._redis is not None:  # kombu's priority sub-lists
             pipe = self._redis.pipeline(transaction=False)
-            for key in (queue, f"{queue}:3", f"{queue}:6", f"{queue}:9"):
+            for key in redis_priority_lists(queue):
                 pipe.llen(key)
             return sum(pipe.execute())
         from kombu import Connection

@@ -43,10 +43,11 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, NoReturn
 
 from celery import Task, shared_task
-from celery.exceptions import Reject, Retry, SoftTimeLimitExceeded
+from celery.app.task import get_actual_ignore_result
+from celery.exceptions import Ignore, Reject, Retry, SoftTimeLimitExceeded
 
 from resilience.errors import InProgress, PermanentError, RejectedError, TransientError
 from resilience.fallback import (
@@ -62,16 +63,20 @@ from resilience.retry import backoff_delay
 from resilience.shedding import Priority
 from workers import deadletter as dl
 from workers import headers as h
-from workers.errors import InvalidPayload
+from workers.errors import DeadLettered, InvalidPayload
 from workers.idempotency import Mark, MarkState, StoreUnavailable, mark_key
 from workers.installation import installation
 from workers.poison import signature_of
 from workers.policies import WorkerState, state_for
+from workers.topology import priority_from_broker
 
 log = logging.getLogger("tidegate.worker")
 
-__all__ = ["Execution", "ResilientTask", "current_execution", "resilient_task"]
+__all__ = ["DEFERRED", "Execution", "ResilientTask", "current_execution", "resilient_task"]
 
+# Celery's view of a task queued for later: a custom state, in a "task-deferred" event (Flower
+# and celery.events.State show it as DEFERRED) and in the result backend. Never SUCCESS.
+DEFERRED = "DEFERRED"
 RETRYABLE = (TransientError, OSError, TimeoutError)
 REFUSAL_MAX_WAIT_S = 120.0  # longest countdown for a task refused before any call
 FLAGS_REDELIVERY = frozenset({"redis", "amqp"})  # transports that mark a redelivered message
@@ -128,6 +133,7 @@ class _Static(NamedTuple):
     work_queues: frozenset[str]
     max_attempts: int
     honours_fresh_ids: bool  # the broker flags redeliveries, so h.FRESH_ID can be trusted
+    transport: str  # "redis", "amqp", "sqs": how to read a message's broker priority
 
 
 
@@ -169,6 +175,9 @@ class ResilientTask(Task):
     acks_late = True  # every task: the outcome is decided before the ack
     reject_on_worker_lost = True  # a prefork child died: redeliver, the mark decides
     max_retries = None  # attempts are counted against the dependency's retry policy
+    # a dead-lettered task ends by raising DeadLettered, so Celery (events, result backend,
+    # Flower) records FAILURE with the DLQ reason; expected, so logged without a traceback
+    throws = (DeadLettered,)
 
     # -- the steps a task body calls -----------------------------------------------------
     @property
@@ -296,6 +305,7 @@ class ResilientTask(Task):
                 max_attempts=config.retry_config.max_attempts if config else 1,
                 # only where the broker flags redeliveries (SQS does not): a repeat looks fresh
                 honours_fresh_ids=installed.settings.transport in FLAGS_REDELIVERY,
+                transport=installed.settings.transport,
             )
         return static
 
@@ -304,11 +314,14 @@ class ResilientTask(Task):
         static = self._static()
         tidegate = {n: v for n in h.ALL if (v := h.read(req, n)) is not None}
         key = h.idempotency_key(req, kwargs.get("idempotency_key"))
+        delivery = req.delivery_info or {}
         try:
-            priority = Priority.parse(tidegate.get(h.PRIORITY, Priority.HIGH))
+            # a plain send_task carries only the broker's number: read it on that broker's scale
+            priority = Priority.parse(tidegate[h.PRIORITY]) if h.PRIORITY in tidegate else (
+                priority_from_broker(delivery.get("priority"), static.transport)
+                or Priority.HIGH)
         except Exception:
             priority = Priority.HIGH
-        delivery = req.delivery_info or {}
         redelivered = bool(delivery.get("redelivered"))
         queue = delivery.get("routing_key") or static.home_queue
         if queue not in static.work_queues:  # a DLQ replay, or a routing key of its own
@@ -350,7 +363,9 @@ class ResilientTask(Task):
         if mark.state is MarkState.DEAD:
             log.info("%s[%s]: duplicate of dead-lettered record %s; acked, not run", ex.task,
                      ex.task_id, mark.result)
-            return None
+            # still a failure to Celery: a SUCCESS event would outrank the first FAILURE
+            raise DeadLettered(f"already dead-lettered (record {mark.result}); this duplicate "
+                               "was acked, not run", "already_dead_lettered", mark.result)
         if mark.state is MarkState.STARTED:
             if not ex.idempotent:
                 ex.effect_attempted = True
@@ -383,7 +398,8 @@ class ResilientTask(Task):
                 state.idempotency.release(self.name, ex.mark)
             log.warning("%s[%s]: %s unavailable; deferred as %s (queue for later)", ex.task,
                         ex.task_id, result.dependency, result.id)
-            return _jsonable(result)
+            self._report_deferred(ex, result)
+            raise Ignore()  # acked; Celery sends no task-succeeded, so DEFERRED stands
         result = _jsonable(result)
         try:
             state.idempotency.finish(self.name, ex.mark, result)
@@ -434,8 +450,21 @@ class ResilientTask(Task):
                     delay)
         raise self.retry(countdown=delay, headers=headers, exc=exc)
 
+    def _report_deferred(self, ex: Execution, deferred: Deferred) -> None:
+        """Tell Celery's monitors (a ``task-deferred`` event) and the result backend (state
+        DEFERRED), where they are on. Best effort: the request is safely stored already."""
+        meta = {"deferred_id": deferred.id, "dependency": deferred.dependency}
+        try:
+            if self.app.conf.worker_send_task_events:
+                self.send_event("task-deferred", retry=False, **meta)
+            # stored where Celery would store the task's result (its own rule, per message)
+            if self.app.conf.result_backend and not get_actual_ignore_result(self, self.request):
+                self.update_state(state=DEFERRED, meta=meta)
+        except Exception as exc:  # a monitor or backend down must not fail the delivery
+            log.warning("%s[%s]: deferral not reported to Celery: %s", ex.task, ex.task_id, exc)
+
     def _dead_letter(self, state: WorkerState, ex: Execution, reason: str,
-                     exc: BaseException | None, *, mark: bool = True) -> dict[str, Any]:
+                     exc: BaseException | None, *, mark: bool = True) -> NoReturn:
         record = dl.DeadLetter(
             reason=reason, queue=ex.queue, task=ex.task, task_id=ex.task_id,
             args=list(ex.args), kwargs=dict(ex.kwargs),
@@ -459,7 +488,10 @@ class ResilientTask(Task):
         log.error("%s[%s]: dead-lettered to %s as %s (record %s): %s: %s", ex.task, ex.task_id,
                   installation(self.app).topology.dead_letter_queue(ex.queue), reason, record.id,
                   record.exception_type, record.exception_message)
-        return {"dead_lettered": record.id, "reason": reason}
+        what = f"{record.exception_type}: {record.exception_message}" if exc else "-"
+        raise DeadLettered(f"{reason}: {what[:500]} (dead-lettered to "
+                           f"{installation(self.app).topology.dead_letter_queue(ex.queue)}, "
+                           f"record {record.id})", reason, record.id)
 
 
 def resilient_task(name: str, *, dependency: str, idempotent: bool,

@@ -49,6 +49,9 @@ class Settings(BaseSettings):
     # Redis brokers: pop + unacked record in one Lua script (workers.transport), so a worker
     # SIGKILLed mid-fetch loses nothing. false: kombu's stock Redis transport.
     redis_reliable_fetch: bool = True
+    # Celery task events (task-sent/received/started/succeeded/failed, and Tidegate's
+    # task-deferred) for Flower and `celery events`; their cost: docs/delivery.md.
+    task_events: bool = True
 
     # Queue for later (docs/queue-for-later.md). Queues are "tidegate-deferred-<dependency>"
     # (+ "-dlq") unless named or given by URL: "email=https://sqs.../q,search=my-queue".

@@ -31,6 +31,13 @@ WORKER_KEYS = frozenset({"queue", "url", "tasks"})
 _REDIS_PRIORITY = {Priority.CRITICAL: 0, Priority.HIGH: 3, Priority.MEDIUM: 6, Priority.LOW: 9}
 _AMQP_PRIORITY = {Priority.CRITICAL: 9, Priority.HIGH: 6, Priority.MEDIUM: 3, Priority.LOW: 0}
 AMQP_MAX_PRIORITY = 9
+# kombu's stock Redis layout (its defaults, which every stock client - Flower, `celery
+# --broker=URL inspect`, a bare Celery producer - assumes): a message of priority n goes to
+# "<queue>" for the step 0, else "<queue>" + REDIS_SEP + "<step>", the step being the largest
+# of REDIS_PRIORITY_STEPS not above n. The separator also joins the exchange bindings
+# ("_kombu.binding.*"), so a different one breaks every stock client's control commands.
+REDIS_SEP = "\x06\x16"
+REDIS_PRIORITY_STEPS = (0, 3, 6, 9)
 
 
 @dataclass(frozen=True)
@@ -128,6 +135,28 @@ def broker_priority(priority: Priority, transport: str) -> int | None:
         return _REDIS_PRIORITY[priority]
     if transport == "amqp":
         return _AMQP_PRIORITY[priority]
+    return None
+
+
+def redis_priority_lists(queue: str, sep: str = REDIS_SEP) -> list[str]:
+    """The Redis lists that hold ``queue``'s ready messages, highest priority first."""
+    return [queue if step == 0 else f"{queue}{sep}{step}" for step in REDIS_PRIORITY_STEPS]
+
+
+def priority_from_broker(number: object, transport: str) -> Priority | None:
+    """The Priority of a message that carries only a broker priority (a plain ``send_task``).
+
+    Inverse of :func:`broker_priority` on each transport's scale: on Redis 0-2 is CRITICAL,
+    3-5 HIGH, 6-8 MEDIUM, 9 LOW (kombu's steps); on RabbitMQ 9 CRITICAL, 6-8 HIGH, 3-5
+    MEDIUM, 0-2 LOW. None when there is no number (or no priorities: SQS).
+    """
+    if isinstance(number, bool) or not isinstance(number, int | float):
+        return None
+    n = max(0, min(9, int(number)))
+    if transport == "redis":
+        return (Priority.CRITICAL, Priority.HIGH, Priority.MEDIUM, Priority.LOW)[min(n // 3, 3)]
+    if transport == "amqp":
+        return (Priority.LOW, Priority.MEDIUM, Priority.HIGH, Priority.CRITICAL)[min(n // 3, 3)]
     return None
 
 

@@ -27,10 +27,12 @@ rings its queue's signal list in the restore's own transaction, so it is fetched
 rather than when the ``BRPOP`` times out. Every publish, fetch, ack and restore shares one
 redis-py client object per connection pool instead of building one per call as kombu does.
 
-Everything else is kombu's: priorities (``sep``, ``priority_steps``), the queue cycle, fanout
-(pub/sub), restore, ``global_keyprefix``. Queues consumed with ``no_ack`` (Celery's reply
-queues) are popped without an unacked record, as before. Off with
-``TIDEGATE_REDIS_RELIABLE_FETCH=false`` (``workers.application``).
+Everything else is kombu's, with kombu's defaults for the wire format: priorities (``sep``,
+``priority_steps``: see ``workers.topology.REDIS_SEP``), bindings, the queue cycle, fanout
+(pub/sub), restore, ``global_keyprefix``. So stock clients (Flower, ``celery --broker=URL
+inspect``, a bare Celery producer) share the broker with these workers unchanged. Queues
+consumed with ``no_ack`` (Celery's reply queues) are popped without an unacked record, as
+before. Off with ``TIDEGATE_REDIS_RELIABLE_FETCH=false`` (``workers.application``).
 """
 
 from __future__ import annotations

@@ -20,6 +20,7 @@ from workers.depth import (
     drain_from_samples,
     probe_for,
 )
+from workers.topology import redis_priority_lists
 
 pytestmark = pytest.mark.integration
 
@@ -46,8 +47,10 @@ def test_depth_matches_truth_on_each_broker(broker, settings, producer, celery_a
 
     if broker.name == "redis":
         r = redis.Redis.from_url(broker.url)
-        lengths = {k: r.llen(k) for k in ("search", "search:3", "search:6", "search:9")}
-        assert lengths == {"search": 1, "search:3": 4, "search:6": 2, "search:9": 3}
+        # kombu's stock layout: "search", then "search\x06\x163" ... (its default separator)
+        lengths = [r.llen(k) for k in redis_priority_lists("search")]
+        assert lengths == [1, 4, 2, 3]
+        assert redis_priority_lists("search")[1] == "search\x06\x163"
         assert d.source == "redis"
         assert d.in_flight == 0
         assert d.oldest_age_s is not None
@@ -85,19 +88,20 @@ def test_redis_oldest_age_reads_the_next_message_out(redis_up):
     import json
 
     r = redis.Redis.from_url(redis_up)
-    r.delete("agetest", "agetest:3", "agetest:9")
+    p0, p3, _, p9 = redis_priority_lists("agetest")
+    r.delete(p0, p3, p9)
     now = time.time()
 
     def msg(t: float) -> str:
         return json.dumps({"headers": {"tidegate_enqueued_at": t}, "body": ""})
 
-    r.lpush("agetest:9", msg(now - 50), msg(now - 5))  # tail = now-50
-    r.lpush("agetest:3", msg(now - 20))
-    r.lpush("agetest", msg(now - 1))
+    r.lpush(p9, msg(now - 50), msg(now - 5))  # tail = now-50
+    r.lpush(p3, msg(now - 20))
+    r.lpush(p0, msg(now - 1))
     d = RedisDepthProbe(r, clock=lambda: now).depth("agetest")
     assert d.ready == 4
     assert d.oldest_age_s == pytest.approx(50, abs=0.01)
-    r.delete("agetest", "agetest:3", "agetest:9")
+    r.delete(p0, p3, p9)
 
 
 def test_rabbitmq_unknown_queue_and_unreachable_broker(rabbitmq_up):

@@ -9,6 +9,7 @@ import redis
 
 from tests.conftest import REDIS_BROKER_URL
 from tests.support.procs import wait_until
+from workers.topology import redis_priority_lists
 
 pytestmark = pytest.mark.integration
 
@@ -16,7 +17,7 @@ pytestmark = pytest.mark.integration
 def _queue_depth(broker, queue: str) -> int:
     if broker.name == "redis":
         client = redis.Redis.from_url(REDIS_BROKER_URL)
-        keys = [queue] + [f"{queue}:{p}" for p in (3, 6, 9)]
+        keys = redis_priority_lists(queue)
         return sum(client.llen(k) for k in keys)
     from kombu import Connection
 

@@ -19,6 +19,7 @@ import redis
 
 from tests.conftest import REDIS_BROKER_URL, Broker
 from tests.support.procs import wait_until
+from workers.topology import redis_priority_lists
 from workers.transport import SIGNAL_PREFIX, Channel
 
 pytestmark = pytest.mark.integration
@@ -43,7 +44,7 @@ def r(broker: Broker):
 
 
 def _ready(r: redis.Redis, queue: str) -> int:
-    return sum(r.llen(k) for k in [queue] + [f"{queue}:{p}" for p in (3, 6, 9)])
+    return sum(r.llen(k) for k in redis_priority_lists(queue))
 
 
 def _consuming_channel(app, *queues: str) -> tuple[object, Channel]:

@@ -17,6 +17,7 @@ import redis
 from resilience.fallback import CallContext, QueueForLater
 from tests.conftest import REDIS_BROKER_URL, STATE_REDIS_URL, sqs_env, tidegate_env
 from tests.support.procs import BIN, Proc, wait_until
+from workers.topology import redis_priority_lists
 
 pytestmark = [pytest.mark.integration,
               pytest.mark.parametrize("broker", ["redis"], indirect=True)]
@@ -61,7 +62,7 @@ class DepthSampler(threading.Thread):
 
     def depth(self) -> int:
         pipe = self.client.pipeline(transaction=False)
-        for key in ("email", "email:3", "email:6", "email:9"):
+        for key in redis_priority_lists("email"):
             pipe.llen(key)
         return sum(pipe.execute())
 

@@ -14,6 +14,7 @@ from resilience.stores import RedisStore, redis_client
 from tests.conftest import REDIS_BROKER_URL, STATE_REDIS_URL
 from tests.support.procs import wait_until
 from workers.installation import installation
+from workers.topology import redis_priority_lists
 
 pytestmark = [pytest.mark.integration,
               pytest.mark.parametrize("broker", ["redis"], indirect=True)]
@@ -21,7 +22,7 @@ pytestmark = [pytest.mark.integration,
 
 def _depth() -> int:
     client = redis.Redis.from_url(REDIS_BROKER_URL, socket_timeout=5)
-    return sum(client.llen(k) for k in ("email", "email:3", "email:6", "email:9"))
+    return sum(client.llen(k) for k in redis_priority_lists("email"))
 
 
 @pytest.fixture
@@ -86,7 +87,7 @@ def test_half_open_sends_one_trial_then_closed_drains(rig):
     from workers.replayer import replay_task_id
 
     client = redis.Redis.from_url(REDIS_BROKER_URL, socket_timeout=5)
-    messages = [json.loads(m) for k in ("email", "email:3", "email:6", "email:9")
+    messages = [json.loads(m) for k in redis_priority_lists("email")
                 for m in client.lrange(k, 0, -1)]
     keys = {m["headers"]["tidegate_idempotency_key"] for m in messages}
     assert keys == {f"g-{i}" for i in range(25)}
@@ -190,7 +191,7 @@ def test_while_down_a_due_sweep_refreshes_every_entry_then_the_replay_is_exactly
     assert stats.published == 23 and rig.sink.stats().total == 0
     client = redis.Redis.from_url(REDIS_BROKER_URL, socket_timeout=5)
     keys = [json.loads(m)["headers"]["tidegate_idempotency_key"]
-            for k in ("email", "email:3", "email:6", "email:9") for m in client.lrange(k, 0, -1)]
+            for k in redis_priority_lists("email") for m in client.lrange(k, 0, -1)]
     assert sorted(keys) == sorted(f"s-{i}" for i in range(23))
 
 

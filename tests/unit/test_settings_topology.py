@@ -99,3 +99,19 @@ def test_priorities_per_transport():
     amqp = [broker_priority(p, "amqp") for p in order]
     assert redis == sorted(redis) and amqp == sorted(amqp, reverse=True)
     assert broker_priority(Priority.LOW, "sqs") is None
+
+
+def test_priority_of_a_plain_message_reads_each_brokers_scale():
+    """A bare send_task carries only a number: kombu's Redis steps, RabbitMQ's inverse."""
+    from resilience.shedding import Priority
+    from workers.topology import broker_priority, priority_from_broker
+
+    for p in Priority:
+        for transport in ("redis", "amqp"):
+            assert priority_from_broker(broker_priority(p, transport), transport) is p
+    assert [priority_from_broker(n, "redis") for n in (0, 2, 3, 5, 6, 8, 9)] == [
+        Priority.CRITICAL, Priority.CRITICAL, Priority.HIGH, Priority.HIGH, Priority.MEDIUM,
+        Priority.MEDIUM, Priority.LOW]
+    assert priority_from_broker(None, "redis") is None
+    assert priority_from_broker(True, "amqp") is None
+    assert priority_from_broker(3, "sqs") is None

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tidegate.demo.storm import Job
+from workers.topology import redis_priority_lists
 
 SIM_FOR_TASK = {"payments.charge": "payments", "search.index": "search", "email.send": "email"}
 PRIORITIES = ("critical", "high", "medium", "low")
@@ -104,13 +105,12 @@ def mark_id(job: Job) -> str | None:
     return f"{job.task}:task:{job.id}" if job.id else None
 
 
-def queued_task_ids(broker: Any, queues: Iterable[str], steps: Iterable[int] = (3, 6, 9),
-                    sep: str = ":") -> frozenset[str]:
+def queued_task_ids(broker: Any, queues: Iterable[str]) -> frozenset[str]:
     """Task ids of the messages still in the broker's Redis: ready (every priority list) or
     delivered and not acked (kombu's ``unacked`` hash, where held retries wait too)."""
     raw: list[Any] = []
     for q in queues:
-        for key in [q, *(f"{q}{sep}{n}" for n in steps)]:
+        for key in redis_priority_lists(q):
             raw.extend(broker.lrange(key, 0, -1))
     raw.extend(json.loads(v)[0] for v in broker.hvals("unacked"))
     ids = set()
