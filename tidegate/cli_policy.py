@@ -107,8 +107,10 @@ def check(
             typer.echo(f"tidegate: error: {path}: {error}", err=True)
         raise typer.Exit(EXIT_INVALID) from None
     topology = parsed.topology
+    declared = parsed.schema.app.include
+    modules = ", ".join(declared) if declared is not None else "not set (the app's own include)"
     typer.echo(f"{path}: valid; {len(topology.dependencies)} dependencies, queues "
-               f"{', '.join(topology.work_queues)}; task modules {', '.join(parsed.include)}")
+               f"{', '.join(topology.work_queues)}; [app] include {modules}")
     for dep in topology.dependencies:
         tasks = ", ".join(dep.tasks) or "none (called from other tasks)"
         typer.echo(f"\n[dependencies.{dep.name}]  queue {dep.queue}  url {dep.url}  "
