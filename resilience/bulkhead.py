@@ -55,7 +55,11 @@ class Bulkhead:
         self._slots: queue.SimpleQueue[bool] = queue.SimpleQueue()
         for _ in range(self._max):
             self._slots.put(True)
-        self.try_take = self._slots.get_nowait  # hot path: raises queue.Empty when full
+        # the chain's bulkhead layer: a token taken (raises queue.Empty when full) and given
+        # back (``put_back(True)``) in one C call each, without release()'s over-release
+        # check (the layer pairs them)
+        self.try_take = self._slots.get_nowait
+        self.put_back = self._slots.put
         self._pool: ThreadPoolExecutor | None = None
         self._pool_lock = threading.Lock()
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from .errors import ConfigError
 
@@ -23,16 +23,9 @@ class LatencyRecorder:
             raise ConfigError(f"latency window size must be >= 1, got {size}")
         self.size = size
         self._samples: deque[float] = deque(maxlen=size)
-        self.record = self._samples.append  # one C call per recorded duration
-        self.extend = self._samples.extend
-
-    def record(self, seconds: float) -> None:  # replaced per instance in __init__
-        """Add one duration (seconds)."""
-        self._samples.append(seconds)
-
-    def extend(self, durations: Iterable[float]) -> None:  # replaced per instance in __init__
-        """Add many durations at once."""
-        self._samples.extend(durations)
+        # the deque's own methods, one C call each: ``record(seconds)``, ``extend(durations)``
+        self.record: Callable[[float], None] = self._samples.append
+        self.extend: Callable[[Iterable[float]], None] = self._samples.extend
 
     def percentile(self, q: float) -> float | None:
         """The q-quantile (0 < q <= 1) of the window, nearest-rank; None before any call."""

@@ -1,9 +1,14 @@
 """The chain for one dependency, built from the policy file, applied as a call or decorator.
 
-Outermost first (docs/architecture.md)::
+Outermost first, as :data:`DEFAULT_LAYERS` lists them (the one place the order lives; see
+docs/architecture.md)::
 
-    RateLimiter > LoadShedder > Fallback > Deadline > Retry > CircuitBreaker > Bulkhead
-    > Timeout > call
+    RateLimit > Shedding > Fallback > Deadline > Retry > Breaker > Bulkhead > Timeout > call
+
+Each entry builds one layer of :mod:`resilience.layers` from the policy (or nothing, when the
+policy has no rate limit, shedder or fallback); :class:`~resilience.chain.Chain` nests them.
+``Policy(config, layers=(...))`` runs a subset in any order; :class:`~resilience.chain.Chain`
+composes any layers, a user's own included.
 
 Policy file: one ``[dependencies.NAME]`` table per dependency (see :meth:`PolicyConfig.
 from_mapping`); absent values take the seed's defaults.
@@ -15,66 +20,70 @@ whose client code does not take its timeouts from the budget sets ``timeout.mode
 "abandon"``: its attempts run in the bulkhead's pool and are abandoned on timeout. See
 :mod:`resilience.timeout` and ``docs/resilience.md`` for why the default is cooperative.
 
-The success path is kept lean, because every guarded call pays it. While the breaker is
-CLOSED with no merge due and a bulkhead slot is free, a cooperative call runs as one flat
-sequence: a clock read, a slot token, one context-variable scope for the attempt's budget, the
-call, a second clock read, one breaker count, and one append to :class:`~resilience.callstats.
-CallStats` (which feeds the histogram, the success counter, the latency window and the retry
-budget in bulk). Anything else - a failure, a late or slow result, an open or half-open
-breaker, a full bulkhead, the abandon mode - takes the full path, layer by layer, with
-tenacity entered only once the first attempt has failed. Both paths make the same decisions;
-``tests/unit/test_resilience_policy.py`` runs them side by side.
+There is one execution path. What keeps it lean: the breaker layer counts a success locally
+while the breaker is plainly CLOSED, attempt durations go to :class:`~resilience.callstats.
+CallStats` in one append (folded in bulk into the histogram, the success counter, the latency
+window and the retry budget), the deadline is published to the callee once per call, and
+tenacity is entered only once the first attempt has failed.
 """
 
 from __future__ import annotations
 
-import contextvars
 import functools
 import inspect
 import logging
-import math
-import queue
 import random
 import threading
-import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, TypeVar
 
-from . import deadline as _deadline
-from .breaker import BreakerConfig, CircuitBreaker, Permit
+from .breaker import BreakerConfig, CircuitBreaker
 from .bulkhead import Bulkhead, BulkheadConfig
 from .callstats import CallStats
+from .chain import Call, Chain, Layer, new_call
 from .clock import SYSTEM_CLOCK, Clock
 from .errors import (
-    AttemptTimeout,
     ConfigError,
-    LateResult,
-    PermanentError,
     RejectedError,
     TransientError,
     did_you_mean,
 )
-from .events import EVENTS, CallFinished, EventBus, FallbackServed
+from .events import EVENTS, CallFinished, EventBus
 from .fallback import (
     CachedValue,
-    CallContext,
     DefaultValue,
     DeferralSink,
     Fallback,
     Graceful,
-    NoFallback,
     QueueForLater,
 )
 from .latency import LatencyRecorder
+from .layers import (
+    BreakerLayer,
+    BulkheadLayer,
+    DeadlineLayer,
+    FallbackLayer,
+    RateLimitLayer,
+    RetryLayer,
+    SheddingLayer,
+    TimeoutLayer,
+)
 from .ratelimit import RateLimitConfig, RateLimiter
 from .retry import Retrier, RetryBudget, RetryConfig
 from .shedding import LoadShedder, Priority
 from .stores import Cache, MemoryCache, MemoryStore, StateStore
-from .timeout import DEFAULT_TIMEOUT_MODE, Timeout, check_timeout, check_timeout_mode
+from .timeout import (
+    COOPERATIVE,
+    DEFAULT_TIMEOUT_MODE,
+    Timeout,
+    check_timeout,
+    check_timeout_mode,
+)
 
 __all__ = [
+    "DEFAULT_LAYERS",
     "FILE_KEYS",
     "FILE_SECTIONS",
     "FallbackSpec",
@@ -86,6 +95,7 @@ __all__ = [
 ]
 
 T = TypeVar("T")
+_tuple_new = tuple.__new__
 log = logging.getLogger(__name__)
 
 FALLBACK_KINDS = ("none", "cached", "default", "graceful", "queue")
@@ -273,15 +283,69 @@ def build_fallback(
     return QueueForLater(deferral_sink, spec.max_deferrals, events=events)
 
 
-def _task_name(fn: Callable[..., Any]) -> str:
-    name = getattr(fn, "name", None)  # Celery tasks carry their registered name
-    if isinstance(name, str):
-        return name
-    return f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', repr(fn))}"
+def _rate_limit(p: Policy) -> Layer | None:
+    return RateLimitLayer(p.rate_limiter) if p.rate_limiter is not None else None
+
+
+def _shedding(p: Policy) -> Layer | None:
+    return SheddingLayer(p.shedder) if p.shedder is not None else None
+
+
+def _fallback(p: Policy) -> Layer | None:
+    if p.fallback is None:
+        return None
+    return FallbackLayer(p.fallback, dependency=p.name, events=p.events,
+                         on=(TransientError, *p.config.retry_config.retry_on))
+
+
+def _deadline_layer(p: Policy) -> Layer:
+    return DeadlineLayer(p.config.deadline, p.clock)
+
+
+def _retry(p: Policy) -> Layer:
+    return RetryLayer(p.retrier, idempotent=p.config.idempotent, stats=p.stats, events=p.events)
+
+
+def _breaker(p: Policy) -> Layer:
+    return BreakerLayer(p.breaker, p.stats)
+
+
+def _bulkhead(p: Policy) -> Layer | None:
+    # an abandoning timeout runs attempts in the bulkhead's pool, which holds the slot until
+    # the work really ends: a second slot here would count every attempt twice
+    return BulkheadLayer(p.bulkhead) if p.timeout.mode == COOPERATIVE else None
+
+
+def _timeout(p: Policy) -> Layer:
+    return TimeoutLayer(p.timeout)
+
+
+LayerFactory = Callable[["Policy"], "Layer | None"]
+
+DEFAULT_LAYERS: Mapping[str, LayerFactory] = MappingProxyType({
+    "rate_limit": _rate_limit,
+    "shedding": _shedding,
+    "fallback": _fallback,
+    "deadline": _deadline_layer,
+    "retry": _retry,
+    "breaker": _breaker,
+    "bulkhead": _bulkhead,
+    "timeout": _timeout,
+})
+"""The chain's layers, outermost first: the one list of what a policy runs and in what order.
+Each factory builds its layer from the policy, or returns None when the policy has nothing
+for it (no rate limit configured, no shedder, no fallback). Adding a layer is adding a line
+here (and its module in :mod:`resilience.layers`); ``Policy(..., layers=("retry",
+"breaker"))`` runs a subset, in the order given."""
 
 
 class Policy:
-    """One dependency's chain. Thread-safe; ``call`` for sync, ``acall`` for asyncio."""
+    """One dependency's chain. Thread-safe; ``call`` for sync, ``acall`` for asyncio.
+
+    ``layers`` picks and orders the layers by their names in :data:`DEFAULT_LAYERS` (default:
+    all of them, in that order). Its pattern objects (``breaker``, ``bulkhead``, ``timeout``,
+    ``retrier``, ``rate_limiter``, ``fallback``) are attributes whether or not their layer runs.
+    """
 
     def __init__(
         self,
@@ -296,6 +360,7 @@ class Policy:
         retry_budget: RetryBudget | None = None,
         rng: Any = random,
         events: EventBus = EVENTS,
+        layers: Iterable[str] | None = None,
     ) -> None:
         self.config = config
         self.name = config.name
@@ -327,7 +392,6 @@ class Policy:
                 events=events,
             )
         )
-        self._fallback_on = (TransientError, *config.retry_config.retry_on)
         # a first-attempt success is one append here; folded into these in bulk
         self.stats = CallStats(
             self.name,
@@ -336,21 +400,15 @@ class Policy:
             now=clock.now,
             events=events,
         )
-        self._admits = self.rate_limiter is not None or self.shedder is not None
-        # the success path reads these once per call: plain attributes and bound methods
-        self._deadline_s = config.deadline
-        self._timeout_s = config.timeout
-        self._slow_s = config.breaker.slow_call_duration or math.inf
-        self._now = time.monotonic if clock is SYSTEM_CLOCK else clock.now
-        self._inline = self.timeout.mode == "cooperative"
-        self._closed_generation = self.breaker.closed_generation
-        self._count_breaker_success = self.breaker.count_success
-        self._take_slot = self.bulkhead.try_take
-        self._release_slot = self.bulkhead.release
-        self._record_first_success = self.stats.success
-
-    def _count(self, outcome: str) -> None:
-        self.events.emit(CallFinished(self.name, outcome))
+        names = tuple(DEFAULT_LAYERS) if layers is None else tuple(layers)
+        for n in names:
+            if n not in DEFAULT_LAYERS:
+                raise ConfigError(f"{self.name}: unknown layer {n!r}"
+                                  f"{did_you_mean(n, DEFAULT_LAYERS)}")
+        built = (DEFAULT_LAYERS[n](self) for n in names)
+        self.chain = Chain(layer for layer in built if layer is not None)
+        self._run = self.chain.run
+        self._arun = self.chain.arun
 
     @property
     def latency(self) -> LatencyRecorder:
@@ -358,66 +416,11 @@ class Policy:
         self.stats.fold()
         return self.stats.latency
 
-    # -- layers shared by sync and async
-    def _admit(self, priority: Priority, client: str | None) -> None:
-        try:
-            if self.rate_limiter is not None:
-                self.rate_limiter.acquire(client or "-")
-            if self.shedder is not None:
-                self.shedder.admit(priority)
-        except RejectedError:
-            self._count("rejected")
-            raise
+    def _failed(self, error: BaseException) -> None:
+        if isinstance(error, Exception):
+            self.events.emit(CallFinished(
+                self.name, "rejected" if isinstance(error, RejectedError) else "failure"))
 
-    def _retryable(self, idempotency_key: str | None) -> bool:
-        return self.config.idempotent or idempotency_key is not None
-
-    def _recover(self, ctx: CallContext, error: BaseException) -> Any:
-        if (
-            self.fallback is None
-            or isinstance(error, PermanentError)
-            or not isinstance(error, self._fallback_on)
-        ):
-            self._count("rejected" if isinstance(error, RejectedError) else "failure")
-            raise error
-        try:
-            result = self.fallback.recover(ctx, error)
-        except NoFallback:
-            self._count("failure")
-            raise error from None
-        except BaseException:
-            self._count("failure")
-            raise
-        self._count("fallback")
-        self.events.emit(FallbackServed(self.name, self.fallback.kind))
-        return result
-
-    def _enter_deadline(self, start: float) -> contextvars.Token:
-        """Publish the call's total budget from ``start`` (an enclosing tighter one wins)."""
-        expires = start + self._deadline_s
-        outer = _deadline._current.get()
-        if outer is not None and outer.expires_at <= expires:
-            return _deadline._current.set(outer)
-        return _deadline._current.set(_deadline.new_deadline(expires, self.clock))
-
-    def _attempt(self, fn: Callable[..., T], args: tuple, kwargs: dict) -> T:
-        """One attempt: breaker permit, the timed call, its outcome recorded."""
-        breaker, clock = self.breaker, self.clock
-        permit = breaker.acquire()
-        start = clock.now()
-        try:
-            result = self.timeout.call(fn, *args, **kwargs)
-        except BaseException as exc:
-            took = clock.now() - start
-            breaker.record(permit, exc, took)
-            self.stats.other(took)
-            raise
-        took = clock.now() - start
-        breaker.record(permit, None, took)
-        self.stats.other(took)
-        return result
-
-    # -- sync
     def call(
         self,
         fn: Callable[..., T],
@@ -429,130 +432,13 @@ class Policy:
     ) -> T | Any:
         """Run ``fn(*args, **kwargs)`` through the chain. ``client`` keys the rate limit."""
         prio = priority if type(priority) is Priority else Priority.parse(priority)
-        if self._admits:
-            self._admit(prio, client)
-        now = self._now()
-        if now >= self.stats.fold_at:
-            self.stats.fold()
-        generation = self._closed_generation(now) if self._inline else None
-        if generation is None:
-            return self._call_full(fn, args, kwargs, idempotency_key, prio)
-        # The success path (module docstring): attempt 1, inline, under the nearer of the
-        # attempt timeout and an enclosing deadline (this call's own deadline is longer).
-        expires = now + self._timeout_s
-        outer = _deadline._current.get()
-        if outer is not None and outer.expires_at < expires:
-            expires = outer.expires_at
-            if expires <= now:
-                return self._call_full(fn, args, kwargs, idempotency_key, prio)
         try:
-            self._take_slot()
-        except queue.Empty:  # full: the full path waits for a slot or rejects
-            return self._call_full(fn, args, kwargs, idempotency_key, prio)
-        token = _deadline._current.set(_deadline.new_deadline(expires, self.clock))
-        try:
-            result = fn(*args, **kwargs)
-        except BaseException as exc:
-            _deadline._current.reset(token)
-            self._release_slot()
-            return self._first_failed(exc, now, expires, generation,
-                                      fn, args, kwargs, idempotency_key, prio)
-        _deadline._current.reset(token)
-        self._release_slot()
-        end = self._now()
-        took = end - now
-        if end >= expires or took >= self._slow_s:
-            return self._first_late_or_slow(result, now, end, expires, generation,
-                                            fn, args, kwargs, idempotency_key, prio)
-        self._count_breaker_success(generation)
-        self._record_first_success(took)
-        if self.fallback is not None:
-            self._remember(result, fn, args, kwargs, idempotency_key, prio)
-        return result
+            c = _tuple_new(Call, (fn, args, kwargs, idempotency_key, prio, client, 1, None))
+            return self._run(c)
+        except BaseException as error:
+            self._failed(error)
+            raise
 
-    def _remember(self, result: Any, fn: Callable, args: tuple, kwargs: dict, key: str | None,
-                  prio: Priority) -> Any:
-        """Let the fallback see a success (a cached fallback keeps the answer)."""
-        if self.fallback is not None:
-            ctx = CallContext(self.name, _task_name(fn), args, kwargs, key, int(prio))
-            self.fallback.on_success(ctx, result)
-        return result
-
-    def _first_late_or_slow(self, result: Any, start: float, end: float, expires: float,
-                            generation: int, fn: Callable, args: tuple, kwargs: dict,
-                            key: str | None, prio: Priority) -> Any:
-        """Attempt 1 on the success path returned, but late (a timeout) or slow."""
-        if end >= expires:
-            late = LateResult(str(self.timeout._expired(expires - start)), result)
-            return self._first_failed(late, start, expires, generation,
-                                      fn, args, kwargs, key, prio)
-        self.breaker.record(Permit(False, generation, start), None, end - start)  # slow
-        self.stats.success(end - start)
-        return self._remember(result, fn, args, kwargs, key, prio)
-
-    def _first_failed(self, exc: BaseException, start: float, expires: float, generation: int,
-                      fn: Callable, args: tuple, kwargs: dict, key: str | None,
-                      prio: Priority) -> Any:
-        """Attempt 1 on the success path failed: record it, then retry or fall back as the
-        full path would (tenacity resumes with this failure as its attempt 1)."""
-        end = self._now()
-        if isinstance(exc, Exception) and end >= expires and not isinstance(exc, AttemptTimeout):
-            late = self.timeout._expired(expires - start)  # a late error is a timeout too
-            late.__cause__ = exc
-            exc = late
-        self.breaker.record(Permit(False, generation, start), exc, end - start)
-        self.stats.other(end - start)
-        if not isinstance(exc, Exception):
-            raise exc  # cancellation and interrupts surface as they are
-        self.stats.fold()  # the budget sees every earlier success before a retry is decided
-        self.retry_budget.record_request()
-        try:
-            if not self._retryable(key):
-                return self._no_retry(exc, fn, args, kwargs, key, prio)
-            token = self._enter_deadline(start)  # the call's budget, counted from attempt 1
-            try:
-                result = self.retrier.resume(
-                    exc, functools.partial(self._attempt, fn, args, kwargs))
-            finally:
-                _deadline._current.reset(token)
-        except Exception as error:
-            ctx = CallContext(self.name, _task_name(fn), args, kwargs, key, int(prio))
-            return self._recover(ctx, error)
-        self._count("success")
-        return self._remember(result, fn, args, kwargs, key, prio)
-
-    def _no_retry(self, exc: Exception, fn: Callable, args: tuple, kwargs: dict,
-                  key: str | None, prio: Priority) -> Any:
-        """A call that may not be retried failed once. A late *result* is returned all the
-        same: its effect happened and nothing may redo it, so reporting a failure would only
-        hide a done charge (the breaker has counted the timeout). Anything else is raised."""
-        if isinstance(exc, LateResult):
-            log.warning("%s: answered after the attempt timeout; the result is kept (the call "
-                        "may not be retried, its effect happened)", self.name)
-            self._count("success")
-            return self._remember(exc.result, fn, args, kwargs, key, prio)
-        raise exc
-
-    def _call_full(self, fn: Callable[..., T], args: tuple, kwargs: dict, key: str | None,
-                   prio: Priority) -> T | Any:
-        """The chain layer by layer: deadline, retry, breaker, bulkhead, timeout."""
-        retryable = self._retryable(key)
-        token = self._enter_deadline(self.clock.now())
-        try:
-            try:
-                result = self.retrier.call(
-                    functools.partial(self._attempt, fn, args, kwargs), retryable=retryable)
-            finally:
-                _deadline._current.reset(token)
-        except Exception as exc:
-            if not retryable and isinstance(exc, LateResult):
-                return self._no_retry(exc, fn, args, kwargs, key, prio)
-            ctx = CallContext(self.name, _task_name(fn), args, kwargs, key, int(prio))
-            return self._recover(ctx, exc)
-        self._count("success")
-        return self._remember(result, fn, args, kwargs, key, prio)
-
-    # -- async
     async def acall(
         self,
         fn: Callable[..., Awaitable[T]],
@@ -564,33 +450,11 @@ class Policy:
     ) -> T | Any:
         """Await ``fn(*args, **kwargs)`` through the chain."""
         prio = Priority.parse(priority)
-        self._admit(prio, client)
-
-        async def attempt() -> T:
-            permit = self.breaker.acquire()
-            start = self.clock.now()
-            try:
-                result = await self.timeout.acall(fn, *args, **kwargs)
-            except BaseException as exc:
-                took = self.clock.now() - start
-                self.breaker.record(permit, exc, took)
-                self.stats.other(took)
-                raise
-            took = self.clock.now() - start
-            self.breaker.record(permit, None, took)
-            self.stats.other(took)
-            return result
-
         try:
-            with _deadline.deadline_scope(self.config.deadline, clock=self.clock):
-                result = await self.retrier.acall(
-                    attempt, retryable=self._retryable(idempotency_key)
-                )
-        except Exception as exc:
-            ctx = CallContext(self.name, _task_name(fn), args, kwargs, idempotency_key, int(prio))
-            return self._recover(ctx, exc)
-        self._count("success")
-        return self._remember(result, fn, args, kwargs, idempotency_key, prio)
+            return await self._arun(new_call(fn, args, kwargs, idempotency_key, prio, client))
+        except BaseException as error:
+            self._failed(error)
+            raise
 
     # -- decorator
     def guard(self, fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -610,7 +474,7 @@ class Policy:
         return guarded
 
     def __repr__(self) -> str:
-        return f"Policy({self.name!r}, breaker={self.breaker.state.value})"
+        return f"Policy({self.name!r}, breaker={self.breaker.state.value}, chain={self.chain!r})"
 
 
 def build_policies(

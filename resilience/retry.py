@@ -290,6 +290,12 @@ class Retrier:
             return await attempt()
         except Exception as exc:  # cancellation and interrupts surface as they are
             first = exc
+        return await self.aresume(first, attempt)
+
+    async def aresume(self, first: Exception, attempt: Callable[[], Awaitable[T]]) -> T:
+        """Async :meth:`resume`."""
+        if self.config.max_attempts == 1:
+            raise first
         # a fresh controller per call: tenacity keeps iteration state per thread, and many
         # coroutines share one thread
         return await tenacity.AsyncRetrying(sleep=self.clock.asleep, **self._kwargs)(

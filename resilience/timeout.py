@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import math
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any, TypeVar
 
@@ -52,6 +52,9 @@ __all__ = [
 ]
 
 T = TypeVar("T")
+
+_get, _set, _reset = _deadline._current.get, _deadline._current.set, _deadline._current.reset
+_new_deadline = _deadline.new_deadline
 
 COOPERATIVE = "cooperative"
 ABANDON = "abandon"
@@ -82,43 +85,75 @@ def _run_scoped(fn: Callable[..., T], attempt: _deadline.Deadline, *args: Any, *
 
 
 class Timeout:
-    """One dependency's per-attempt limit. ``mode`` picks how sync attempts are bounded."""
+    """One dependency's per-attempt limit. ``mode`` picks how sync attempts are bounded.
+
+    ``bulkhead`` is optional. Given, :meth:`call` and :meth:`acall` run under one of its slots,
+    and the abandon mode runs attempts in its pool, so abandoned work stays bounded by its
+    limit; without one, the abandon mode uses a private pool of ``BulkheadConfig()``'s size.
+    In a chain, the bulkhead is a layer of its own and the timeout layer calls
+    :meth:`inline` / :meth:`bounded` (no slot), except in the abandon mode (its pool holds the
+    slot until the work really ends).
+    """
 
     def __init__(
         self,
         seconds: float,
-        bulkhead: Bulkhead,
+        bulkhead: Bulkhead | None = None,
         clock: Clock = SYSTEM_CLOCK,
         *,
         mode: str = ABANDON,
+        name: str | None = None,
     ) -> None:
         self.seconds = check_timeout(seconds)
         self.bulkhead = bulkhead
         self.clock = clock
         self.mode = check_timeout_mode(mode)
-        self.call = self._call_inline if mode == COOPERATIVE else self._call_pool
+        self.name = name or (bulkhead.name if bulkhead is not None else "call")
+        # abandoned work needs a bounded pool: the bulkhead's, or a private one (lazy threads)
+        self._pool = bulkhead if bulkhead is not None else Bulkhead(f"{self.name}-timeout")
 
-    def budget(self) -> float:
-        """This attempt's limit: the timeout, or less if the deadline is nearer."""
-        left = _deadline.remaining()
-        if left is None:
+    def budget(self, bound: _deadline.Deadline | None = None) -> float:
+        """This attempt's limit: the timeout, or less if the deadline (or ``bound``, a call's
+        deadline not published yet) is nearer."""
+        d = _deadline._current.get()
+        if bound is not None and (d is None or bound.expires_at < d.expires_at):
+            d = bound
+        if d is None:
             return self.seconds
+        left = d.expires_at - d.clock.now()
         if left <= 0:
             raise DeadlineExceeded("deadline exceeded before the attempt started")
         return min(self.seconds, left)
 
     def _expired(self, limit: float) -> AttemptTimeout:
-        name = self.bulkhead.name
-        return AttemptTimeout(f"{name}: attempt timed out after {limit * 1000:.0f} ms")
+        return AttemptTimeout(f"{self.name}: attempt timed out after {limit * 1000:.0f} ms")
 
     def call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Run one sync attempt within the limit (in this timeout's mode)."""
-        return self.call(fn, *args, **kwargs)  # replaced per instance in __init__
+        if self.mode == ABANDON:
+            return self.run_abandon(None, fn, args, kwargs)
+        if self.bulkhead is None:
+            return self.run_inline(None, fn, args, kwargs)
+        self.bulkhead.acquire()
+        try:
+            return self.run_inline(None, fn, args, kwargs)
+        finally:
+            self.bulkhead.release()
 
-    def _call_pool(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        limit = self.budget()
+    def abandon(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Run ``fn`` in the pool and give up waiting after the limit (it runs on)."""
+        return self.run_abandon(None, fn, args, kwargs)
+
+    def inline(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Run ``fn`` here under the attempt's budget; a late answer is a timeout."""
+        return self.run_inline(None, fn, args, kwargs)
+
+    def run_abandon(self, bound: _deadline.Deadline | None, fn: Callable[..., T],
+                    args: tuple, kwargs: Mapping[str, Any]) -> T:
+        """:meth:`abandon`, also bounded by ``bound`` (a deadline not published yet)."""
+        limit = self.budget(bound)
         attempt = _deadline.Deadline(self.clock.now() + limit, self.clock)
-        future = self.bulkhead.submit(_run_scoped, fn, attempt, *args, **kwargs)
+        future = self._pool.submit(_run_scoped, fn, attempt, *args, **kwargs)
         try:
             return future.result(timeout=limit)
         except FutureTimeout:
@@ -126,14 +161,22 @@ class Timeout:
                 return future.result()  # finished in the race: keep the answer
             raise self._expired(limit) from None
 
-    def _call_inline(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    def run_inline(self, bound: _deadline.Deadline | None, fn: Callable[..., T],
+                   args: tuple, kwargs: Mapping[str, Any]) -> T:
+        """:meth:`inline`, also bounded by ``bound`` (a deadline not published yet).
+
+        The attempt's scope is published once: the attempt's own expiry, or the nearer
+        deadline when that is tighter (not published again if it already is).
+        """
         clock = self.clock
         now = clock.now()
-        outer = _deadline._current.get()
+        current = outer = _get()
+        if bound is not None and (outer is None or bound.expires_at < outer.expires_at):
+            outer = bound
         if outer is None:
             limit = self.seconds
             expires = now + limit
-            scope = _deadline.Deadline(expires, clock)
+            scope = _new_deadline(expires, clock)
         else:
             expires = outer.expires_at
             limit = expires - now
@@ -142,12 +185,10 @@ class Timeout:
             if limit > self.seconds:
                 limit = self.seconds
                 expires = now + limit
-                scope = _deadline.Deadline(expires, clock)
+                scope = _new_deadline(expires, clock)
             else:
                 scope = outer  # the deadline is the tighter bound: reuse it
-        bulkhead = self.bulkhead
-        bulkhead.acquire()
-        token = _deadline._current.set(scope)
+        token = None if scope is current else _set(scope)
         try:
             result = fn(*args, **kwargs)
         except Exception as exc:
@@ -155,17 +196,27 @@ class Timeout:
                 raise self._expired(limit) from exc  # a late error is a timeout too
             raise
         finally:
-            _deadline._current.reset(token)
-            bulkhead.release()
+            if token is not None:
+                _reset(token)
         if clock.now() >= expires:  # a late result is a timeout (the Policy may keep it)
             raise LateResult(str(self._expired(limit)), result)
         return result
 
     async def acall(self, fn: Callable[..., Awaitable[T]], *args: Any, **kwargs: Any) -> T:
+        """Await one attempt within the limit (under a bulkhead slot if there is a bulkhead)."""
+        if self.bulkhead is None:
+            return await self.bounded(fn, *args, **kwargs)
+        await self.bulkhead.aacquire()
+        try:
+            return await self.bounded(fn, *args, **kwargs)
+        finally:
+            self.bulkhead.release()
+
+    async def bounded(self, fn: Callable[..., Awaitable[T]], *args: Any, **kwargs: Any) -> T:
+        """Await ``fn`` under ``asyncio.timeout``: cancelled at the limit, in either mode."""
         limit = self.budget()
         attempt = _deadline.Deadline(self.clock.now() + limit, self.clock)
         cm: asyncio.Timeout | None = None
-        await self.bulkhead.aacquire()
         try:
             with _deadline.deadline_scope(attempt):
                 async with asyncio.timeout(limit) as cm:
@@ -174,5 +225,3 @@ class Timeout:
             if cm is not None and cm.expired():
                 raise self._expired(limit) from None
             raise  # the callee's own TimeoutError
-        finally:
-            self.bulkhead.release()

@@ -1,8 +1,9 @@
-"""The chain's success path (Policy.call's flat first attempt) decides as the full path does.
+"""The chain's success path: batched counting decides as unbatched counting does.
 
-A breaker with ``sync_interval = 0`` never offers the success path (every outcome merges at
-once), so the same script run through both policies must give the same results, the same
-breaker transitions and the same counts.
+There is one execution path. What keeps it cheap is the breaker layer counting a success
+locally while the breaker is plainly CLOSED (merged into the store later); a breaker with
+``sync_interval = 0`` merges every outcome at once. The same script run through both must
+give the same results, the same breaker transitions and the same counts.
 """
 
 from dataclasses import replace
@@ -51,19 +52,19 @@ def _run(policy: Policy, clock: FakeClock, script: str) -> list[str]:
     "ooooooooo" + "x" + "llllll" + "o",  # late results are failures too
     "o" * 30 + "x" * 29 + "o",  # the window holds all of it: 29/59 stays closed, 30/60 opens
 ])
-def test_both_paths_make_the_same_decisions(script):
+def test_batched_and_unbatched_counting_make_the_same_decisions(script):
     fast, fclock = _policy(f"fast-{len(script)}", fast=True)
     full, rclock = _policy(f"full-{len(script)}", fast=False)
-    took_full_path = []
-    layered = fast._call_full
-    fast._call_full = lambda *a: (took_full_path.append(1), layered(*a))[1]
+    merges = []
+    merge = fast.store.breaker_sync
+    fast.store.breaker_sync = lambda *a: (merges.append(1), merge(*a))[1]
     assert _run(fast, fclock, script) == _run(full, rclock, script)
     assert fast.breaker.state is full.breaker.state
-    # some calls really took the success path (not after a failure: the window is dirty then)
-    assert len(took_full_path) < len(script)
+    # successes really were batched (not after a failure: the window is dirty then)
+    assert len(merges) < len(script)
 
 
-def test_slow_successes_open_the_breaker_on_both_paths():
+def test_slow_successes_open_the_breaker_batched_or_not():
     results = []
     for fast in (True, False):
         p, clock = _policy(f"slow-{fast}", fast=fast, slow_call_duration=0.04,

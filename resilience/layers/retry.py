@@ -1,0 +1,92 @@
+"""Retry layer: attempt 1 runs inline; once it fails, tenacity runs attempts 2..n.
+
+A call is retried only if its dependency is idempotent or it carries an idempotency key. One
+that may not be retried and answered late keeps its answer (its effect happened; reporting a
+failure would hide it) - the breaker below has counted the timeout all the same.
+"""
+
+from __future__ import annotations
+
+import builtins
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from .. import deadline as _deadline
+from ..callstats import CallStats
+from ..chain import Call
+from ..errors import LateResult
+from ..events import EVENTS, CallFinished, EventBus
+from ..retry import Retrier
+
+__all__ = ["RetryLayer"]
+
+log = logging.getLogger(__name__)
+
+_get, _set, _reset = _deadline._current.get, _deadline._current.set, _deadline._current.reset
+
+
+class RetryLayer:
+    def __init__(
+        self,
+        retrier: Retrier,
+        *,
+        idempotent: bool,
+        stats: CallStats | None = None,
+        events: EventBus = EVENTS,
+    ) -> None:
+        self.retrier = retrier
+        self.idempotent = idempotent
+        self.stats = stats
+        self.events = events
+
+    def _first_failed(self, c: Call, first: Exception) -> bool:
+        """Count the request; True if the call may be retried."""
+        if self.stats is not None:
+            self.stats.fold()  # the budget sees every earlier success before a retry is decided
+        if self.retrier.budget is not None:
+            self.retrier.budget.record_request()
+        return self.idempotent or c.key is not None
+
+    def _kept(self, late: LateResult) -> Any:
+        log.warning("%s: answered after the attempt timeout; the result is kept (the call may "
+                    "not be retried, its effect happened)", self.retrier.name)
+        self.events.emit(CallFinished(self.retrier.name, "success"))
+        return late.result
+
+    @staticmethod
+    def _attempts(next: Callable[[Call], Any], c: Call) -> Callable[[], Any]:
+        """Attempts 2, 3, ... of ``c``, one per call."""
+        numbers = iter(range(2, 1 << 30))
+        return lambda: next(c._replace(attempt=builtins.next(numbers)))
+
+    def call(self, next: Callable[[Call], Any], c: Call) -> Any:
+        try:
+            return next(c)
+        except Exception as exc:  # cancellation and interrupts surface as they are
+            first = exc
+        if not self._first_failed(c, first):
+            if isinstance(first, LateResult):
+                return self._kept(first)
+            raise first
+        d = c.deadline  # published while tenacity waits, so it stops before the deadline
+        token = _set(d) if d is not None and d is not _get() else None
+        try:
+            result = self.retrier.resume(first, self._attempts(next, c))
+        finally:
+            if token is not None:
+                _reset(token)
+        self.events.emit(CallFinished(self.retrier.name, "success"))
+        return result
+
+    async def acall(self, next: Callable[[Call], Awaitable[Any]], c: Call) -> Any:
+        try:
+            return await next(c)
+        except Exception as exc:
+            first = exc
+        if not self._first_failed(c, first):
+            raise first
+
+        result = await self.retrier.aresume(first, self._attempts(next, c))
+        self.events.emit(CallFinished(self.retrier.name, "success"))
+        return result
