@@ -169,6 +169,9 @@ def _configure(app: Any, settings: Settings, topology: Topology) -> None:
     from workers.wakeup import LoopWakeup
 
     app.steps["consumer"].add(LoopWakeup)  # warm shutdown within ~1 s on every transport
+    from workers.liveness_step import Liveness
+
+    app.steps["consumer"].add(Liveness)  # heartbeats; Redis: the orphan sweep
 
 
 def _report_to_cluster(app: Any, settings: Settings) -> None:

@@ -52,6 +52,13 @@ class Settings(BaseSettings):
     # Celery task events (task-sent/received/started/succeeded/failed, and Tidegate's
     # task-deferred) for Flower and `celery events`; their cost: docs/delivery.md.
     task_events: bool = True
+    # Worker liveness (docs/delivery.md, "Worker loss"): each worker process beats every
+    # heartbeat_s with a key that lives heartbeat_ttl_s; on Redis the workers sweep (one at a
+    # time) every orphan_sweep_s for unacked messages of workers whose heartbeat is gone, so a
+    # SIGKILLed worker's tasks are back within about heartbeat_ttl_s + orphan_sweep_s.
+    worker_heartbeat_s: float = Field(default=5.0, gt=0, le=60)
+    worker_heartbeat_ttl_s: float = Field(default=15.0, gt=0, le=600)
+    orphan_sweep_s: float = Field(default=5.0, gt=0, le=300)
 
     # Queue for later (docs/queue-for-later.md). Queues are "tidegate-deferred-<dependency>"
     # (+ "-dlq") unless named or given by URL: "email=https://sqs.../q,search=my-queue".
@@ -124,6 +131,11 @@ class Settings(BaseSettings):
             raise ConfigError(
                 "TIDEGATE_VISIBILITY_TIMEOUT_S must exceed TIDEGATE_TASK_HARD_TIME_LIMIT_S, "
                 "or Redis/SQS redeliver tasks that are still running"
+            )
+        if self.worker_heartbeat_ttl_s < 2 * self.worker_heartbeat_s:
+            raise ConfigError(
+                "TIDEGATE_WORKER_HEARTBEAT_TTL_S must be at least twice "
+                "TIDEGATE_WORKER_HEARTBEAT_S, or one late beat declares a live worker dead"
             )
         return self
 

@@ -27,6 +27,12 @@ rings its queue's signal list in the restore's own transaction, so it is fetched
 rather than when the ``BRPOP`` times out. Every publish, fetch, ack and restore shares one
 redis-py client object per connection pool instead of building one per call as kombu does.
 
+Each record also names its holder, in the same script: ``_tidegate.unacked_holder`` maps the
+delivery tag to the liveness id of the worker that fetched it (:mod:`workers.liveness`), and
+kombu's index removal (ack, reject, every restore) drops that entry in its own pipeline. That
+is all :mod:`workers.orphans` needs to give a dead worker's messages back within seconds
+instead of after the visibility timeout.
+
 Everything else is kombu's, with kombu's defaults for the wire format: priorities (``sep``,
 ``priority_steps``: see ``workers.topology.REDIS_SEP``), bindings, the queue cycle, fanout
 (pub/sub), restore, ``global_keyprefix``. So stock clients (Flower, ``celery --broker=URL
@@ -50,9 +56,12 @@ from kombu.utils.encoding import bytes_to_str
 from kombu.utils.json import dumps, loads
 from redis import exceptions as redis_errors
 
+from workers import liveness
+
 SIGNAL_PREFIX = "_tidegate.signal."  # never "<queue><sep><n>": not a queue's sub-list
 SIGNAL_CAP = 100  # tokens kept per queue: wakes that many idle consumers at once
 SIGNAL_TTL_MS = 3_600_000  # a signal list nobody reads disappears; tokens are only hints
+HOLDERS_KEY = "_tidegate.unacked_holder"  # delivery tag -> liveness id of the worker holding it
 
 # KEYS[1] signal list. ARGV: 1 cap, 2 ttl ms. EVAL, not EVALSHA: kombu's key-prefixing client
 # rewrites EVALSHA's first key but leaves EVAL alone, so keys arrive here already prefixed.
@@ -62,15 +71,16 @@ redis.call('LTRIM', KEYS[1], 0, tonumber(ARGV[1]) - 1)
 redis.call('PEXPIRE', KEYS[1], ARGV[2])
 """
 
-# KEYS: unacked, unacked_index, then per queue: its signal list and its data lists in
-# priority-step order. ARGV: 1 queues, 2 steps, 3 now, 4 ttl ms, 5.. per queue "1" to record
-# as unacked ("0": consumed with no_ack). Pops the first message in kombu's BRPOP order
-# (priority step first, then queue) and records it in the same script. Returns nil or
+# KEYS: unacked, unacked_index, holders, then per queue: its signal list and its data lists
+# in priority-step order. ARGV: 1 queues, 2 steps, 3 now, 4 ttl ms, 5 holder (this worker's
+# liveness id, "" for none), 6.. per queue "1" to record as unacked ("0": consumed with
+# no_ack). Pops the first message in kombu's BRPOP order (priority step first, then queue)
+# and records it, and who holds it (workers.orphans), in the same script. Returns nil or
 # {queue index, payload, recorded}. A payload it cannot read is returned unrecorded: the
 # consumer then fails on it exactly as kombu does.
 FETCH = """
 local n, s, now = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3]
-local function base(i) return 2 + (i - 1) * (s + 1) end
+local function base(i) return 3 + (i - 1) * (s + 1) end
 local found, item, recorded = nil, nil, 0
 for p = 1, s do
   for i = 1, n do
@@ -79,7 +89,7 @@ for p = 1, s do
   end
   if found then break end
 end
-if found and ARGV[4 + found] == '1' then
+if found and ARGV[5 + found] == '1' then
   local ok, m = pcall(cjson.decode, item)
   local props = ok and type(m) == 'table' and m['properties']
   if type(props) == 'table' and type(props['delivery_tag']) == 'string'
@@ -92,6 +102,7 @@ if found and ARGV[4 + found] == '1' then
       redis.call('HSET', KEYS[1], tag,
                  '[' .. item .. ',' .. cjson.encode(ex) .. ',' .. cjson.encode(rk) .. ']')
       redis.call('ZADD', KEYS[2], now, tag)
+      if ARGV[5] ~= '' then redis.call('HSET', KEYS[3], tag, ARGV[5]) end
       recorded = 1
     end
   end
@@ -121,6 +132,10 @@ if "EVAL" in _prefixed.PREFIXED_SIMPLE_COMMANDS or "EVAL" in _prefixed.PREFIXED_
 
 class QoS(kombu_redis.QoS):
     """kombu's Redis QoS; a message the fetch script recorded is not recorded again."""
+
+    def _remove_from_indices(self, delivery_tag: str, pipe: Any = None) -> Any:
+        # ack, reject and every restore: the holder record goes in the same pipeline
+        return super()._remove_from_indices(delivery_tag, pipe).hdel(HOLDERS_KEY, delivery_tag)
 
     def append(self, message: Any, delivery_tag: str) -> None:
         if getattr(self.channel.connection, "recorded_tag", None) == delivery_tag:
@@ -260,12 +275,13 @@ class Channel(kombu_redis.Channel):
         queues = self._queue_cycle.consume(len(self.active_queues))
         if not queues:
             return None
-        keys = [self._key(self.unacked_key), self._key(self.unacked_index_key)]
+        keys = [self._key(self.unacked_key), self._key(self.unacked_index_key),
+                self._key(HOLDERS_KEY)]
         for queue in queues:
             keys.append(self.signal_key(queue))
             keys.extend(self._key(self._q_for_pri(queue, step)) for step in self.priority_steps)
         argv = [len(queues), len(self.priority_steps), repr(time()), SIGNAL_TTL_MS,
-                *("0" if self._no_ack.get(q) else "1" for q in queues)]
+                liveness.holder_id() or "", *("0" if self._no_ack.get(q) else "1" for q in queues)]
         with self.conn_or_acquire() as client:
             reply = client.eval(FETCH, len(keys), *keys, *argv)
         if not reply:
@@ -294,4 +310,5 @@ class Transport(kombu_redis.Transport):
     recorded_tag: str | None = None  # the message being handed over, recorded by FETCH
 
 
-__all__ = ["FETCH", "RING", "SIGNAL_PREFIX", "TRANSPORT_PATH", "Channel", "QoS", "Transport"]
+__all__ = ["FETCH", "HOLDERS_KEY", "RING", "SIGNAL_PREFIX", "TRANSPORT_PATH", "Channel", "QoS",
+           "Transport"]

@@ -1,8 +1,9 @@
 """A real worker SIGKILLed mid-task: idempotent work runs again and completes once;
 non-idempotent work is not run again, it is dead-lettered as "outcome unknown".
 
-On RabbitMQ the killed consumer's unacked messages return at once; on Redis after the
-visibility timeout (30 s in these tests, see ``_delivery.LIMITS``).
+On RabbitMQ the killed consumer's unacked messages return at once; on Redis within about
+20 s, by the orphan sweep (heartbeat TTL + one sweep interval; the visibility timeout, 30 s in
+these tests, see ``_delivery.LIMITS``, stays the last resort).
 """
 
 from __future__ import annotations
