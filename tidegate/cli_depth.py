@@ -14,7 +14,7 @@ __all__ = ["depth", "exporter", "register"]
 
 COLUMNS = ("name", "ready", "in_flight", "delayed", "oldest_age_s", "consumers", "dead_letter",
            "deferred", "backlog", "desired_workers", "target_per_worker", "processing_s",
-           "source", "error")
+           "live_workers", "orphaned", "source", "error")
 
 
 class DepthUnreadable(TransientError):
@@ -44,17 +44,22 @@ def _table(doc: dict[str, Any]) -> Any:
     from rich.table import Table
 
     table = Table(title=f"queue depth at {time.strftime('%H:%M:%S')}", title_justify="left")
-    for header in ("queue", "ready", "in flight", "oldest", "DLQ", "deferred", "consumers",
-                   "desired"):
+    for header in ("queue", "ready", "in flight", "dead held", "oldest", "DLQ", "deferred",
+                   "consumers", "workers", "desired"):
         table.add_column(header, justify="left" if header == "queue" else "right",
                          no_wrap=True)
     for q in doc["queues"]:
         dlq = _num(q["dead_letter"])
         if q["dead_letter"]:
             dlq = f"[bold red]{dlq}[/bold red]"
+        orphaned = _num(q["orphaned"])
+        if q["orphaned"]:  # held by dead workers: back on the queue at the next sweep
+            orphaned = f"[bold yellow]{orphaned}[/bold yellow]"
         name = q["name"] if not q["error"] else f"{q['name']} [red](unreadable)[/red]"
-        table.add_row(name, _num(q["ready"]), _num(q["in_flight"]), _num(q["oldest_age_s"], "s"),
-                      dlq, _num(q["deferred"]), _num(q["consumers"]), _num(q["desired_workers"]))
+        table.add_row(name, _num(q["ready"]), _num(q["in_flight"]), orphaned,
+                      _num(q["oldest_age_s"], "s"), dlq, _num(q["deferred"]),
+                      _num(q["consumers"]), _num(q["live_workers"]),
+                      _num(q["desired_workers"]))
     breakers = Table(title="breakers", title_justify="left")
     for header in ("dependency", "queue", "state", "trial in"):
         breakers.add_column(header)
@@ -75,7 +80,8 @@ def depth(
     interval: Annotated[float, typer.Option(min=0.2, help="Seconds between readings (--watch)")]
     = 2.0,
 ) -> None:
-    """Depth per queue: ready, in flight, oldest age, dead-letter, deferred, desired workers."""
+    """Depth per queue: ready, in flight (and held by dead workers), oldest age, dead-letter,
+    deferred, live and desired workers."""
     from tidegate.snapshot import Observer
     from workers.installation import installation, load_app
 

@@ -53,6 +53,10 @@ QUEUE_GAUGES = (
      "Backlog one worker may hold and meet the acceptable wait.", "target_per_worker"),
     ("tidegate_task_processing_seconds", "Mean recent task time (or the configured default).",
      "processing_s"),
+    ("tidegate_queue_live_workers", "Worker processes with a live heartbeat consuming the queue.",
+     "live_workers"),
+    ("tidegate_queue_orphaned_messages", "Unacked messages held by workers whose heartbeat "
+     "expired, until the orphan sweep restores them (Redis).", "orphaned"),
 )
 
 CLUSTER_COUNTERS = (
@@ -63,6 +67,11 @@ CLUSTER_COUNTERS = (
     ("tidegate_cluster_dead_letters", "Tasks dead-lettered, all processes.", ("queue",)),
     ("tidegate_cluster_producer_refused", "Enqueues refused by producers (backpressure = shed, "
      "rate_limited, broker_unavailable), all processes.", ("queue", "priority", "reason")),
+    ("tidegate_cluster_orphans_restored", "Unacked messages of dead workers put back on their "
+     "queue by the orphan sweep (Redis).", ("queue",)),
+    ("tidegate_cluster_orphan_wait_seconds", "Sum over restored orphans of the seconds from their "
+     "worker's last heartbeat to the restore (divide by orphans_restored: mean age).",
+     ("queue",)),
 )
 PRODUCER_REASONS = ("backpressure", "rate_limited")
 
@@ -135,6 +144,9 @@ def counter_families(snap: Snapshot, observer: Observer) -> Iterator[CounterMetr
                                         for r in REJECTION_REASONS],
         "tidegate_cluster_retries": [{"dependency": d} for d in deps],
         "tidegate_cluster_dead_letters": [{"queue": q} for q in observer.topology.work_queues],
+        "tidegate_cluster_orphans_restored": [{"queue": q} for q in observer.topology.work_queues],
+        "tidegate_cluster_orphan_wait_seconds": [{"queue": q}
+                                                 for q in observer.topology.work_queues],
         "tidegate_cluster_producer_refused": [
             {"queue": q, "priority": p.name.lower(), "reason": r}
             for q in observer.topology.work_queues for p in Priority for r in PRODUCER_REASONS],

@@ -1,8 +1,10 @@
 """One reading of the whole system: what the exporter, ``tidegate depth`` and the status page show.
 
 Per work queue: depth (ready, in flight, delayed, oldest age, consumers), its dead-letter
-queue's depth, the deferred count, and the desired workers; per dependency: the shared
-breaker state; and the cluster-wide counters (:mod:`workers.cluster_metrics`).
+queue's depth, the deferred count, the desired workers, the workers alive on it and the work
+held by dead ones until the orphan sweep restores it (:mod:`workers.liveness`); per
+dependency: the shared breaker state; and the cluster-wide counters
+(:mod:`workers.cluster_metrics`).
 
 A reading is cached for ``ttl_s`` and taken by one caller at a time, so a scrape storm (two
 Prometheus replicas, a status page left open on ten screens) costs the broker one probe per
@@ -16,7 +18,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from resilience.errors import TidegateError
@@ -25,6 +27,7 @@ from resilience.stores import RedisStore, redis_client
 from workers.autoscale import Autoscaler, ProcessingTimes, load_scaling_policies
 from workers.cluster_metrics import read_cluster_counters
 from workers.depth import DepthProbe, QueueDepth, probe_for
+from workers.liveness import Registry, live_workers_per_queue
 from workers.settings import Settings
 from workers.topology import Topology, load_topology
 
@@ -54,6 +57,8 @@ class QueueView:
     processing_s: float | None
     processing_observed: bool
     error: str | None = None
+    live_workers: int | None = None  # workers with a live heartbeat consuming it
+    orphaned: int | None = None  # unacked, held by workers whose heartbeat expired (Redis)
 
 
 @dataclass(frozen=True)
@@ -121,6 +126,7 @@ class Observer:
         autoscaler: Autoscaler | None = None,
         state_client: Any = None,
         deferred: DeferredCount | None = None,
+        liveness_client: Any = None,
         ttl_s: float = 1.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -138,6 +144,12 @@ class Observer:
         self.processing = ProcessingTimes(self.state)
         self.deferred = (deferred if deferred is not None
                          else deferred_counter(settings, self.topology))
+        # heartbeats live in the broker's Redis on a Redis broker, else in the state Redis
+        self.broker_redis = settings.transport == "redis"
+        self.liveness = liveness_client or (
+            redis_client(settings.broker_url, socket_timeout=STATE_TIMEOUT_S,
+                         socket_connect_timeout=STATE_TIMEOUT_S)
+            if self.broker_redis else self.state)
         self.breaker_configs = {
             d.name: (d.queue, PolicyConfig.from_mapping(d.name, d.policy).breaker)
             for d in self.topology.dependencies
@@ -178,7 +190,9 @@ class Observer:
         queues = list(self.topology.work_queues)
         dlqs = [self.topology.dead_letter_queue(q) for q in queues]
         depths = self._depths(queues + dlqs)
-        views = [self._queue_view(q, depths[q], depths[dlq], errors)
+        live, orphaned = self._liveness(queues, errors)
+        views = [replace(self._queue_view(q, depths[q], depths[dlq], errors),
+                         live_workers=live.get(q), orphaned=orphaned.get(q))
                  for q, dlq in zip(queues, dlqs, strict=True)]
         breakers = self._breakers(errors)
         try:
@@ -187,6 +201,21 @@ class Observer:
             errors.append(f"cluster counters: {_one_line(exc)}")
             counters = {}
         return Snapshot(time.time(), tuple(views), tuple(breakers), counters, tuple(errors))
+
+    def _liveness(self, queues: list[str],
+                  errors: list[str]) -> tuple[dict[str, int], dict[str, int]]:
+        """Live workers per queue; on Redis, unacked messages held by dead workers."""
+        try:
+            live = live_workers_per_queue(Registry(self.liveness), queues)
+            orphaned: dict[str, int] = {}
+            if self.broker_redis:
+                from workers.orphans import orphaned_per_queue
+
+                orphaned = orphaned_per_queue(self.liveness, set(queues))
+            return live, orphaned
+        except Exception as exc:
+            errors.append(f"worker heartbeats: {_one_line(exc)}")
+            return {}, {}
 
     def _queue_view(self, name: str, depth: QueueDepth | Exception,
                     dlq: QueueDepth | Exception, errors: list[str]) -> QueueView:

@@ -112,3 +112,43 @@ def test_an_acked_message_leaves_no_holder_and_one_sweeper_per_interval(channel)
     first, second = sweeper(channel, interval_s=30), sweeper(channel, interval_s=30)
     assert first.find() is not None
     assert second.find() is None  # the lock: another worker swept this interval
+
+
+def test_depth_and_exporter_show_live_workers_and_work_held_by_dead_ones(
+        channel, policy_file, state_redis, tmp_path):
+    """`tidegate depth` shows what dead workers hold until the sweep restores it; the exporter
+    counts live workers per queue and, through the workers' counter mirror, the restores."""
+    from tests.conftest import Broker, tidegate_env
+    from tests.integration.test_exporter import _depth_json
+    from tests.support.exporter import Exporter, sample
+    from workers.cluster_metrics import CounterMirror, read_cluster_counters
+
+    client = redis.Redis.from_url(REDIS_BROKER_URL, socket_timeout=5)
+    env = tidegate_env(Broker("redis", REDIS_BROKER_URL), policy_file)
+    publish(channel, 3)
+    for _ in range(2):
+        fetch_as(channel, "w-dead")
+    fetch_as(channel, "w-live")
+    beat(client, "w-live")
+    rows = {q["name"]: q for q in _depth_json(env)["queues"]}
+    assert (rows["search"]["in_flight"], rows["search"]["orphaned"]) == (3, 2)
+    assert (rows["search"]["live_workers"], rows["payments"]["live_workers"]) == (1, 0)
+    assert rows["payments"]["orphaned"] == 0
+
+    mirror = CounterMirror(state_redis)
+    mirror.flush()  # this process's counts from earlier tests
+    before = dict((tuple(lb.items()), v) for lb, v in read_cluster_counters(state_redis).get(
+        "tidegate_cluster_orphans_restored", [])).get((("queue", "search"),), 0.0)
+    assert sweeper(channel).sweep() == 2
+    mirror.flush()  # what each worker's mirror does every 5 s
+    rows = {q["name"]: q for q in _depth_json(env)["queues"]}
+    assert (rows["search"]["in_flight"], rows["search"]["orphaned"]) == (1, 0)
+    exporter = Exporter(env, tmp_path)
+    try:
+        s = exporter.samples()
+    finally:
+        exporter.stop()
+    assert sample(s, "tidegate_queue_live_workers", queue="search") == 1
+    assert sample(s, "tidegate_queue_orphaned_messages", queue="search") == 0
+    assert sample(s, "tidegate_cluster_orphans_restored_total", queue="search") == before + 2
+    assert sample(s, "tidegate_cluster_orphan_wait_seconds_total", queue="search") >= 0
