@@ -93,19 +93,22 @@ def _entry_doc(store: Any, entry: Any, now: float) -> dict[str, Any]:
 @deferred.command("list")
 def list_deferred(
     dependency: Annotated[str, typer.Argument(help="Dependency, e.g. email")],
-    limit: Annotated[int, typer.Option(min=0, max=1000, help=(
-        "Entries to show. SQS has no peek: each one shown counts as one receive toward the "
-        "DLQ's maxReceiveCount; 0 shows counts only"))] = 20,
+    peek: Annotated[int, typer.Option("--peek", "--limit", min=0, max=100, help=(
+        "Also show up to this many entries, oldest first. SQS has no peek: each entry shown "
+        "is received and stored again as a fresh copy (new message id), so it never counts "
+        "toward the DLQ. Default 0: counts only, from queue attributes, nothing received"))
+    ] = 0,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON")] = False,
 ) -> None:
-    """Counts of a dependency's deferred requests (and DLQ), and the oldest entries."""
+    """Counts of a dependency's deferred requests and its DLQ (no receive unless --peek)."""
     from workers.deferral import store_for
+    from workers.deferred_ops import peek as peek_entries
 
     app = _app()
     _queueing(app, dependency)
     store = store_for(dependency, _installed(app).settings, _installed(app).topology)
     stats = store.stats()
-    entries = store.peek(limit) if limit else []
+    entries = peek_entries(store, peek) if peek else []
     now = time.time()
     docs = [_entry_doc(store, e, now) for e in entries]
     resolved = store.resolve()
@@ -116,6 +119,7 @@ def list_deferred(
         "max_message_bytes": resolved.max_bytes,
         "max_receive_count": resolved.max_receive_count,
         "near_retention": sum(d["near_retention"] for d in docs), "entries": docs,
+        "peeked": bool(peek),
     }
     if as_json:
         typer.echo(json.dumps(summary))
@@ -128,6 +132,9 @@ def list_deferred(
                   f"flight, {stats.delayed} delayed, {stats.dead} in the DLQ "
                   f"(retention {resolved.retention_s} s, maxReceiveCount "
                   f"{resolved.max_receive_count})")
+    if peek:
+        console.print(f"peeked {len(docs)} entries: each was received once and stored again "
+                      "as a fresh copy (new message id, receive count 0)")
     if summary["near_retention"]:
         console.print(f"[red]{summary['near_retention']} shown entries are near the retention "
                       "period: replay them or SQS drops them[/red]")
@@ -169,6 +176,27 @@ def replay_deferred(
         stats = replayer.drain(stop, progress=show)
         show(stats)
     typer.echo(json.dumps({"dependency": dependency, **stats.as_dict()}))
+
+
+@deferred.command("redrive")
+def redrive_deferred(
+    dependency: Annotated[str, typer.Argument(help="Dependency, e.g. email")],
+    limit: Annotated[int | None, typer.Option(min=1, help=(
+        "Move at most this many (by receive/send/delete); default: all, with SQS's "
+        "StartMessageMoveTask where the endpoint has it"))] = None,
+) -> None:
+    """Move a dependency's deferred requests from its DLQ back to its deferral queue."""
+    from workers.deferral import store_for
+    from workers.deferred_ops import redrive
+
+    app = _app()
+    _queueing(app, dependency)
+    store = store_for(dependency, _installed(app).settings, _installed(app).topology)
+    result = redrive(store, limit)
+    logging.getLogger("tidegate.deferred").info(
+        "%s: redrive moved %d deferred requests from the DLQ (%s)", dependency, result.moved,
+        result.method)
+    typer.echo(json.dumps({"dependency": dependency, **result.as_dict()}))
 
 
 def register(app: typer.Typer) -> None:

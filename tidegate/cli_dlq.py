@@ -108,15 +108,13 @@ def replay(
             chosen.append(found[0])
         for r in chosen:  # refuse before doing anything
             check_replayable(r, force=force)
-    else:
+    blocked: list[Any] = []
+    if all_:
+        # Replay what may be replayed; list what needs --force instead of refusing the batch.
         chosen = [r for r in records if r.replayable]
-        blocked = [r for r in chosen if r.needs_force]
-        if blocked and not force:
-            raise NotReplayable(
-                f"{len(blocked)} record(s) are non-idempotent tasks without an idempotency key "
-                f"(e.g. {blocked[0].id}, {blocked[0].task}, {blocked[0].reason}); their effect "
-                "may already have happened. Check the downstream, then use --force"
-            )
+        if not force:
+            blocked = [r for r in chosen if r.needs_force]
+            chosen = [r for r in chosen if not r.needs_force]
     skipped = [r for r in records if not r.replayable] if all_ else []
     wanted_ids = {r.id for r in chosen}
 
@@ -150,7 +148,9 @@ def replay(
     missing = wanted_ids - {r["id"] for r in replayed}
     if as_json:
         typer.echo(json.dumps({"replayed": replayed, "skipped": [
-            {"id": r.id, "reason": r.reason} for r in skipped], "gone": sorted(missing)}))
+            {"id": r.id, "reason": r.reason} for r in skipped], "needs_force": [
+            {"id": r.id, "task": r.task, "reason": r.reason} for r in blocked],
+            "gone": sorted(missing)}))
     else:
         typer.echo(f"replayed {len(replayed)} record(s) from {queue}.dlq onto {queue}")
         if skipped:
@@ -158,6 +158,12 @@ def replay(
                        "see `tidegate dlq show`")
         if missing:
             typer.echo(f"{len(missing)} record(s) left the DLQ meanwhile: {', '.join(missing)}")
+        if blocked:
+            typer.echo(f"left {len(blocked)} record(s) in {queue}.dlq: non-idempotent tasks "
+                       "without an idempotency key, whose effect may already have happened. "
+                       "Check the downstream, then replay them with --force:")
+            for r in blocked:
+                typer.echo(f"  {r.id}  {r.task}  {r.reason}")
     if ids and missing:
         raise typer.Exit(1)
     _ = NotReplayable  # raised above through check_replayable

@@ -96,3 +96,27 @@ def test_unreachable_broker_is_one_line_exit_3_without_the_password(fast_policy)
     assert result.returncode == 3
     assert "broker unreachable" in result.stderr and "s3cret" not in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_replay_all_replays_what_it_may_and_lists_what_needs_force(
+        broker, sims, producer, start_worker, worker_env, celery_app, fast_policy):
+    sims["payments"].control(mode="down")
+    start_worker("payments", env=worker_env)
+    unkeyed = producer.enqueue("payments.charge", ["acct-u", 5], priority="critical")
+    keyed = producer.enqueue("payments.charge", ["acct-k", 7], priority="critical",
+                             idempotency_key="charge-k")
+    wait_dead(celery_app, "payments", 2)
+    sims["payments"].control(mode="healthy")
+
+    out = cli(broker, fast_policy, "dlq", "replay", "payments", "--all", "--json")
+    assert out.returncode == 0, out.stderr
+    doc = json.loads(out.stdout)
+    assert [r["task_id"] for r in doc["replayed"]] == [keyed.id]
+    [blocked] = doc["needs_force"]
+    [left] = dead_letters(celery_app, "payments")
+    assert blocked["id"] == left.id and left.task_id == unkeyed.id
+    wait_until(lambda: sims["payments"].ledger()["applied"] == 1, 30, message="keyed charge")
+
+    text = cli(broker, fast_policy, "dlq", "replay", "payments", "--all")
+    assert text.returncode == 0 and "replayed 0" in text.stdout
+    assert "--force" in text.stdout and left.id in text.stdout
