@@ -114,6 +114,10 @@ def test_shop_jobs_from_the_cli_and_the_api_run_on_the_shops_own_worker(shop):
                         message="the capture")
     assert effect["payload"] == {"order_id": "o-1", "amount_cents": 2400}
     assert shop.worker.alive()
+    depth = shop.tidegate("-A", "shop", "depth", "--json")  # the option before the command
+    assert depth.returncode == 0, depth.stderr
+    assert [q["name"] for q in json.loads(depth.stdout)["queues"]] == [
+        "inventory", "payments", "default"]
 
 
 def test_a_failed_capture_is_dead_lettered_and_a_retried_reservation_applies_once(shop):
