@@ -15,6 +15,16 @@ absent, and report what was there, atomically. The worker skips it where nothing
 waiting for Redis' reply when the store has a :class:`~workers.redis_line.ReplyLater` line
 (the worker's does): it reaches Redis before the task's ack, and the task does not wait.
 
+**Run leases.** A ``started`` mark alone cannot tell a run that is still going from one whose
+worker died. So each run also holds a lease, ``tidegate:idem-run:<task>:<key>``, with a short
+TTL (``LEASE_S``) that a thread in the worker process keeps extending while the run lasts and
+that ``finish``, ``release`` and ``dead`` delete. A delivery that finds the mark ``started``
+(or absent) while another run holds the lease knows that run is in flight, in this worker or
+another live one (:attr:`Mark.live`); ``workers.resilient`` then parks it instead of running
+it alongside. The lease is taken in the same pipelined round trip as the mark (``SET NX``), so
+it costs no extra wait; the first run of fresh idempotent work, which skips the mark read,
+sends its lease without waiting (:meth:`IdempotencyStore.hold`).
+
 The mark is keyed by the idempotency key when the task carries one, otherwise by the task id
 (which survives broker redelivery and Celery retries). A mark outlives any redelivery: its
 TTL (``TIDEGATE_IDEMPOTENCY_TTL_S``, default 7 days) must exceed the longest time a message
@@ -24,8 +34,10 @@ can spend in a queue, DLQ replays included.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
+import threading
 import time
 from dataclasses import dataclass
 from enum import StrEnum
@@ -36,6 +48,9 @@ from workers.redis_line import ReplyLater, ReplyLaterError
 
 DEFAULT_TTL_S = 7 * 24 * 3600
 PREFIX = "tidegate:idem"
+LEASE_S = 10.0  # a run's lease outlives its worker by at most this
+
+log = logging.getLogger("tidegate.worker")
 
 # Redis < 7.0 only (SET cannot combine NX and GET there). KEYS[1] mark. ARGV: 1 started-record,
 # 2 ttl ms. Returns the mark already there, or nil once it has set ours.
@@ -67,6 +82,8 @@ class Mark:
     worker: str | None = None
     at: float | None = None
     result: Any = None
+    live: bool = False  # another run of this mark holds its lease: it is in flight right now
+    leased: bool = False  # this run holds the lease (until ``let_go``)
 
 
 def ttl_from_env() -> int:
@@ -86,7 +103,7 @@ class IdempotencyStore:
     """Marks in Redis under ``tidegate:idem:<task>:<key>``. Thread-safe (redis-py pools)."""
 
     def __init__(self, client: Any, ttl_s: int = DEFAULT_TTL_S, prefix: str = PREFIX, *,
-                 replies: ReplyLater | None = None) -> None:
+                 replies: ReplyLater | None = None, lease_s: float = LEASE_S) -> None:
         import redis
 
         if ttl_s <= 0:
@@ -99,6 +116,8 @@ class IdempotencyStore:
         self._errors = (redis.exceptions.RedisError, OSError)
         self._syntax_error = redis.exceptions.ResponseError
         self._later = replies
+        self._leases = Leases(client, lease_s)
+        self._token = f"{socket.gethostname()}:{os.getpid()}"
 
     def key(self, task: str, key: str) -> str:
         return f"{self.prefix}:{task}:{key}"
@@ -109,28 +128,64 @@ class IdempotencyStore:
         except self._errors as exc:
             raise StoreUnavailable(f"idempotency store unreachable ({what}): {exc}") from None
 
+    def lease_key(self, task: str, key: str) -> str:
+        # Beside the marks, not under them: whatever scans the marks reads JSON records only.
+        return f"{self.prefix}-run:{task}:{key}"
+
     def begin(self, task: str, key: str, worker: str | None = None) -> Mark:
-        """Take the ``started`` mark atomically, or report the mark already there."""
+        """Take the ``started`` mark atomically, or report the mark already there; and take
+        the run's lease unless another run holds it (then the mark is ``live``)."""
         record = json.dumps({"s": "started", "w": worker or socket.gethostname(),
                              "t": time.time()})
-        name = self.key(task, key)
-        raw = self._guard("begin", lambda: self._take(name, record))
+        name, lease = self.key(task, key), self.lease_key(task, key)
+        raw, leased = self._guard("begin", lambda: self._take(name, record, lease))
         if raw is None:
-            return Mark(key, MarkState.NEW)
+            if not leased:
+                # No mark, yet a lease: a fresh run (no mark until done) is in flight.
+                return Mark(key, MarkState.NEW, live=True)
+            self._leases.hold(lease)
+            return Mark(key, MarkState.NEW, leased=True)
         doc = json.loads(raw)
-        return Mark(key, MarkState(doc["s"]), doc.get("w"), doc.get("t"), doc.get("r"))
+        state = MarkState(doc["s"])
+        if leased and state is MarkState.STARTED:
+            self._leases.hold(lease)  # the earlier run's lease had lapsed: this run takes over
+        elif leased:
+            self._guard("begin", lambda: self.client.delete(lease))  # done/dead: not a run
+        return Mark(key, state, doc.get("w"), doc.get("t"), doc.get("r"),
+                    live=state is MarkState.STARTED and not leased,
+                    leased=leased and state is MarkState.STARTED)
 
-    def _take(self, name: str, record: str) -> Any:
-        # One plain command, on every delivery's path: cheaper than the script, same atomicity
-        # (set only if absent, and report what was there).
+    def _take(self, name: str, record: str, lease: str) -> tuple[Any, bool]:
+        # One round trip, on every delivery's path: the mark (set only if absent, and report
+        # what was there: SET NX GET, or a script before Redis 7.0) and the run's lease.
+        pipe = self.client.pipeline(transaction=False)
         if self._set_nx_get:
+            pipe.set(name, record, nx=True, get=True, px=self.ttl_ms)
+        else:
+            self._begin(keys=[name], args=[record, self.ttl_ms], client=pipe)
+        pipe.set(lease, self._token, nx=True, px=self._leases.ttl_ms)
+        try:
+            raw, leased = pipe.execute()
+        except self._syntax_error as exc:
+            if not self._set_nx_get or "syntax" not in str(exc).lower():
+                raise
+            self._set_nx_get = False
+            return self._take(name, record, lease)
+        return raw, bool(leased)
+
+    def hold(self, task: str, key: str) -> None:
+        """The lease alone, for a run that takes no mark first (fresh idempotent work): sent
+        without waiting where the store has a reply-later line."""
+        lease = self.lease_key(task, key)
+        if self._later is None:
+            self._guard("hold", lambda: self.client.set(lease, self._token,
+                                                        px=self._leases.ttl_ms))
+        else:
             try:
-                return self.client.set(name, record, nx=True, get=True, px=self.ttl_ms)
-            except self._syntax_error as exc:
-                if "syntax" not in str(exc).lower():
-                    raise
-                self._set_nx_get = False
-        return self._begin(keys=[name], args=[record, self.ttl_ms])
+                self._later.send("SET", lease, self._token, "PX", self._leases.ttl_ms)
+            except ReplyLaterError as exc:
+                raise StoreUnavailable(f"idempotency store unreachable (hold): {exc}") from None
+        self._leases.hold(lease)
 
     def finish(self, task: str, key: str, result: Any = None) -> None:
         """Mark the effect as done; later duplicates are acked without running."""
@@ -138,23 +193,32 @@ class IdempotencyStore:
             doc = json.dumps({"s": "done", "t": time.time(), "r": result}, default=str)
         except (TypeError, ValueError):
             doc = json.dumps({"s": "done", "t": time.time(), "r": None})
+        lease = self.lease_key(task, key)
         if self._later is None:
-            self._guard("finish", lambda: self.client.set(self.key(task, key), doc,
-                                                          px=self.ttl_ms))
+            self._guard("finish", lambda: self.client.pipeline(transaction=False).set(
+                self.key(task, key), doc, px=self.ttl_ms).delete(lease).execute())
             return
         try:
             self._later.send("SET", self.key(task, key), doc, "PX", self.ttl_ms)
+            self._later.send("DEL", lease)
         except ReplyLaterError as exc:
             raise StoreUnavailable(f"idempotency store unreachable (finish): {exc}") from None
 
+    def let_go(self, task: str, key: str) -> None:
+        """The run is over: stop extending its lease (``finish``, ``release`` and ``dead``
+        delete it; after any other end it lapses within ``LEASE_S``)."""
+        self._leases.drop(self.lease_key(task, key))
+
     def close(self) -> None:
         """Read the replies still owed to the done marks (at worker shutdown)."""
+        self._leases.stop()
         if self._later is not None:
             self._later.close()
 
     def release(self, task: str, key: str) -> None:
         """Drop the mark: nothing reached the dependency, so a later try is a first try."""
-        self._guard("release", lambda: self.client.delete(self.key(task, key)))
+        lease = self.lease_key(task, key)
+        self._guard("release", lambda: self.client.delete(self.key(task, key), lease))
 
     def peek(self, task: str, key: str) -> Mark | None:
         raw = self._guard("peek", lambda: self.client.get(self.key(task, key)))
@@ -166,7 +230,59 @@ class IdempotencyStore:
     def dead(self, task: str, key: str, record_id: str) -> None:
         """The message went to the DLQ: a duplicate delivery is acked, replay clears this."""
         doc = json.dumps({"s": "dead", "t": time.time(), "r": record_id})
-        self._guard("dead", lambda: self.client.set(self.key(task, key), doc, px=self.ttl_ms))
+        lease = self.lease_key(task, key)
+        self._guard("dead", lambda: self.client.pipeline(transaction=False).set(
+            self.key(task, key), doc, px=self.ttl_ms).delete(lease).execute())
+
+
+class Leases:
+    """The run leases this process holds, extended every ``ttl/4`` by one daemon thread
+    (started with the first lease, so in a prefork child, never in the parent)."""
+
+    def __init__(self, client: Any, ttl_s: float) -> None:
+        self.client = client
+        self.ttl_ms = int(ttl_s * 1000)
+        self._held: dict[str, int] = {}  # lease key -> runs of this process holding it
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._pid = os.getpid()
+
+    def hold(self, lease: str) -> None:
+        with self._lock:
+            self._held[lease] = self._held.get(lease, 0) + 1
+            if self._thread is None or self._pid != os.getpid():
+                self._pid, self._wake = os.getpid(), threading.Event()
+                self._thread = threading.Thread(target=self._refresh, daemon=True,
+                                                name="tidegate-leases")
+                self._thread.start()
+
+    def drop(self, lease: str) -> None:
+        with self._lock:
+            n = self._held.pop(lease, 0) - 1
+            if n > 0:
+                self._held[lease] = n
+
+    def held(self) -> list[str]:
+        with self._lock:
+            return list(self._held)
+
+    def stop(self) -> None:
+        self._wake.set()
+
+    def _refresh(self) -> None:
+        wake = self._wake
+        while not wake.wait(self.ttl_ms / 4000):
+            leases = self.held()
+            if not leases:
+                continue
+            try:
+                pipe = self.client.pipeline(transaction=False)
+                for lease in leases:
+                    pipe.pexpire(lease, self.ttl_ms)
+                pipe.execute()
+            except Exception as exc:  # Redis away: the leases may lapse, runs go on
+                log.warning("run leases not extended: %s", exc)
 
 
 def mark_key(idempotency_key: str | None, task_id: str | None) -> str:

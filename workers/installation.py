@@ -154,7 +154,10 @@ def _configure(app: Any, settings: Settings, topology: Topology) -> None:
         task_soft_time_limit=settings.task_soft_time_limit_s,
         task_time_limit=settings.task_hard_time_limit_s,
         worker_prefetch_multiplier=1,
-        worker_cancel_long_running_tasks_on_connection_loss=True,
+        # A connection loss does not kill running tasks (prefork would terminate them, then
+        # respawn children for seconds): they finish and record their outcome in the marks,
+        # and RabbitMQ's redelivered copy is parked until then (workers.resilient).
+        worker_cancel_long_running_tasks_on_connection_loss=False,
         worker_hijack_root_logger=False,
         broker_connection_timeout=settings.connect_timeout_s,
         broker_connection_retry_on_startup=True,

@@ -79,6 +79,7 @@ __all__ = ["DEFERRED", "Execution", "ResilientTask", "current_execution", "resil
 DEFERRED = "DEFERRED"
 RETRYABLE = (TransientError, OSError, TimeoutError)
 REFUSAL_MAX_WAIT_S = 120.0  # longest countdown for a task refused before any call
+PARK_S = 1.0  # a redelivery parked behind a run in flight comes back after 1-1.5 s
 FLAGS_REDELIVERY = frozenset({"redis", "amqp"})  # transports that mark a redelivered message
 _current: contextvars.ContextVar[Execution | None] = contextvars.ContextVar(
     "tidegate_execution", default=None
@@ -105,6 +106,7 @@ class Execution:
     redelivered: bool = False  # the broker says an earlier delivery was not acked
     fresh: bool = False  # first delivery of a task id the Producer generated (h.FRESH_ID)
     effect_attempted: bool = False  # a write reached (or may have reached) a dependency
+    leased: bool = False  # this delivery holds its mark's run lease (workers.idempotency)
     fallbacks: list[str] = field(default_factory=list)
 
     @property
@@ -287,10 +289,13 @@ class ResilientTask(Task):
                 _current.reset(token)
         ex = self._execution(args, kwargs)
         token = _current.set(ex)
+        state = state_for(self.app)
         try:
-            return self._deliver(state_for(self.app), ex, args, kwargs)
+            return self._deliver(state, ex, args, kwargs)
         finally:
             _current.reset(token)
+            if ex.leased:
+                state.idempotency.let_go(self.name, ex.mark)
 
     def _static(self) -> _Static:
         """What every delivery of this task shares: worked out on the first one."""
@@ -356,6 +361,14 @@ class ResilientTask(Task):
                 return self._retry_or_dead_letter(state, ex, exc, nothing_called=True)
         else:
             mark = Mark(ex.mark, MarkState.NEW)  # a round trip saved: nothing can be there
+            try:  # no mark, but a lease, so a redelivery can see this run is in flight
+                state.idempotency.hold(self.name, ex.mark)
+                ex.leased = True
+            except StoreUnavailable as exc:
+                log.warning("%s[%s]: run lease not taken: %s", ex.task, ex.task_id, exc)
+        ex.leased = ex.leased or mark.leased
+        if mark.live:
+            return self._park(ex, mark)
         if mark.state is MarkState.DONE:
             log.info("%s[%s]: duplicate of a finished task (key %s); acked, not run", ex.task,
                      ex.task_id, ex.mark)
@@ -414,6 +427,25 @@ class ResilientTask(Task):
         return result
 
     # -- outcomes ------------------------------------------------------------------------
+    def _park(self, ex: Execution, mark: Mark) -> Any:
+        """An earlier run of this mark is in flight (its lease is live): publish this delivery
+        again with a short countdown and ack it, so it runs, or is acked as a duplicate, once
+        that run's outcome is in the mark. Not an attempt: the retry count stays as it was."""
+        delay = PARK_S * random.uniform(1.0, 1.5)
+        log.warning("%s[%s]: redelivered while an earlier run (%s) is still in flight; parked "
+                    "for %.1fs, not run alongside it", ex.task, ex.task_id,
+                    mark.worker or "no mark yet", delay)
+        req = self.request
+        headers = {**ex.headers, h.ATTEMPT: ex.attempt, h.FIRST_SEEN: ex.first_seen}
+        parked = self.signature_from_request(req, countdown=delay, retries=req.retries or 0,
+                                             headers=headers)
+        try:
+            parked.apply_async()
+        except Exception as exc:  # not published: the broker has it until we ack
+            raise Reject(f"not parked: {exc}", requeue=True) from exc
+        raise Retry(f"parked behind an earlier run in flight ({ex.mark})", when=delay,
+                    sig=parked)
+
     def _retry_or_dead_letter(self, state: WorkerState, ex: Execution, exc: BaseException, *,
                               nothing_called: bool) -> Any:
         if nothing_called:

@@ -21,16 +21,49 @@ class OldRedis:
         self.set_calls += 1
         if kwargs.get("nx") and kwargs.get("get"):
             raise redis.exceptions.ResponseError("ERR syntax error")
+        if kwargs.get("nx") and name in self.data:
+            return None
         self.data[name] = value
         return True
 
+    def delete(self, *names: str) -> int:
+        return sum(self.data.pop(n, None) is not None for n in names)
+
     def register_script(self, _source: str):
-        def begin(keys: list[str], args: list[object]) -> str | None:
+        def begin(keys: list[str], args: list[object], client: object = None) -> object:
+            if client is not None and client is not self:  # queued on a pipeline
+                return client._queue(lambda: begin(keys, args))
             if keys[0] in self.data:
                 return self.data[keys[0]]
             self.data[keys[0]] = str(args[0])
             return None
         return begin
+
+    def pipeline(self, transaction: bool = True) -> Pipe:
+        return Pipe(self)
+
+
+class Pipe:
+    """A pipeline of OldRedis: commands queued, run in order by ``execute`` (errors raised)."""
+
+    def __init__(self, client: OldRedis) -> None:
+        self.client, self.calls = client, []
+
+    def _queue(self, call) -> Pipe:
+        self.calls.append(call)
+        return self
+
+    def set(self, *a: object, **k: object) -> Pipe:
+        return self._queue(lambda: self.client.set(*a, **k))
+
+    def delete(self, *names: str) -> Pipe:
+        return self._queue(lambda: self.client.delete(*names))
+
+    def pexpire(self, name: str, ms: int) -> Pipe:
+        return self._queue(lambda: name in self.client.data)
+
+    def execute(self) -> list[object]:
+        return [call() for call in self.calls]
 
 
 def test_begin_falls_back_to_the_script_once_on_a_server_without_set_nx_get() -> None:
@@ -38,7 +71,7 @@ def test_begin_falls_back_to_the_script_once_on_a_server_without_set_nx_get() ->
     store = IdempotencyStore(client, ttl_s=60)
     assert store.begin("t", "task:1", worker="w").state is MarkState.NEW
     assert store.begin("t", "task:1", worker="w").state is MarkState.STARTED
-    assert client.set_calls == 1  # asked once, then the script only
+    assert client.set_calls == 3  # SET NX GET asked once (then the script), + 2 lease SETs
     store.finish("t", "task:1", 7)
     mark = store.begin("t", "task:1")
     assert (mark.state, mark.result) == (MarkState.DONE, 7)
