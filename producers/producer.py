@@ -37,6 +37,7 @@ from workers.topology import Topology, broker_priority
 
 from . import metrics
 from .backpressure import Throttle, load_backpressure
+from .broker_gate import BrokerGate
 from .deferral import DeferralGate
 
 __all__ = ["AUTO", "AsyncProducer", "EnqueueResult", "Job", "Producer", "client_limiter",
@@ -152,6 +153,8 @@ class Producer:
         self.deferral = (DeferralGate.from_settings(self.settings, self.topology, state)
                          if deferral is AUTO else deferral)
         self.limiter = limiter
+        # Known down -> refused at once, re-probed in the background (producers.broker_gate).
+        self._gate = BrokerGate(self._probe_broker)
 
     # -- validation -------------------------------------------------------------------------
     def task_names(self) -> list[str]:
@@ -288,12 +291,31 @@ class Producer:
 
     @contextlib.contextmanager
     def _producer(self) -> Iterator[Any]:
+        self._check_gate()
         try:
             with self.app.producer_or_acquire() as producer:
                 yield producer
         except (OperationalError, KombuError, OSError, TimeoutError) as exc:
+            self._gate.trip(exc)
             raise BrokerUnavailable(f"broker unreachable at {self._safe_broker()}: {exc}"
                                     ) from None
+
+    def _check_gate(self, p: _Prepared | None = None) -> None:
+        down = self._gate.down_for()
+        if down is None:
+            return
+        if p is not None:
+            self._refused(p, "broker_unavailable")
+        raise BrokerUnavailable(f"broker unreachable at {self._safe_broker()}: down for "
+                                f"{down[0]:.1f}s ({down[1]}); re-probing in the background")
+
+    def _probe_broker(self) -> None:
+        """Connect afresh, once, within the connect timeout (the gate's background probe)."""
+        conn = self.app.connection_for_write()
+        try:
+            conn.ensure_connection(max_retries=1, timeout=self.settings.connect_timeout_s)
+        finally:
+            conn.release()
 
     def _publish_options(self) -> dict[str, Any]:
         if self.settings.transport != "amqp":
@@ -306,6 +328,7 @@ class Producer:
         return {"mandatory": True, "timeout": t, "confirm_timeout": t}
 
     def _publish(self, p: _Prepared, producer: Any = None) -> None:
+        self._check_gate(p)
         now = time.time()
         message_headers = {
             h.PRIORITY: p.priority.name,
@@ -333,6 +356,7 @@ class Producer:
                 self.app.send_task(p.task, **options)
         except (OperationalError, KombuError, OSError, TimeoutError) as exc:
             self._refused(p, "broker_unavailable")
+            self._gate.trip(exc)
             raise BrokerUnavailable(
                 f"broker unreachable at {self._safe_broker()}: {exc}"
             ) from None

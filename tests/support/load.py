@@ -116,10 +116,12 @@ class Accounting:
 
 
 def longest_stall(accepted: dict[str, tuple[str, float]], applied: list[dict[str, Any]],
-                  done_at: dict[str, float]) -> float:
+                  done_at: dict[str, float], since: float = 0.0) -> float:
     """The longest gap between two applications (or the last one and now) during which some
-    accepted job that was already waiting stayed undone."""
-    times = [a["applied_at"] for a in applied]
+    accepted job that was already waiting stayed undone; gaps ending before ``since`` (wall
+    time: an outage the drill caused on purpose) do not count."""
+    times = [since] if since else []
+    times += [a["applied_at"] for a in applied if a["applied_at"] >= since]
     edges = list(itertools.pairwise(times))
     if times:
         edges.append((times[-1], time.time()))
@@ -134,7 +136,7 @@ def longest_stall(accepted: dict[str, tuple[str, float]], applied: list[dict[str
     return longest
 
 
-def account(load: MixedLoad, sims: dict[str, Any], app: Any) -> Accounting:
+def account(load: MixedLoad, sims: dict[str, Any], app: Any, since: float = 0.0) -> Accounting:
     applied = applications(sims)
     per_job = Counter(job_of(a) for a in applied)
     first_applied: dict[str, float] = {}
@@ -152,7 +154,7 @@ def account(load: MixedLoad, sims: dict[str, Any], app: Any) -> Accounting:
         dead_lettered=sum(1 for job in accepted if job in dead),
         lost=sorted(job for job in accepted if not per_job[job] and job not in dead),
         doubled={job: n for job, n in per_job.items() if n > 1},
-        stall_s=longest_stall(accepted, applied, done_at),
+        stall_s=longest_stall(accepted, applied, done_at, since),
         conflicts=sum(sims[n].ledger()["conflicts"] for n in ("payments", "search")),
         reasons=Counter(reason for job, reason in dead.items() if job in accepted),
         served_unaccepted=sum(1 for job in refused_jobs if per_job[job]),
