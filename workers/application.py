@@ -57,7 +57,8 @@ def transport_options(settings: Settings) -> dict[str, Any]:
         return {
             "region": settings.sqs_region,
             "queue_name_prefix": settings.sqs_queue_prefix,  # one namespace per environment
-            "visibility_timeout": settings.visibility_timeout_s,
+            # short: workers extend what they hold (workers.visibility), a dead one's return
+            "visibility_timeout": settings.sqs_visibility_timeout_s,
             "wait_time_seconds": 1,
             "polling_interval": 0.2,
             "is_secure": (settings.sqs_endpoint_url or "https").startswith("https"),

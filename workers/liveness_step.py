@@ -2,7 +2,7 @@
 
 Every broker: the heartbeat (:mod:`workers.liveness`). Redis with the reliable fetch: the
 orphan sweep too (:mod:`workers.orphans`), on the heartbeat's thread with a connection of its
-own. They start
+own. SQS: the visibility extension (:mod:`workers.visibility`) on a second thread. They start
 before the consumer's first fetch and stop after the pool's last task (``worker_shutdown``):
 a warm shutdown still finishing a long task keeps beating, and keeps its messages.
 """
@@ -97,6 +97,14 @@ class LivenessThreads:
         self._heartbeat.start_holding()
         tick = min(s.worker_heartbeat_s, s.orphan_sweep_s) if self.sweeps else s.worker_heartbeat_s
         self._threads.append(Periodic("tidegate-liveness", tick, self.tick).start())
+        if s.transport == "sqs":
+            from workers.depth import sqs_client
+            from workers.visibility import VisibilityExtender, held_messages
+
+            extender = VisibilityExtender(sqs_client(s), lambda: held_messages(self.consumer),
+                                          s.sqs_visibility_timeout_s)
+            self._threads.append(Periodic("tidegate-sqs-visibility", s.worker_heartbeat_s,
+                                          extender.extend).start())
         log.info("liveness: worker %s beats every %.1f s (TTL %.1f s)%s", self.record.id,
                  s.worker_heartbeat_s, s.worker_heartbeat_ttl_s,
                  f"; orphan sweep every {s.orphan_sweep_s:.1f} s" if self.sweeps else "")

@@ -59,6 +59,9 @@ class Settings(BaseSettings):
     worker_heartbeat_s: float = Field(default=5.0, gt=0, le=60)
     worker_heartbeat_ttl_s: float = Field(default=15.0, gt=0, le=600)
     orphan_sweep_s: float = Field(default=5.0, gt=0, le=300)
+    # SQS brokers: the work queues' visibility timeout. Workers extend what they hold every
+    # heartbeat, so this bounds how long a dead worker's tasks stay hidden, not a task's length.
+    sqs_visibility_timeout_s: int = Field(default=20, ge=1, le=12 * 3600)
 
     # Queue for later (docs/queue-for-later.md). Queues are "tidegate-deferred-<dependency>"
     # (+ "-dlq") unless named or given by URL: "email=https://sqs.../q,search=my-queue".
@@ -136,6 +139,11 @@ class Settings(BaseSettings):
             raise ConfigError(
                 "TIDEGATE_WORKER_HEARTBEAT_TTL_S must be at least twice "
                 "TIDEGATE_WORKER_HEARTBEAT_S, or one late beat declares a live worker dead"
+            )
+        if self.sqs_visibility_timeout_s < 2 * self.worker_heartbeat_s:
+            raise ConfigError(
+                "TIDEGATE_SQS_VISIBILITY_TIMEOUT_S must be at least twice "
+                "TIDEGATE_WORKER_HEARTBEAT_S (held messages are extended every heartbeat)"
             )
         return self
 

@@ -165,7 +165,7 @@ class Target:
     settings: dict[str, object]
 
 
-@pytest.fixture(params=["redis"])
+@pytest.fixture(params=["redis", "sqs"])
 def target(request, redis_up, tmp_path, monkeypatch) -> Target:
     if request.param == "redis":
         redis.Redis.from_url(REDIS_BROKER_URL, socket_timeout=5).flushdb()

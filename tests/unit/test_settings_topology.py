@@ -17,8 +17,8 @@ def test_defaults_are_bounded():
     assert s.broker_url == "redis://127.0.0.1:6379/0"
     assert 0 < s.connect_timeout_s <= 60 and 0 < s.read_timeout_s <= 300
     assert s.task_soft_time_limit_s < s.task_hard_time_limit_s < s.visibility_timeout_s
-    # a dead worker's tasks back within 30 s: TTL + one sweep (Redis)
-    assert s.worker_heartbeat_ttl_s + s.orphan_sweep_s < 30
+    # a dead worker's tasks back within 30 s: TTL + one sweep (Redis), the timeout (SQS)
+    assert s.worker_heartbeat_ttl_s + s.orphan_sweep_s < 30 and s.sqs_visibility_timeout_s < 30
 
 
 @pytest.mark.parametrize(
@@ -34,6 +34,7 @@ def test_defaults_are_bounded():
         ({"worker_heartbeat_s": 5, "worker_heartbeat_ttl_s": 8},
          "TIDEGATE_WORKER_HEARTBEAT_TTL_S"),
         ({"orphan_sweep_s": 0}, "TIDEGATE_ORPHAN_SWEEP_S"),
+        ({"sqs_visibility_timeout_s": 6}, "TIDEGATE_SQS_VISIBILITY_TIMEOUT_S"),
     ],
 )
 def test_bad_setting_names_the_variable(overrides, named):
