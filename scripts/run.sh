@@ -30,4 +30,7 @@ Tidegate: starting $procs processes from the Procfile (settings in deploy/local.
   queue depth            .venv/bin/tidegate depth --watch   (in another terminal, same env: deploy/local.env)
 Ctrl-C stops everything.
 MSG
+if [ "$(id -u)" = 0 ]; then
+  echo "note: running as root; Celery's superuser warning is silenced in the workers (deploy/local.env)"
+fi
 exec "$BIN/honcho" start -e deploy/local.env -f Procfile

@@ -178,6 +178,9 @@ def main() -> None:
     """Entry point: usage errors and Tidegate's own errors become one line (exit 2 for bad
     input, 3 for an unavailable broker or store); anything else is a bug and keeps its
     traceback."""
+    from workers.logs import quiet_per_request_logs
+
+    quiet_per_request_logs()  # per-request client lines at WARNING (see workers/logs.py)
     try:
         code = command().main(standalone_mode=False)  # the exit code of a typer.Exit
         sys.exit(code if isinstance(code, int) else 0)

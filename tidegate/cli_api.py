@@ -17,9 +17,11 @@ def api(
 
     if workers > 1:
         uvicorn.run("producers.api:create_api", factory=True, host=host, port=port,
-                    workers=workers, log_level="info", timeout_graceful_shutdown=10)
+                    workers=workers, log_level="info", access_log=False,
+                    timeout_graceful_shutdown=10)
         return
     from producers.api import create_api
 
-    uvicorn.run(create_api(), host=host, port=port, log_level="info",
+    # no access log: a line per request drowns the state changes (metrics count requests)
+    uvicorn.run(create_api(), host=host, port=port, log_level="info", access_log=False,
                 timeout_graceful_shutdown=10)

@@ -88,6 +88,9 @@ class Snapshot:
         }
 
 
+DEFERRED_TTL_S = 5.0  # how long a deferred count from SQS is reused
+
+
 def deferred_counter(settings: Settings, topology: Topology) -> DeferredCount | None:
     """Requests queued for later on SQS, per work queue (None where nothing queues for later).
 
@@ -105,11 +108,20 @@ def deferred_counter(settings: Settings, topology: Topology) -> DeferredCount | 
     for name in deferral.queueing_dependencies(topology):
         by_queue.setdefault(topology.dependency(name).queue, []).append(name)
 
+    seen: dict[str, tuple[float, int]] = {}
+
     def count(queue: str) -> int | None:
         names = by_queue.get(queue)
         if not names:
             return None
-        return sum(deferral.store_for(n, settings, topology).stats().total for n in names)
+        # SQS's counts are approximate and lag anyway: asking twice a second per queue only
+        # filled the SQS endpoint's log (every request is a line there)
+        now = time.monotonic()
+        if queue in seen and now - seen[queue][0] < DEFERRED_TTL_S:
+            return seen[queue][1]
+        total = sum(deferral.store_for(n, settings, topology).stats().total for n in names)
+        seen[queue] = (now, total)
+        return total
 
     return count
 

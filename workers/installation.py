@@ -26,6 +26,7 @@ from typing import Any
 from celery import signals
 
 from resilience.errors import ConfigError
+from workers.logs import quiet_per_request_logs
 from workers.settings import Settings, load_settings
 from workers.startup import exit_on_config_error
 from workers.topology import DEFAULT_QUEUE, Topology, load_topology
@@ -231,3 +232,5 @@ def _check_worker(sender: Any = None, **_: Any) -> None:
 
 
 signals.worker_init.connect(_check_worker, weak=False)
+# after Celery's own logging setup, which would otherwise leave per-task lines at INFO
+signals.after_setup_logger.connect(quiet_per_request_logs, weak=False)

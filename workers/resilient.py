@@ -477,9 +477,8 @@ class ResilientTask(Task):
         # (Only idempotent work, or work that reached no dependency, gets here.)
         with contextlib.suppress(StoreUnavailable):
             state.idempotency.release(self.name, ex.mark)
-        log.warning("%s[%s]: attempt %d/%d failed (%s: %s); retry in %.2fs through the broker",
-                    ex.task, ex.task_id, ex.attempt, ex.max_attempts, type(exc).__name__, exc,
-                    delay)
+        log.warning("%s[%s]: attempt %d/%d failed: %s; retry in %.2fs through the broker",
+                    ex.task, ex.task_id, ex.attempt, ex.max_attempts, cause_first(exc), delay)
         raise self.retry(countdown=delay, headers=headers, exc=exc)
 
     def _report_deferred(self, ex: Execution, deferred: Deferred) -> None:
@@ -538,3 +537,13 @@ def resilient_task(name: str, *, dependency: str, idempotent: bool,
 
     return decorate
 
+
+def cause_first(exc: BaseException) -> str:
+    """``exc`` for a log line, the root cause first: a retry that ran out of deadline or budget
+    reads "HTTPStatusError: 503 ... (DeadlineExceeded: no room for attempt 3)", not the
+    other way round with the cause at the end."""
+    root = getattr(exc, "last_exception", None) or exc.__cause__
+    if root is None or root is exc:
+        return f"{type(exc).__name__}: {exc}"
+    wrapper = str(exc).split("; last error:")[0]
+    return f"{type(root).__name__}: {root} ({type(exc).__name__}: {wrapper})"
