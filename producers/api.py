@@ -367,6 +367,7 @@ def create_api(
             decision = None if may_defer else cached.depth_decision(p.queue, p.priority)
             if decision is not None and not decision.admitted:
                 raise producer.throttle.refusal(decision, 0.0)
+            producer._check_gate(p)  # broker known down: 503 at once (no I/O)
             # a late loop is shed only while publishing competes with it for the GIL
             shed = ((lag.refusal(p.priority) if lane.busy() else None)
                     or lane.refusal(p.priority, budget))
