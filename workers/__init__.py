@@ -10,7 +10,8 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-__all__ = ["ResilientTask", "app", "create_app", "install", "resilient_task"]
+# `app` (the example) is left out of __all__: a star import must not build it
+__all__ = ["ResilientTask", "create_app", "install", "resilient_task"]
 
 _LAZY = {
     "install": "workers.installation",
