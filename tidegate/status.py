@@ -1,4 +1,9 @@
-"""The status page: live depth per queue, breaker states, DLQ and deferred counts.
+"""The status page: per queue and per dependency over the last minutes, on a time axis.
+
+Per queue: depth (ready), in flight, retries waiting (delayed) apart, dead letters, deferred,
+desired vs live workers, and producer sheds / rate-limited per second. Per dependency:
+throughput, successes, failures, retries, fallbacks, rate-limited and deferred per second
+(cluster counters every worker mirrors to Redis), and the breaker's state history.
 
 Served by the exporter (same process, same snapshots). The page is static HTML + one script
 + one stylesheet from ``tidegate/static`` (no build step, nothing fetched from outside); it
@@ -65,24 +70,75 @@ class History:
         return max(0.0, delta) / (last.taken_at - first.taken_at)
 
 
+# Per-second rates drawn per dependency: series name -> (cluster family, label matches; any
+# one of several matches counts). Every one also matches dependency=<the dependency>.
+DEPENDENCY_RATES: dict[str, tuple[str, tuple[dict[str, str], ...]]] = {
+    "throughput": ("tidegate_cluster_calls", ({},)),
+    "successes": ("tidegate_cluster_calls", ({"outcome": "success"},)),
+    "failures": ("tidegate_cluster_calls", ({"outcome": "failure"}, {"outcome": "timeout"})),
+    "retries": ("tidegate_cluster_retries", ({},)),
+    "fallbacks": ("tidegate_cluster_fallbacks", ({},)),
+    "rate_limited": ("tidegate_cluster_rejections", ({"reason": "rate_limited"},)),
+    "deferred": ("tidegate_cluster_deferrals", ({"result": "stored"},)),
+}
+# ... and per queue (matching queue=<the queue>)
+QUEUE_RATES: dict[str, tuple[str, tuple[dict[str, str], ...]]] = {
+    "dead_letters": ("tidegate_cluster_dead_letters", ({},)),
+    "sheds": ("tidegate_cluster_producer_refused", ({"reason": "backpressure"},
+                                                    {"reason": "shed"})),
+    "rate_limited": ("tidegate_cluster_producer_refused", ({"reason": "rate_limited"},)),
+}
+
+
+def _sum(snap: Snapshot, family: str, matches: tuple[dict[str, str], ...], **fixed: str
+         ) -> float:
+    return sum(_total(snap, family, **fixed, **m) for m in matches)
+
+
+def _rates(items: list[Snapshot], family: str, matches: tuple[dict[str, str], ...],
+           **fixed: str) -> list[float | None]:
+    """Per-second increase between consecutive snapshots (None for the first)."""
+    totals = [_sum(item, family, matches, **fixed) for item in items]
+    out: list[float | None] = [None] if items else []
+    for i in range(1, len(items)):
+        dt = items[i].taken_at - items[i - 1].taken_at
+        out.append(round(max(0.0, totals[i] - totals[i - 1]) / dt, 3) if dt > 0 else None)
+    return out
+
+
 def status_document(observer: Observer, history: History, *, storm_per_s: float,
                     storm_window_s: float) -> dict[str, Any]:
     snap = observer.snapshot()
     history.add(snap)
     items = history.items()
     series: dict[str, dict[str, list]] = {}
+    fields = ("ready", "in_flight", "delayed", "dead_letter", "deferred", "desired",
+              "live_workers")
     for q in snap.queues:
-        series[q.name] = {"ready": [], "in_flight": [], "dead_letter": [], "desired": []}
+        series[q.name] = {f: [] for f in fields}
     times = []
+    breaker_history: dict[str, list[str | None]] = {b.dependency: [] for b in snap.breakers}
     for item in items:
         times.append(round(item.taken_at, 3))
         by_name = {q.name: q for q in item.queues}
         for name, s in series.items():
             view = by_name.get(name)
-            s["ready"].append(view.ready if view else None)
-            s["in_flight"].append(view.in_flight if view else None)
-            s["dead_letter"].append(view.dead_letter if view else None)
-            s["desired"].append(view.desired_workers if view else None)
+            for f in fields:
+                attr = "desired_workers" if f == "desired" else f
+                s[f].append(getattr(view, attr) if view else None)
+        states = {b.dependency: b.state for b in item.breakers}
+        for dep, states_seen in breaker_history.items():
+            states_seen.append(states.get(dep))
+    for name, s in series.items():
+        for key, (family, matches) in QUEUE_RATES.items():
+            s[f"{key}_per_s"] = _rates(items, family, matches, queue=name)
+    dependencies = {
+        dep: {"queue": next((b.queue for b in snap.breakers if b.dependency == dep), None),
+              "breaker": states_seen,
+              **{f"{key}_per_s": _rates(items, family, matches, dependency=dep)
+                 for key, (family, matches) in DEPENDENCY_RATES.items()}}
+        for dep, states_seen in breaker_history.items()}
+    sheds_all = _rates(items, "tidegate_cluster_sheds", ({},))
     refused = "tidegate_cluster_producer_refused"
     sheds = (history.rate(storm_window_s, "tidegate_cluster_sheds")
              + history.rate(storm_window_s, refused, reason="backpressure"))
@@ -91,7 +147,8 @@ def status_document(observer: Observer, history: History, *, storm_per_s: float,
                     + history.rate(storm_window_s, refused, reason="rate_limited"))
     doc = snap.to_dict()
     doc.update({
-        "history": {"t": times, "queues": series, "window_s": history.max_age_s},
+        "history": {"t": times, "queues": series, "dependencies": dependencies,
+                    "sheds_per_s": sheds_all, "window_s": history.max_age_s},
         "sheds_per_s": round(sheds, 3),
         "rate_limited_per_s": round(rate_limited, 3),
         "shed_storm": sheds >= storm_per_s,

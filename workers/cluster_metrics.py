@@ -36,6 +36,10 @@ MIRRORED: Mapping[str, str] = {
     "tidegate_producer_refused_total": "tidegate_cluster_producer_refused",
     "tidegate_orphans_restored_total": "tidegate_cluster_orphans_restored",
     "tidegate_orphan_wait_seconds_total": "tidegate_cluster_orphan_wait_seconds",
+    # the status page's per-dependency throughput, outcomes, fallbacks and deferrals
+    "tidegate_calls_total": "tidegate_cluster_calls",
+    "tidegate_fallbacks_total": "tidegate_cluster_fallbacks",
+    "tidegate_deferrals_total": "tidegate_cluster_deferrals",
 }
 
 

@@ -59,6 +59,8 @@ def test_status_page_shows_depth_moving_and_an_open_breaker(
     stop = threading.Event()
     registry = CollectorRegistry()
     sheds = Counter("tidegate_sheds", "x", ["priority"], registry=registry)
+    calls = Counter("tidegate_calls", "x", ["dependency", "outcome"], registry=registry)
+    retries = Counter("tidegate_retries", "x", ["dependency"], registry=registry)
     mirror = CounterMirror(state_redis, registry=registry)
 
     def push_load() -> None:
@@ -71,6 +73,10 @@ def test_status_page_shows_depth_moving_and_an_open_breaker(
                 producer.enqueue("search.index", [f"doc-{i}"], priority="low")
                 i += 1
             sheds.labels(priority="low").inc(10)
+            # payments' outcomes change over time, so its rates chart draws a moving line
+            calls.labels(dependency="payments", outcome="success").inc(1 + i % 7)
+            calls.labels(dependency="payments", outcome="failure").inc(i % 3)
+            retries.labels(dependency="payments").inc(i % 2)
             mirror.flush()
             stop.wait(0.2)
 
@@ -115,6 +121,33 @@ def test_status_page_shows_depth_moving_and_an_open_breaker(
             "rgba(218, 54, 51, 1)", "rgb(218, 54, 51)")
         search_tile = driver.find_element(By.CSS_SELECTOR, '.breaker[data-dependency="search"]')
         assert search_tile.get_attribute("data-state") == "closed"
+
+        # Per dependency: rates over time and the breaker's history, on a time axis.
+        rates = ('[data-dependency-card="payments"] svg[data-chart="dependency-rates"] '
+                 "polyline.successes")
+
+        def heights(selector: str) -> set[str]:
+            line = driver.find_element(By.CSS_SELECTOR, selector)
+            return {p.split(",")[1] for p in (line.get_attribute("points") or "").split()}
+
+        wait_until(lambda: len(heights(rates)) >= 3, 30, interval=0.3,
+                   message="payments' successes per second drawn over time")
+        assert driver.find_elements(By.CSS_SELECTOR, '[data-dependency-card="payments"] '
+                                                     "polyline.failures")
+        strip = '[data-dependency-card="payments"] svg[data-breaker="payments"]'
+        wait_until(lambda: {r.get_attribute("data-state") for r in driver.find_elements(
+            By.CSS_SELECTOR, f"{strip} rect")} >= {"closed", "open"}, 30, interval=0.3,
+            message="the payments breaker history showing closed, then open")
+        axis = [t.text for t in driver.find_elements(
+            By.CSS_SELECTOR, 'svg.chart[data-queue="search"] text.axis')]
+        assert axis[-1] == "now" and axis[0].startswith("-"), axis
+        legend = driver.find_element(By.CSS_SELECTOR, '.card[data-queue="search"] .legend').text
+        assert "retries waiting" in legend and "in flight" in legend
+        assert driver.find_elements(By.CSS_SELECTOR, 'svg[data-chart="queue-held"]'
+                                                     '[data-of="search"] polyline.live_workers')
+        workers = driver.find_element(By.CSS_SELECTOR,
+                                      '.card[data-queue="search"] [data-figure="workers"] .v')
+        assert "/" in workers.text
         assert len(chart_points()) >= 4
         driver.save_screenshot(str(artifacts / "status_page.png"))
         assert (artifacts / "status_page.png").stat().st_size > 10_000

@@ -2,7 +2,7 @@
 "use strict";
 const POLL_MS = 1000;
 const SVG_NS = "http://www.w3.org/2000/svg";
-const W = 600, H = 150, PAD = 4;
+const W = 600, H = 130, PAD = 4;
 
 function el(tag, attrs, text) {
   const node = tag.startsWith("svg:") ? document.createElementNS(SVG_NS, tag.slice(4))
@@ -42,31 +42,71 @@ function breakers(doc) {
   }));
 }
 
-function path(values, t, t0, t1, max) {
+function path(values, t, t0, t1, max, h) {
   const pts = [];
   values.forEach((v, i) => {
     if (v === null || v === undefined) return;
     const x = t1 > t0 ? PAD + (W - 2 * PAD) * (t[i] - t0) / (t1 - t0) : W - PAD;
-    const y = H - PAD - (H - 2 * PAD) * (max > 0 ? v / max : 0);
+    const y = h - PAD - (h - 2 * PAD) * (max > 0 ? v / max : 0);
     pts.push(`${x.toFixed(1)},${y.toFixed(1)}`);
   });
   return pts.join(" ");
 }
 
-function chart(name, series, t) {
-  const svg = el("svg:svg", {class: "chart", viewBox: `0 0 ${W} ${H}`, preserveAspectRatio: "none",
-                             "data-queue": name, role: "img", "aria-label": `${name} depth`});
-  const values = series.ready.concat(series.in_flight).filter(v => v !== null && v !== undefined);
+// A time axis under every chart: seconds before now at fifths of the window.
+function axis(svg, t0, t1, h) {
+  const span = Math.max(0, t1 - t0);
+  for (let i = 0; i <= 4; i++) {
+    const x = PAD + (W - 2 * PAD) * i / 4;
+    const raw = span * (4 - i) / 4;
+    const ago = span < 20 ? Math.round(raw * 10) / 10 : Math.round(raw);
+    svg.append(el("svg:line", {class: "tick", x1: x, x2: x, y1: h - PAD, y2: h}));
+    const label = el("svg:text", {class: "axis", x: Math.min(W - 40, Math.max(2, x - 14)),
+                                  y: h + 14}, ago === 0 ? "now" : `-${ago}s`);
+    svg.append(label);
+  }
+}
+
+// One chart of several series over time, with its legend: series = [[key, label, values]].
+function chart(attrs, series, t, h = H) {
+  const svg = el("svg:svg", {class: "chart", viewBox: `0 0 ${W} ${h + 18}`,
+                             preserveAspectRatio: "none", role: "img", ...attrs});
+  const values = series.flatMap(([, , v]) => v || []).filter(v => v !== null && v !== undefined);
   const max = Math.max(1, ...values);
   const t0 = t.length ? t[0] : 0, t1 = t.length ? t[t.length - 1] : 1;
   for (const f of [0.25, 0.5, 0.75]) {
-    const y = (H - PAD - (H - 2 * PAD) * f).toFixed(1);
+    const y = (h - PAD - (h - 2 * PAD) * f).toFixed(1);
     svg.append(el("svg:line", {class: "grid", x1: 0, x2: W, y1: y, y2: y}));
   }
-  svg.append(el("svg:text", {x: 6, y: 14}, `max ${max}`));
-  svg.append(el("svg:polyline", {class: "ready", points: path(series.ready, t, t0, t1, max)}));
-  svg.append(el("svg:polyline", {class: "in_flight", points: path(series.in_flight, t, t0, t1, max)}));
+  svg.append(el("svg:text", {x: 6, y: 14}, `max ${Math.round(max * 100) / 100}`));
+  for (const [key, , v] of series) {
+    svg.append(el("svg:polyline", {class: key, "data-series": key,
+                                   points: path(v || [], t, t0, t1, max, h)}));
+  }
+  axis(svg, t0, t1, h);
   svg.dataset.max = String(max);
+  const legend = el("div", {class: "legend"});
+  for (const [key, label] of series) legend.append(el("span", {class: `key ${key}`}, `━ ${label}`));
+  const box = el("div", {class: "plot"});
+  box.append(svg, legend);
+  return box;
+}
+
+// The breaker's state over time: one coloured band per snapshot.
+function strip(dep, states, t) {
+  const h = 22;
+  const svg = el("svg:svg", {class: "strip", viewBox: `0 0 ${W} ${h + 18}`,
+                             preserveAspectRatio: "none", "data-breaker": dep, role: "img",
+                             "aria-label": `${dep} breaker state history`});
+  const t0 = t.length ? t[0] : 0, t1 = t.length ? t[t.length - 1] : 1;
+  const xOf = i => t1 > t0 ? PAD + (W - 2 * PAD) * (t[i] - t0) / (t1 - t0) : W - PAD;
+  states.forEach((state, i) => {
+    if (!state) return;
+    const x0 = xOf(i), x1 = i + 1 < t.length ? xOf(i + 1) : W - PAD;
+    svg.append(el("svg:rect", {class: `state ${state}`, "data-state": state, x: x0.toFixed(1),
+                               y: 2, width: Math.max(1, x1 - x0).toFixed(1), height: h - 4}));
+  });
+  axis(svg, t0, t1, h);
   return svg;
 }
 
@@ -76,6 +116,7 @@ function queues(doc) {
     t.length > 1 ? `last ${Math.round(t[t.length - 1] - t[0])}s` : "";
   const box = document.getElementById("queues");
   box.replaceChildren(...doc.queues.map(q => {
+    const s = doc.history.queues[q.name];
     const card = el("div", {class: "card", "data-queue": q.name});
     const h = el("h3", {}, q.name);
     if (q.error) h.append(el("span", {class: "err"}, "depth unavailable"));
@@ -88,13 +129,49 @@ function queues(doc) {
     };
     figs.append(fig("ready", fmt(q.ready), false, "ready"),
                 fig("in flight", fmt(q.in_flight), false, "in_flight"),
+                fig("retries waiting", fmt(q.delayed), false, "delayed"),
                 fig("oldest", age(q.oldest_age_s), false, "oldest_age_s"),
                 fig("dead-letter", fmt(q.dead_letter), (q.dead_letter || 0) > 0, "dead_letter"),
-                fig("deferred", fmt(q.deferred), (q.deferred || 0) > 0, "deferred"));
-    card.append(figs, chart(q.name, doc.history.queues[q.name], t));
-    card.append(el("div", {class: "legend"},
-      `desired workers ${fmt(q.desired_workers)} · consumers ${fmt(q.consumers)} · `));
-    card.lastChild.append(el("span", {class: "r"}, "━ ready "), el("span", {class: "f"}, "┅ in flight"));
+                fig("deferred", fmt(q.deferred), (q.deferred || 0) > 0, "deferred"),
+                fig("workers", `${fmt(q.live_workers)}/${fmt(q.desired_workers)}`,
+                    (q.desired_workers || 0) > (q.live_workers || 0), "workers"));
+    card.append(figs);
+    const depth = chart({"data-queue": q.name, "aria-label": `${q.name} depth`},
+                        [["ready", "ready", s.ready], ["in_flight", "in flight", s.in_flight],
+                         ["delayed", "retries waiting", s.delayed]], t);
+    const rates = chart({"data-chart": "queue-rates", "data-of": q.name,
+                         "aria-label": `${q.name} per second`},
+                        [["sheds", "shed/s", s.sheds_per_s],
+                         ["rate_limited", "rate-limited/s", s.rate_limited_per_s],
+                         ["dead_letters", "dead letters/s", s.dead_letters_per_s]], t, 90);
+    const held = chart({"data-chart": "queue-held", "data-of": q.name,
+                        "aria-label": `${q.name} dead letters, deferred and workers`},
+                       [["dead_letter", "in DLQ", s.dead_letter], ["deferred", "deferred", s.deferred],
+                        ["desired", "desired workers", s.desired],
+                        ["live_workers", "running workers", s.live_workers]], t, 90);
+    card.append(depth, rates, held);
+    return card;
+  }));
+}
+
+function dependencies(doc) {
+  const t = doc.history.t;
+  const deps = doc.history.dependencies || {};
+  const box = document.getElementById("dependencies");
+  box.replaceChildren(...Object.entries(deps).map(([dep, s]) => {
+    const card = el("div", {class: "card", "data-dependency-card": dep});
+    const last = key => { const v = s[key] || []; return v.length ? v[v.length - 1] : null; };
+    card.append(el("h3", {}, `${dep} → ${s.queue || "?"}`));
+    card.append(chart({"data-chart": "dependency-rates", "data-of": dep,
+                       "aria-label": `${dep} per second`},
+      [["throughput", "calls/s", s.throughput_per_s], ["successes", "ok/s", s.successes_per_s],
+       ["failures", "failed/s", s.failures_per_s], ["retries", "retries/s", s.retries_per_s],
+       ["fallbacks", "fallbacks/s", s.fallbacks_per_s],
+       ["rate_limited", "rate-limited/s", s.rate_limited_per_s],
+       ["deferred", "deferred/s", s.deferred_per_s]], t, 110));
+    card.append(el("div", {class: "k"}, "breaker: green closed · amber half-open · red open"),
+                strip(dep, s.breaker || [], t));
+    card.dataset.calls = String(last("throughput_per_s") ?? "");
     return card;
   }));
 }
@@ -110,7 +187,7 @@ async function tick() {
     const response = await fetch("/api/status", {cache: "no-store"});
     if (!response.ok) throw new Error(`HTTP ${response.status}`);
     const doc = await response.json();
-    banner(doc); breakers(doc); queues(doc); errors(doc);
+    banner(doc); breakers(doc); queues(doc); dependencies(doc); errors(doc);
     document.body.dataset.updates = String(Number(document.body.dataset.updates || 0) + 1);
   } catch (err) {
     const header = document.getElementById("banner");
