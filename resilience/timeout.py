@@ -54,7 +54,7 @@ __all__ = [
 T = TypeVar("T")
 
 _get, _set, _reset = _deadline._current.get, _deadline._current.set, _deadline._current.reset
-_new_deadline = _deadline.new_deadline
+_tuple_new = tuple.__new__
 
 COOPERATIVE = "cooperative"
 ABANDON = "abandon"
@@ -176,7 +176,7 @@ class Timeout:
         if outer is None:
             limit = self.seconds
             expires = now + limit
-            scope = _new_deadline(expires, clock)
+            scope = _tuple_new(_deadline.Deadline, (expires, clock))  # new_deadline, inlined
         else:
             expires = outer.expires_at
             limit = expires - now
@@ -185,7 +185,7 @@ class Timeout:
             if limit > self.seconds:
                 limit = self.seconds
                 expires = now + limit
-                scope = _new_deadline(expires, clock)
+                scope = _tuple_new(_deadline.Deadline, (expires, clock))
             else:
                 scope = outer  # the deadline is the tighter bound: reuse it
         token = None if scope is current else _set(scope)

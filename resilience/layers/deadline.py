@@ -33,7 +33,7 @@ class DeadlineLayer:
 
     def call(self, next: Callable[[Call], Any], c: Call) -> Any:
         expires = self._now() + self.seconds
-        outer = c.deadline if c.deadline is not None else _get()
+        outer = c[7] or _get()  # c.deadline, or the published one
         if outer is not None and outer.expires_at <= expires:
             d = outer  # the enclosing deadline is the tighter one
         else:
