@@ -21,9 +21,9 @@ from pathlib import Path
 
 import redis
 
-from resilience.deferral import SQS_MAX_BATCH, encode_entry
 from resilience.fallback import DeferredRequest
 from tidegate.stack import ROOT, MotoServer, Sim
+from workers.sqs_deferral import SQS_MAX_BATCH, encode_entry
 
 
 def fill(client, url: str, bodies: list[str]) -> None:

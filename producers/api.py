@@ -73,7 +73,7 @@ class ApiSettings(BaseSettings):
     gil_switch_ms: float = Field(default=1.0, ge=0, le=100)  # served process; 0: Python's 5 ms
 
 
-Priority = Literal["critical", "high", "medium", "low"]
+PriorityName = Literal["critical", "high", "medium", "low"]  # resilience.Priority, spelled
 
 
 class JobRequest(BaseModel):
@@ -85,7 +85,7 @@ class JobRequest(BaseModel):
     args: list[Any] = Field(default_factory=list)
     kwargs: dict[str, Any] = Field(default_factory=dict)
     # Strict: JSON true or 1.0 is not a priority (lax ints would read true as 1, "high").
-    priority: Priority | Annotated[StrictInt, Field(ge=0, le=3)] = "high"
+    priority: PriorityName | Annotated[StrictInt, Field(ge=0, le=3)] = "high"
     idempotency_key: Annotated[str, Field(min_length=1, max_length=255)] | None = None
     queue: Annotated[str, Field(min_length=1, max_length=200)] | None = None
     deadline_ms: Annotated[int, Field(gt=0, le=86_400_000)] | None = None

@@ -119,7 +119,7 @@ class Stabiliser:
 
 
 @dataclass(frozen=True)
-class Decision:
+class ScalingDecision:
     """One queue's figures at one instant, as the exporter and the CLI print them."""
 
     queue: str
@@ -150,7 +150,8 @@ class Autoscaler:
     def policy(self, queue: str) -> ScalingPolicy:
         return self.policies.get(queue, self.default)
 
-    def decide(self, queue: str, backlog: int, processing_s: float | None = None) -> Decision:
+    def decide(self, queue: str, backlog: int,
+               processing_s: float | None = None) -> ScalingDecision:
         policy = self.policy(queue)
         target = target_backlog_per_worker(policy, processing_s)
         recommended = desired_workers(backlog, target, policy)
@@ -161,8 +162,9 @@ class Autoscaler:
                                                              self.clock)
             desired = stab(recommended)
         observed = bool(processing_s and processing_s > 0)
-        return Decision(queue, backlog, processing_s if observed else policy.default_processing_s,
-                        observed, target, recommended, desired)
+        return ScalingDecision(queue, backlog,
+                               processing_s if observed else policy.default_processing_s,
+                               observed, target, recommended, desired)
 
 
 def load_scaling_policies(path: Path) -> tuple[ScalingPolicy, dict[str, ScalingPolicy]]:

@@ -12,8 +12,8 @@ from __future__ import annotations
 import os
 import threading
 
-from resilience.deferral import SqsClientConfig, SqsDeferralStore, SqsQueueSpec, sqs_client
 from workers.settings import Settings, get_settings, parse_dependency_map
+from workers.sqs_deferral import SqsClientConfig, SqsDeferralStore, SqsQueueSpec, sqs_client
 from workers.topology import Topology, load_topology
 
 __all__ = ["client_config", "deferred_count", "queue_spec", "queueing_dependencies", "sink_for",

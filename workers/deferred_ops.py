@@ -19,8 +19,8 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
-from resilience.deferral import SQS_MAX_BATCH, DeferredEntry, SqsDeferralStore
 from resilience.errors import DeferralError
+from workers.sqs_deferral import SQS_MAX_BATCH, DeferredEntry, SqsDeferralStore
 
 __all__ = ["PEEK_MAX", "RedriveResult", "peek", "redrive"]
 
@@ -123,7 +123,7 @@ def redrive(store: SqsDeferralStore, limit: int | None = None, *,
 def _send_batch(store: SqsDeferralStore, url: str, entries: list[DeferredEntry]
                 ) -> list[DeferredEntry]:
     """The entries SQS confirmed storing in ``url`` (bodies as received)."""
-    from resilience.deferral import encode_entry
+    from workers.sqs_deferral import encode_entry
 
     done: list[DeferredEntry] = []
     for start in range(0, len(entries), SQS_MAX_BATCH):

@@ -34,9 +34,12 @@ from dataclasses import asdict, dataclass
 from typing import Any, Protocol, runtime_checkable
 from urllib.parse import quote, unquote, urlsplit
 
+from pydantic import SecretStr
+
 from resilience.errors import ConfigError, TransientError
 from workers import headers as h
 from workers.settings import Settings
+from workers.sqs_deferral import SqsClientConfig, sqs_client
 from workers.topology import REDIS_PRIORITY_STEPS, REDIS_SEP, Topology
 
 __all__ = [
@@ -335,25 +338,26 @@ class SQSDepthProbe:
                           self.clock())
 
 
-def sqs_client(settings: Settings) -> Any:
-    """A boto3 SQS client with bounded connect/read timeouts and few retries."""
-    import boto3
-    from botocore.config import Config
-
+def broker_sqs_config(settings: Settings) -> SqsClientConfig:
+    """How to reach the SQS broker: credentials and endpoint from the settings or, as kombu
+    reads them, from ``sqs://KEY:SECRET@host:port/``; bounded timeouts, two attempts."""
     parts = urlsplit(settings.broker_url)
-    key = settings.aws_access_key_id.get_secret_value() if settings.aws_access_key_id else None
-    secret = (settings.aws_secret_access_key.get_secret_value()
-              if settings.aws_secret_access_key else None)
+    key, secret = settings.aws_access_key_id, settings.aws_secret_access_key
     if key is None and parts.username:  # sqs://KEY:SECRET@host/ as kombu reads it
-        key, secret = unquote(parts.username), unquote(parts.password or "")
+        key = SecretStr(unquote(parts.username))
+        secret = SecretStr(unquote(parts.password or ""))
     endpoint = settings.sqs_endpoint_url
     if endpoint is None and parts.hostname and parts.hostname != "localhost" and parts.port:
         endpoint = f"http://{parts.hostname}:{parts.port}"
-    config = Config(connect_timeout=settings.connect_timeout_s,
-                    read_timeout=settings.read_timeout_s,
-                    retries={"max_attempts": 2, "mode": "standard"})
-    return boto3.client("sqs", region_name=settings.sqs_region, endpoint_url=endpoint,
-                        aws_access_key_id=key, aws_secret_access_key=secret, config=config)
+    return SqsClientConfig(
+        endpoint_url=endpoint,
+        region=settings.sqs_region,
+        access_key_id=key.get_secret_value() if key else None,
+        secret_access_key=secret.get_secret_value() if secret else None,
+        connect_timeout=settings.connect_timeout_s,
+        read_timeout=settings.read_timeout_s,
+        max_attempts=2,
+    )
 
 
 def probe_for(settings: Settings, topology: Topology | None = None) -> DepthProbe:
@@ -371,7 +375,8 @@ def probe_for(settings: Settings, topology: Topology | None = None) -> DepthProb
                                   connect_timeout=settings.connect_timeout_s,
                                   read_timeout=settings.read_timeout_s)
     if transport == "sqs":
-        return SQSDepthProbe(sqs_client(settings), prefix=settings.sqs_queue_prefix)
+        return SQSDepthProbe(sqs_client(broker_sqs_config(settings)),
+                             prefix=settings.sqs_queue_prefix)
     raise ConfigError(f"no depth probe for the {transport!r} transport")
 
 

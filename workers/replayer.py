@@ -30,7 +30,6 @@ from typing import Any, Protocol
 import httpx
 
 from resilience import metrics
-from resilience.deferral import SQS_MAX_BATCH, DeferredEntry, SqsDeferralStore
 from resilience.errors import ConfigError, DeferralError, TransientError
 from resilience.policy import PolicyConfig
 from resilience.shedding import Priority
@@ -39,6 +38,7 @@ from workers import headers as h
 from workers.deferral import store_for
 from workers.installation import installation
 from workers.settings import Settings
+from workers.sqs_deferral import SQS_MAX_BATCH, DeferredEntry, SqsDeferralStore
 from workers.topology import Dependency, Topology, broker_priority, redis_priority_lists
 
 __all__ = [

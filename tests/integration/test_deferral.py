@@ -8,11 +8,11 @@ import time
 
 import pytest
 
-from resilience.deferral import SqsDeferralStore, SqsQueueSpec
 from resilience.errors import DeferralError
 from resilience.fallback import CallContext, Deferred, DeferredRequest, QueueForLater
 from tests.conftest import REDIS_BROKER_URL, STATE_REDIS_URL
 from tests.support.procs import MotoServer, wait_until
+from workers.sqs_deferral import SqsDeferralStore, SqsQueueSpec
 
 pytestmark = pytest.mark.integration
 
@@ -120,8 +120,8 @@ def test_queues_given_by_url_are_used_as_given(policy_file, moto_sqs, deferral_p
 
 
 def test_too_large_entry_is_refused_naming_the_limit(policy_file, moto_sqs, deferral_prefix):
-    from resilience.deferral import DeferredEntryTooLarge
     from workers.deferral import sink_for
+    from workers.sqs_deferral import DeferredEntryTooLarge
 
     sink = sink_for("email", _settings(policy_file, moto_sqs, deferral_prefix))
     limit = sink.resolve().max_bytes

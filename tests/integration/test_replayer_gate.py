@@ -7,13 +7,13 @@ import json
 import pytest
 import redis
 
-from resilience.deferral import encode_entry
 from resilience.fallback import DeferredRequest
 from resilience.policy import PolicyConfig
 from resilience.stores import RedisStore, redis_client
 from tests.conftest import REDIS_BROKER_URL, STATE_REDIS_URL
 from tests.support.procs import wait_until
 from workers.installation import installation
+from workers.sqs_deferral import encode_entry
 from workers.topology import redis_priority_lists
 
 pytestmark = [pytest.mark.integration,

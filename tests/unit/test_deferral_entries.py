@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from resilience.deferral import SqsClientConfig, SqsQueueSpec, decode_entry, encode_entry
 from resilience.errors import ConfigError
 from resilience.fallback import DeferredRequest
+from workers.sqs_deferral import SqsClientConfig, SqsQueueSpec, decode_entry, encode_entry
 
 
 def test_entry_round_trips():

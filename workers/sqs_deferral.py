@@ -28,9 +28,9 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from . import metrics
-from .errors import ConfigError, DeferralError
-from .fallback import DeferredRequest
+from resilience import metrics
+from resilience.errors import ConfigError, DeferralError
+from resilience.fallback import DeferredRequest
 
 __all__ = [
     "ENTRY_VERSION",
