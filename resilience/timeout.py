@@ -79,6 +79,11 @@ def check_timeout_mode(mode: str, what: str = "timeout mode") -> str:
     return mode
 
 
+def _apply(call: tuple[Callable[..., T], tuple, Mapping[str, Any]]) -> T:
+    fn, args, kwargs = call
+    return fn(*args, **kwargs)
+
+
 def _run_scoped(fn: Callable[..., T], attempt: _deadline.Deadline, *args: Any, **kwargs: Any) -> T:
     with _deadline.deadline_scope(attempt):
         return fn(*args, **kwargs)
@@ -133,10 +138,10 @@ class Timeout:
         if self.mode == ABANDON:
             return self.run_abandon(None, fn, args, kwargs)
         if self.bulkhead is None:
-            return self.run_inline(None, fn, args, kwargs)
+            return self.run_inline(None, _apply, (fn, args, kwargs))
         self.bulkhead.acquire()
         try:
-            return self.run_inline(None, fn, args, kwargs)
+            return self.run_inline(None, _apply, (fn, args, kwargs))
         finally:
             self.bulkhead.release()
 
@@ -146,7 +151,7 @@ class Timeout:
 
     def inline(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Run ``fn`` here under the attempt's budget; a late answer is a timeout."""
-        return self.run_inline(None, fn, args, kwargs)
+        return self.run_inline(None, _apply, (fn, args, kwargs))
 
     def run_abandon(self, bound: _deadline.Deadline | None, fn: Callable[..., T],
                     args: tuple, kwargs: Mapping[str, Any]) -> T:
@@ -161,9 +166,9 @@ class Timeout:
                 return future.result()  # finished in the race: keep the answer
             raise self._expired(limit) from None
 
-    def run_inline(self, bound: _deadline.Deadline | None, fn: Callable[..., T],
-                   args: tuple, kwargs: Mapping[str, Any]) -> T:
-        """:meth:`inline`, also bounded by ``bound`` (a deadline not published yet).
+    def run_inline(self, bound: _deadline.Deadline | None, fn: Callable[[Any], T], arg: Any) -> T:
+        """:meth:`inline` of ``fn(arg)`` (one argument: the chain's ``next(c)``), also bounded
+        by ``bound`` (a deadline not published yet).
 
         The attempt's scope is published once: the attempt's own expiry, or the nearer
         deadline when that is tighter (not published again if it already is).
@@ -190,7 +195,7 @@ class Timeout:
                 scope = outer  # the deadline is the tighter bound: reuse it
         token = None if scope is current else _set(scope)
         try:
-            result = fn(*args, **kwargs)
+            result = fn(arg)
         except Exception as exc:
             if clock.now() >= expires:
                 raise self._expired(limit) from exc  # a late error is a timeout too

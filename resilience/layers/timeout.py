@@ -17,18 +17,18 @@ from ..timeout import COOPERATIVE, Timeout
 __all__ = ["TimeoutLayer"]
 
 
-_NO_KEYWORDS: dict = {}
-
-
 class TimeoutLayer:
     def __init__(self, timeout: Timeout) -> None:
         self.timeout = timeout
         self.cooperative = timeout.mode == COOPERATIVE
-        self._run = timeout.run_inline if self.cooperative else timeout.run_abandon
+        self._inline = timeout.run_inline
+        self._abandon = timeout.run_abandon
 
     def call(self, next: Callable[[Call], Any], c: Call) -> Any:
         # the call's deadline rides in ``c`` (published once, here, if it is the nearer)
-        return self._run(c.deadline, next, (c,), _NO_KEYWORDS)
+        if self.cooperative:
+            return self._inline(c[7], next, c)  # c[7]: c.deadline
+        return self._abandon(c.deadline, next, (c,), {})
 
     async def acall(self, next: Callable[[Call], Awaitable[Any]], c: Call) -> Any:
         if self.cooperative:
