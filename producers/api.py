@@ -24,6 +24,7 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Annotated, Any, Literal
 
+import redis
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
@@ -43,6 +44,8 @@ from resilience.errors import (
 from resilience.ratelimit import RateLimitConfig
 from workers.depth import DepthUnavailable
 from workers.errors import BrokerUnavailable, InvalidPayload, UnknownQueue, UnknownTask
+from workers.idempotency import ttl_from_env
+from workers.jobs import JobStatuses
 
 from . import metrics
 from .admission import CachedState, LoopLag, PublishLane
@@ -98,6 +101,33 @@ class JobAccepted(BaseModel):
     task: str
     priority: str
     idempotency_key: str | None = None
+
+
+class JobStatus(BaseModel):
+    """The body of ``GET /v1/jobs/{id}``: the job's latest state (``workers.jobs``)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    id: str
+    state: Literal["queued", "running", "retrying", "succeeded", "failed", "dead_lettered",
+                   "deferred", "replayed"]
+    at: float = Field(description="epoch seconds of this state")
+    task: str | None = None
+    queue: str | None = None
+    priority: str | None = None
+    worker: str | None = None
+    attempt: int | None = None
+    retry_in_s: float | None = Field(None, description="retrying: the countdown")
+    reason: str | None = Field(None, description="dead_lettered: the DLQ reason")
+    record: str | None = Field(None, description="dead_lettered/replayed: the DLQ record id")
+    dlq: str | None = None
+    error: str | None = None
+    deferred_id: str | None = Field(None, description="deferred: the SQS entry")
+    dependency: str | None = None
+    replay_id: str | None = Field(None, description="replayed: the replay's own job id")
+    replay: dict[str, Any] | None = Field(None, description="replayed: the replay's status")
+    replayed_from: str | None = None
+    job: str | None = Field(None, description="a worker's deferral: the deferred job's id")
 
 
 class Problem(Exception):
@@ -428,6 +458,24 @@ def create_api(
                             **({"retry_after_s": payload.get("retry_after_s")}
                                if "Retry-After" in headers else {})})
         return JSONResponse({"results": results})
+
+    jobs = producer.jobs or JobStatuses(state, ttl_from_env())
+
+    @app.get("/v1/jobs/{job_id}", response_model=JobStatus,
+             responses={401: {}, 404: {}, 503: {}})
+    async def get_job(job_id: str, request: Request) -> JSONResponse:
+        """A job's latest state: queued, running, retrying, succeeded, failed, dead_lettered
+        (with its reason), deferred or replayed; kept for the idempotency TTL."""
+        tokens.client(request.headers.get("authorization"))
+        try:
+            doc = await asyncio.to_thread(jobs.read, job_id) if len(job_id) <= 255 else None
+        except (redis.RedisError, OSError) as exc:
+            raise Problem(503, "unavailable", f"job status store unreachable: {exc}",
+                          retry_after=float(api_settings.broker_retry_after_s)) from None
+        if doc is None:
+            raise Problem(404, "not_found", f"no job {job_id[:255]!r} (never seen, or older "
+                          f"than {jobs.ttl_ms // 1000} s)")
+        return JSONResponse(doc)
 
     @app.get("/v1/queues", responses={401: {}})
     async def queues(request: Request) -> dict[str, Any]:

@@ -31,7 +31,10 @@ from resilience.stores import RedisStore, redis_client
 from workers import headers as h
 from workers.depth import SharedDepthCache, probe_for
 from workers.errors import BrokerUnavailable, InvalidPayload, UnknownQueue, UnknownTask
+from workers.idempotency import ttl_from_env
 from workers.installation import installation, load_app
+from workers.jobs import JobStatuses
+from workers.redis_line import ReplyLater
 from workers.settings import Settings
 from workers.topology import Topology, broker_priority
 
@@ -108,6 +111,13 @@ def state_client(settings: Settings) -> Any:
                         socket_connect_timeout=STATE_TIMEOUT_S)
 
 
+def job_statuses(client: Any) -> JobStatuses:
+    """Job states written without waiting for Redis' reply (``workers.jobs``)."""
+    replies = ReplyLater(client, name="tidegate-jobs") if getattr(
+        client, "connection_pool", None) is not None else None
+    return JobStatuses(client, ttl_from_env(), replies=replies)
+
+
 def build_throttle(settings: Settings, topology: Topology, client: Any = None) -> Throttle:
     """The depth throttle from the policy file's ``[backpressure]`` tables."""
     default, per_queue = load_backpressure(settings.policy_file, topology)
@@ -138,6 +148,7 @@ class Producer:
         throttle: Throttle | None = AUTO,
         limiter: RateLimiter | None = None,
         deferral: DeferralGate | None = AUTO,
+        jobs: JobStatuses | None = AUTO,
     ):
         app = load_app() if app is None else app  # TIDEGATE_APP, else the shipped example
         self.app = app
@@ -146,8 +157,9 @@ class Producer:
         self.topology: Topology = installed.topology
         self.max_message_bytes = max_message_bytes or self.settings.api_max_body_bytes
         app.loader.import_default_modules()
-        needs_state = throttle is AUTO or deferral is AUTO
+        needs_state = throttle is AUTO or deferral is AUTO or jobs is AUTO
         state = state_client(self.settings) if needs_state else None
+        self.jobs = job_statuses(state) if jobs is AUTO else jobs
         self.throttle = (build_throttle(self.settings, self.topology, state)
                          if throttle is AUTO else throttle)
         self.deferral = (DeferralGate.from_settings(self.settings, self.topology, state)
@@ -218,6 +230,10 @@ class Producer:
                                                 p.idempotency_key)
         if deferred_id is None:
             return None
+        if self.jobs is not None:
+            owner = self.topology.dependency_for_queue(p.queue)
+            self.jobs.write(deferred_id, "deferred", task=p.task, queue=p.queue,
+                            deferred_id=deferred_id, dependency=owner.name if owner else None)
         return self._done(EnqueueResult(deferred_id, "deferred", p.queue, p.task, p.priority,
                                         p.idempotency_key))
 
@@ -368,6 +384,9 @@ class Producer:
                                     ) from None
         if self.throttle is not None:
             self.throttle.cache.record_published(p.queue)
+        if self.jobs is not None:  # NX: a worker may have moved the job on already
+            self.jobs.write(p.task_id, "queued", only_if="NX", task=p.task, queue=p.queue,
+                            priority=p.priority.name.lower())
 
     def _refused(self, p: _Prepared, reason: str) -> None:
         metrics.REFUSED.labels(queue=p.queue, priority=p.priority.name.lower(),

@@ -115,9 +115,10 @@ app.add_typer(__import__("tidegate.cli_policy").cli_policy.policy, name="policy"
 app.command(name="api")(__import__("tidegate.cli_api").cli_api.api)  # HTTP service
 app.command(name="demo")(__import__("tidegate.demo.cli").demo.cli.demo)  # the storm demo
 app.command(name="migrate")(__import__("tidegate.cli_migrate").cli_migrate.migrate)  # old layout
+app.command(name="job")(__import__("tidegate.cli_job").cli_job.job)  # one job's status
 app.add_typer(__import__("tidegate.cli_deploy").cli_deploy.deploy, name="deploy")  # KEDA files
 # --app/-A on each command that works on a Celery app
-add_app_option(app, skip={"downstream", "feed", "demo", "deploy", "migrate"})
+add_app_option(app, skip={"downstream", "feed", "demo", "deploy", "migrate", "job"})
 
 
 @app.callback()

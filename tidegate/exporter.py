@@ -22,6 +22,7 @@ from prometheus_client.registry import Collector
 
 from resilience.shedding import Priority
 from tidegate.snapshot import Observer, Snapshot
+from workers.jobs import FINAL  # the outcomes a task can end in
 
 __all__ = ["DepthCollector", "Sampler", "build_registry", "serve"]
 
@@ -65,6 +66,9 @@ CLUSTER_COUNTERS = (
      "circuit, full bulkhead), all processes.", ("dependency", "reason")),
     ("tidegate_cluster_retries", "Retry attempts started, all processes.", ("dependency",)),
     ("tidegate_cluster_dead_letters", "Tasks dead-lettered, all processes.", ("queue",)),
+    ("tidegate_cluster_task_outcomes", "Tasks finished, by outcome as Celery events report "
+     "them (succeeded: SUCCESS; dead_lettered, failed: FAILURE; deferred: DEFERRED), all "
+     "processes.", ("queue", "outcome")),
     ("tidegate_cluster_producer_refused", "Enqueues refused by producers (backpressure = shed, "
      "rate_limited, broker_unavailable), all processes.", ("queue", "priority", "reason")),
     ("tidegate_cluster_orphans_restored", "Unacked messages of dead workers put back on their "
@@ -147,6 +151,8 @@ def counter_families(snap: Snapshot, observer: Observer) -> Iterator[CounterMetr
         "tidegate_cluster_orphans_restored": [{"queue": q} for q in observer.topology.work_queues],
         "tidegate_cluster_orphan_wait_seconds": [{"queue": q}
                                                  for q in observer.topology.work_queues],
+        "tidegate_cluster_task_outcomes": [{"queue": q, "outcome": o} for q in
+                                           observer.topology.work_queues for o in sorted(FINAL)],
         "tidegate_cluster_producer_refused": [
             {"queue": q, "priority": p.name.lower(), "reason": r}
             for q in observer.topology.work_queues for p in Priority for r in PRODUCER_REASONS],

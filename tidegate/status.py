@@ -146,7 +146,13 @@ def status_document(observer: Observer, history: History, *, storm_per_s: float,
                                  reason="rate_limited")
                     + history.rate(storm_window_s, refused, reason="rate_limited"))
     doc = snap.to_dict()
+    outcomes: dict[str, dict[str, float]] = {q.name: {} for q in snap.queues}
+    for labels, value in snap.counters.get("tidegate_cluster_task_outcomes", []):
+        per_queue = outcomes.setdefault(labels.get("queue", ""), {})
+        per_queue[labels.get("outcome", "")] = value
     doc.update({
+        # the exporter's tidegate_cluster_task_outcomes_total: what Flower shows per task
+        "outcomes": outcomes,
         "history": {"t": times, "queues": series, "dependencies": dependencies,
                     "sheds_per_s": sheds_all, "window_s": history.max_age_s},
         "sheds_per_s": round(sheds, 3),

@@ -33,6 +33,7 @@ MIRRORED: Mapping[str, str] = {
     "tidegate_rejections_total": "tidegate_cluster_rejections",
     "tidegate_retries_total": "tidegate_cluster_retries",
     "tidegate_dead_letters_total": "tidegate_cluster_dead_letters",
+    "tidegate_task_outcomes_total": "tidegate_cluster_task_outcomes",
     "tidegate_producer_refused_total": "tidegate_cluster_producer_refused",
     "tidegate_orphans_restored_total": "tidegate_cluster_orphans_restored",
     "tidegate_orphan_wait_seconds_total": "tidegate_cluster_orphan_wait_seconds",

@@ -356,10 +356,32 @@ class DeadLetters:
         if prio:
             priority = broker_priority(Priority.parse(prio), self.settings.transport)
         task_id = record.task_id or uuid.uuid4().hex
-        self.app.send_task(record.task, args=list(record.args), kwargs=dict(record.kwargs),
-                           task_id=task_id, queue=record.queue, headers=keep,
-                           priority=priority, retry=False)
+        jobs = self._job_statuses()
+        # before the publish: a worker's "running" must land after it, never under it
+        jobs.write(task_id, "replayed", wait=True, task=record.task, queue=record.queue,
+                   record=record.id)
+        try:
+            self.app.send_task(record.task, args=list(record.args), kwargs=dict(record.kwargs),
+                               task_id=task_id, queue=record.queue, headers=keep,
+                               priority=priority, retry=False)
+        except BaseException:
+            jobs.write(task_id, "dead_lettered", wait=True, task=record.task,
+                       queue=record.queue, reason=record.reason, record=record.id)
+            raise
         return task_id
+
+    def _job_statuses(self) -> Any:
+        """Job states (``workers.jobs``) in the shared-state Redis, written and confirmed."""
+        from resilience.stores import redis_client
+        from workers.idempotency import ttl_from_env
+        from workers.jobs import JobStatuses
+
+        if getattr(self, "_jobs", None) is None:
+            client = redis_client(self.settings.redis_url,
+                                  socket_timeout=self.settings.read_timeout_s,
+                                  socket_connect_timeout=self.settings.connect_timeout_s)
+            self._jobs = JobStatuses(client, ttl_from_env())
+        return self._jobs
 
 
 def _parse_envelope(envelope: dict[str, Any], dlq: str) -> DeadLetter:

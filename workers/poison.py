@@ -127,6 +127,15 @@ def report_failure(app: Any, dispatcher: Any, message: Any, record: dl.DeadLette
             app.backend.mark_as_failure(record.task_id, exc)
     except Exception as err:  # a monitor or backend down must not undo the dead letter
         log.warning("dead letter %s not reported to Celery: %s", record.id, err)
+    from workers.jobs import count_outcome
+    from workers.policies import state_for
+
+    count_outcome(record.queue, "dead_lettered")
+    jobs = state_for(app).jobs
+    if jobs is not None:
+        jobs.write(record.task_id, "dead_lettered", task=record.task, queue=record.queue,
+                   reason=record.reason, record=record.id, dlq=f"{record.queue}{DLQ_SUFFIX}",
+                   error=f"{record.exception_type}: {record.exception_message}"[:500])
 
 
 class PoisonAwareConsumer(LoopThreadQos):

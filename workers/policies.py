@@ -25,6 +25,7 @@ from resilience.policy import Policy, PolicyConfig, PolicyRegistry
 from resilience.stores import RedisCache, RedisStore, redis_client
 from workers.idempotency import IdempotencyStore, ttl_from_env
 from workers.installation import installation
+from workers.jobs import JobStatuses
 from workers.redis_line import ReplyLater
 from workers.settings import Settings
 from workers.topology import Topology
@@ -43,6 +44,7 @@ class WorkerState:
     fallbacks: dict[str, Fallback | None]
     idempotency: IdempotencyStore
     pid: int
+    jobs: JobStatuses | None = None  # job status for GET /v1/jobs/{id} (workers.jobs)
 
     def policy(self, dependency: str) -> Policy:
         return self.registry.policy(dependency)
@@ -97,7 +99,9 @@ def build_state(settings: Settings, topology: Topology) -> WorkerState:
     # A cluster has no single connection to write marks on unanswered: they wait (SET).
     replies = ReplyLater(idem_client) if idem_client.connection_pool is not None else None
     idem = IdempotencyStore(idem_client, ttl_from_env(), replies=replies)
-    return WorkerState(registry, configs, fallbacks, idem, os.getpid())
+    # job states ride the marks' line: a socket write each, no round trip
+    jobs = JobStatuses(idem_client, ttl_from_env(), replies=replies)
+    return WorkerState(registry, configs, fallbacks, idem, os.getpid(), jobs)
 
 
 def close_states(**_: Any) -> None:

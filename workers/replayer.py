@@ -36,7 +36,9 @@ from resilience.shedding import Priority
 from resilience.stores import RedisStore, StateStore, redis_client
 from workers import headers as h
 from workers.deferral import store_for
+from workers.idempotency import ttl_from_env
 from workers.installation import installation
+from workers.jobs import JobStatuses
 from workers.settings import Settings
 from workers.sqs_deferral import SQS_MAX_BATCH, DeferredEntry, SqsDeferralStore
 from workers.topology import Dependency, Topology, broker_priority, redis_priority_lists
@@ -326,8 +328,9 @@ class Replayer:
 
     def __init__(self, app: Any, dependency: Dependency, store: SqsDeferralStore, gate: Gate,
                  depth: DepthReader, config: ReplayConfig | None = None,
-                 schedule: SweepSchedule | None = None) -> None:
+                 schedule: SweepSchedule | None = None, jobs: JobStatuses | None = None) -> None:
         self.app = app
+        self.jobs = jobs  # job states (workers.jobs): the deferred job points at its replay
         self.dependency = dependency
         self.name = dependency.name
         self.store = store
@@ -381,6 +384,28 @@ class Replayer:
                      FIRST_DEFERRED_HEADER: r.first_deferred_at},
             retry=False,
         )
+        self._record_replay(entry, replay_task_id(r.idempotency_key))
+
+    def _record_replay(self, entry: DeferredEntry, replay_id: str) -> None:
+        """The deferred job (the producer's id is the SQS message id; a worker's deferral
+        names its task id) now points at its replay; the replay starts out queued."""
+        if self.jobs is None:
+            return
+        r = entry.request
+        assert r is not None
+        self.jobs.write(replay_id, "queued", only_if="NX", task=r.task,
+                        queue=self.topology.queue_for_task(r.task),
+                        replayed_from=entry.message_id)
+        try:
+            deferred = self.jobs.read(entry.message_id, follow=False) or {}
+        except Exception as exc:  # a status is best effort: the replay itself is done
+            log.warning("replayer %s: job status of %s unreadable: %s", self.name,
+                        entry.message_id, exc)
+            return
+        for job_id in {entry.message_id, deferred.get("job")} - {None, replay_id}:
+            self.jobs.write(job_id, "replayed", only_if="XX", wait=True, task=r.task,
+                            queue=self.topology.queue_for_task(r.task), replay_id=replay_id,
+                            deferred_id=entry.message_id)
 
     def replay(self, entries: list[DeferredEntry]) -> int:
         """Publish, then delete what was published. Returns how many were published."""
@@ -571,5 +596,7 @@ def build_replayer(app: Any, dependency: str, config: ReplayConfig | None = None
                                               socket_connect_timeout=0.5))
     gate = Gate(dep, state_store, settings, cfg.probe_interval_s)
     schedule = SweepSchedule(dependency, getattr(state_store, "client", None))
+    client = getattr(state_store, "client", None)
+    jobs = JobStatuses(client, ttl_from_env()) if client is not None else None
     return Replayer(app, dep, store_for(dependency, settings, topology), gate,
-                    depth or depth_reader(settings), cfg, schedule)
+                    depth or depth_reader(settings), cfg, schedule, jobs)

@@ -66,6 +66,7 @@ from workers import headers as h
 from workers.errors import DeadLettered, InvalidPayload
 from workers.idempotency import Mark, MarkState, StoreUnavailable, mark_key
 from workers.installation import installation
+from workers.jobs import count_outcome
 from workers.poison import signature_of
 from workers.policies import WorkerState, state_for
 from workers.topology import priority_from_broker
@@ -78,6 +79,7 @@ __all__ = ["DEFERRED", "Execution", "ResilientTask", "current_execution", "resil
 # and celery.events.State show it as DEFERRED) and in the result backend. Never SUCCESS.
 DEFERRED = "DEFERRED"
 RETRYABLE = (TransientError, OSError, TimeoutError)
+REPLAYED_FROM = "tidegate_replayed_from"  # set by `tidegate dlq replay` (workers.deadletter)
 REFUSAL_MAX_WAIT_S = 120.0  # longest countdown for a task refused before any call
 PARK_S = 1.0  # a redelivery parked behind a run in flight comes back after 1-1.5 s
 FLAGS_REDELIVERY = frozenset({"redis", "amqp"})  # transports that mark a redelivered message
@@ -390,6 +392,8 @@ class ResilientTask(Task):
         elif ex.redelivered and ex.idempotent:
             log.warning("%s[%s]: redelivered after an unfinished delivery; running again "
                         "(idempotent)", ex.task, ex.task_id)
+        _job(state, ex, "running", worker=ex.worker, attempt=ex.attempt,
+             replayed_from=h.read(self.request, REPLAYED_FROM))
         try:
             with _lineage_of(ex):
                 result = self.run(*args, **kwargs)
@@ -411,6 +415,10 @@ class ResilientTask(Task):
                 state.idempotency.release(self.name, ex.mark)
             log.warning("%s[%s]: %s unavailable; deferred as %s (queue for later)", ex.task,
                         ex.task_id, result.dependency, result.id)
+            _job(state, ex, "deferred", deferred_id=result.id, dependency=result.dependency)
+            if state.jobs is not None:  # the replayer finds this job from the SQS entry's id
+                state.jobs.write(result.id, "deferred", job=ex.task_id, task=ex.task,
+                                 queue=ex.queue, dependency=result.dependency)
             self._report_deferred(ex, result)
             raise Ignore()  # acked; Celery sends no task-succeeded, so DEFERRED stands
         result = _jsonable(result)
@@ -421,6 +429,7 @@ class ResilientTask(Task):
             # again if idempotent, or is dead-lettered as outcome unknown: never repeated.
             log.warning("%s[%s]: done, but the done mark was not stored: %s", ex.task,
                         ex.task_id, exc)
+        _job(state, ex, "succeeded", worker=ex.worker, fallbacks=ex.fallbacks or None)
         if ex.fallbacks:
             log.warning("%s[%s]: done degraded (fallbacks: %s)", ex.task, ex.task_id,
                         ", ".join(ex.fallbacks))
@@ -479,6 +488,8 @@ class ResilientTask(Task):
             state.idempotency.release(self.name, ex.mark)
         log.warning("%s[%s]: attempt %d/%d failed: %s; retry in %.2fs through the broker",
                     ex.task, ex.task_id, ex.attempt, ex.max_attempts, cause_first(exc), delay)
+        _job(state, ex, "retrying", attempt=ex.attempt, retry_in_s=round(delay, 3),
+             error=f"{type(exc).__name__}: {exc}"[:500])
         raise self.retry(countdown=delay, headers=headers, exc=exc)
 
     def _report_deferred(self, ex: Execution, deferred: Deferred) -> None:
@@ -510,6 +521,7 @@ class ResilientTask(Task):
             # takes a rejected message; elsewhere it goes back to the queue.
             requeue = installation(self.app).settings.transport != "amqp"
             log.error("%s[%s]: %s; rejecting (requeue=%s)", ex.task, ex.task_id, err, requeue)
+            _job(state, ex, "failed", error=str(err)[:500])
             raise Reject(str(err), requeue=requeue) from err
         if mark:
             try:
@@ -520,9 +532,18 @@ class ResilientTask(Task):
                   installation(self.app).topology.dead_letter_queue(ex.queue), reason, record.id,
                   record.exception_type, record.exception_message)
         what = f"{record.exception_type}: {record.exception_message}" if exc else "-"
+        _job(state, ex, "dead_lettered", reason=reason, record=record.id, error=what[:500],
+             dlq=installation(self.app).topology.dead_letter_queue(ex.queue))
         raise DeadLettered(f"{reason}: {what[:500]} (dead-lettered to "
                            f"{installation(self.app).topology.dead_letter_queue(ex.queue)}, "
                            f"record {record.id})", reason, record.id)
+
+
+def _job(state: WorkerState, ex: Execution, status: str, **fields: Any) -> None:
+    """Record this delivery's job status (``workers.jobs``): a socket write, never raises."""
+    count_outcome(ex.queue, status)
+    if state.jobs is not None:
+        state.jobs.write(ex.task_id, status, task=ex.task, queue=ex.queue, **fields)
 
 
 def resilient_task(name: str, *, dependency: str, idempotent: bool,

@@ -33,6 +33,7 @@ EVERY_METRIC = {
     "tidegate_breaker_state_known", "tidegate_cluster_sheds_total",
     "tidegate_cluster_rejections_total", "tidegate_cluster_retries_total",
     "tidegate_cluster_dead_letters_total", "tidegate_cluster_producer_refused_total",
+    "tidegate_cluster_task_outcomes_total",
     "tidegate_exporter_snapshot_age_seconds",
 }
 

@@ -136,6 +136,12 @@ function queues(doc) {
                 fig("workers", `${fmt(q.live_workers)}/${fmt(q.desired_workers)}`,
                     (q.desired_workers || 0) > (q.live_workers || 0), "workers"));
     card.append(figs);
+    // the exporter's tidegate_cluster_task_outcomes_total: the outcomes Flower shows per task
+    const done = (doc.outcomes || {})[q.name] || {};
+    const n = k => fmt(Math.round(done[k] || 0));
+    card.append(el("div", {class: "legend", "data-outcomes": q.name},
+      `finished: ${n("succeeded")} succeeded · ${n("dead_lettered")} dead-lettered · `
+      + `${n("failed")} failed · ${n("deferred")} deferred`));
     const depth = chart({"data-queue": q.name, "aria-label": `${q.name} depth`},
                         [["ready", "ready", s.ready], ["in_flight", "in flight", s.in_flight],
                          ["delayed", "retries waiting", s.delayed]], t);

@@ -1,0 +1,115 @@
+"""Job status: what became of a job id, for ``GET /v1/jobs/{id}`` and ``tidegate job ID``.
+
+One small key per job, ``tidegate:job:<id>`` in the shared-state Redis, holding the latest
+state as JSON with a TTL (the idempotency TTL, ``TIDEGATE_IDEMPOTENCY_TTL_S``): written where
+Tidegate already decides each step, so no result backend is needed. Each write is one ``SET``,
+sent without waiting for its reply where the writer has a :class:`~workers.redis_line.ReplyLater`
+line (workers and producers do): the hot path pays a socket write, not a round trip.
+
+=============  ===========================================================  ==============
+state          written by                                                   extra fields
+=============  ===========================================================  ==============
+queued         the Producer after the publish (``NX``: never over a later   task, queue,
+               state); a replay's new task id                               priority
+running        the worker, before the task body runs                        worker, attempt
+retrying       the worker, when it sends the task back with a countdown     error, retry_in_s
+succeeded      the worker, after the done mark                              worker
+failed         the worker, when the dead-letter copy could not be stored   error
+               (the message was rejected instead)
+dead_lettered  the worker (or its consumer, for a poison message) once the  reason, record,
+               DLQ record is stored                                         dlq, error
+deferred       the worker or the Producer, once the request is in SQS      deferred_id,
+                                                                            dependency
+replayed       ``tidegate dlq replay`` (same id, runs again) and the        replay_id /
+               replayer (a new id; the old job points at it)                record
+=============  ===========================================================  ==============
+
+A status is best effort: Redis being away never fails a task or an enqueue over it (a warning
+is logged). An id that was never seen, or is older than the TTL, has no status (404).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from typing import Any
+
+from prometheus_client import Counter
+
+from resilience.metrics import get_or_create
+
+log = logging.getLogger("tidegate.jobs")
+
+# The same outcomes Celery's events report (SUCCESS, FAILURE for dead_lettered and failed, the
+# custom DEFERRED), counted where they are decided; the exporter and the status page show the
+# cluster totals (workers.cluster_metrics), so they count what Flower shows.
+OUTCOMES = get_or_create(
+    Counter, "tidegate_task_outcomes_total",
+    "Tasks finished, by outcome: succeeded (Celery SUCCESS), dead_lettered and failed "
+    "(FAILURE), deferred (DEFERRED).", ("queue", "outcome"))
+FINAL = frozenset({"succeeded", "failed", "dead_lettered", "deferred"})
+
+PREFIX = "tidegate:job:"
+STATES = ("queued", "running", "retrying", "succeeded", "failed", "dead_lettered", "deferred",
+          "replayed")
+
+__all__ = ["FINAL", "OUTCOMES", "PREFIX", "STATES", "JobStatuses", "count_outcome", "job_key"]
+
+
+def count_outcome(queue: str, outcome: str) -> None:
+    """Count a task's final outcome (only the states in FINAL)."""
+    if outcome in FINAL:
+        OUTCOMES.labels(queue=queue, outcome=outcome).inc()
+
+
+def job_key(job_id: str) -> str:
+    return f"{PREFIX}{job_id}"
+
+
+class JobStatuses:
+    """Reads and writes job states in Redis. Thread-safe (redis-py pools, ReplyLater lines)."""
+
+    def __init__(self, client: Any, ttl_s: int, *, replies: Any = None) -> None:
+        import redis
+
+        self.client = client
+        self.ttl_ms = int(ttl_s * 1000)
+        self._replies = replies
+        self._errors = (redis.exceptions.RedisError, OSError)
+
+    def command(self, job_id: str, state: str, *, only_if: str | None = None,
+                **fields: Any) -> tuple[Any, ...]:
+        """The one ``SET`` that records ``state`` (``only_if``: "NX" or "XX")."""
+        doc = {"state": state, "at": round(time.time(), 3),
+               **{k: v for k, v in fields.items() if v is not None}}
+        command: tuple[Any, ...] = ("SET", job_key(job_id), json.dumps(doc, default=str),
+                                    "PX", self.ttl_ms)
+        return (*command, only_if) if only_if else command
+
+    def write(self, job_id: str | None, state: str, *, only_if: str | None = None,
+              wait: bool = False, **fields: Any) -> None:
+        """Record ``state`` for ``job_id`` (never raises). ``wait``: confirmed round trip."""
+        if not job_id:
+            return
+        command = self.command(job_id, state, only_if=only_if, **fields)
+        try:
+            if self._replies is not None and not wait:
+                self._replies.send(*command)
+            else:
+                self.client.execute_command(*command)
+        except Exception as exc:  # ReplyLaterError is an OSError; anything else: same answer
+            log.warning("job %s: status %s not stored: %s", job_id, state, exc)
+
+    def read(self, job_id: str, *, follow: bool = True) -> dict[str, Any] | None:
+        """The job's latest state, or None. A job replayed under a new id carries the new
+        job's status as ``replay`` (one level). Raises redis errors: the caller says 503."""
+        raw = self.client.get(job_key(job_id))
+        if raw is None:
+            return None
+        doc = json.loads(raw)
+        doc["id"] = job_id
+        replay_id = doc.get("replay_id")
+        if follow and replay_id and replay_id != job_id:
+            doc["replay"] = self.read(replay_id, follow=False)
+        return doc
