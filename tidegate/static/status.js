@@ -139,7 +139,7 @@ function queues(doc) {
     // the exporter's tidegate_cluster_task_outcomes_total: the outcomes Flower shows per task
     const done = (doc.outcomes || {})[q.name] || {};
     const n = k => fmt(Math.round(done[k] || 0));
-    card.append(el("div", {class: "legend", "data-outcomes": q.name},
+    card.append(el("div", {class: "k outcomes", "data-outcomes": q.name},
       `finished: ${n("succeeded")} succeeded · ${n("dead_lettered")} dead-lettered · `
       + `${n("failed")} failed · ${n("deferred")} deferred`));
     const depth = chart({"data-queue": q.name, "aria-label": `${q.name} depth`},
