@@ -1,0 +1,216 @@
+"""A dependency's policy as the policy file states it: ``PolicyConfig`` (immutable, the seed's
+defaults), the file's keys and units, and the fallback strategy a spec names.
+
+:mod:`resilience.policy` builds the chain from it (and re-exports everything here).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any
+
+from .breaker import BreakerConfig
+from .bulkhead import BulkheadConfig
+from .errors import ConfigError
+from .events import EVENTS, EventBus
+from .fallback import CachedValue, DefaultValue, DeferralSink, Fallback, Graceful, QueueForLater
+from .ratelimit import RateLimitConfig
+from .retry import RetryConfig
+from .stores import Cache, MemoryCache
+from .timeout import DEFAULT_TIMEOUT_MODE, check_timeout, check_timeout_mode
+
+__all__ = [
+    "FALLBACK_KINDS",
+    "FILE_KEYS",
+    "FILE_SECTIONS",
+    "LEAD_KEYS",
+    "FallbackSpec",
+    "PolicyConfig",
+    "build_fallback",
+]
+
+FALLBACK_KINDS = ("none", "cached", "default", "graceful", "queue")
+LEAD_KEYS = frozenset({"queue", "url", "tasks"})  # read by workers/, ignored here
+
+
+# The policy file's keys -> (PolicyConfig or section attribute, divisor to seconds): a
+# dependency's top-level numbers, then its sub-tables. ``timeout`` holds flat fields.
+FILE_KEYS: Mapping[str, tuple[str, float]] = MappingProxyType({
+    "idempotent": ("idempotent", 1),
+    "timeout_ms": ("timeout", 1000),
+    "deadline_ms": ("deadline", 1000),
+})
+FILE_SECTIONS: Mapping[str, Mapping[str, tuple[str, float]]] = MappingProxyType({
+    "timeout": {"mode": ("timeout_mode", 1)},  # ``timeout.mode = "abandon"``
+    "retry": {
+        "max_attempts": ("max_attempts", 1),
+        "base_s": ("base", 1),
+        "max_wait_s": ("max_wait", 1),
+    },
+    "breaker": {
+        "failure_rate": ("failure_rate", 1),
+        "window_s": ("window", 1),
+        "minimum_calls": ("minimum_calls", 1),
+        "open_s": ("open_duration", 1),
+        "half_open_calls": ("half_open_calls", 1),
+        "slow_call_ms": ("slow_call_duration", 1000),
+        "slow_call_rate": ("slow_call_rate", 1),
+    },
+    "bulkhead": {
+        "max_concurrent": ("max_concurrent", 1),
+        "max_wait_ms": ("max_wait", 1000),
+    },
+    "rate_limit": {"rate_per_s": ("rate", 1), "burst": ("burst", 1)},
+    "fallback": {
+        "kind": ("kind", 1),
+        "ttl_s": ("ttl", 1),
+        "value": ("value", 1),
+        "message": ("message", 1),
+        "max_deferrals": ("max_deferrals", 1),
+    },
+})
+
+@dataclass(frozen=True)
+class FallbackSpec:
+    kind: str = "none"
+    ttl: float = 300.0  # cached: how stale an answer may be served
+    value: Any = None  # default: the value returned
+    message: str | None = None  # graceful: what users read
+    max_deferrals: int = 5  # queue: a request deferred this often is not deferred again
+
+    def __post_init__(self) -> None:
+        if self.kind not in FALLBACK_KINDS:
+            raise ConfigError(
+                f"fallback kind must be one of {', '.join(FALLBACK_KINDS)}, got {self.kind!r}"
+            )
+        check_timeout(self.ttl, "fallback ttl_s")
+        if not (isinstance(self.max_deferrals, int) and not isinstance(self.max_deferrals, bool)
+                and self.max_deferrals >= 1):
+            raise ConfigError(
+                f"fallback max_deferrals must be an integer >= 1, got {self.max_deferrals!r}")
+
+
+@dataclass(frozen=True)
+class PolicyConfig:
+    """One dependency's policy. Seed defaults: 80 ms per attempt, 200 ms in total.
+
+    ``retry=None`` means the seed's schedule. A non-idempotent dependency may not declare a
+    retry (ConfigError): its calls retry only when they carry an idempotency key.
+    ``timeout_mode`` is how sync attempts are bounded: ``"cooperative"`` (inline, the callee's
+    clients follow the budget, a late result is a timeout; the default) or ``"abandon"``
+    (in the bulkhead's pool, abandoned on timeout). See :mod:`resilience.timeout`.
+    """
+
+    name: str = "default"
+    timeout: float = 0.08
+    deadline: float = 0.2
+    idempotent: bool = False
+    retry: RetryConfig | None = None
+    breaker: BreakerConfig = field(default_factory=BreakerConfig)
+    bulkhead: BulkheadConfig = field(default_factory=BulkheadConfig)
+    rate_limit: RateLimitConfig | None = None
+    fallback: FallbackSpec = field(default_factory=FallbackSpec)
+    timeout_mode: str = DEFAULT_TIMEOUT_MODE
+
+    def __post_init__(self) -> None:
+        check_timeout(self.timeout, f"{self.name}: timeout")
+        check_timeout_mode(self.timeout_mode, f"{self.name}: timeout mode")
+        check_timeout(self.deadline, f"{self.name}: deadline")
+        if self.timeout > self.deadline:
+            raise ConfigError(
+                f"{self.name}: per-attempt timeout {self.timeout}s exceeds the deadline "
+                f"{self.deadline}s"
+            )
+        if not isinstance(self.idempotent, bool):
+            raise ConfigError(f"{self.name}: idempotent must be true or false")
+        if not self.idempotent and self.retry is not None and self.retry.max_attempts > 1:
+            raise ConfigError(
+                f"{self.name}: not idempotent, so it may not declare a retry; calls carrying "
+                "an idempotency key retry with the default schedule (or set idempotent = true)"
+            )
+
+    @property
+    def retry_config(self) -> RetryConfig:
+        return self.retry or RetryConfig()
+
+    @classmethod
+    def from_mapping(cls, name: str, table: Mapping[str, Any]) -> PolicyConfig:
+        """Parse one ``[dependencies.NAME]`` table; unknown keys are a ConfigError."""
+        where = f"dependencies.{name}"
+        table = dict(table)
+        for k in LEAD_KEYS:
+            table.pop(k, None)
+        kw: dict[str, Any] = {"name": name}
+        top, sections = FILE_KEYS, FILE_SECTIONS
+        builders = {
+            "retry": RetryConfig,
+            "breaker": BreakerConfig,
+            "bulkhead": BulkheadConfig,
+            "rate_limit": RateLimitConfig,
+            "fallback": FallbackSpec,
+        }
+
+        def convert(path: str, value: Any, scale: float) -> Any:
+            if scale == 1:
+                return value
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise ConfigError(f"{path} must be a number, got {value!r}")
+            return value / scale
+
+        for key, value in table.items():
+            path = f"{where}.{key}"
+            if key in top:
+                attr, scale = top[key]
+                kw[attr] = convert(path, value, scale)
+            elif key in sections:
+                if not isinstance(value, Mapping):
+                    raise ConfigError(f"{path} must be a table")
+                known = sections[key]
+                args: dict[str, Any] = {}
+                for sub, subval in value.items():
+                    if sub not in known:
+                        raise ConfigError(
+                            f"unknown key {path}.{sub} (expected one of {', '.join(known)})"
+                        )
+                    attr, scale = known[sub]
+                    args[attr] = convert(f"{path}.{sub}", subval, scale)
+                if key == "timeout":  # flat fields of PolicyConfig, not a nested config
+                    if "timeout_mode" in args:
+                        check_timeout_mode(args["timeout_mode"], f"{path}.mode")
+                    kw.update(args)
+                    continue
+                try:
+                    kw[key] = builders[key](**args)
+                except TypeError as exc:  # e.g. rate_limit without rate_per_s
+                    raise ConfigError(f"{path}: {exc}") from None
+                except ConfigError as exc:
+                    raise ConfigError(f"{path}: {exc}") from None
+            else:
+                raise ConfigError(
+                    f"unknown key {path} (expected one of {', '.join([*top, *sections])})"
+                )
+        return cls(**kw)
+
+
+def build_fallback(
+    spec: FallbackSpec,
+    *,
+    dependency: str,
+    cache: Cache | None = None,
+    deferral_sink: DeferralSink | None = None,
+    events: EventBus = EVENTS,
+) -> Fallback | None:
+    """The strategy a spec names. A queue fallback without a sink is refused (never lose it)."""
+    if spec.kind == "none":
+        return None
+    if spec.kind == "cached":
+        return CachedValue(cache if cache is not None else MemoryCache(), spec.ttl)
+    if spec.kind == "default":
+        return DefaultValue(spec.value)
+    if spec.kind == "graceful":
+        return Graceful(spec.message)
+    if deferral_sink is None:
+        raise ConfigError(f"{dependency}: fallback kind 'queue' needs a deferral sink")
+    return QueueForLater(deferral_sink, spec.max_deferrals, events=events)
