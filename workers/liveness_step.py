@@ -98,10 +98,12 @@ class LivenessThreads:
         tick = min(s.worker_heartbeat_s, s.orphan_sweep_s) if self.sweeps else s.worker_heartbeat_s
         self._threads.append(Periodic("tidegate-liveness", tick, self.tick).start())
         if s.transport == "sqs":
-            from workers.depth import sqs_client
+            from workers.depth import broker_sqs_config
+            from workers.sqs_deferral import sqs_client
             from workers.visibility import VisibilityExtender, held_messages
 
-            extender = VisibilityExtender(sqs_client(s), lambda: held_messages(self.consumer),
+            extender = VisibilityExtender(sqs_client(broker_sqs_config(s)),
+                                          lambda: held_messages(self.consumer),
                                           s.sqs_visibility_timeout_s)
             self._threads.append(Periodic("tidegate-sqs-visibility", s.worker_heartbeat_s,
                                           extender.extend).start())
