@@ -59,7 +59,7 @@ from .layers import (
 )
 from .policy_config import FILE_KEYS, FILE_SECTIONS, FallbackSpec, PolicyConfig, build_fallback
 from .ratelimit import RateLimiter
-from .retry import Retrier, RetryBudget
+from .retry import InCallPause, Retrier, RetryBudget
 from .shedding import LoadShedder, Priority
 from .stores import Cache, MemoryStore, StateStore
 from .timeout import COOPERATIVE, Timeout
@@ -171,9 +171,13 @@ class Policy:
         self.retry_budget = retry_budget or RetryBudget(
             name=self.name, store=self.store, clock=clock
         )
+        # in the call the short scale: retries fit the deadline; the seed's seconds-long
+        # schedule is for work that goes back to the queue (workers' countdowns)
+        retry = config.retry_config
         self.retrier = Retrier(
-            config.retry_config, name=self.name, budget=self.retry_budget, clock=clock, rng=rng,
-            events=events,
+            retry, name=self.name, budget=self.retry_budget, clock=clock, rng=rng,
+            events=events, wait=InCallPause(retry.pause, config.timeout, rng),
+            attempt_timeout=config.timeout, attempts=retry.per_call,
         )
         self.rate_limiter = (
             RateLimiter(self.name, config.rate_limit, self.store, clock, events=events)

@@ -48,6 +48,8 @@ FILE_SECTIONS: Mapping[str, Mapping[str, tuple[str, float]]] = MappingProxyType(
         "max_attempts": ("max_attempts", 1),
         "base_s": ("base", 1),
         "max_wait_s": ("max_wait", 1),
+        "pause_ms": ("pause", 1000),
+        "in_call_attempts": ("in_call_attempts", 1),
     },
     "breaker": {
         "failure_rate": ("failure_rate", 1),

@@ -1,23 +1,38 @@
-"""Retry on tenacity: the seed's backoff with jitter, an idempotency gate, deadline-aware
-stopping and a retry budget.
+"""Retry on tenacity: two scales of waiting, one count of attempts, an idempotency gate,
+deadline-aware stopping and a retry budget.
 
-Schedule (``attempt`` is 1-based, the attempt about to start)::
+The seed names two scales, and both are here:
+
+* **in the call** (:class:`InCallPause`): a retry inside the call's deadline starts at once
+  or after a short jittered pause, ``U(0, pause)`` (20 ms by default), shortened so the next
+  attempt keeps its full per-attempt timeout; an attempt that would have less than half of
+  it (the P99, when the timeout is P99 x 2) is not started. With 80 ms per attempt and
+  200 ms in total: attempt 2 starts within 20 ms of attempt 1's timeout, attempt 3 never.
+* **through the queue** (:func:`backoff_delay`, the seed's schedule; ``attempt`` is 1-based,
+  the attempt about to start)::
 
     attempt 1: 0 (immediate)
     attempt n>1: 2^(n-1) * base + U(0, 2^(n-2) * base), capped at max_wait
     -> base 1 s: 2-3 s, 4-6 s, 8-12 s; tests use milliseconds.
 
-Only transient errors retry (``TransientError`` and the configured ``retry_on`` types);
-``RejectedError`` (circuit open, bulkhead full, ...) and ``PermanentError`` surface at once.
-A retry never starts a sleep that would end past the current deadline: it stops before.
+  Workers use it for broker countdowns: no worker slot sleeps for seconds.
+
+Attempts are counted across both: ``max_attempts`` is a job's total, and a worker passes
+what is left of it for one delivery with :func:`attempts_allowed` (the count made comes back
+in the :class:`Allowance`). Only transient errors retry (``TransientError`` and the
+configured ``retry_on`` types); ``RejectedError`` (circuit open, bulkhead full, ...) and
+``PermanentError`` surface at once. A retry never starts a sleep that would end past the
+current deadline: it stops before.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 import random
 import threading
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -40,10 +55,13 @@ from .events import EVENTS, EventBus, RetryScheduled
 from .stores import MemoryStore, StateStore
 
 __all__ = [
+    "Allowance",
+    "InCallPause",
     "Retrier",
     "RetryBudget",
     "RetryConfig",
     "SeedBackoff",
+    "attempts_allowed",
     "backoff_delay",
     "is_retryable",
     "retry_call",
@@ -55,12 +73,16 @@ T = TypeVar("T")
 
 @dataclass(frozen=True)
 class RetryConfig:
-    """Seed defaults: 4 attempts, base 1 s, no wait above 30 s."""
+    """Seed defaults: 4 attempts in all; in one call 2 of them with a pause of up to 20 ms
+    ("one retry fits in the deadline"); through the queue base 1 s (2-3, 4-6, 8-12 s), no
+    wait above 30 s."""
 
     max_attempts: int = 4
-    base: float = 1.0
-    max_wait: float = 30.0
+    base: float = 1.0  # queue scale
+    max_wait: float = 30.0  # queue scale
     retry_on: tuple[type[BaseException], ...] = (OSError, TimeoutError)
+    pause: float = 0.02  # in-call scale: the longest jittered pause between attempts
+    in_call_attempts: int = 2  # in-call scale: attempts in one call ("one retry fits")
 
     def __post_init__(self) -> None:
         if not (isinstance(self.max_attempts, int) and self.max_attempts >= 1):
@@ -73,7 +95,18 @@ class RetryConfig:
             raise ConfigError(
                 f"retry max_wait must be > 0 s (never infinite), got {self.max_wait!r}"
             )
+        if not (isinstance(self.pause, int | float) and self.pause >= 0
+                and math.isfinite(self.pause)):
+            raise ConfigError(f"retry pause must be >= 0 s and finite, got {self.pause!r}")
+        if not (isinstance(self.in_call_attempts, int) and self.in_call_attempts >= 1):
+            raise ConfigError(f"retry in_call_attempts must be an integer >= 1, got "
+                              f"{self.in_call_attempts!r}")
         object.__setattr__(self, "retry_on", exception_types(self.retry_on, "retry_on"))
+
+    @property
+    def per_call(self) -> int:
+        """Attempts one call may make: ``in_call_attempts``, within ``max_attempts``."""
+        return min(self.max_attempts, self.in_call_attempts)
 
 
 def backoff_delay(attempt: int, config: RetryConfig | None = None, rng: Any = random) -> float:
@@ -102,6 +135,51 @@ class SeedBackoff(wait_base):
 
     def __call__(self, retry_state: tenacity.RetryCallState) -> float:
         return backoff_delay(retry_state.attempt_number + 1, self.config, self.rng)
+
+
+class InCallPause(wait_base):
+    """The in-call scale: ``U(0, pause)``, shortened so the next attempt keeps its full
+    ``attempt_timeout`` before the deadline (never below 0)."""
+
+    def __init__(self, pause: float = 0.02, attempt_timeout: float | None = None,
+                 rng: Any = random) -> None:
+        self.pause, self.attempt_timeout, self.rng = pause, attempt_timeout, rng
+
+    def __call__(self, retry_state: tenacity.RetryCallState) -> float:
+        wait = self.rng.uniform(0.0, self.pause) if self.pause > 0 else 0.0
+        d = _deadline.current()
+        if d is not None and self.attempt_timeout is not None:
+            wait = max(0.0, min(wait, d.remaining() - self.attempt_timeout))
+        return wait
+
+
+@dataclass
+class Allowance:
+    """How many attempts one call may make (``limit``) and how many it made (``made``):
+    a worker's share of a job's ``max_attempts`` for one delivery."""
+
+    limit: int
+    made: int = 0
+
+
+_allowance: contextvars.ContextVar[Allowance | None] = contextvars.ContextVar(
+    "tidegate_attempt_allowance", default=None)
+
+
+@contextlib.contextmanager
+def attempts_allowed(limit: int) -> Iterator[Allowance]:
+    """Calls in this scope make at most ``limit`` attempts between them (at least one: the
+    first is never refused here); the attempts made are counted in the yielded object."""
+    allowance = Allowance(max(1, int(limit)))
+    token = _allowance.set(allowance)
+    try:
+        yield allowance
+    finally:
+        _allowance.reset(token)
+
+
+def current_allowance() -> Allowance | None:
+    return _allowance.get()
 
 
 def is_retryable(exc: BaseException, config: RetryConfig | None = None) -> bool:
@@ -174,12 +252,32 @@ class RetryBudget:
         )
 
 
+def _no_room(sleep: float, attempt_timeout: float | None) -> bool:
+    """True when, after ``sleep``, the deadline leaves no room for a useful attempt: none at
+    all, or less than half the per-attempt timeout (its P99 when the timeout is P99 x 2)."""
+    d = _deadline.current()
+    if d is None:
+        return False
+    left = d.remaining() - sleep
+    return left <= 0 or (attempt_timeout is not None and left < attempt_timeout / 2)
+
+
 class _StopBeforeDeadline(tenacity.stop.stop_base):
-    """Stop when the upcoming sleep would end at or past the deadline."""
+    """Stop when the upcoming sleep would leave no room for the next attempt."""
+
+    def __init__(self, attempt_timeout: float | None = None) -> None:
+        self.attempt_timeout = attempt_timeout
 
     def __call__(self, retry_state: tenacity.RetryCallState) -> bool:
-        d = _deadline.current()
-        return d is not None and retry_state.upcoming_sleep >= d.remaining()
+        return _no_room(retry_state.upcoming_sleep, self.attempt_timeout)
+
+
+class _StopOnAllowance(tenacity.stop.stop_base):
+    """Stop when the job's share of attempts for this delivery is spent."""
+
+    def __call__(self, retry_state: tenacity.RetryCallState) -> bool:
+        a = _allowance.get()
+        return a is not None and a.made >= a.limit
 
 
 class _StopOnBudget(tenacity.stop.stop_base):
@@ -197,6 +295,11 @@ class Retrier:
     the error as is. When retries stop, the error is :class:`RetriesExhausted` (attempts or
     budget spent) or :class:`DeadlineExceeded` (no time left for the next wait), both chained
     to the last failure.
+
+    ``wait`` defaults to the seed's schedule (:class:`SeedBackoff`, for work that can wait);
+    a :class:`~resilience.policy.Policy` passes :class:`InCallPause`, its per-attempt
+    timeout as ``attempt_timeout`` and ``attempts=config.per_call``, so its retries fit in
+    the call's deadline. ``attempts`` defaults to ``max_attempts``.
     """
 
     def __init__(
@@ -208,14 +311,20 @@ class Retrier:
         clock: Clock = SYSTEM_CLOCK,
         rng: Any = random,
         events: EventBus = EVENTS,
+        wait: wait_base | None = None,
+        attempt_timeout: float | None = None,
+        attempts: int | None = None,
     ) -> None:
         self.config = config or RetryConfig()
+        self.attempts = attempts or self.config.max_attempts
         self.name = name
         self.events = events
         self.budget = budget
         self.clock = clock
-        self.wait = SeedBackoff(self.config.base, self.config.max_wait, rng)
-        stop = tenacity.stop_after_attempt(self.config.max_attempts) | _StopBeforeDeadline()
+        self.attempt_timeout = attempt_timeout
+        self.wait = wait or SeedBackoff(self.config.base, self.config.max_wait, rng)
+        stop = (tenacity.stop_after_attempt(self.attempts) | _StopOnAllowance()
+                | _StopBeforeDeadline(attempt_timeout))
         if budget is not None:
             stop = stop | _StopOnBudget(budget)  # consulted last: spends only on a real retry
         self._kwargs = dict(
@@ -236,9 +345,17 @@ class Retrier:
     def _give_up(self, retry_state: tenacity.RetryCallState) -> Any:
         last = retry_state.outcome.exception() if retry_state.outcome else None
         attempts = retry_state.attempt_number
-        if attempts < self.config.max_attempts:
+        allowance = _allowance.get()
+        if allowance is not None and allowance.made >= allowance.limit:
+            raise RetriesExhausted(
+                f"{self.name}: the job's attempts are spent ({attempts} in this call, "
+                f"{allowance.made} of the {allowance.limit} this delivery may make); "
+                f"last error: {type(last).__name__}: {last}",
+                last_exception=last, attempts=attempts, dependency=self.name,
+            ) from last
+        if attempts < self.attempts:
             d = _deadline.current()
-            if d is not None and retry_state.upcoming_sleep >= d.remaining():
+            if d is not None and _no_room(retry_state.upcoming_sleep, self.attempt_timeout):
                 raise DeadlineExceeded(
                     f"{self.name}: deadline leaves no room for attempt {attempts + 1} "
                     f"(wait {retry_state.upcoming_sleep:.3f}s, {d.remaining():.3f}s left); "
@@ -263,7 +380,7 @@ class Retrier:
     def call(self, attempt: Callable[[], T], *, retryable: bool = True) -> T:
         if self.budget is not None:
             self.budget.record_request()
-        if not retryable or self.config.max_attempts == 1:
+        if not retryable or self.attempts == 1:
             return attempt()
         try:
             return attempt()
@@ -277,14 +394,14 @@ class Retrier:
         The caller has counted the request (:meth:`RetryBudget.record_request`) and decided
         the call is retryable.
         """
-        if self.config.max_attempts == 1:
+        if self.attempts == 1:
             raise first
         return self._sync(_replay_first(first, attempt))
 
     async def acall(self, attempt: Callable[[], Awaitable[T]], *, retryable: bool = True) -> T:
         if self.budget is not None:
             self.budget.record_request()
-        if not retryable or self.config.max_attempts == 1:
+        if not retryable or self.attempts == 1:
             return await attempt()
         try:
             return await attempt()
@@ -294,7 +411,7 @@ class Retrier:
 
     async def aresume(self, first: Exception, attempt: Callable[[], Awaitable[T]]) -> T:
         """Async :meth:`resume`."""
-        if self.config.max_attempts == 1:
+        if self.attempts == 1:
             raise first
         # a fresh controller per call: tenacity keeps iteration state per thread, and many
         # coroutines share one thread

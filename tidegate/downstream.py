@@ -40,6 +40,10 @@ class Control(BaseModel):
     latency_ms: float = Field(default=0.0, ge=0.0, le=120_000)  # added to every answer
     hang_s: float = Field(default=30.0, ge=0.0, le=600)  # for "hanging": then 504
     apply_then_fail: bool = False  # apply the effect, then answer an error (outcome unknown)
+    # the next ``stall_requests`` requests wait ``stall_ms`` before the simulator looks at
+    # them (a slow network path: nothing claimed or applied meanwhile); later ones do not
+    stall_ms: float = Field(default=0.0, ge=0.0, le=120_000)
+    stall_requests: int = Field(default=0, ge=0)
     price_cents: int = 1999
 
 
@@ -89,8 +93,14 @@ class Ledger:
 def create_app(name: str = "downstream", seed: int | None = None) -> FastAPI:
     """The simulator for one dependency named ``name``."""
     app = FastAPI(title=f"tidegate downstream simulator: {name}")
-    state = {"control": Control(), "ledger": Ledger(), "attempts": {}}
+    state = {"control": Control(), "ledger": Ledger(), "attempts": {}, "stalls": 0}
     rng = random.Random(seed)
+
+    async def stall(control: Control) -> None:
+        """Hold the first ``stall_requests`` requests after a control for ``stall_ms``."""
+        if state["stalls"] > 0:
+            state["stalls"] -= 1
+            await asyncio.sleep(control.stall_ms / 1000)
 
     async def behave(control: Control) -> None:
         """Apply the switched-in behaviour before an answer; raise to answer an error."""
@@ -115,6 +125,7 @@ def create_app(name: str = "downstream", seed: int | None = None) -> FastAPI:
             payload = await request.json()
         except ValueError:
             raise HTTPException(400, "body must be JSON") from None
+        await stall(control)
         # Check and claim in one step: no await between them, so two concurrent requests with
         # one key cannot both pass (the event loop runs one handler at a time up to an await).
         seen = ledger.effects.get(key)
@@ -155,12 +166,14 @@ def create_app(name: str = "downstream", seed: int | None = None) -> FastAPI:
     async def price(sku: str = "default") -> dict[str, Any]:
         control: Control = state["control"]
         state["ledger"].requests += 1
+        await stall(control)
         await behave(control)
         return {"sku": sku, "price_cents": control.price_cents, "at": time.time()}
 
     @app.post("/control")
     async def set_control(control: Control) -> dict[str, Any]:
         state["control"] = control
+        state["stalls"] = control.stall_requests
         return control.model_dump()
 
     @app.get("/control")
@@ -176,6 +189,7 @@ def create_app(name: str = "downstream", seed: int | None = None) -> FastAPI:
     @app.post("/reset")
     async def reset() -> dict[str, str]:
         state["control"], state["ledger"], state["attempts"] = Control(), Ledger(), {}
+        state["stalls"] = 0
         return {"status": "reset"}
 
     @app.get("/health")

@@ -65,8 +65,10 @@ class TimeoutTable(_Table):
 
 class RetryTable(_Table):
     max_attempts: Count | None = None
-    base_s: Number | None = None
-    max_wait_s: Number | None = None
+    base_s: Number | None = None  # queue scale: the seed's 2-3 / 4-6 / 8-12 s with base 1
+    max_wait_s: Number | None = None  # queue scale: no countdown above this
+    pause_ms: Number | None = None  # in-call scale: the longest pause between attempts
+    in_call_attempts: Count | None = None  # in-call scale: attempts one call may make
 
 
 class BreakerTable(_Table):

@@ -30,7 +30,10 @@ duplicate of a finished task              acked, not run             acked, not 
 Every message is acked late (after this decision), and a dead-letter copy is published with
 confirms before that ack. Short waits between attempts happen in-process inside the
 dependency's deadline (the chain's retry); longer ones go back to the broker as a countdown so
-no worker slot sleeps for seconds.
+no worker slot sleeps for seconds. Both kinds of attempt count against one number, the
+dependency's ``max_attempts``: a delivery's steps on the task's own dependency may make what
+is left of it (:func:`resilience.retry.attempts_allowed`), and the next attempt's number rides
+in the ``tidegate_attempt`` header.
 """
 
 from __future__ import annotations
@@ -59,7 +62,7 @@ from resilience.fallback import (
     QueueForLater,
     replay_lineage,
 )
-from resilience.retry import backoff_delay
+from resilience.retry import attempts_allowed, backoff_delay
 from resilience.shedding import Priority
 from workers import deadletter as dl
 from workers import headers as h
@@ -100,7 +103,7 @@ class Execution:
     headers: dict
     idempotency_key: str | None
     idempotent: bool  # declared idempotent, or carries an idempotency key
-    attempt: int
+    attempt: int  # the job's attempt number at the start of this delivery (1-based)
     max_attempts: int
     priority: Priority
     first_seen: float
@@ -110,6 +113,7 @@ class Execution:
     effect_attempted: bool = False  # a write reached (or may have reached) a dependency
     leased: bool = False  # this delivery holds its mark's run lease (workers.idempotency)
     fallbacks: list[str] = field(default_factory=list)
+    calls: int = 0  # attempts on the task's own dependency in this delivery (its largest step)
 
     @property
     def mark(self) -> str:
@@ -126,8 +130,19 @@ class Execution:
         return not (self.idempotent and self.idempotency_key is None and self.fresh)
 
     @property
+    def attempts_used(self) -> int:
+        """The job's attempts so far, this delivery's included (a delivery counts as one
+        even when it was refused before any call)."""
+        return self.attempt - 1 + max(1, self.calls)
+
+    @property
+    def attempts_left(self) -> int:
+        """What this delivery's steps may still make (at least the one they are in)."""
+        return max(1, self.max_attempts - (self.attempt - 1))
+
+    @property
     def last_attempt(self) -> bool:
-        return self.attempt >= self.max_attempts
+        return self.attempts_used >= self.max_attempts
 
 
 class _Static(NamedTuple):
@@ -232,9 +247,17 @@ class ResilientTask(Task):
 
         invoked.name = name  # type: ignore[attr-defined]  (the chain labels calls by it)
         ctx = CallContext(dependency, name, args, kwargs, ex.idempotency_key, int(ex.priority))
+        # the task's own dependency: its in-call attempts spend the job's attempts
+        share = attempts_allowed(ex.attempts_left) if dependency == self.dependency \
+            else contextlib.nullcontext()
         try:
-            result = policy.call(invoked, idempotency_key=ex.idempotency_key,
-                                 priority=ex.priority)
+            with share as allowance:
+                try:
+                    result = policy.call(invoked, idempotency_key=ex.idempotency_key,
+                                         priority=ex.priority)
+                finally:
+                    if allowance is not None:
+                        ex.calls = max(ex.calls, allowance.made)
         except PermanentError:
             raise
         except RETRYABLE as exc:
@@ -336,7 +359,7 @@ class ResilientTask(Task):
         return Execution(
             task=self.name, task_id=req.id or "", queue=queue, args=tuple(args),
             kwargs=dict(kwargs), headers=tidegate, idempotency_key=key,
-            idempotent=bool(self.idempotent or key), attempt=(req.retries or 0) + 1,
+            idempotent=bool(self.idempotent or key), attempt=_attempt_of(tidegate, req),
             max_attempts=static.max_attempts, priority=priority,
             first_seen=float(tidegate.get(h.FIRST_SEEN) or tidegate.get(h.ENQUEUED_AT)
                              or time.time()),
@@ -474,21 +497,23 @@ class ResilientTask(Task):
     def _retry_later(self, state: WorkerState, ex: Execution, exc: BaseException) -> Any:
         config = state.configs[self.dependency].retry_config if self.dependency in state.configs \
             else None
-        delay = backoff_delay(ex.attempt + 1, config)
+        following = ex.attempts_used + 1  # in-call attempts included: the queue scale's index
+        delay = backoff_delay(following, config)
         retry_after = getattr(exc, "retry_after", None)
         if retry_after:
             # Refused (circuit open, rate limited): trying before it may reopen is a wasted
             # attempt, so wait it out (plus up to 20% jitter), up to REFUSAL_MAX_WAIT_S.
             spread = float(retry_after) * (1 + random.uniform(0, 0.2))
             delay = max(delay, min(spread, REFUSAL_MAX_WAIT_S))
-        headers = {**ex.headers, h.ATTEMPT: ex.attempt + 1, h.FIRST_SEEN: ex.first_seen}
+        headers = {**ex.headers, h.ATTEMPT: following, h.FIRST_SEEN: ex.first_seen}
         # The next attempt is a planned one, not a redelivery: it must not find "started".
         # (Only idempotent work, or work that reached no dependency, gets here.)
         with contextlib.suppress(StoreUnavailable):
             state.idempotency.release(self.name, ex.mark)
         log.warning("%s[%s]: attempt %d/%d failed: %s; retry in %.2fs through the broker",
-                    ex.task, ex.task_id, ex.attempt, ex.max_attempts, cause_first(exc), delay)
-        _job(state, ex, "retrying", attempt=ex.attempt, retry_in_s=round(delay, 3),
+                    ex.task, ex.task_id, ex.attempts_used, ex.max_attempts, cause_first(exc),
+                    delay)
+        _job(state, ex, "retrying", attempt=following, retry_in_s=round(delay, 3),
              error=f"{type(exc).__name__}: {exc}"[:500])
         raise self.retry(countdown=delay, headers=headers, exc=exc)
 
@@ -510,8 +535,9 @@ class ResilientTask(Task):
         record = dl.DeadLetter(
             reason=reason, queue=ex.queue, task=ex.task, task_id=ex.task_id,
             args=list(ex.args), kwargs=dict(ex.kwargs),
-            headers={**ex.headers, h.ATTEMPT: ex.attempt, h.FIRST_SEEN: ex.first_seen},
-            idempotency_key=ex.idempotency_key, idempotent=ex.idempotent, attempts=ex.attempt,
+            headers={**ex.headers, h.ATTEMPT: ex.attempts_used, h.FIRST_SEEN: ex.first_seen},
+            idempotency_key=ex.idempotency_key, idempotent=ex.idempotent,
+            attempts=ex.attempts_used,
             worker=ex.worker, first_seen=ex.first_seen,
         ).with_error(exc)
         try:
@@ -544,6 +570,15 @@ def _job(state: WorkerState, ex: Execution, status: str, **fields: Any) -> None:
     count_outcome(ex.queue, status)
     if state.jobs is not None:
         state.jobs.write(ex.task_id, status, task=ex.task, queue=ex.queue, **fields)
+
+
+def _attempt_of(headers: dict, request: Any) -> int:
+    """The job's attempt number: the header a retry carries (in-call attempts included),
+    else one past Celery's count of retries."""
+    carried = headers.get(h.ATTEMPT)
+    if isinstance(carried, int) and not isinstance(carried, bool) and carried >= 1:
+        return carried
+    return (request.retries or 0) + 1
 
 
 def resilient_task(name: str, *, dependency: str, idempotent: bool,

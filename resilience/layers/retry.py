@@ -3,6 +3,10 @@
 A call is retried only if its dependency is idempotent or it carries an idempotency key. One
 that may not be retried and answered late keeps its answer (its effect happened; reporting a
 failure would hide it) - the breaker below has counted the timeout all the same.
+
+Every attempt is counted in the caller's :class:`~resilience.retry.Allowance` when there is
+one (a worker's share of a job's attempts for one delivery), so in-call retries and broker
+retries add up to the job's ``max_attempts``.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from ..callstats import CallStats
 from ..chain import Call
 from ..errors import LateResult
 from ..events import EVENTS, CallFinished, EventBus
-from ..retry import Retrier
+from ..retry import Retrier, current_allowance
 
 __all__ = ["RetryLayer"]
 
@@ -56,11 +60,21 @@ class RetryLayer:
 
     @staticmethod
     def _attempts(next: Callable[[Call], Any], c: Call) -> Callable[[], Any]:
-        """Attempts 2, 3, ... of ``c``, one per call."""
+        """Attempts 2, 3, ... of ``c``, one per call (each counted in the allowance)."""
         numbers = iter(range(2, 1 << 30))
-        return lambda: next(c._replace(attempt=builtins.next(numbers)))
+        allowance = current_allowance()
+
+        def attempt() -> Any:
+            if allowance is not None:
+                allowance.made += 1
+            return next(c._replace(attempt=builtins.next(numbers)))
+
+        return attempt
 
     def call(self, next: Callable[[Call], Any], c: Call) -> Any:
+        allowance = current_allowance()
+        if allowance is not None:
+            allowance.made += 1
         try:
             return next(c)
         except Exception as exc:  # cancellation and interrupts surface as they are
@@ -80,6 +94,9 @@ class RetryLayer:
         return result
 
     async def acall(self, next: Callable[[Call], Awaitable[Any]], c: Call) -> Any:
+        allowance = current_allowance()
+        if allowance is not None:
+            allowance.made += 1
         try:
             return await next(c)
         except Exception as exc:

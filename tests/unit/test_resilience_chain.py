@@ -29,7 +29,7 @@ def test_the_default_order_is_one_list():
 def test_a_policy_runs_any_subset_in_the_order_given():
     clock = FakeClock()
     p = Policy(PolicyConfig(name="subset", idempotent=True,
-                            retry=RetryConfig(max_attempts=3, base=0.001)),
+                            retry=RetryConfig(max_attempts=3, in_call_attempts=3)),
                clock=clock, layers=("breaker", "retry"))
     assert repr(p.chain) == "BreakerLayer > RetryLayer"
     n = {"calls": 0}

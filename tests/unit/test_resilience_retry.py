@@ -18,10 +18,12 @@ from resilience.errors import (
     TransientError,
 )
 from resilience.retry import (
+    InCallPause,
     Retrier,
     RetryBudget,
     RetryConfig,
     SeedBackoff,
+    attempts_allowed,
     backoff_delay,
     is_retryable,
     retry_call,
@@ -191,3 +193,78 @@ def test_async_retry_on_fake_clock():
 
     assert asyncio.run(Retrier(RetryConfig(base=0.5), clock=clock, rng=Lo).acall(fn)) == 42
     assert clock.sleeps == [1.0, 2.0]
+
+
+def test_in_call_retry_fits_the_seed_budget_80ms_per_attempt_200ms_in_all():
+    from resilience.policy import Policy, PolicyConfig
+
+    clock = FakeClock()
+    p = Policy(PolicyConfig(name="pricing", idempotent=True), clock=clock, rng=Hi)
+    calls = []
+
+    def slow_then_fast():
+        calls.append(clock.now())
+        if len(calls) == 1:
+            clock.advance(0.08)  # the first attempt uses its whole 80 ms, then times out
+            raise TimeoutError("read timed out")
+        return "price"
+
+    assert p.call(slow_then_fast) == "price"
+    # attempt 2 after a pause of at most 20 ms, so 2 x 80 ms fit in 200 ms
+    assert clock.sleeps == [pytest.approx(0.02)] and len(calls) == 2
+
+    calls.clear()
+
+    def always_slow():
+        calls.append(1)
+        clock.advance(0.08)
+        raise TimeoutError("read timed out")
+
+    with pytest.raises(RetriesExhausted):  # two in the call, as the seed's example
+        p.call(always_slow)
+    assert len(calls) == 2
+    calls.clear()
+    three = Policy(PolicyConfig(name="pricing", idempotent=True,
+                                retry=RetryConfig(in_call_attempts=3)), clock=clock, rng=Hi)
+    with pytest.raises(DeadlineExceeded):  # a third 80 ms attempt cannot fit: not started
+        three.call(always_slow)
+    assert len(calls) == 2
+
+
+def test_in_call_pause_is_shortened_to_leave_the_next_attempt_its_timeout():
+    clock = FakeClock()
+    with dl.deadline_scope(0.2, clock=clock):
+        clock.advance(0.11)
+        wait = InCallPause(0.05, attempt_timeout=0.08, rng=Hi)
+        assert wait(None) == pytest.approx(0.01)  # 90 ms left: 10 ms of pause, 80 of attempt
+        clock.advance(0.02)
+        assert wait(None) == 0.0  # never negative
+
+
+def test_allowance_caps_a_call_and_counts_its_attempts():
+    from resilience.policy import Policy, PolicyConfig
+
+    clock = FakeClock()
+    p = Policy(PolicyConfig(name="email", idempotent=True, timeout=0.5, deadline=2.0,
+                            retry=RetryConfig(in_call_attempts=4)), clock=clock)
+    fn, state = _failing(99)
+    with attempts_allowed(4) as a, pytest.raises(RetriesExhausted):
+        p.call(fn)
+    assert state["calls"] == 4 and a.made == 4  # 4 x 500 ms fit in 2 s: all in the call
+    fn, state = _failing(99)
+    with attempts_allowed(2) as a, pytest.raises(RetriesExhausted, match="attempts are spent"):
+        p.call(fn)
+    assert state["calls"] == 2 and a.made == 2
+    fn, state = _failing(99)
+    with attempts_allowed(0) as a, pytest.raises(TransientError):
+        Policy(PolicyConfig(name="payments"), clock=clock).call(fn, idempotency_key=None)
+    assert state["calls"] == 1 and a.made == 1  # unkeyed, not idempotent: one attempt
+
+
+def test_retry_config_in_call_scale_validated():
+    for bad in (-0.01, float("inf")):
+        with pytest.raises(ConfigError, match="pause"):
+            RetryConfig(pause=bad)
+    with pytest.raises(ConfigError, match="in_call_attempts"):
+        RetryConfig(in_call_attempts=0)
+    assert RetryConfig().per_call == 2 and RetryConfig(max_attempts=1).per_call == 1

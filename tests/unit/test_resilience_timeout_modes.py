@@ -14,8 +14,8 @@ from resilience.errors import (
     BulkheadFull,
     CircuitOpen,
     ConfigError,
-    DeadlineExceeded,
     PermanentError,
+    RetriesExhausted,
 )
 from resilience.policy import Policy, PolicyConfig
 from resilience.retry import Retrier, RetryConfig
@@ -70,7 +70,7 @@ def test_cooperative_late_result_is_a_timeout_and_the_breaker_counts_it():
             name="slowpoke",
             timeout=0.08,
             deadline=0.2,
-            breaker=BreakerConfig(minimum_calls=2, failure_rate=0.6),
+            breaker=BreakerConfig(minimum_calls=4, failure_rate=0.7),
         ),
         clock=clock,
     )
@@ -81,17 +81,19 @@ def test_cooperative_late_result_is_a_timeout_and_the_breaker_counts_it():
         clock.advance(0.09)  # answered, but after the attempt timeout
         return x
 
-    # keyed: retryable, so a late result is the timeout it is (no time left to retry here)
-    with pytest.raises(DeadlineExceeded) as info:
+    # keyed: retryable, so a late result is the timeout it is; the second attempt fits in
+    # the deadline (late too)
+    with pytest.raises(RetriesExhausted) as info:
         p.call(late, 1, idempotency_key="k1")
     assert isinstance(info.value.__cause__, AttemptTimeout)
+    assert calls == [1, 1]
     assert p.call(lambda x: x, 2) == 2  # on time: a success
     # not idempotent, no key: may not be retried, and its effect happened - the late result
     # comes back (not a false failure that hides a done charge), but it counts as a timeout
     assert p.call(late, 3) == 3
-    with pytest.raises(CircuitOpen):  # 2 timeouts in 3 calls: the breaker opened
+    with pytest.raises(CircuitOpen):  # 3 timeouts in 4 attempts: the breaker opened
         p.call(late, 4)
-    assert calls == [1, 3]
+    assert calls == [1, 1, 3]
     assert p.bulkhead.in_use == 0
 
 
