@@ -112,7 +112,7 @@ def test_open_circuit_is_not_called_and_retried_later(
     worker = start_worker("payments", env=worker_env)
     force_breaker(settings, fast_policy, "payments", "open", seconds=5)
     job = producer.enqueue("payments.charge", ["acct-3", 900])
-    wait_until(lambda: "(CircuitOpen" in worker.output(), 30, message="a refused attempt")
+    wait_until(lambda: "failed: CircuitOpen" in worker.output(), 30, message="a refused attempt")
     assert "retry in" in worker.output()
     assert sims["payments"].ledger()["requests"] == 0
     # the circuit goes half-open after 5 s; the retried charge is its trial call
