@@ -16,6 +16,7 @@ __all__ = [
     "Backpressure",
     "BulkheadFull",
     "CircuitOpen",
+    "ConcurrencyLimited",
     "ConfigError",
     "DeadlineExceeded",
     "DeferralError",
@@ -121,6 +122,13 @@ class BulkheadFull(RejectedError):
     """All of the dependency's concurrency slots are busy and the wait ran out."""
 
     reason = "bulkhead_full"
+
+
+class ConcurrencyLimited(BulkheadFull):
+    """The dependency's adaptive concurrency limit is reached and the wait ran out (or a
+    more important caller took this one's place in the queue)."""
+
+    reason = "concurrency_limit"
 
 
 class RateLimited(RejectedError):

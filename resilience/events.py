@@ -22,6 +22,7 @@ __all__ = [
     "EVENTS",
     "AttemptDurations",
     "CallFinished",
+    "ConcurrencyLimit",
     "DeferralAttempted",
     "Event",
     "EventBus",
@@ -113,6 +114,17 @@ class AttemptDurations(Event):
     dependency: str
     durations: tuple[float, ...]
     successes: int
+
+
+@dataclass(frozen=True, slots=True)
+class ConcurrencyLimit(Event):
+    """An adaptive limiter's state: sent when its limit moves, and every second or so while
+    calls flow (``baseline`` seconds, 0 before the first sample)."""
+
+    dependency: str
+    limit: int
+    in_flight: int
+    baseline: float
 
 
 @dataclass(frozen=True, slots=True)

@@ -30,8 +30,11 @@ __all__ = [
     "BREAKER_TRANSITIONS",
     "BUCKETS",
     "CALLS",
+    "CONCURRENCY_IN_FLIGHT",
+    "CONCURRENCY_LIMIT",
     "DEFERRALS",
     "FALLBACKS",
+    "LATENCY_BASELINE",
     "REJECTIONS",
     "RETRIES",
     "SHEDS",
@@ -205,6 +208,25 @@ STORE_ERRORS = get_or_create(
     ("store", "operation"),
 )
 
+CONCURRENCY_LIMIT = get_or_create(
+    Gauge,
+    "tidegate_concurrency_limit",
+    "Adaptive concurrency limit of this process for the dependency.",
+    ("dependency",),
+)
+CONCURRENCY_IN_FLIGHT = get_or_create(
+    Gauge,
+    "tidegate_concurrency_in_flight",
+    "Calls in flight under the adaptive limit (sampled as the limit reports).",
+    ("dependency",),
+)
+LATENCY_BASELINE = get_or_create(
+    Gauge,
+    "tidegate_latency_baseline_seconds",
+    "The adaptive limit's latency baseline (windowed minimum of the short-term average).",
+    ("dependency",),
+)
+
 _GAUGE = {"closed": 0, "half_open": 1, "open": 2}
 
 
@@ -224,6 +246,12 @@ def _shed(e: ev.LoadShed) -> None:
         REJECTIONS.labels(dependency=e.dependency, reason=e.reason).inc()
 
 
+def _concurrency(e: ev.ConcurrencyLimit) -> None:
+    CONCURRENCY_LIMIT.labels(dependency=e.dependency).set(e.limit)
+    CONCURRENCY_IN_FLIGHT.labels(dependency=e.dependency).set(e.in_flight)
+    LATENCY_BASELINE.labels(dependency=e.dependency).set(e.baseline)
+
+
 def _durations(e: ev.AttemptDurations) -> None:
     DURATIONS.add(e.dependency, e.durations)
     if e.successes:
@@ -240,6 +268,7 @@ _HANDLERS: dict[type[ev.Event], Any] = {
         dependency=e.dependency, result=e.result).inc(),
     ev.CallFinished: lambda e: CALLS.labels(dependency=e.dependency, outcome=e.outcome).inc(),
     ev.AttemptDurations: _durations,
+    ev.ConcurrencyLimit: _concurrency,
     ev.StoreDegraded: lambda e: STORE_DEGRADED.labels(store=e.store).set(int(e.degraded)),
     ev.StoreFailed: lambda e: STORE_ERRORS.labels(store=e.store, operation=e.operation).inc(),
 }

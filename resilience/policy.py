@@ -38,6 +38,7 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping
 from types import MappingProxyType
 from typing import Any, TypeVar
 
+from .adaptive import AdaptiveLimiter
 from .breaker import CircuitBreaker
 from .bulkhead import Bulkhead
 from .callstats import CallStats
@@ -48,6 +49,7 @@ from .events import EVENTS, CallFinished, EventBus
 from .fallback import DeferralSink, Fallback
 from .latency import LatencyRecorder
 from .layers import (
+    AdaptiveLimitLayer,
     BreakerLayer,
     BulkheadLayer,
     DeadlineLayer,
@@ -110,7 +112,13 @@ def _breaker(p: Policy) -> Layer:
 def _bulkhead(p: Policy) -> Layer | None:
     # an abandoning timeout runs attempts in the bulkhead's pool, which holds the slot until
     # the work really ends: a second slot here would count every attempt twice
+    if p.adaptive_limiter is not None:  # the adaptive limit replaces the static one
+        return None
     return BulkheadLayer(p.bulkhead) if p.timeout.mode == COOPERATIVE else None
+
+
+def _adaptive_limit(p: Policy) -> Layer | None:
+    return AdaptiveLimitLayer(p.adaptive_limiter) if p.adaptive_limiter is not None else None
 
 
 def _timeout(p: Policy) -> Layer:
@@ -127,6 +135,7 @@ DEFAULT_LAYERS: Mapping[str, LayerFactory] = MappingProxyType({
     "retry": _retry,
     "breaker": _breaker,
     "bulkhead": _bulkhead,
+    "adaptive_limit": _adaptive_limit,
     "timeout": _timeout,
 })
 """The chain's layers, outermost first: the one list of what a policy runs and in what order.
@@ -167,6 +176,9 @@ class Policy:
         self.breaker = CircuitBreaker(self.name, config.breaker, self.store, clock,
                                       events=events)
         self.bulkhead = Bulkhead(self.name, config.bulkhead, events=events)
+        self.adaptive_limiter = (
+            AdaptiveLimiter(self.name, config.adaptive_limit, clock=clock, events=events)
+            if config.adaptive_limit is not None else None)
         self.timeout = Timeout(config.timeout, self.bulkhead, clock, mode=config.timeout_mode)
         self.retry_budget = retry_budget or RetryBudget(
             name=self.name, store=self.store, clock=clock

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
+from .adaptive import AdaptiveLimitConfig
 from .breaker import BreakerConfig
 from .bulkhead import BulkheadConfig
 from .errors import ConfigError
@@ -63,6 +64,10 @@ FILE_SECTIONS: Mapping[str, Mapping[str, tuple[str, float]]] = MappingProxyType(
     "bulkhead": {
         "max_concurrent": ("max_concurrent", 1),
         "max_wait_ms": ("max_wait", 1000),
+        "mode": ("mode", 1),  # "static" (max_concurrent) or "adaptive" (min..max, initial)
+        "min": ("min", 1),
+        "max": ("max", 1),
+        "initial": ("initial", 1),
     },
     "rate_limit": {"rate_per_s": ("rate", 1), "burst": ("burst", 1)},
     "fallback": {
@@ -115,6 +120,7 @@ class PolicyConfig:
     rate_limit: RateLimitConfig | None = None
     fallback: FallbackSpec = field(default_factory=FallbackSpec)
     timeout_mode: str = DEFAULT_TIMEOUT_MODE
+    adaptive_limit: AdaptiveLimitConfig | None = None  # ``bulkhead.mode = "adaptive"``
 
     def __post_init__(self) -> None:
         check_timeout(self.timeout, f"{self.name}: timeout")
@@ -183,6 +189,8 @@ class PolicyConfig:
                         check_timeout_mode(args["timeout_mode"], f"{path}.mode")
                     kw.update(args)
                     continue
+                if key == "bulkhead":
+                    args = _bulkhead_args(path, args, kw)
                 try:
                     kw[key] = builders[key](**args)
                 except TypeError as exc:  # e.g. rate_limit without rate_per_s
@@ -194,6 +202,33 @@ class PolicyConfig:
                     f"unknown key {path} (expected one of {', '.join([*top, *sections])})"
                 )
         return cls(**kw)
+
+
+BULKHEAD_MODES = ("static", "adaptive")
+_ADAPTIVE_KEYS = ("min", "max", "initial")
+
+
+def _bulkhead_args(path: str, args: dict[str, Any], kw: dict[str, Any]) -> dict[str, Any]:
+    """Split a bulkhead table: ``mode = "adaptive"`` puts an :class:`AdaptiveLimitConfig` in
+    ``kw`` (min, max, initial, and the table's max_wait); the rest builds the static
+    bulkhead (its pool still serves an abandoning timeout)."""
+    args = dict(args)
+    mode = args.pop("mode", "static")
+    adaptive = {k: args.pop(k) for k in _ADAPTIVE_KEYS if k in args}
+    if mode not in BULKHEAD_MODES:
+        raise ConfigError(f"{path}.mode must be one of {', '.join(BULKHEAD_MODES)}, "
+                          f"got {mode!r}")
+    if mode == "static":
+        if adaptive:
+            raise ConfigError(f"{path}: {', '.join(adaptive)} need mode = \"adaptive\"")
+        return args
+    if "max_wait" in args:
+        adaptive["max_wait"] = args["max_wait"]
+    try:
+        kw["adaptive_limit"] = AdaptiveLimitConfig(**adaptive)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+    return args
 
 
 def build_fallback(

@@ -39,6 +39,14 @@ def _show(value: Any, scale: float) -> str:
     return f"{value:g}"
 
 
+def _adaptive_value(config: Any, attr: str) -> Any:
+    """A bulkhead key of ``mode = "adaptive"`` (its numbers live in ``adaptive_limit``)."""
+    adaptive = config.adaptive_limit
+    if attr == "mode":
+        return "static" if adaptive is None else "adaptive"
+    return getattr(adaptive, attr, None) if attr in ("min", "max", "initial") else None
+
+
 def chain_rows(config: Any, table: dict[str, Any]) -> list[tuple[str, str, str]]:
     """(file key, value in file units, origin) for every number of one dependency's chain."""
     from resilience.policy import FILE_KEYS, FILE_SECTIONS
@@ -55,7 +63,10 @@ def chain_rows(config: Any, table: dict[str, Any]) -> list[tuple[str, str, str]]
             rows.append((section, "off", "default"))
             continue
         for key, (attr, scale) in keys.items():
-            rows.append((f"{section}.{key}", _show(getattr(holder, attr), scale),
+            value = _adaptive_value(config, attr) if section == "bulkhead" else None
+            if value is None:
+                value = getattr(holder, attr, None)
+            rows.append((f"{section}.{key}", _show(value, scale),
                          "file" if key in written else "default"))
     return rows
 

@@ -84,6 +84,10 @@ class BreakerTable(_Table):
 class BulkheadTable(_Table):
     max_concurrent: Count | None = None
     max_wait_ms: Number | None = None
+    mode: Literal["static", "adaptive"] | None = None
+    min: Count | None = None  # adaptive: the limit's floor, ceiling and start
+    max: Count | None = None
+    initial: Count | None = None
 
 
 class RateLimitTable(_Table):

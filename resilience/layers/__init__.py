@@ -12,6 +12,7 @@ deadline       :mod:`.deadline`       the call's total budget, published to the 
 retry          :mod:`.retry`          attempts 2..n on tenacity (attempt 1 runs inline)
 breaker        :mod:`.breaker`        a breaker permit; times every attempt
 bulkhead       :mod:`.bulkhead`       a concurrency slot
+adaptive       :mod:`.adaptive`       a slot under a limit learnt from latency (instead of bulkhead)
 timeout        :mod:`.timeout`        the attempt's budget; a late answer is a timeout
 =============  =====================  =========================================================
 
@@ -19,6 +20,7 @@ The patterns' state (breakers, limiters, budgets) lives in their own modules and
 layer only decides where in a call that state is consulted.
 """
 
+from .adaptive import AdaptiveLimitLayer
 from .admission import RateLimitLayer, SheddingLayer
 from .breaker import BreakerLayer
 from .bulkhead import BulkheadLayer
@@ -28,6 +30,7 @@ from .retry import RetryLayer
 from .timeout import TimeoutLayer
 
 __all__ = [
+    "AdaptiveLimitLayer",
     "BreakerLayer",
     "BulkheadLayer",
     "DeadlineLayer",
