@@ -13,6 +13,14 @@ the check and the claim of a key are one atomic step (no await between them), so
 key, so a test can prove that an effect happened exactly once and a double can never hide
 behind a key; it also counts how often a key was *attempted* (``requests``) and refused as in
 progress (``conflicts``), which shows whether a task was run again or twice at once.
+
+Two switches model a real service's limits, so the adaptive limit and hedging have something
+to work against: ``capacity`` (requests it serves at full speed at once; above it each
+request's latency is stretched by ``in_flight / capacity``, as a processor shared by its
+requests, and fails 503 with probability ``overload_error_rate * (1 - capacity /
+in_flight)``) and a heavy tail (``tail_rate`` of the requests take ``tail_factor`` times
+``latency_ms``). Both apply to ``latency_ms`` as set; ``/ledger`` reports the requests in
+flight now and at most (``in_flight``, ``peak_in_flight``).
 """
 
 from __future__ import annotations
@@ -44,6 +52,10 @@ class Control(BaseModel):
     # them (a slow network path: nothing claimed or applied meanwhile); later ones do not
     stall_ms: float = Field(default=0.0, ge=0.0, le=120_000)
     stall_requests: int = Field(default=0, ge=0)
+    capacity: int = Field(default=0, ge=0)  # 0: unlimited; see the module's docstring
+    overload_error_rate: float = Field(default=0.5, ge=0.0, le=1.0)
+    tail_rate: float = Field(default=0.0, ge=0.0, le=1.0)  # this fraction of requests...
+    tail_factor: float = Field(default=10.0, ge=1.0, le=1000)  # ...is this many times slower
     price_cents: int = 1999
 
 
@@ -93,7 +105,8 @@ class Ledger:
 def create_app(name: str = "downstream", seed: int | None = None) -> FastAPI:
     """The simulator for one dependency named ``name``."""
     app = FastAPI(title=f"tidegate downstream simulator: {name}")
-    state = {"control": Control(), "ledger": Ledger(), "attempts": {}, "stalls": 0}
+    state = {"control": Control(), "ledger": Ledger(), "attempts": {}, "stalls": 0,
+             "in_flight": 0, "peak": 0}
     rng = random.Random(seed)
 
     async def stall(control: Control) -> None:
@@ -102,10 +115,28 @@ def create_app(name: str = "downstream", seed: int | None = None) -> FastAPI:
             state["stalls"] -= 1
             await asyncio.sleep(control.stall_ms / 1000)
 
+    async def loaded(control: Control, in_flight: int) -> None:
+        """The latency of one request under the capacity model and the heavy tail."""
+        latency = control.latency_ms / 1000
+        if control.tail_rate and rng.random() < control.tail_rate:
+            latency *= control.tail_factor
+        over = control.capacity and in_flight > control.capacity
+        if over:
+            latency *= in_flight / control.capacity
+        if latency:
+            await asyncio.sleep(latency)
+        if over and rng.random() < control.overload_error_rate * (
+                1 - control.capacity / in_flight):
+            raise HTTPException(503, f"{name} overloaded ({in_flight} > {control.capacity})")
+
     async def behave(control: Control) -> None:
         """Apply the switched-in behaviour before an answer; raise to answer an error."""
-        if control.latency_ms:
-            await asyncio.sleep(control.latency_ms / 1000)
+        state["in_flight"] += 1
+        state["peak"] = max(state["peak"], state["in_flight"])
+        try:
+            await loaded(control, state["in_flight"])
+        finally:
+            state["in_flight"] -= 1
         if control.mode == "down":
             raise HTTPException(503, f"{name} is down")
         if control.mode == "hanging":
@@ -184,11 +215,13 @@ def create_app(name: str = "downstream", seed: int | None = None) -> FastAPI:
     async def ledger() -> dict[str, Any]:
         snap = state["ledger"].snapshot()
         snap["failed_attempts"] = dict(state["attempts"])
+        snap["in_flight"], snap["peak_in_flight"] = state["in_flight"], state["peak"]
         return snap
 
     @app.post("/reset")
     async def reset() -> dict[str, str]:
         state["control"], state["ledger"], state["attempts"] = Control(), Ledger(), {}
+        state["peak"] = state["in_flight"]
         state["stalls"] = 0
         return {"status": "reset"}
 
