@@ -43,7 +43,6 @@ def test_each_job_lands_once_and_the_balance_holds() -> None:
     ]
     dlq = DeadLetter(reason="transient_failure_not_idempotent", queue="payments",
                      task="payments.charge", task_id=jobs[3].id)
-    log = f"[x] Task email.send[{replay_task_id('k5')}] received\n"
     rec = records(
         ledgers={"payments": {"effects": {"k7": effect()}},
                  "search": {"effects": {"k1": effect()}},
@@ -52,13 +51,16 @@ def test_each_job_lands_once_and_the_balance_holds() -> None:
         still_deferred=[SimpleNamespace(request=SimpleNamespace(idempotency_key="k6"))],
         marks={"search.index:key:k1": {"s": "done"}, f"payments.charge:task:{jobs[3].id}":
                {"s": "dead"}},
-        email_worker_log=log)
+        job_states={replay_task_id("k5"): {"state": "succeeded"},
+                    replay_task_id("k6"): {"state": "queued"}})
     acc = reconcile(jobs, rec)
     got = {o.job.n: o.outcome for o in acc.outcomes}
     assert got == {1: "served", 2: "shed_503", 3: "rate_limited_429", 4: "dead_lettered",
                    5: "served", 6: "still_deferred", 7: "served"}
     five = next(o for o in acc.outcomes if o.job.n == 5)
     assert five.deferred_by == "api" and five.replayed and five.seconds_to_effect == 1.5
+    six = next(o for o in acc.outcomes if o.job.n == 6)
+    assert six.deferred_by == "api" and not six.replayed  # published, no worker took it up
     assert acc.balanced and acc.ok, acc.checks
 
 

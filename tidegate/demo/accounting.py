@@ -9,8 +9,10 @@ looked up, by idempotency key (or task id for an unkeyed charge), in:
 * the dead-letter queues: the DLQ record, with its reason;
 * the SQS deferral queue: still waiting to be replayed;
 * the idempotency marks in Redis: done / dead / started, as a cross-check;
-* the workers' logs: which tasks a worker queued for later, and which replays (task id derived
-  from the idempotency key, ``workers.replayer.replay_task_id``) a worker received.
+* the email workers' log: which tasks a worker queued for later ("deferred as ...");
+* the job statuses in Redis (``workers.jobs``): which replays (task id derived from the
+  idempotency key, ``workers.replayer.replay_task_id``) a worker took up. Celery's "Task ...
+  received" line is not used: it is below INFO since the quiet logs (``workers.logs``).
 
 Then ``jobs in = served + shed (503) + rate limited (429) + dead-lettered + still deferred``,
 and any accepted job found in none of those records is listed as missing: that would be a loss.
@@ -34,7 +36,9 @@ PRIORITIES = ("critical", "high", "medium", "low")
 OUTCOMES = ("served", "shed_503", "rate_limited_429", "dead_lettered", "still_deferred",
             "still_queued", "refused_other", "unanswered", "missing")
 _DEFERRED_LOG = re.compile(r"email\.send\[([0-9a-f-]{36})\]: \w+ unavailable; deferred as")
-_RECEIVED_LOG = re.compile(r"Task email\.send\[([0-9a-f-]{36})\] received")
+# Job states only a worker writes: the task was delivered to one (``queued`` is the replayer's).
+_TAKEN_UP = frozenset({"running", "retrying", "succeeded", "failed", "dead_lettered",
+                       "deferred"})
 
 
 @dataclass
@@ -64,6 +68,7 @@ class Records:
     marks: Mapping[str, Mapping[str, Any]]  # "task:kind:value" -> mark record
     email_worker_log: str
     replay_task_id: Any  # callable: idempotency key -> the replay's task id
+    job_states: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)  # id -> status
     still_queued: frozenset[str] = frozenset()  # task ids in a broker queue or held unacked
 
 
@@ -133,6 +138,20 @@ def read_marks(state: Any) -> dict[str, dict[str, Any]]:
     return out
 
 
+def read_job_states(state: Any, ids: Iterable[str]) -> dict[str, dict[str, Any]]:
+    """The job status (``workers.jobs``) of each of ``ids`` that has one."""
+    from workers.jobs import job_key
+
+    ids = list(dict.fromkeys(ids))
+    out = {}
+    for start in range(0, len(ids), 500):
+        chunk = ids[start:start + 500]
+        for job_id, raw in zip(chunk, state.mget([job_key(i) for i in chunk]), strict=True):
+            if raw:
+                out[job_id] = json.loads(raw)
+    return out
+
+
 def _index_dead_letters(records: Mapping[str, list[Any]]) -> dict[str, tuple[str, Any]]:
     index: dict[str, tuple[str, Any]] = {}
     for queue, items in records.items():
@@ -150,7 +169,8 @@ def reconcile(jobs: Iterable[Job], rec: Records) -> Accounting:
     failed = {sim: led.get("failed_attempts", {}) for sim, led in rec.ledgers.items()}
     deferred_keys = {e.request.idempotency_key for e in rec.still_deferred if e.request}
     worker_deferred = set(_DEFERRED_LOG.findall(rec.email_worker_log))
-    received = set(_RECEIVED_LOG.findall(rec.email_worker_log))
+    received = {job_id for job_id, doc in rec.job_states.items()
+                if doc.get("state") in _TAKEN_UP}
     outcomes = []
     claimed: dict[str, set[str]] = defaultdict(set)
     for job in jobs:

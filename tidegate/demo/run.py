@@ -41,7 +41,7 @@ def _settings(stack: DemoStack) -> Any:
         deferral_queue_prefix=env["TIDEGATE_DEFERRAL_QUEUE_PREFIX"])
 
 
-def gather(stack: DemoStack, settings: Any, state: Any) -> accounting.Records:
+def gather(stack: DemoStack, settings: Any, state: Any, jobs: list[Any]) -> accounting.Records:
     """The system's records once the storm has drained."""
     import redis
 
@@ -67,6 +67,8 @@ def gather(stack: DemoStack, settings: Any, state: Any) -> accounting.Records:
         ledgers={n: stack.sims[n].ledger() for n in ("payments", "search", "email")},
         dead_letters=dead, still_deferred=left, marks=accounting.read_marks(state),
         email_worker_log=stack.worker_logs("email"), replay_task_id=replay_task_id,
+        job_states=accounting.read_job_states(
+            state, [replay_task_id(j.key) for j in jobs if j.task == "email.send" and j.key]),
         still_queued=queued)
 
 
@@ -124,7 +126,7 @@ def run_demo(duration: float, out: Path, *, exporter: bool = True,
         observer = Observer(settings, ttl_s=0.0)
         record = run_storm(stack, observer, state, duration, progress)
         progress("reading the records: ledgers, dead-letter queues, SQS, idempotency marks")
-        records = gather(stack, settings, state)
+        records = gather(stack, settings, state, record.jobs)
         state.close()
         replayer_proc = stack.proc("replayer")
         replayer_proc.stop()
