@@ -11,6 +11,10 @@ faster (the policy's breaker and retry timings shrink with it, see ``policy.Timi
     55% ....... the payments worker SIGKILLed mid-task, restarted a moment later
     83% - 100%  back to the normal rate; then the drain: wait until every queue is empty
 
+A failure phase does not end before its effect was sampled (the breaker open; for email, also
+something deferred to SQS), for two breaker windows at most: on a busy machine the script can
+run seconds late, and a failure phase squeezed shorter than the breaker's window opens nothing.
+
 Every request the flood makes is recorded with the answer the API gave (202 queued or
 deferred, 503, 429 ...); the sampler records depths, dead letters, deferred counts and breaker
 states every half second. Nothing here counts outcomes: ``accounting`` does that from the
@@ -335,6 +339,10 @@ def run_storm(stack: DemoStack, observer: Any, state: Any, duration: float,
         record.event(text)
         progress(f"[{time.time() - record.started_at:6.1f}s] {text}")
 
+    # A failure phase lasts until its effect was seen, however late the script runs on a busy
+    # machine: a breaker opens only once failures outweigh a whole window's successes.
+    hold = 2 * stack.timings.window_s
+
     script: list[tuple[float, Callable[[], None]]] = [
         (phases.flood[0], lambda: say("flood starts: several times what the workers can do")),
         (phases.payments_failing[0], lambda: (sims["payments"].control(
@@ -342,11 +350,18 @@ def run_storm(stack: DemoStack, observer: Any, state: Any, duration: float,
         (phases.scraper[0], lambda: say("scraper client starts, far over its rate limit")),
         (phases.email_down[0], lambda: (sims["email"].control(mode="down", latency_ms=200),
                                         say("email downstream down"))),
-        (phases.payments_failing[1], lambda: (sims["payments"].control(
-            mode="healthy", latency_ms=20), say("payments downstream healthy again"))),
+        (phases.payments_failing[1], lambda: (
+            _until_seen(record, "the payments breaker open", hold, say,
+                        lambda s: s.breakers.get("payments") == "open"),
+            sims["payments"].control(mode="healthy", latency_ms=20),
+            say("payments downstream healthy again"))),
         (phases.scraper[1], lambda: say("scraper client stops")),
-        (phases.email_down[1], lambda: (sims["email"].control(mode="healthy", latency_ms=200),
-                                        say("email downstream back"))),
+        (phases.email_down[1], lambda: (
+            _until_seen(record, "the email breaker open and email deferred to SQS", hold, say,
+                        lambda s: s.breakers.get("email") == "open"
+                        and (s.queues.get("email") or {}).get("deferred")),
+            sims["email"].control(mode="healthy", latency_ms=200),
+            say("email downstream back"))),
         (phases.kill, lambda: _kill(stack, state, record, say)),
         (phases.flood[1], lambda: say("flood ends: back to the normal rate")),
     ]
@@ -378,6 +393,23 @@ def run_storm(stack: DemoStack, observer: Any, state: Any, duration: float,
         sampler.halt.set()
         sampler.join(10)
     return record
+
+
+def _until_seen(record: StormRecord, what: str, seconds: float, say: Callable[[str], None],
+                seen: Callable[[Sample], Any]) -> None:
+    """Wait (``seconds`` at most) until a sample shows ``what``; say so if none did."""
+    def found() -> bool:
+        return any(seen(sample) for sample in list(record.samples))
+
+    if found():
+        return
+    began = time.monotonic()
+    try:
+        wait_until(found, seconds, interval=SAMPLE_INTERVAL_S / 2, message=what)
+    except AssertionError:
+        say(f"{what} not seen within {seconds:.0f}s more: the phase ends anyway")
+        return
+    say(f"{what}: seen {time.monotonic() - began:.1f}s after the phase's scripted end")
 
 
 def _kill(stack: DemoStack, state: Any, record: StormRecord, say: Callable[[str], None]) -> None:
