@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import time
 import uuid
@@ -100,21 +101,49 @@ def grab_trials(prefix, name, cfg, stop, out):
 
 def hammer_limiter(prefix, name, rate, burst, ready, go, start_at, seconds, out):
     """Say ready, wait for ``go``, then take tokens from ``start_at.value`` for ``seconds``
-    (the parent sets the start only once every process is up, however slow the spawn)."""
+    (the parent sets the start only once every process is up, however slow the spawn).
+    Puts ``(granted, times)``: ``times`` are when each attempt was sent, so the parent sees
+    where no process asked at all (a starved machine), see :func:`check_global_limit`."""
     from resilience.ratelimit import RateLimitConfig, RateLimiter
 
     rl = RateLimiter(name, RateLimitConfig(rate=rate, burst=burst), store(prefix))
     rl.try_acquire("warm-up")  # connect and load the script before the window opens
     ready.set()
     if not go.wait(120):
-        out.put(-1)
+        out.put((-1, []))
         return
     start_at = start_at.value
     while time.time() < start_at:
         time.sleep(0.001)
-    allowed = 0
-    while time.time() < start_at + seconds:
+    allowed, times = 0, []
+    while (now := time.time()) < start_at + seconds:
+        times.append(now)
         ok, _ = rl.try_acquire("global")
         allowed += ok
         time.sleep(0.001)
-    out.put(allowed)
+    out.put((allowed, times))
+
+
+def check_global_limit(results, rate, burst, start, seconds):
+    """The processes together got what one limiter allows: never more than ``rate * seconds
+    + burst`` (10% slack), and at ``rate`` while any of them was asking (10% slack).
+
+    The lower bound counts only the time some process asked: a token nobody asks for within
+    its interval is gone (burst 1 banks none), so a moment when the loaded machine ran none of
+    the processes lowers what could be granted, not what the limiter proves.
+    """
+    counts = [granted for granted, _ in results]
+    times = sorted(t for _, ts in results for t in ts)
+    edges = [start, *times, start + seconds]
+    idle = sum(max(0.0, b - a - 1.0 / rate) for a, b in itertools.pairwise(edges))
+    asked = seconds - idle
+    ceiling = rate * seconds + burst
+    floor = rate * asked
+    total = sum(counts)
+    detail = (f"counts {counts} = {total}; ceiling {ceiling:.0f}; asked {asked:.2f}s of "
+              f"{seconds}s (no process ran for {idle:.2f}s): floor {floor:.0f}")
+    assert all(c > 0 for c in counts), detail  # every process got a share
+    assert asked >= seconds / 2, f"too few attempts to measure anything: {detail}"
+    assert total <= 1.1 * ceiling, detail
+    assert total >= 0.9 * floor, detail
+    return detail

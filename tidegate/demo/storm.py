@@ -11,9 +11,10 @@ faster (the policy's breaker and retry timings shrink with it, see ``policy.Timi
     55% ....... the payments worker SIGKILLed mid-task, restarted a moment later
     83% - 100%  back to the normal rate; then the drain: wait until every queue is empty
 
-A failure phase does not end before its effect was sampled (the breaker open; for email, also
-something deferred to SQS), for two breaker windows at most: on a busy machine the script can
-run seconds late, and a failure phase squeezed shorter than the breaker's window opens nothing.
+A phase does not end before its effect was seen (payments: the breaker open; email: also
+something deferred to SQS; the scraper: a 429), for two breaker windows at most: on a busy
+machine the script and the flood run late, and a phase squeezed shorter than the breaker's
+window opens nothing, a scraper slowed under its rate limit is never refused.
 
 Every request the flood makes is recorded with the answer the API gave (202 queued or
 deferred, 503, 429 ...); the sampler records depths, dead letters, deferred counts and breaker
@@ -52,12 +53,12 @@ class Stream:
     normal_rate: float  # jobs/s outside the flood
     flood_rate: float  # jobs/s during the flood
     keyed: float = 1.0  # share of jobs that carry an idempotency key
-    window: tuple[float, float] | None = None  # only active within these fractions
+    window: tuple[float, float] | None = None  # switched on by the script (Phases), else off
     in_flight: int = 40  # concurrent requests at most (an abusive client opens more)
 
-    def rate(self, frac: float, flood: bool) -> float:
+    def rate(self, flood: bool, on: bool) -> float:
         if self.window is not None:
-            return self.flood_rate if self.window[0] <= frac < self.window[1] else 0.0
+            return self.flood_rate if on else 0.0
         return self.flood_rate if flood else self.normal_rate
 
     def job(self, n: int, rng: random.Random) -> dict[str, Any]:
@@ -177,6 +178,7 @@ class Flood:
         self.thread = threading.Thread(target=lambda: asyncio.run(self._main()), name="flood",
                                        daemon=True)
         self.counter = 0
+        self.active: set[str] = set()  # windowed streams the script has switched on
 
     def flooding(self, t: float) -> bool:
         a, b = self.record.phases.flood
@@ -206,7 +208,7 @@ class Flood:
             t = time.time() - start
             if t >= self.record.duration:
                 return
-            rate = stream.rate(t / self.record.duration, self.flooding(t))
+            rate = stream.rate(self.flooding(t), stream.name in self.active)
             if rate <= 0:
                 await asyncio.sleep(0.2)
                 next_at = time.time()
@@ -347,19 +349,23 @@ def run_storm(stack: DemoStack, observer: Any, state: Any, duration: float,
         (phases.flood[0], lambda: say("flood starts: several times what the workers can do")),
         (phases.payments_failing[0], lambda: (sims["payments"].control(
             mode="failing", error_rate=1.0, latency_ms=20), say("payments downstream failing"))),
-        (phases.scraper[0], lambda: say("scraper client starts, far over its rate limit")),
+        (phases.scraper[0], lambda: (flood.active.add("scraper"),
+                                     say("scraper client starts, far over its rate limit"))),
         (phases.email_down[0], lambda: (sims["email"].control(mode="down", latency_ms=200),
                                         say("email downstream down"))),
         (phases.payments_failing[1], lambda: (
-            _until_seen(record, "the payments breaker open", hold, say,
-                        lambda s: s.breakers.get("payments") == "open"),
+            _until_sampled(record, "the payments breaker open", hold, say,
+                           lambda s: s.breakers.get("payments") == "open"),
             sims["payments"].control(mode="healthy", latency_ms=20),
             say("payments downstream healthy again"))),
-        (phases.scraper[1], lambda: say("scraper client stops")),
+        (phases.scraper[1], lambda: (
+            _until_seen(record, "a 429 to the scraper", hold, say,
+                        lambda: any(j.status == 429 for j in list(record.jobs))),
+            flood.active.discard("scraper"), say("scraper client stops"))),
         (phases.email_down[1], lambda: (
-            _until_seen(record, "the email breaker open and email deferred to SQS", hold, say,
-                        lambda s: s.breakers.get("email") == "open"
-                        and (s.queues.get("email") or {}).get("deferred")),
+            _until_sampled(record, "the email breaker open and email deferred to SQS", hold,
+                           say, lambda s: s.breakers.get("email") == "open"
+                           and (s.queues.get("email") or {}).get("deferred")),
             sims["email"].control(mode="healthy", latency_ms=200),
             say("email downstream back"))),
         (phases.kill, lambda: _kill(stack, state, record, say)),
@@ -395,12 +401,16 @@ def run_storm(stack: DemoStack, observer: Any, state: Any, duration: float,
     return record
 
 
-def _until_seen(record: StormRecord, what: str, seconds: float, say: Callable[[str], None],
-                seen: Callable[[Sample], Any]) -> None:
+def _until_sampled(record: StormRecord, what: str, seconds: float, say: Callable[[str], None],
+                   seen: Callable[[Sample], Any]) -> None:
     """Wait (``seconds`` at most) until a sample shows ``what``; say so if none did."""
-    def found() -> bool:
-        return any(seen(sample) for sample in list(record.samples))
+    _until_seen(record, what, seconds, say,
+                lambda: any(seen(sample) for sample in list(record.samples)))
 
+
+def _until_seen(record: StormRecord, what: str, seconds: float, say: Callable[[str], None],
+                found: Callable[[], Any]) -> None:
+    """Wait (``seconds`` at most) until ``found()``; say so if it never was."""
     if found():
         return
     began = time.monotonic()
