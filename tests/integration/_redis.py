@@ -128,14 +128,16 @@ def check_global_limit(results, rate, burst, start, seconds):
     """The processes together got what one limiter allows: never more than ``rate * seconds
     + burst`` (10% slack), and at ``rate`` while any of them was asking (10% slack).
 
-    The lower bound counts only the time some process asked: a token nobody asks for within
-    its interval is gone (burst 1 banks none), so a moment when the loaded machine ran none of
-    the processes lowers what could be granted, not what the limiter proves.
+    The lower bound counts only the time some process asked: the bucket banks ``burst``
+    tokens, so a pause in the asking longer than that (a loaded machine running none of the
+    processes) loses tokens, which lowers what could be granted, not what the limiter proves.
+    Use a burst of several tokens: with 1, every attempt arriving after a token fell due
+    shifts the schedule by the delay, and a slow machine measures its own round trips.
     """
     counts = [granted for granted, _ in results]
     times = sorted(t for _, ts in results for t in ts)
     edges = [start, *times, start + seconds]
-    idle = sum(max(0.0, b - a - 1.0 / rate) for a, b in itertools.pairwise(edges))
+    idle = sum(max(0.0, b - a - burst / rate) for a, b in itertools.pairwise(edges))
     asked = seconds - idle
     ceiling = rate * seconds + burst
     floor = rate * asked
