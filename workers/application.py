@@ -48,6 +48,7 @@ def transport_options(settings: Settings) -> dict[str, Any]:
             "socket_timeout": read + 5,  # above the BRPOP timeout (1 s) so polls do not trip it
             "retry_on_timeout": False,
             "health_check_interval": 25,
+            **_sentinel_options(settings),
         }
     if settings.transport == "amqp":
         # Publisher confirms: a publish returns only once the broker has the message.
@@ -71,6 +72,26 @@ def transport_options(settings: Settings) -> dict[str, Any]:
     return {}
 
 
+def _sentinel_options(settings: Settings) -> dict[str, Any]:
+    if not settings.broker_url.startswith("sentinel://"):
+        return {}
+    from workers.sentinel_transport import sentinel_transport_options
+
+    return sentinel_transport_options(settings.broker_url, settings.connect_timeout_s,
+                                      wait_replicas=settings.redis_wait_replicas,
+                                      wait_timeout_ms=settings.redis_wait_timeout_ms)
+
+
+def kombu_broker_url(url: str) -> str:
+    """The broker URL as kombu gets it: a Sentinel URL without ``?master_name=`` (that goes in
+    the transport options; kombu refuses the key when it switches between the URL's parts)."""
+    if not url.startswith("sentinel://"):
+        return url
+    from workers.sentinel_transport import kombu_url
+
+    return kombu_url(url)
+
+
 def broker_transport(settings: Settings) -> dict[str, Any]:
     """Celery settings that pick Tidegate's Redis transport (see ``workers.transport``).
 
@@ -83,6 +104,10 @@ def broker_transport(settings: Settings) -> dict[str, Any]:
     from workers.transport import TRANSPORT_PATH
 
     conf: dict[str, Any] = {"broker_transport": TRANSPORT_PATH}
+    if settings.broker_url.startswith("sentinel://"):  # docs/ha.md
+        from workers.sentinel_transport import SENTINEL_TRANSPORT_PATH
+
+        conf["broker_transport"] = SENTINEL_TRANSPORT_PATH
     parts = urlsplit(settings.broker_url)
     if parts.scheme == "rediss" and "ssl_" not in parts.query:
         conf["broker_use_ssl"] = {"ssl_cert_reqs": ssl.CERT_NONE}  # kombu's rediss default

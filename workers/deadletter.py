@@ -215,16 +215,15 @@ class DeadLetters:
 
     # -- operator side -------------------------------------------------------------------
     def _connection(self) -> Connection:
-        return Connection(self.settings.broker_url,
+        return Connection(self.app.conf.broker_url,  # kombu's form (sentinel: no query)
                           connect_timeout=self.settings.connect_timeout_s,
                           transport_options=self.app.conf.broker_transport_options)
 
-    def _redis(self):  # the broker's Redis (not the state store)
-        import redis
+    def _redis(self):  # the broker's Redis (not the state store); sentinel:// too
+        from resilience.stores import redis_client
 
-        return redis.Redis.from_url(self.settings.broker_url,
-                                    socket_timeout=self.settings.read_timeout_s,
-                                    socket_connect_timeout=self.settings.connect_timeout_s)
+        return redis_client(self.settings.broker_url, socket_timeout=self.settings.read_timeout_s,
+                            socket_connect_timeout=self.settings.connect_timeout_s)
 
     def list(self, queue: str, limit: int | None = None) -> list[DeadLetter]:
         """The records in ``queue``'s DLQ, oldest first, without removing them."""

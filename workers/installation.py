@@ -114,7 +114,7 @@ def install(app: Any, settings: Settings | None = None, *,
 
 
 def _configure(app: Any, settings: Settings, topology: Topology) -> None:
-    from workers.application import broker_transport, transport_options
+    from workers.application import broker_transport, kombu_broker_url, transport_options
 
     def route(name: str, args: Any, kwargs: Any, options: Any, task: Any = None, **kw: Any):
         queue = topology.queue_for_task(name)
@@ -132,7 +132,7 @@ def _configure(app: Any, settings: Settings, topology: Topology) -> None:
                   if isinstance(own_routes, list | tuple) else (own_routes,))
     app.conf.update(
         include=include,
-        broker_url=settings.broker_url,
+        broker_url=kombu_broker_url(settings.broker_url),
         task_serializer="json",
         result_serializer="json",
         accept_content=["json"],

@@ -16,8 +16,18 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from resilience.errors import ConfigError
 
-BROKER_SCHEMES = frozenset({"redis", "rediss", "amqp", "amqps", "pyamqp", "sqs", "memory"})
+BROKER_SCHEMES = frozenset({"redis", "rediss", "amqp", "amqps", "pyamqp", "sqs", "memory",
+                            "sentinel"})
 DEFAULT_POLICY_FILE = Path(__file__).with_name("policy.toml")
+
+
+def _check_sentinel(url: str) -> None:
+    from resilience.redis_sentinel import parse_sentinel_url
+
+    try:
+        parse_sentinel_url(url)
+    except ConfigError as exc:
+        raise ValueError(str(exc)) from None
 
 
 class Settings(BaseSettings):
@@ -62,6 +72,9 @@ class Settings(BaseSettings):
     # SQS brokers: the work queues' visibility timeout. Workers extend what they hold every
     # heartbeat, so this bounds how long a dead worker's tasks stay hidden, not a task's length.
     sqs_visibility_timeout_s: int = Field(default=20, ge=1, le=12 * 3600)
+    # Sentinel brokers: a publish waits for this many replicas (WAIT) or is refused (docs/ha.md)
+    redis_wait_replicas: int = Field(default=0, ge=0, le=16)
+    redis_wait_timeout_ms: int = Field(default=1000, ge=1, le=60_000)
 
     # Queue for later (docs/queue-for-later.md). Queues are "tidegate-deferred-<dependency>"
     # (+ "-dlq") unless named or given by URL: "email=https://sqs.../q,search=my-queue".
@@ -83,6 +96,8 @@ class Settings(BaseSettings):
             raise ValueError(
                 f"unsupported scheme {scheme!r}; use one of {', '.join(sorted(BROKER_SCHEMES))}"
             )
+        if scheme == "sentinel":
+            _check_sentinel(value)
         return value
 
     @field_validator("deferral_queues", "deferral_dlqs")
@@ -95,8 +110,11 @@ class Settings(BaseSettings):
     @classmethod
     def _redis_scheme(cls, value: str) -> str:
         if urlsplit(value).scheme not in {"redis", "rediss", "unix", "redis-cluster",
-                                          "rediss-cluster"}:
-            raise ValueError("must be a redis://, rediss://, unix:// or redis-cluster:// URL")
+                                          "rediss-cluster", "sentinel"}:
+            raise ValueError("must be a redis://, rediss://, unix://, redis-cluster:// or "
+                             "sentinel:// URL")
+        if urlsplit(value).scheme == "sentinel":
+            _check_sentinel(value)
         if urlsplit(value).scheme.endswith("-cluster"):
             from resilience.redis_cluster import parse_cluster_url
 
@@ -117,7 +135,8 @@ class Settings(BaseSettings):
     def transport(self) -> str:
         """The kombu transport family: ``redis``, ``amqp``, ``sqs`` or ``memory``."""
         scheme = urlsplit(self.broker_url).scheme.split("+")[0]
-        return {"rediss": "redis", "amqps": "amqp", "pyamqp": "amqp"}.get(scheme, scheme)
+        return {"rediss": "redis", "amqps": "amqp", "pyamqp": "amqp",
+                "sentinel": "redis"}.get(scheme, scheme)
 
     def tokens(self) -> frozenset[str]:
         """The API bearer tokens (comma-separated in ``TIDEGATE_API_TOKENS``)."""

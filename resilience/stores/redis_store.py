@@ -57,6 +57,11 @@ def redis_client(
 
         return cluster_client(url, socket_timeout=socket_timeout,
                               socket_connect_timeout=socket_connect_timeout, **kwargs)
+    if url.startswith("sentinel://"):  # resilience.redis_sentinel
+        from resilience.redis_sentinel import sentinel_client
+
+        return sentinel_client(url, socket_timeout=socket_timeout,
+                               socket_connect_timeout=socket_connect_timeout, **kwargs)
     return redis.Redis.from_url(
         url,
         socket_timeout=socket_timeout,
