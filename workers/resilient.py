@@ -515,7 +515,17 @@ class ResilientTask(Task):
                     delay)
         _job(state, ex, "retrying", attempt=following, retry_in_s=round(delay, 3),
              error=f"{type(exc).__name__}: {exc}"[:500])
-        raise self.retry(countdown=delay, headers=headers, exc=exc)
+        try:
+            raise self.retry(countdown=delay, headers=headers, exc=exc)
+        except Reject as rejected:
+            # Celery rejects WITHOUT requeue when the retry cannot be published (the broker
+            # is down or failing over); on Redis that acks the message away once the broker
+            # answers again: lost (found by the Sentinel drill). Put it back instead.
+            if installation(self.app).settings.transport == "amqp":
+                raise  # RabbitMQ dead-letters a rejected message natively
+            log.error("%s[%s]: retry not published (%s); requeueing", ex.task, ex.task_id,
+                      rejected.reason)
+            raise Reject(rejected.reason, requeue=True) from exc
 
     def _report_deferred(self, ex: Execution, deferred: Deferred) -> None:
         """Tell Celery's monitors (a ``task-deferred`` event) and the result backend (state
