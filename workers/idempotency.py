@@ -195,8 +195,7 @@ class IdempotencyStore:
             doc = json.dumps({"s": "done", "t": time.time(), "r": None})
         lease = self.lease_key(task, key)
         if self._later is None:
-            self._guard("finish", lambda: self.client.pipeline(transaction=False).set(
-                self.key(task, key), doc, px=self.ttl_ms).delete(lease).execute())
+            self._guard("finish", lambda: self._set_and_drop(self.key(task, key), doc, lease))
             return
         try:
             self._later.send("SET", self.key(task, key), doc, "PX", self.ttl_ms)
@@ -231,8 +230,14 @@ class IdempotencyStore:
         """The message went to the DLQ: a duplicate delivery is acked, replay clears this."""
         doc = json.dumps({"s": "dead", "t": time.time(), "r": record_id})
         lease = self.lease_key(task, key)
-        self._guard("dead", lambda: self.client.pipeline(transaction=False).set(
-            self.key(task, key), doc, px=self.ttl_ms).delete(lease).execute())
+        self._guard("dead", lambda: self._set_and_drop(self.key(task, key), doc, lease))
+
+    def _set_and_drop(self, mark: str, doc: str, lease: str) -> list[Any]:
+        # Not chained: redis-py's cluster pipeline returns None from each command.
+        pipe = self.client.pipeline(transaction=False)
+        pipe.set(mark, doc, px=self.ttl_ms)
+        pipe.delete(lease)
+        return pipe.execute()
 
 
 class Leases:

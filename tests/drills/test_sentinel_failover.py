@@ -153,6 +153,7 @@ def test_the_replication_loss_window_and_wait(sentinel_group, policy_file, wait_
     from resilience.stores import redis_client
     from workers.application import create_app
     from workers.settings import load_settings
+    from workers.topology import redis_priority_lists
 
     g = sentinel_group
     settings = load_settings(broker_url=g.broker_url, redis_url=g.state_url,
@@ -198,7 +199,7 @@ def test_the_replication_loss_window_and_wait(sentinel_group, policy_file, wait_
     wait_until(lambda: client.info("replication")["role"] == "master", 30,
                message="the new master answering")
     present = {json.loads(raw)["headers"]["id"]
-               for key in ("search", "search:3", "search:6", "search:9")
+               for key in redis_priority_lists("search")
                for raw in client.lrange(key, 0, -1)}
     lost = [name for task_id, name in accepted.items() if task_id not in present]
     app.close()
