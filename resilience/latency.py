@@ -27,6 +27,9 @@ class LatencyRecorder:
         self.record: Callable[[float], None] = self._samples.append
         self.extend: Callable[[Iterable[float]], None] = self._samples.extend
 
+    def __len__(self) -> int:
+        return len(self._samples)
+
     def percentile(self, q: float) -> float | None:
         """The q-quantile (0 < q <= 1) of the window, nearest-rank; None before any call."""
         if not 0 < q <= 1:

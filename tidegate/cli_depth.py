@@ -27,6 +27,7 @@ def _document(snapshot: Any) -> dict[str, Any]:
         "taken_at": doc["taken_at"],
         "queues": [{k: q[k] for k in COLUMNS} for q in doc["queues"]],
         "breakers": doc["breakers"],
+        "latency": doc["latency"],
         "errors": doc["errors"],
     }
 
@@ -68,7 +69,18 @@ def _table(doc: dict[str, Any]) -> Any:
         style = colour.get(b["state"], "dim")
         breakers.add_row(b["dependency"], b["queue"], f"[{style}]{b['state']}[/{style}]",
                          _num(b["retry_after_s"], "s") if b["state"] == "open" else "")
-    parts: list[Any] = [table, breakers]
+    latency = Table(title="timeouts against observed P99 (P99 x 2 is the seed's rule)",
+                    title_justify="left")
+    for header in ("dependency", "timeout", "P99", "P99 x 2", "samples", ""):
+        latency.add_column(header, justify="left" if header in ("dependency", "") else "right")
+    for v in doc.get("latency", []):
+        ms = (lambda s: None if s is None else round(s * 1000, 1))  # noqa: E731
+        note = f"[yellow]{v['warning']}[/yellow]" if v["warning"] else (
+            "[dim]no samples yet[/dim]" if v["p99_s"] is None else "[green]ok[/green]")
+        latency.add_row(v["dependency"], _num(ms(v["timeout_s"]), " ms"),
+                        _num(ms(v["p99_s"]), " ms"), _num(ms(v["suggested_timeout_s"]), " ms"),
+                        _num(v["samples"]), note)
+    parts: list[Any] = [table, breakers, latency]
     parts += [f"[yellow]! {e}[/yellow]" for e in doc["errors"]]
     return Group(*parts)
 

@@ -106,6 +106,9 @@ def _print(rows: list[tuple[str, str, str]]) -> None:
 def check(
     file: Annotated[Path | None, typer.Argument(
         help="Policy file (default: TIDEGATE_POLICY_FILE, else workers/policy.toml)")] = None,
+    live: Annotated[bool, typer.Option(
+        "--live", help="Also compare each timeout with the P99 the workers observe now "
+        "(state Redis): warn below P99 x 2 or above 4 x P99")] = False,
 ) -> None:
     """Validate a policy file; print each dependency's resolved chain (exit 2 if invalid)."""
     from workers.policy_file import PolicyFileError, load_policy_file
@@ -130,3 +133,38 @@ def check(
     for queue in topology.work_queues:
         typer.echo(f"\nqueue {queue}")
         _print(_queue_rows(parsed, queue))
+    if live:
+        _live(parsed)
+
+
+def _live(parsed: Any) -> None:
+    """Each dependency's timeout against the P99 the workers publish (workers.latency_share).
+    Warnings only: the file stays valid; an unreachable state Redis is exit 3."""
+    from resilience.stores import redis_client
+    from workers.latency_share import read_latency, verdict
+    from workers.settings import get_settings
+
+    settings = get_settings()
+    try:
+        observed = read_latency(redis_client(settings.redis_url, socket_timeout=2,
+                                             socket_connect_timeout=2))
+    except Exception as exc:
+        typer.echo(f"tidegate: error: cannot read the observed latency from the state Redis: "
+                   f"{type(exc).__name__}: {exc}", err=True)
+        raise typer.Exit(3) from None
+    typer.echo("\nlive: timeouts against the observed P99 (the seed's rule: P99 x 2)")
+    for dep in parsed.topology.dependencies:
+        timeout = parsed.configs[dep.name].timeout
+        seen = observed.get(dep.name)
+        if seen is None:
+            typer.echo(f"    {dep.name:<12} timeout {timeout * 1000:g} ms; no samples from "
+                       "any worker in the last minute")
+            continue
+        line = (f"    {dep.name:<12} timeout {timeout * 1000:g} ms; P99 "
+                f"{seen.p99_s * 1000:.1f} ms over {seen.samples} attempts, P99 x 2 "
+                f"{seen.suggested_timeout_s * 1000:.1f} ms")
+        warning = verdict(timeout, seen.p99_s)
+        typer.echo(f"{line}: ok" if warning is None else f"{line}")
+        if warning is not None:
+            typer.echo(f"tidegate: warning: dependencies.{dep.name}.timeout_ms: {warning}",
+                       err=True)

@@ -94,6 +94,7 @@ class DepthCollector(Collector):
         snap = self.observer.snapshot()
         yield from queue_families(snap)
         yield from breaker_families(snap)
+        yield from latency_families(snap)
         yield from counter_families(snap, self.observer)
         meta = GaugeMetricFamily("tidegate_exporter_snapshot_age_seconds",
                                  "Age of the snapshot served (bounded by the cache TTL).")
@@ -137,6 +138,30 @@ def breaker_families(snap: Snapshot) -> Iterator[GaugeMetricFamily]:
             state.add_metric(labels, BREAKER_GAUGE[b.state])
             retry.add_metric(labels, b.retry_after_s)
     yield from (state, retry, known)
+
+
+def latency_families(snap: Snapshot) -> Iterator[GaugeMetricFamily]:
+    """Each dependency's observed P99 (largest over the workers' windows), the seed's
+    suggested timeout (P99 x 2) and the configured one, side by side."""
+    p99 = GaugeMetricFamily("tidegate_dependency_latency_p99_seconds",
+                            "Observed P99 of attempt durations (workers' windows, largest).",
+                            labels=["dependency"])
+    suggested = GaugeMetricFamily("tidegate_dependency_suggested_timeout_seconds",
+                                  "The seed's timeout rule: observed P99 x 2.",
+                                  labels=["dependency"])
+    configured = GaugeMetricFamily("tidegate_dependency_timeout_seconds",
+                                   "The per-attempt timeout in the policy file.",
+                                   labels=["dependency"])
+    samples = GaugeMetricFamily("tidegate_dependency_latency_samples",
+                                "Attempt durations the P99 is taken over.",
+                                labels=["dependency"])
+    for view in snap.latency:
+        configured.add_metric([view.dependency], view.timeout_s)
+        if view.p99_s is not None:
+            p99.add_metric([view.dependency], view.p99_s)
+            suggested.add_metric([view.dependency], view.suggested_timeout_s)
+            samples.add_metric([view.dependency], view.samples)
+    yield from (p99, suggested, configured, samples)
 
 
 def counter_families(snap: Snapshot, observer: Observer) -> Iterator[CounterMetricFamily]:

@@ -27,6 +27,7 @@ from resilience.stores import RedisStore, redis_client
 from workers.autoscale import Autoscaler, ProcessingTimes, load_scaling_policies
 from workers.cluster_metrics import read_cluster_counters
 from workers.depth import DepthProbe, QueueDepth, probe_for
+from workers.latency_share import read_latency, verdict
 from workers.liveness import Registry, live_workers_per_queue
 from workers.settings import Settings
 from workers.topology import Topology, load_topology
@@ -70,18 +71,32 @@ class BreakerView:
 
 
 @dataclass(frozen=True)
+class LatencyView:
+    """A dependency's configured timeout against its observed P99 (shared by the workers)."""
+
+    dependency: str
+    timeout_s: float
+    p99_s: float | None = None  # None: no worker has published a window lately
+    suggested_timeout_s: float | None = None  # P99 x 2
+    samples: int = 0
+    warning: str | None = None  # the timeout is below P99 x 2 or above 4 x P99
+
+
+@dataclass(frozen=True)
 class Snapshot:
     taken_at: float  # epoch seconds
     queues: tuple[QueueView, ...]
     breakers: tuple[BreakerView, ...]
     counters: dict[str, list[tuple[dict[str, str], float]]] = field(default_factory=dict)
     errors: tuple[str, ...] = ()
+    latency: tuple[LatencyView, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "taken_at": self.taken_at,
             "queues": [asdict(q) for q in self.queues],
             "breakers": [asdict(b) for b in self.breakers],
+            "latency": [asdict(v) for v in self.latency],
             "counters": {k: [{"labels": lb, "value": v} for lb, v in rows]
                          for k, rows in self.counters.items()},
             "errors": list(self.errors),
@@ -162,10 +177,11 @@ class Observer:
             redis_client(settings.broker_url, socket_timeout=STATE_TIMEOUT_S,
                          socket_connect_timeout=STATE_TIMEOUT_S)
             if self.broker_redis else self.state)
-        self.breaker_configs = {
-            d.name: (d.queue, PolicyConfig.from_mapping(d.name, d.policy).breaker)
-            for d in self.topology.dependencies
-        }
+        configs = {d.name: PolicyConfig.from_mapping(d.name, d.policy)
+                   for d in self.topology.dependencies}
+        self.breaker_configs = {d.name: (d.queue, configs[d.name].breaker)
+                                for d in self.topology.dependencies}
+        self.timeouts = {name: cfg.timeout for name, cfg in configs.items()}
         self.ttl_s = ttl_s
         self.clock = clock
         self._lock = threading.Lock()
@@ -212,7 +228,26 @@ class Observer:
         except Exception as exc:
             errors.append(f"cluster counters: {_one_line(exc)}")
             counters = {}
-        return Snapshot(time.time(), tuple(views), tuple(breakers), counters, tuple(errors))
+        latency = self._latency(errors)
+        return Snapshot(time.time(), tuple(views), tuple(breakers), counters, tuple(errors),
+                        tuple(latency))
+
+    def _latency(self, errors: list[str]) -> list[LatencyView]:
+        try:
+            observed = read_latency(self.state)
+        except Exception as exc:
+            errors.append(f"latency windows: {_one_line(exc)}")
+            observed = {}
+        views = []
+        for name, timeout in self.timeouts.items():
+            seen = observed.get(name)
+            if seen is None:
+                views.append(LatencyView(name, timeout))
+                continue
+            views.append(LatencyView(name, timeout, round(seen.p99_s, 6),
+                                     round(seen.suggested_timeout_s, 6), seen.samples,
+                                     verdict(timeout, seen.p99_s)))
+        return views
 
     def _liveness(self, queues: list[str],
                   errors: list[str]) -> tuple[dict[str, int], dict[str, int]]:

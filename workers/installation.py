@@ -185,10 +185,12 @@ def _report_to_cluster(app: Any, settings: Settings) -> None:
     from resilience.stores import redis_client
     from workers.autoscale import ProcessingTimes, record_processing_times
     from workers.cluster_metrics import install as install_mirror
+    from workers.latency_share import install as share_latency
 
     client = redis_client(settings.redis_url, socket_timeout=settings.read_timeout_s,
                           socket_connect_timeout=settings.connect_timeout_s)
     install_mirror(app, client)
+    share_latency(app, client)
     record_processing_times(app, ProcessingTimes(client))
 
 

@@ -116,6 +116,11 @@ atexit.register(close_states)
 signals.worker_process_shutdown.connect(close_states, weak=False)
 
 
+def existing_state(app: Any) -> WorkerState | None:
+    """This process's state for ``app`` if a task has built it, else None (never builds)."""
+    return _state.get((id(app), os.getpid()))
+
+
 def state_for(app: Any) -> WorkerState:
     """This process's state for ``app`` (built on first use)."""
     key = (id(app), os.getpid())

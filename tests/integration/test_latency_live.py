@@ -1,0 +1,67 @@
+"""P99 x 2, live: workers publish each dependency's observed P99; the exporter, ``tidegate
+depth`` and ``tidegate policy check --live`` show it next to the configured timeout."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+
+import pytest
+
+from tests.conftest import tidegate_env
+from tests.support.exporter import Exporter, sample
+from tests.support.procs import BIN, ROOT, wait_until
+from workers.latency_share import HASH_KEY, read_latency, verdict
+
+pytestmark = pytest.mark.integration
+
+
+def _run(env: dict[str, str], *argv: str) -> subprocess.CompletedProcess:
+    return subprocess.run([str(BIN / "tidegate"), *argv], env={**os.environ, **env}, cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_verdict_follows_the_seeds_bounds():
+    assert verdict(0.08, 0.04) is None and verdict(0.16, 0.04) is None
+    assert "below P99 x 2" in verdict(0.079, 0.04)
+    assert "above 4 x P99" in verdict(0.161, 0.04)
+
+
+@pytest.mark.parametrize("broker", ["redis"], indirect=True)
+def test_observed_p99_and_suggested_timeout_reach_metrics_depth_and_check(
+        broker, sims, policy_file, producer, start_worker, state_redis, tmp_path):
+    state_redis.delete(HASH_KEY)
+    # every search answer takes >= 100 ms: P99 x 2 >= 200 ms, above the 160 ms timeout
+    sims["search"].control(latency_ms=100)
+    start_worker("search")
+    for i in range(5):
+        producer.enqueue("search.index", [f"doc-{i}"])
+    wait_until(lambda: sims["search"].ledger()["applied"] >= 5, 60, message="5 documents")
+    observed = wait_until(lambda: read_latency(state_redis).get("search"), 30, interval=0.5,
+                          message="the worker's latency window published")
+    assert observed.p99_s >= 0.1 and observed.samples >= 5
+
+    env = tidegate_env(broker, policy_file)
+    exporter = Exporter(env, tmp_path)
+    try:
+        s = exporter.samples()
+        p99 = sample(s, "tidegate_dependency_latency_p99_seconds", dependency="search")
+        suggested = sample(s, "tidegate_dependency_suggested_timeout_seconds",
+                           dependency="search")
+        assert p99 is not None and p99 >= 0.1
+        assert suggested == pytest.approx(2 * p99, rel=1e-3)
+        assert sample(s, "tidegate_dependency_timeout_seconds", dependency="search") == 0.16
+    finally:
+        exporter.stop()
+
+    out = _run(env, "depth", "--json")
+    assert out.returncode == 0, out.stderr
+    [search] = [v for v in json.loads(out.stdout)["latency"] if v["dependency"] == "search"]
+    assert search["p99_s"] >= 0.1 and "below P99 x 2" in search["warning"]
+
+    out = _run(env, "policy", "check", str(policy_file), "--live")
+    assert out.returncode == 0, out.stderr
+    assert "search" in out.stdout and "P99 x 2" in out.stdout
+    assert "warning: dependencies.search.timeout_ms: timeout 160 ms is below P99 x 2" \
+        in out.stderr

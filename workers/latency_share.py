@@ -1,0 +1,158 @@
+"""Each dependency's observed P99 and its suggested timeout (P99 x 2), shared through Redis.
+
+Attempt durations are recorded in the process that makes the calls (each policy's latency
+window, :mod:`resilience.latency`); the exporter, ``tidegate depth`` and ``tidegate policy
+check --live`` run elsewhere. So every worker process writes, every ``interval_s``, one field
+per dependency into one Redis hash: its window's P99, the number of samples and when. A
+reader takes the entries fresher than ``FRESH_S`` and, per dependency, the *largest* P99 of
+them (a timeout set from it fires on no process's healthy calls) and the samples summed.
+
+The seed's rule and its bounds: a timeout below P99 x 2 fires on healthy calls; one above
+4 x P99 holds threads for nothing (:func:`verdict`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = ["FRESH_S", "HASH_KEY", "LatencyMirror", "ObservedLatency", "install",
+           "publish", "read_latency", "verdict"]
+
+log = logging.getLogger(__name__)
+
+HASH_KEY = "tidegate:cluster:latency"
+FRESH_S = 60.0  # an entry older than this is a process that stopped: not read
+
+
+@dataclass(frozen=True)
+class ObservedLatency:
+    dependency: str
+    p99_s: float
+    samples: int  # over every process's window
+    processes: int
+
+    @property
+    def suggested_timeout_s(self) -> float:
+        """The seed's rule: P99 x 2."""
+        return self.p99_s * 2
+
+
+def verdict(timeout_s: float, p99_s: float) -> str | None:
+    """Why ``timeout_s`` is off the seed's rule for this P99, or None when it is within
+    [P99 x 2, 4 x P99]."""
+    if timeout_s < p99_s * 2:
+        return (f"timeout {timeout_s * 1000:g} ms is below P99 x 2 ({p99_s * 2000:.0f} ms): "
+                "it will fire on healthy calls")
+    if timeout_s > p99_s * 4:
+        return (f"timeout {timeout_s * 1000:g} ms is above 4 x P99 ({p99_s * 4000:.0f} ms): "
+                "threads are held far longer than the dependency needs")
+    return None
+
+
+def publish(client: Any, policies: Mapping[str, Any], process: str,
+            now: Callable[[], float] = time.time, key: str = HASH_KEY) -> int:
+    """Write this process's P99 per dependency (those with samples); returns how many."""
+    fields = {}
+    for name, policy in policies.items():
+        rec = policy.latency
+        p99 = rec.p99()
+        if p99 is not None:
+            fields[f"{name}|{process}"] = json.dumps(
+                {"p99_s": p99, "n": len(rec), "at": now()})
+    if fields:
+        client.hset(key, mapping=fields)
+    return len(fields)
+
+
+def read_latency(client: Any, now: Callable[[], float] = time.time,
+                 key: str = HASH_KEY) -> dict[str, ObservedLatency]:
+    """Per dependency, over the fresh entries: the largest P99 and the samples summed."""
+    cutoff = now() - FRESH_S
+    seen: dict[str, list[dict[str, Any]]] = {}
+    stale = []
+    for raw_field, raw in client.hgetall(key).items():
+        field = raw_field.decode() if isinstance(raw_field, bytes) else raw_field
+        try:
+            entry = json.loads(raw)
+            fresh = float(entry["at"]) >= cutoff
+        except (ValueError, KeyError, TypeError):
+            fresh = False
+        if not fresh:
+            stale.append(field)
+            continue
+        seen.setdefault(field.split("|", 1)[0], []).append(entry)
+    if stale:  # processes that stopped: their windows no longer describe the dependency
+        client.hdel(key, *stale)
+    return {
+        dep: ObservedLatency(dep, max(float(e["p99_s"]) for e in entries),
+                             sum(int(e["n"]) for e in entries), len(entries))
+        for dep, entries in seen.items()
+    }
+
+
+class LatencyMirror:
+    """Publishes this process's latency windows every ``interval_s`` (a daemon thread)."""
+
+    def __init__(self, client: Any, policies: Callable[[], Mapping[str, Any] | None], *,
+                 interval_s: float = 5.0) -> None:
+        self.client, self.policies, self.interval_s = client, policies, interval_s
+        self.process = f"{socket.gethostname()}:{os.getpid()}"
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def flush(self) -> int:
+        policies = self.policies()
+        return publish(self.client, policies, self.process) if policies else 0
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            try:
+                self.flush()
+            except Exception as exc:  # Redis away: the next tick tries again
+                log.warning("latency windows not published: %s", exc)
+
+    def start(self) -> LatencyMirror:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="tidegate-latency-mirror",
+                                            daemon=True)
+            self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
+def install(app: Any, client: Any, *, interval_s: float = 5.0) -> None:
+    """Run a mirror in every Celery worker process; it publishes the policies this process
+    has built (none until its first task)."""
+    from celery import signals
+
+    from workers.policies import existing_state
+
+    mirrors: list[LatencyMirror] = []
+
+    def policies() -> Mapping[str, Any] | None:
+        state = existing_state(app)
+        if state is None:
+            return None
+        return {name: state.policy(name) for name in state.registry.names()}
+
+    def start(**_: Any) -> None:
+        mirrors.append(LatencyMirror(client, policies, interval_s=interval_s).start())
+
+    def stop(**_: Any) -> None:
+        for mirror in mirrors:
+            mirror.stop()
+
+    signals.worker_process_init.connect(start, weak=False)
+    signals.worker_ready.connect(start, weak=False)
+    signals.worker_process_shutdown.connect(stop, weak=False)
+    signals.worker_shutdown.connect(stop, weak=False)
