@@ -25,7 +25,9 @@ replayed       ``tidegate dlq replay`` (same id, runs again) and the        repl
 =============  ===========================================================  ==============
 
 A status is best effort: Redis being away never fails a task or an enqueue over it (a warning
-is logged). An id that was never seen, or is older than the TTL, has no status (404).
+is logged, and for ``PAUSE_S`` after a failed write no write is tried, so an unreachable Redis
+costs one connect timeout per pause, not one per job). An id that was never seen, or is older
+than the TTL, has no status (404).
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ OUTCOMES = get_or_create(
 FINAL = frozenset({"succeeded", "failed", "dead_lettered", "deferred"})
 
 PREFIX = "tidegate:job:"
+PAUSE_S = 1.0  # after a failed write, writes are skipped this long (Redis away: fail fast)
 STATES = ("queued", "running", "retrying", "succeeded", "failed", "dead_lettered", "deferred",
           "replayed")
 
@@ -70,13 +73,14 @@ def job_key(job_id: str) -> str:
 class JobStatuses:
     """Reads and writes job states in Redis. Thread-safe (redis-py pools, ReplyLater lines)."""
 
-    def __init__(self, client: Any, ttl_s: int, *, replies: Any = None) -> None:
-        import redis
-
+    def __init__(self, client: Any, ttl_s: int, *, replies: Any = None,
+                 clock: Any = time.monotonic) -> None:
         self.client = client
         self.ttl_ms = int(ttl_s * 1000)
         self._replies = replies
-        self._errors = (redis.exceptions.RedisError, OSError)
+        self._clock = clock
+        self._paused_until = -1.0
+        self.skipped = 0  # writes not tried during a pause
 
     def command(self, job_id: str, state: str, *, only_if: str | None = None,
                 **fields: Any) -> tuple[Any, ...]:
@@ -92,6 +96,9 @@ class JobStatuses:
         """Record ``state`` for ``job_id`` (never raises). ``wait``: confirmed round trip."""
         if not job_id:
             return
+        if self._clock() < self._paused_until:
+            self.skipped += 1
+            return
         command = self.command(job_id, state, only_if=only_if, **fields)
         try:
             if self._replies is not None and not wait:
@@ -99,7 +106,9 @@ class JobStatuses:
             else:
                 self.client.execute_command(*command)
         except Exception as exc:  # ReplyLaterError is an OSError; anything else: same answer
-            log.warning("job %s: status %s not stored: %s", job_id, state, exc)
+            self._paused_until = self._clock() + PAUSE_S
+            log.warning("job %s: status %s not stored (job statuses paused %.0f s): %s",
+                        job_id, state, PAUSE_S, exc)
 
     def read(self, job_id: str, *, follow: bool = True) -> dict[str, Any] | None:
         """The job's latest state, or None. A job replayed under a new id carries the new

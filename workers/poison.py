@@ -131,7 +131,11 @@ def report_failure(app: Any, dispatcher: Any, message: Any, record: dl.DeadLette
     from workers.policies import state_for
 
     count_outcome(record.queue, "dead_lettered")
-    jobs = state_for(app).jobs
+    try:
+        jobs = state_for(app).jobs
+    except Exception as err:  # the worker's state cannot be built: no status, the DLQ holds it
+        log.warning("dead letter %s: no job status: %s", record.id, err)
+        return
     if jobs is not None:
         jobs.write(record.task_id, "dead_lettered", task=record.task, queue=record.queue,
                    reason=record.reason, record=record.id, dlq=f"{record.queue}{DLQ_SUFFIX}",
