@@ -25,6 +25,7 @@ admitted again.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import math
 import random
@@ -174,7 +175,9 @@ class Throttle:
         return self.per_queue.get(queue, self.default)
 
     # -- one check, no waiting
-    def decide(self, queue: str, priority: Priority) -> Decision:
+    def decide(self, queue: str, priority: Priority, pending: int = 0) -> Decision:
+        """``pending``: messages this caller admitted to ``queue`` but has not published yet
+        (a batch), counted as if already on the queue."""
         if priority is Priority.CRITICAL:
             return Decision(True, queue, priority, None, 1.0, 0.0)
         if self.clock() < self._blind_until.get(queue, -math.inf):
@@ -191,6 +194,8 @@ class Throttle:
                 log.warning("depth of %s unavailable, admitting without throttle for %.0fs: %s",
                             queue, BLIND_S, exc)
             return Decision(True, queue, priority, None, 1.0, 0.0)
+        if pending:
+            est = dataclasses.replace(est, published_since=est.published_since + pending)
         return self.judge(queue, priority, est)
 
     def judge(self, queue: str, priority: Priority, est: DepthEstimate) -> Decision:
@@ -234,14 +239,15 @@ class Throttle:
     def _pause(self, cfg: BackpressureConfig, remaining: float) -> float:
         return min(remaining, cfg.poll_s * (0.5 + self.rng()))
 
-    def admit(self, queue: str, priority: Priority, max_wait_s: float | None = None) -> Decision:
+    def admit(self, queue: str, priority: Priority, max_wait_s: float | None = None,
+              pending: int = 0) -> Decision:
         """Return once admitted; raise Backpressure once ``max_wait_s`` is spent."""
         start = self.clock()
         budget = self._wait_budget(queue, max_wait_s)
         cfg = self.config(queue)
         paused = False
         while True:
-            d = self.decide(queue, priority)
+            d = self.decide(queue, priority, pending)
             waited = self.clock() - start
             if d.admitted:
                 if paused:  # only calls that were really held back count as throttled
@@ -260,6 +266,7 @@ class Throttle:
         priority: Priority,
         max_wait_s: float | None = None,
         run: Callable[..., Awaitable[Any]] | None = None,
+        pending: int = 0,
     ) -> Decision:
         """:meth:`admit` for asyncio: the depth read runs in a thread, the wait is a sleep."""
         run = run or asyncio.to_thread
@@ -268,7 +275,7 @@ class Throttle:
         cfg = self.config(queue)
         paused = False
         while True:
-            d = await run(self.decide, queue, priority)
+            d = await run(self.decide, queue, priority, pending)
             waited = self.clock() - start
             if d.admitted:
                 if paused:

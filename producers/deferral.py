@@ -81,11 +81,20 @@ class DeferralGate:
         return self._sinks[dependency]
 
     def maybe_defer(self, task: str, args: list[Any], kwargs: dict[str, Any],
-                    priority: Priority, idempotency_key: str | None) -> str | None:
-        """The deferred request's id if the job was stored for later, else None (publish it)."""
+                    priority: Priority, idempotency_key: str | None,
+                    states: dict[str, BreakerState] | None = None) -> str | None:
+        """The deferred request's id if the job was stored for later, else None (publish it).
+
+        ``states`` memoises breaker states across the jobs of one batch (one read each)."""
         dependency = self.dependency_for(task)
         breaker = self.breakers.get(dependency or "")
-        if breaker is None or breaker.state is not BreakerState.OPEN:
+        if breaker is None:
+            return None
+        if states is None:
+            state = breaker.state
+        elif (state := states.get(breaker.name)) is None:
+            state = states[breaker.name] = breaker.state
+        if state is not BreakerState.OPEN:
             return None
         sink = self._sink(dependency)  # type: ignore[arg-type]
         if sink is None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import time
@@ -40,6 +41,7 @@ from workers.topology import Topology, broker_priority
 
 from . import metrics
 from .backpressure import Throttle, load_backpressure
+from .batch import AmqpConfirms, NotConfirmed, redis_batch
 from .broker_gate import BrokerGate
 from .deferral import DeferralGate
 
@@ -223,11 +225,12 @@ class Producer:
                                    reason="rate_limited").inc()
             raise
 
-    def _defer(self, p: _Prepared) -> EnqueueResult | None:
+    def _defer(self, p: _Prepared, breakers: dict[str, Any] | None = None
+               ) -> EnqueueResult | None:
         if self.deferral is None:
             return None
         deferred_id = self.deferral.maybe_defer(p.task, p.args, p.kwargs, p.priority,
-                                                p.idempotency_key)
+                                                p.idempotency_key, breakers)
         if deferred_id is None:
             return None
         if self.jobs is not None:
@@ -288,22 +291,115 @@ class Producer:
     def enqueue_many(
         self, jobs: Iterable[Job], *, client: str | None = None, max_wait_s: float | None = None
     ) -> list[EnqueueResult | TidegateError]:
-        """Enqueue a batch over one broker connection; one result or error per job, in order.
+        """Enqueue a batch at broker speed; one result or error per job, in order.
 
-        A job that fails validation or is refused does not stop the others, and nothing is
-        dropped silently: each position holds what happened to that job.
+        Each job passes validation and admission as a single call would (rate limit,
+        queue-for-later, the depth throttle, with the batch's own admitted jobs counted as
+        already queued); the admitted ones are then published together: one transaction per
+        queue on Redis, one wait for all confirms on RabbitMQ (:mod:`producers.batch`). A job
+        is reported ``queued`` only once the broker confirmed it; one that failed validation,
+        was refused, or that the broker refused or never confirmed holds its error instead,
+        without stopping the others.
         """
         results: list[EnqueueResult | TidegateError] = []
-        with self._producer() as producer:
-            for job in jobs:
-                try:
-                    p = self._prepare(job.task, job.args, job.kwargs, job.priority,
-                                      job.idempotency_key, job.queue, job.deadline_s,
-                                      job.task_id)
-                    results.append(self._enqueue_prepared(p, client, max_wait_s, producer))
-                except TidegateError as exc:
-                    results.append(exc)
+        admitted: list[tuple[int, _Prepared]] = []
+        pending: dict[str, int] = {}
+        breakers: dict[str, Any] = {}  # breaker states read once per batch
+        for i, job in enumerate(jobs):
+            try:
+                p = self._prepare_job(job)
+                self._rate_limit(p, client)
+                deferred = self._defer(p, breakers)
+                if deferred is None and self.throttle is not None:
+                    self.throttle.admit(p.queue, p.priority, self._wait_budget(p, max_wait_s),
+                                        pending.get(p.queue, 0))
+            except TidegateError as exc:
+                results.append(exc)
+                continue
+            results.append(deferred)  # type: ignore[arg-type]  # None: filled in below
+            if deferred is None:
+                admitted.append((i, p))
+                pending[p.queue] = pending.get(p.queue, 0) + 1
+        published = self._publish_many([p for _, p in admitted])
+        for (i, _), outcome in zip(admitted, published, strict=True):
+            results[i] = outcome
         return results
+
+    def _prepare_job(self, job: Job) -> _Prepared:
+        return self._prepare(job.task, job.args, job.kwargs, job.priority, job.idempotency_key,
+                             job.queue, job.deadline_s, job.task_id)
+
+    def _publish_many(self, ps: list[_Prepared]) -> list[EnqueueResult | TidegateError]:
+        """Publish admitted jobs together; each gets its result or its own error."""
+        if not ps:
+            return []
+        try:
+            self._check_gate()
+        except BrokerUnavailable as exc:
+            for p in ps:
+                self._refused(p, "broker_unavailable")
+            return [exc] * len(ps)
+        sends = [(p.queue, functools.partial(self._send, p)) for p in ps]
+        try:
+            with self.app.producer_or_acquire() as producer:
+                if self.settings.transport == "redis":
+                    outcomes = redis_batch(producer, sends)
+                elif self.settings.transport == "amqp":
+                    outcomes = self._amqp_batch(producer, ps, sends)
+                else:  # one publish at a time (SQS)
+                    outcomes = [_outcome(send, producer) for _, send in sends]
+        except (OperationalError, KombuError, OSError, TimeoutError) as exc:
+            outcomes = [exc] * len(ps)  # no connection: nothing was published
+        results: list[EnqueueResult | TidegateError] = []
+        counts: dict[str, int] = {}
+        for p, outcome in zip(ps, outcomes, strict=True):
+            if outcome is None:
+                counts[p.queue] = counts.get(p.queue, 0) + 1
+                results.append(self._done(EnqueueResult(p.task_id, "queued", p.queue, p.task,
+                                                         p.priority, p.idempotency_key)))
+            else:
+                results.append(self._publish_error(p, outcome))
+        if self.throttle is not None:
+            for queue, n in counts.items():
+                self.throttle.cache.record_published(queue, n)
+        return results
+
+    def _send(self, p: _Prepared, producer: Any) -> None:
+        self.app.send_task(p.task, **self._send_options(p, producer))
+
+    def _amqp_batch(self, producer: Any, ps: list[_Prepared],
+                    sends: list[tuple[str, Any]]) -> list[BaseException | None]:
+        confirms = AmqpConfirms.for_connection(producer.connection)
+        batch_producer = self.app.amqp.Producer(confirms.channel, auto_declare=False)
+        timeout = self.settings.publish_timeout_s
+        outcomes = confirms.publish(batch_producer, sends, [p.task_id for p in ps], timeout)
+        again = [i for i, o in enumerate(outcomes) if o is not None and _unroutable(o)]
+        if again:  # a queue vanished behind kombu's declaration cache: declare, publish again
+            log.warning("batch publish was unroutable for %d jobs; re-declaring the topology",
+                        len(again))
+            self._redeclare()
+            producer.connection.declared_entities.clear()
+            confirms = AmqpConfirms.for_connection(producer.connection)
+            batch_producer = self.app.amqp.Producer(confirms.channel, auto_declare=False)
+            retried = confirms.publish(batch_producer, [sends[i] for i in again],
+                                       [ps[i].task_id for i in again], timeout)
+            for i, outcome in zip(again, retried, strict=True):
+                outcomes[i] = outcome
+        return outcomes
+
+    def _publish_error(self, p: _Prepared, exc: BaseException) -> TidegateError:
+        """The error a job gets for an ``exc`` from its publish (see :meth:`_publish`)."""
+        if isinstance(exc, TidegateError):
+            return exc
+        self._refused(p, "broker_unavailable")
+        if isinstance(exc, NotConfirmed):
+            return BrokerUnavailable(f"the broker did not confirm the publish to {p.queue!r} "
+                                     f"(it may or may not hold job {p.task_id}): {exc}")
+        if _connection_lost(exc):
+            self._gate.trip(exc)
+            return BrokerUnavailable(f"broker unreachable at {self._safe_broker()}: {exc}")
+        return BrokerUnavailable(f"broker refused the publish to {p.queue!r}: "
+                                 f"{type(exc).__name__}: {exc}")
 
     @contextlib.contextmanager
     def _producer(self) -> Iterator[Any]:
@@ -343,8 +439,8 @@ class Producer:
         t = self.settings.publish_timeout_s
         return {"mandatory": True, "timeout": t, "confirm_timeout": t}
 
-    def _publish(self, p: _Prepared, producer: Any = None) -> None:
-        self._check_gate(p)
+    def _send_options(self, p: _Prepared, producer: Any = None) -> dict[str, Any]:
+        """``app.send_task``'s options for one job (the same for a single and a batch)."""
         now = time.time()
         message_headers = {
             h.PRIORITY: p.priority.name,
@@ -353,12 +449,16 @@ class Producer:
             h.DEADLINE: now + p.deadline_s if p.deadline_s else None,
             h.FRESH_ID: 1 if p.fresh_id else None,
         }
-        options = dict(
+        return dict(
             args=p.args, kwargs=p.kwargs, task_id=p.task_id, queue=p.queue,
             priority=broker_priority(p.priority, self.settings.transport),
             headers={k: v for k, v in message_headers.items() if v is not None},
             retry=False, producer=producer, **self._publish_options(),
         )
+
+    def _publish(self, p: _Prepared, producer: Any = None) -> None:
+        self._check_gate(p)
+        options = self._send_options(p, producer)
         try:
             try:
                 self.app.send_task(p.task, **options)
@@ -414,6 +514,22 @@ def _amqp_error(exc: BaseException) -> bool:
     return type(exc).__module__.startswith("amqp")
 
 
+def _connection_lost(exc: BaseException) -> bool:
+    import redis
+
+    return isinstance(exc, OperationalError | OSError | TimeoutError | redis.ConnectionError
+                      | redis.TimeoutError) or type(exc).__name__ in {
+        "RecoverableConnectionError", "ConnectionForced"}
+
+
+def _outcome(send: Any, producer: Any) -> BaseException | None:
+    try:
+        send(producer)
+    except Exception as exc:
+        return exc
+    return None
+
+
 class AsyncProducer:
     """The same producer for asyncio: throttle waits are ``asyncio.sleep``, not threads.
 
@@ -455,14 +571,30 @@ class AsyncProducer:
     async def enqueue_many(
         self, jobs: Iterable[Job], *, client: str | None = None, max_wait_s: float | None = None
     ) -> list[EnqueueResult | TidegateError]:
+        """:meth:`Producer.enqueue_many`: admission per job (throttle waits are sleeps), then
+        one batch publish in a worker thread."""
+        pr = self.producer
         results: list[EnqueueResult | TidegateError] = []
-        for job in jobs:
+        admitted: list[tuple[int, _Prepared]] = []
+        pending: dict[str, int] = {}
+        breakers: dict[str, Any] = {}
+        for i, job in enumerate(jobs):
             try:
-                results.append(await self.enqueue(
-                    job.task, job.args, dict(job.kwargs), priority=job.priority,
-                    idempotency_key=job.idempotency_key, queue=job.queue,
-                    deadline_s=job.deadline_s, task_id=job.task_id, client=client,
-                    max_wait_s=max_wait_s))
+                p = pr._prepare_job(job)
+                await asyncio.to_thread(pr._rate_limit, p, client)
+                deferred = await asyncio.to_thread(pr._defer, p, breakers)
+                if deferred is None and pr.throttle is not None:
+                    await pr.throttle.admit_async(p.queue, p.priority,
+                                                  pr._wait_budget(p, max_wait_s),
+                                                  pending=pending.get(p.queue, 0))
             except TidegateError as exc:
                 results.append(exc)
+                continue
+            results.append(deferred)  # type: ignore[arg-type]  # None: filled in below
+            if deferred is None:
+                admitted.append((i, p))
+                pending[p.queue] = pending.get(p.queue, 0) + 1
+        published = await asyncio.to_thread(pr._publish_many, [p for _, p in admitted])
+        for (i, _), outcome in zip(admitted, published, strict=True):
+            results[i] = outcome
         return results

@@ -1,0 +1,236 @@
+"""Batch enqueue at broker speed (producers/batch.py) against real Redis and RabbitMQ.
+
+Each test checks what the broker holds, not just what the producer says: a job reported
+queued is on its queue (and consumed once), a job reported failed is not.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+import redis
+
+from resilience.errors import Backpressure
+from tests.conftest import REDIS_BROKER_URL, STATE_REDIS_URL, VHOST
+from tests.support.procs import wait_until
+from workers import headers as h
+from workers.errors import BrokerUnavailable, InvalidPayload, UnknownTask
+from workers.topology import redis_priority_lists
+
+pytestmark = pytest.mark.integration
+
+LOW, HIGH = 20, 40  # the search queue's watermarks in these tests
+
+
+@pytest.fixture
+def bp_app(broker, policy_file: Path, tmp_path: Path):
+    from workers.application import create_app
+    from workers.settings import load_settings
+
+    path = tmp_path / "policy-batch.toml"
+    path.write_text(policy_file.read_text() + f"""
+[backpressure.search]
+low_watermark = {LOW}
+high_watermark = {HIGH}
+max_wait_ms = 200
+""")
+    app = create_app(load_settings(broker_url=broker.url, redis_url=STATE_REDIS_URL,
+                                   policy_file=path))
+    yield app
+    app.close()
+
+
+def _depth(broker, queue: str) -> int:
+    if broker.name == "redis":
+        client = redis.Redis.from_url(REDIS_BROKER_URL)
+        return sum(client.llen(k) for k in redis_priority_lists(queue))
+    from kombu import Connection
+
+    with Connection(broker.url, connect_timeout=5) as conn:
+        return conn.default_channel.queue_declare(queue, passive=True).message_count
+
+
+def _queued(results) -> list[int]:
+    return [i for i, r in enumerate(results) if getattr(r, "state", None) == "queued"]
+
+
+def test_mixed_priority_batch_is_consumed_once_each_and_counted(broker, bp_app, sims,
+                                                                 start_worker):
+    from producers import Job, Producer
+
+    producer = Producer(bp_app, throttle=None)
+    producer_with_depth = Producer(bp_app)
+    prios = ["critical", "high", "medium", "low"]
+    jobs = [Job("search.index", [f"doc-{i}"], priority=prios[i % 4]) for i in range(60)]
+    before = producer_with_depth.throttle.cache._published_here.get("search", 0)
+    results = producer_with_depth.enqueue_many(jobs[:10]) + producer.enqueue_many(jobs[10:])
+    assert _queued(results) == list(range(60)), results
+    assert [r.priority.name.lower() for r in results] == [prios[i % 4] for i in range(60)]
+    assert len({r.id for r in results}) == 60
+    # depth accounting: the throttle counted exactly the batch it published
+    assert producer_with_depth.throttle.cache._published_here["search"] - before == 10
+    assert _depth(broker, "search") == 60
+    start_worker("search", concurrency=4)
+    wait_until(lambda: sims["search"].ledger()["applied"] == 60, 90,
+               message="60 documents indexed")
+    effects = sims["search"].ledger()["effects"]
+    assert sorted(effects) == sorted(f"index:doc-{i}" for i in range(60))
+    assert {e["requests"] for e in effects.values()} == {1}  # each consumed exactly once
+    wait_until(lambda: _depth(broker, "search") == 0, 20, message="search queue empty")
+
+
+def test_batch_messages_are_what_send_task_publishes(broker, bp_app, state_redis):
+    """The same job through the single path (``app.send_task``) and through a batch."""
+    from kombu import Connection
+
+    from producers import Job, Producer
+
+    producer = Producer(bp_app, throttle=None)
+    producer.enqueue("search.index", ["same"], {"body": {"k": 1}}, priority="medium",
+                     task_id="t-single", idempotency_key="key")
+    [result] = producer.enqueue_many([Job("search.index", ["same"], {"body": {"k": 1}},
+                                          priority="medium", task_id="t-batch",
+                                          idempotency_key="key")])
+    assert result.state == "queued"
+
+    def normal(headers: dict, props: dict) -> tuple:
+        headers = {k: v for k, v in headers.items() if k != h.ENQUEUED_AT}
+        for key in ("id", "root_id"):
+            assert headers[key] in ("t-single", "t-batch")
+            headers[key] = "ID"
+        props = {k: v for k, v in props.items() if k not in ("delivery_tag", "correlation_id")}
+        return headers, props
+
+    if broker.name == "redis":
+        client = redis.Redis.from_url(REDIS_BROKER_URL)
+        raw = [json.loads(m) for k in redis_priority_lists("search")
+               for m in client.lrange(k, 0, -1)]
+        assert len(raw) == 2
+        shapes = [(m["body"], m["content-type"], m["content-encoding"],
+                   *normal(m["headers"], m["properties"])) for m in raw]
+    else:
+        shapes = []
+        with Connection(broker.url, connect_timeout=5) as conn:
+            for _ in range(2):
+                msg = conn.default_channel.basic_get("search", no_ack=True)
+                props = dict(msg.properties)
+                headers = props.pop("application_headers")
+                shapes.append((msg.body, msg.content_type, msg.content_encoding,
+                               *normal(headers, props)))
+    assert shapes[0] == shapes[1]
+
+
+def test_half_accepted_batch_says_which_jobs_are_in(broker, bp_app, state_redis):
+    """Bad jobs and jobs the depth throttle refuses hold their errors; the rest are queued,
+    and the broker holds exactly those. The throttle counts the batch's own jobs."""
+    from producers import Job, Producer
+
+    producer = Producer(bp_app)
+    jobs = [Job("search.index", [f"low-{i}"], priority="low") for i in range(40)]
+    jobs[3] = Job("search.index", ["x" * (producer.max_message_bytes + 1)])
+    jobs[7] = Job("nope.task")
+    jobs += [Job("search.index", [f"vip-{i}"], priority="critical") for i in range(3)]
+    results = producer.enqueue_many(jobs)
+    assert isinstance(results[3], InvalidPayload)
+    assert isinstance(results[7], UnknownTask)
+    queued = _queued(results)
+    # LOW is admitted for sure below the low watermark, never from low + span/2: the batch's
+    # own admitted jobs count as queued
+    assert set(range(LOW + 2)) - {3, 7} <= set(queued)
+    assert LOW <= len([i for i in queued if i < 40]) <= LOW + (HIGH - LOW) // 2
+    assert {40, 41, 42} <= set(queued)  # CRITICAL is never shed
+    refused = [i for i in range(40) if i not in queued and i not in (3, 7)]
+    assert refused and all(isinstance(results[i], Backpressure) for i in refused)
+    assert _depth(broker, "search") == len(queued)
+
+
+def test_redis_refusing_one_priority_list_fails_exactly_those_jobs(broker, bp_app,
+                                                                   state_redis):
+    if broker.name != "redis":
+        pytest.skip("a Redis command refused inside the batch's transaction")
+    from producers import Job, Producer
+
+    producer = Producer(bp_app, throttle=None)
+    client = redis.Redis.from_url(REDIS_BROKER_URL)
+    assert producer.enqueue("search.index", ["probe"], priority="low").state == "queued"
+    [low_list] = [k for k in redis_priority_lists("search") if client.llen(k)]
+    client.delete(low_list)
+    client.set(low_list, "not a list")  # every LPUSH of a LOW job now fails (WRONGTYPE)
+    prios = ["high", "low", "critical", "low", "medium"]
+    results = producer.enqueue_many([Job("search.index", [f"d{i}"], priority=p)
+                                     for i, p in enumerate(prios)])
+    assert _queued(results) == [0, 2, 4]
+    assert all(isinstance(results[i], BrokerUnavailable) and "WRONGTYPE" in str(results[i])
+               for i in (1, 3))
+    client.delete(low_list)
+    assert _depth(broker, "search") == 3
+
+
+@pytest.fixture
+def search_capped():
+    """A RabbitMQ policy that lets the search queue hold 3 messages and nacks the rest."""
+    name = "tidegate-test-cap"
+    subprocess.run(["rabbitmqctl", "-q", "set_policy", "-p", VHOST, "--apply-to", "queues",
+                    "--priority", "100", name, "^search$",
+                    '{"max-length": 3, "overflow": "reject-publish"}'], check=True, timeout=60)
+    yield
+    subprocess.run(["rabbitmqctl", "-q", "clear_policy", "-p", VHOST, name], check=True,
+                   timeout=60)
+
+
+def test_rabbitmq_nacks_are_mapped_to_their_jobs(broker, bp_app, state_redis, request):
+    if broker.name != "amqp":
+        pytest.skip("publisher confirms are RabbitMQ's")
+    request.getfixturevalue("search_capped")
+    from producers import Job, Producer
+
+    producer = Producer(bp_app, throttle=None)
+    wait_until(lambda: _policy_applied(), 20, message="the cap policy on the search queue")
+    results = producer.enqueue_many([Job("search.index", [f"d{i}"]) for i in range(5)]
+                                    + [Job("email.send", ["a@x", "s", "b"])])
+    assert _queued(results) == [0, 1, 2, 5], results
+    assert all(isinstance(results[i], BrokerUnavailable) and "nack" in str(results[i])
+               for i in (3, 4))
+    assert _depth(broker, "search") == 3
+
+
+def _policy_applied() -> bool:
+    out = subprocess.run(["rabbitmqctl", "-q", "list_queues", "-p", VHOST, "name", "policy"],
+                         capture_output=True, text=True, timeout=60).stdout
+    return any(line.split()[:2] == ["search", "tidegate-test-cap"] for line in
+               out.splitlines())
+
+
+def test_rabbitmq_queue_deleted_behind_kombus_back_is_redeclared_in_a_batch(broker, bp_app,
+                                                                           state_redis):
+    if broker.name != "amqp":
+        pytest.skip("unroutable returns are RabbitMQ's")
+    from kombu import Connection
+
+    from producers import Job, Producer
+
+    producer = Producer(bp_app, throttle=None)
+    assert producer.enqueue_many([Job("email.send", ["a@x", "s", "b"])])[0].state == "queued"
+    with Connection(broker.url, connect_timeout=5) as conn:
+        conn.default_channel.queue_delete("email")
+    results = producer.enqueue_many([Job("email.send", [f"{i}@x", "s", "b"])
+                                     for i in range(4)])
+    assert _queued(results) == [0, 1, 2, 3], results
+    assert _depth(broker, "email") == 4
+
+
+def test_async_batch_publishes_once_and_reports_each_job(broker, bp_app, state_redis):
+    import asyncio
+
+    from producers import AsyncProducer, Job, Producer
+
+    ap = AsyncProducer(Producer(bp_app))
+    jobs = [Job("search.index", [f"a{i}"], priority="high") for i in range(6)]
+    jobs[4] = Job("search.index", [float("nan")])
+    results = asyncio.run(ap.enqueue_many(jobs))
+    assert _queued(results) == [0, 1, 2, 3, 5]
+    assert isinstance(results[4], InvalidPayload)
+    assert _depth(broker, "search") == 5
