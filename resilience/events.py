@@ -27,6 +27,7 @@ __all__ = [
     "Event",
     "EventBus",
     "FallbackServed",
+    "Hedged",
     "Listener",
     "LoadShed",
     "Rejected",
@@ -125,6 +126,14 @@ class ConcurrencyLimit(Event):
     limit: int
     in_flight: int
     baseline: float
+
+
+@dataclass(frozen=True, slots=True)
+class Hedged(Event):
+    """A hedge ``started``, was ``refused`` (no retry budget), or ``won`` (its answer used)."""
+
+    dependency: str
+    result: str
 
 
 @dataclass(frozen=True, slots=True)

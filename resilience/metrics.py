@@ -34,6 +34,7 @@ __all__ = [
     "CONCURRENCY_LIMIT",
     "DEFERRALS",
     "FALLBACKS",
+    "HEDGES",
     "LATENCY_BASELINE",
     "REJECTIONS",
     "RETRIES",
@@ -227,6 +228,13 @@ LATENCY_BASELINE = get_or_create(
     ("dependency",),
 )
 
+HEDGES = get_or_create(
+    Counter,
+    "tidegate_hedges_total",
+    "Hedged attempts: started, refused (no retry budget), won (their answer was used).",
+    ("dependency", "result"),
+)
+
 _GAUGE = {"closed": 0, "half_open": 1, "open": 2}
 
 
@@ -269,6 +277,7 @@ _HANDLERS: dict[type[ev.Event], Any] = {
     ev.CallFinished: lambda e: CALLS.labels(dependency=e.dependency, outcome=e.outcome).inc(),
     ev.AttemptDurations: _durations,
     ev.ConcurrencyLimit: _concurrency,
+    ev.Hedged: lambda e: HEDGES.labels(dependency=e.dependency, result=e.result).inc(),
     ev.StoreDegraded: lambda e: STORE_DEGRADED.labels(store=e.store).set(int(e.degraded)),
     ev.StoreFailed: lambda e: STORE_ERRORS.labels(store=e.store, operation=e.operation).inc(),
 }

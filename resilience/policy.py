@@ -54,6 +54,7 @@ from .layers import (
     BulkheadLayer,
     DeadlineLayer,
     FallbackLayer,
+    HedgeLayer,
     RateLimitLayer,
     RetryLayer,
     SheddingLayer,
@@ -105,6 +106,16 @@ def _retry(p: Policy) -> Layer:
     return RetryLayer(p.retrier, idempotent=p.config.idempotent, stats=p.stats, events=p.events)
 
 
+def _hedge(p: Policy) -> Layer | None:
+    h = p.config.hedge
+    if h is None:
+        return None
+    a = p.config.adaptive_limit
+    slots = a.max if a is not None else p.config.bulkhead.max_concurrent
+    return HedgeLayer(p.name, h, p.retry_budget, pool_size=slots * (h.max + 1), clock=p.clock,
+                      events=p.events)
+
+
 def _breaker(p: Policy) -> Layer:
     return BreakerLayer(p.breaker, p.stats)
 
@@ -133,6 +144,7 @@ DEFAULT_LAYERS: Mapping[str, LayerFactory] = MappingProxyType({
     "fallback": _fallback,
     "deadline": _deadline_layer,
     "retry": _retry,
+    "hedge": _hedge,
     "breaker": _breaker,
     "bulkhead": _bulkhead,
     "adaptive_limit": _adaptive_limit,

@@ -17,6 +17,7 @@ from .bulkhead import BulkheadConfig
 from .errors import ConfigError
 from .events import EVENTS, EventBus
 from .fallback import CachedValue, DefaultValue, DeferralSink, Fallback, Graceful, QueueForLater
+from .hedge import HedgeConfig
 from .ratelimit import RateLimitConfig
 from .retry import RetryConfig
 from .stores import Cache, MemoryCache
@@ -70,6 +71,7 @@ FILE_SECTIONS: Mapping[str, Mapping[str, tuple[str, float]]] = MappingProxyType(
         "initial": ("initial", 1),
     },
     "rate_limit": {"rate_per_s": ("rate", 1), "burst": ("burst", 1)},
+    "hedge": {"delay_ms": ("delay", 1000), "max": ("max", 1)},
     "fallback": {
         "kind": ("kind", 1),
         "ttl_s": ("ttl", 1),
@@ -121,6 +123,7 @@ class PolicyConfig:
     fallback: FallbackSpec = field(default_factory=FallbackSpec)
     timeout_mode: str = DEFAULT_TIMEOUT_MODE
     adaptive_limit: AdaptiveLimitConfig | None = None  # ``bulkhead.mode = "adaptive"``
+    hedge: HedgeConfig | None = None  # idempotent dependencies only
 
     def __post_init__(self) -> None:
         check_timeout(self.timeout, f"{self.name}: timeout")
@@ -138,6 +141,9 @@ class PolicyConfig:
                 f"{self.name}: not idempotent, so it may not declare a retry; calls carrying "
                 "an idempotency key retry with the default schedule (or set idempotent = true)"
             )
+        if self.hedge is not None and not self.idempotent:
+            raise ConfigError(f"{self.name}: not idempotent, so it may not hedge (a hedge runs "
+                              "the call twice at once; set idempotent = true)")
 
     @property
     def retry_config(self) -> RetryConfig:
@@ -158,6 +164,7 @@ class PolicyConfig:
             "bulkhead": BulkheadConfig,
             "rate_limit": RateLimitConfig,
             "fallback": FallbackSpec,
+            "hedge": HedgeConfig,
         }
 
         def convert(path: str, value: Any, scale: float) -> Any:

@@ -55,7 +55,7 @@ def chain_rows(config: Any, table: dict[str, Any]) -> list[tuple[str, str, str]]
             for key, (attr, scale) in FILE_KEYS.items()]
     holders = {"timeout": config, "retry": config.retry_config, "breaker": config.breaker,
                "bulkhead": config.bulkhead, "rate_limit": config.rate_limit,
-               "fallback": config.fallback}
+               "fallback": config.fallback, "hedge": config.hedge}
     for section, keys in FILE_SECTIONS.items():
         written = table.get(section, {})
         holder = holders[section]

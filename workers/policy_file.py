@@ -95,6 +95,11 @@ class RateLimitTable(_Table):
     burst: Count | None = None
 
 
+class HedgeTable(_Table):
+    delay_ms: Number
+    max: Count | None = None
+
+
 class FallbackTable(_Table):
     kind: Literal["none", "cached", "default", "graceful", "queue"] | None = None
     ttl_s: Number | None = None
@@ -118,6 +123,7 @@ class DependencyTable(_Table):
     bulkhead: BulkheadTable | None = None
     rate_limit: RateLimitTable | None = None
     fallback: FallbackTable | None = None
+    hedge: HedgeTable | None = None
 
 
 class ScalingTable(_Table):

@@ -10,6 +10,7 @@ shedding       :mod:`.admission`      admission by priority under load (:mod:`~.
 fallback       :mod:`.fallback`       a stand-in answer for a transient failure
 deadline       :mod:`.deadline`       the call's total budget, published to the callee
 retry          :mod:`.retry`          attempts 2..n on tenacity (attempt 1 runs inline)
+hedge          :mod:`.hedge`          parallel attempts after a delay, first success wins
 breaker        :mod:`.breaker`        a breaker permit; times every attempt
 bulkhead       :mod:`.bulkhead`       a concurrency slot
 adaptive       :mod:`.adaptive`       a slot under a limit learnt from latency (instead of bulkhead)
@@ -26,6 +27,7 @@ from .breaker import BreakerLayer
 from .bulkhead import BulkheadLayer
 from .deadline import DeadlineLayer
 from .fallback import FallbackLayer, task_name
+from .hedge import HedgeLayer
 from .retry import RetryLayer
 from .timeout import TimeoutLayer
 
@@ -35,6 +37,7 @@ __all__ = [
     "BulkheadLayer",
     "DeadlineLayer",
     "FallbackLayer",
+    "HedgeLayer",
     "RateLimitLayer",
     "RetryLayer",
     "SheddingLayer",

@@ -106,3 +106,28 @@ def test_capacity_and_heavy_tail_switch_at_runtime(sim: Sim) -> None:
         assert response.status_code == 200
         assert response.elapsed.total_seconds() >= 0.2
         assert http.get("/control").json()["tail_factor"] == 20
+
+
+def test_hedged_reads_against_a_heavy_tail(sim: Sim) -> None:
+    """A fifth of the requests are 20x slower: hedges start after 30 ms, some win, and the
+    simulator saw the extra requests; every call got its answer."""
+    sim.control(latency_ms=10, tail_rate=0.2, tail_factor=20)
+    config = PolicyConfig.from_mapping("hedge_sim", {
+        "idempotent": True, "timeout_ms": 2000, "deadline_ms": 4000,
+        "hedge": {"delay_ms": 30, "max": 2},
+    })
+    policy = Policy(config)
+    before = REGISTRY.get_sample_value("tidegate_hedges_total",
+                                       {"dependency": "hedge_sim", "result": "won"}) or 0
+    with httpx.Client(base_url=sim.url, timeout=10) as http:
+        def get_price() -> dict:
+            response = http.get("/price")
+            response.raise_for_status()
+            return response.json()
+
+        answers = [policy.call(get_price) for _ in range(40)]
+    assert all(a["price_cents"] == 1999 for a in answers)
+    won = REGISTRY.get_sample_value("tidegate_hedges_total",
+                                    {"dependency": "hedge_sim", "result": "won"}) - before
+    assert won >= 1
+    assert sim.ledger()["requests"] > 40

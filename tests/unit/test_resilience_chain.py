@@ -19,7 +19,7 @@ from resilience.timeout import Timeout
 
 def test_the_default_order_is_one_list():
     assert list(DEFAULT_LAYERS) == ["rate_limit", "shedding", "fallback", "deadline", "retry",
-                                    "breaker", "bulkhead", "adaptive_limit", "timeout"]
+                                    "hedge", "breaker", "bulkhead", "adaptive_limit", "timeout"]
     p = Policy(PolicyConfig(name="order"))
     # no rate limit, shedder or fallback configured: those layers are left out
     assert repr(p.chain) == "DeadlineLayer > RetryLayer > BreakerLayer > BulkheadLayer > " \

@@ -1,0 +1,122 @@
+"""Hedge layer: the rest of the chain (one attempt) runs in a pool; if it has not answered
+after ``delay``, up to ``max`` more start in parallel, each paid for from the retry budget.
+The first success wins; failures are waited out while another attempt still runs; the last
+failure is raised (to the retry layer above). See :mod:`resilience.hedge`."""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+from collections.abc import Awaitable, Callable
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from typing import Any
+
+from ..chain import Call
+from ..clock import SYSTEM_CLOCK, Clock
+from ..errors import DeadlineExceeded
+from ..events import EVENTS, EventBus, Hedged
+from ..hedge import HedgeConfig
+from ..retry import RetryBudget
+
+__all__ = ["HedgeLayer"]
+
+
+class HedgeLayer:
+    def __init__(self, name: str, config: HedgeConfig, budget: RetryBudget, *,
+                 pool_size: int = 64, clock: Clock = SYSTEM_CLOCK,
+                 events: EventBus = EVENTS) -> None:
+        self.name = name
+        self.config = config
+        self.budget = budget
+        self.clock = clock
+        self.events = events
+        self.pool = ThreadPoolExecutor(max_workers=pool_size,
+                                       thread_name_prefix=f"hedge-{name}")
+
+    def _may_hedge(self, c: Call) -> bool:
+        """A hedge may start: the deadline is not past, and the retry budget pays for it."""
+        d = c.deadline
+        if d is not None and d.expires_at <= self.clock.now():
+            return False
+        if not self.budget.try_spend():
+            self.events.emit(Hedged(self.name, "refused"))
+            return False
+        self.events.emit(Hedged(self.name, "started"))
+        return True
+
+    def _submit(self, next: Callable[[Call], Any], c: Call) -> Future:
+        return self.pool.submit(contextvars.copy_context().run, next, c)
+
+    def call(self, next: Callable[[Call], Any], c: Call) -> Any:
+        now = self.clock.now
+        first = self._submit(next, c)
+        pending = {first}
+        hedges = self.config.max
+        hedge_at = now() + self.config.delay
+        error: BaseException | None = None
+        while pending:
+            if hedges:
+                timeout = max(0.0, hedge_at - now())
+            elif c.deadline is not None:
+                timeout = max(0.0, c.deadline.expires_at - now())
+            else:
+                timeout = None
+            done, pending = wait(pending, timeout, FIRST_COMPLETED)
+            for f in done:
+                if f.exception() is None:
+                    if f is not first:
+                        self.events.emit(Hedged(self.name, "won"))
+                    return f.result()
+                error = f.exception()
+            if not pending:
+                break
+            if hedges and now() >= hedge_at:
+                if self._may_hedge(c):
+                    hedges -= 1
+                    pending.add(self._submit(next, c._replace(attempt=c.attempt + 1)))
+                    hedge_at = now() + self.config.delay
+                else:
+                    hedges = 0
+            elif not hedges and not done and timeout is not None:
+                # the deadline passed with every attempt still out: abandon them
+                raise DeadlineExceeded(f"{self.name}: deadline passed with "
+                                       f"{len(pending)} hedged attempts out")
+        assert error is not None
+        raise error
+
+    async def acall(self, next: Callable[[Call], Awaitable[Any]], c: Call) -> Any:
+        loop = asyncio.get_running_loop()
+        first = asyncio.ensure_future(next(c))
+        pending = {first}
+        hedges = self.config.max
+        hedge_at = loop.time() + self.config.delay
+        error: BaseException | None = None
+        try:
+            while pending:
+                timeout = max(0.0, hedge_at - loop.time()) if hedges else None
+                done, pending = await asyncio.wait(pending, timeout=timeout,
+                                                   return_when=asyncio.FIRST_COMPLETED)
+                for f in done:
+                    if f.exception() is None:
+                        if f is not first:
+                            self.events.emit(Hedged(self.name, "won"))
+                        return f.result()
+                    error = f.exception()
+                if not pending:
+                    break
+                if hedges and loop.time() >= hedge_at:
+                    if self._may_hedge(c):
+                        hedges -= 1
+                        pending.add(asyncio.ensure_future(
+                            next(c._replace(attempt=c.attempt + 1))))
+                        hedge_at = loop.time() + self.config.delay
+                    else:
+                        hedges = 0
+        finally:
+            for f in pending:  # the losers are cancelled
+                f.cancel()
+        assert error is not None
+        raise error
+
+    def shutdown(self) -> None:
+        self.pool.shutdown(wait=False, cancel_futures=True)

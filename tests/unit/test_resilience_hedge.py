@@ -1,0 +1,129 @@
+"""Hedged attempts: first success wins, paid from the retry budget, idempotent only."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import pytest
+
+from resilience.chain import Chain
+from resilience.errors import ConfigError, TransientError
+from resilience.events import EventBus, Hedged
+from resilience.hedge import HedgeConfig
+from resilience.layers import HedgeLayer
+from resilience.policy import Policy, PolicyConfig
+from resilience.retry import RetryBudget
+
+
+def layer(budget: RetryBudget | None = None, **kw) -> tuple[HedgeLayer, list]:
+    bus, seen = EventBus(), []
+    bus.subscribe(seen.append, Hedged)
+    h = HedgeLayer("search", HedgeConfig(**{"delay": 0.01, "max": 1, **kw}),
+                   budget or RetryBudget(name="search"), pool_size=8, events=bus)
+    return h, seen
+
+
+def test_a_slow_first_attempt_is_overtaken_by_the_hedge():
+    h, seen = layer()
+    release = threading.Event()
+    calls = []
+
+    def fetch() -> str:
+        calls.append(1)
+        if len(calls) == 1:  # the first attempt hangs until the test ends
+            release.wait(30)
+            return "slow"
+        return "fast"
+
+    try:
+        assert Chain([h]).call(fetch) == "fast"
+    finally:
+        release.set()
+    assert [e.result for e in seen] == ["started", "won"]
+
+
+def test_no_budget_no_hedge_the_first_attempt_is_awaited():
+    h, seen = layer(RetryBudget(ratio=0, min_per_second=0, name="search"))
+    release = threading.Event()
+    calls = []
+
+    def fetch() -> int:
+        calls.append(1)
+        release.wait(0.1)
+        return len(calls)
+
+    assert Chain([h]).call(fetch) == 1
+    assert [e.result for e in seen] == ["refused"]
+
+
+def test_a_fast_failure_is_raised_at_once_without_a_hedge():
+    h, seen = layer(max=3)
+
+    def fetch() -> None:
+        raise TransientError("503")
+
+    with pytest.raises(TransientError, match="503"):
+        Chain([h]).call(fetch)
+    assert seen == []
+
+
+def test_a_failed_hedge_waits_for_the_first_attempt():
+    h, seen = layer(max=2)
+    calls = []
+    lock = threading.Lock()
+
+    def fetch() -> str:
+        with lock:
+            calls.append(1)
+            n = len(calls)
+        if n == 1:
+            threading.Event().wait(0.2)
+            return "first"
+        raise TransientError("hedge failed")
+
+    assert Chain([h]).call(fetch) == "first"
+    assert [e.result for e in seen].count("started") == 2
+
+
+def test_async_hedge_wins_and_the_loser_is_cancelled():
+    h, seen = layer()
+    cancelled = []
+
+    async def fetch(n: list) -> str:
+        n.append(1)
+        if len(n) == 1:
+            try:
+                await asyncio.sleep(30)
+            except asyncio.CancelledError:
+                cancelled.append(True)
+                raise
+            return "slow"
+        return "fast"
+
+    async def main() -> str:
+        result = await Chain([h]).acall(fetch, [])
+        await asyncio.sleep(0)
+        return result
+
+    assert asyncio.run(main()) == "fast"
+    assert cancelled == [True]
+    assert [e.result for e in seen] == ["started", "won"]
+
+
+@pytest.mark.parametrize("kw, message", [
+    ({"delay": 0}, "delay must be > 0"),
+    ({"delay": 0.05, "max": 4}, "from 1 to 3"),
+])
+def test_bad_hedge_config(kw, message):
+    with pytest.raises(ConfigError, match=message):
+        HedgeConfig(**kw)
+
+
+def test_policy_file_hedge_is_refused_for_a_non_idempotent_dependency():
+    with pytest.raises(ConfigError, match="not idempotent, so it may not hedge"):
+        PolicyConfig.from_mapping("payments", {"hedge": {"delay_ms": 50}})
+    cfg = PolicyConfig.from_mapping("search", {"idempotent": True,
+                                               "hedge": {"delay_ms": 50, "max": 2}})
+    assert cfg.hedge == HedgeConfig(delay=0.05, max=2)
+    assert "RetryLayer > HedgeLayer > BreakerLayer" in repr(Policy(cfg).chain)
