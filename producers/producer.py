@@ -355,6 +355,9 @@ class Producer:
         for p, outcome in zip(ps, outcomes, strict=True):
             if outcome is None:
                 counts[p.queue] = counts.get(p.queue, 0) + 1
+                if self.jobs is not None:  # NX: a worker may have moved the job on already
+                    self.jobs.write(p.task_id, "queued", only_if="NX", task=p.task,
+                                    queue=p.queue, priority=p.priority.name.lower())
                 results.append(self._done(EnqueueResult(p.task_id, "queued", p.queue, p.task,
                                                          p.priority, p.idempotency_key)))
             else:

@@ -145,6 +145,9 @@ def test_half_accepted_batch_says_which_jobs_are_in(broker, bp_app, state_redis)
     refused = [i for i in range(40) if i not in queued and i not in (3, 7)]
     assert refused and all(isinstance(results[i], Backpressure) for i in refused)
     assert _depth(broker, "search") == len(queued)
+    # job status: each queued job reads "queued"; a refused one has none
+    wait_until(lambda: all((producer.jobs.read(results[i].id) or {}).get("state") == "queued"
+                           for i in queued), 10, message="a queued status per queued job")
 
 
 def test_redis_refusing_one_priority_list_fails_exactly_those_jobs(broker, bp_app,
