@@ -148,3 +148,43 @@ def test_job_status_follows_every_outcome(broker, api, sims, start_worker, worke
     unknown = subprocess.run([str(BIN / "tidegate"), "job", "no-such-job"],
                              capture_output=True, text=True, timeout=60, env=env_cli)
     assert unknown.returncode == 2 and unknown.stderr.count("\n") == 1, unknown.stderr
+
+
+@pytest.mark.parametrize("broker", ["redis"], indirect=True)
+def test_a_deferred_job_points_at_its_replay(broker, sims, policy_file, moto_sqs,
+                                             deferral_prefix, start_worker, state_redis,
+                                             tmp_path):
+    """The replayer marks the deferred job (here the producer's: its id is the SQS entry's)
+    replayed, with the replay's own id, whose status follows it to succeeded."""
+    from resilience.fallback import CallContext, QueueForLater
+    from tests.support.procs import Proc
+    from workers.deferral import sink_for
+    from workers.idempotency import ttl_from_env
+    from workers.jobs import JobStatuses
+    from workers.settings import load_settings
+
+    settings = load_settings(broker_url=broker.url, redis_url=STATE_REDIS_URL,
+                             policy_file=policy_file, sqs_endpoint_url=moto_sqs.url,
+                             aws_access_key_id="testing", aws_secret_access_key="testing",
+                             deferral_queue_prefix=deferral_prefix)
+    deferred = QueueForLater(sink_for("email", settings)).recover(
+        CallContext("email", "email.send", ("r@x", "hi"), {}, idempotency_key="job-replay",
+                    priority=2), RuntimeError("email is down"))
+    jobs = JobStatuses(state_redis, ttl_from_env())
+    jobs.write(deferred.id, "deferred", wait=True, task="email.send", queue="email",
+               deferred_id=deferred.id, dependency="email")  # what the producer records
+
+    env = {"TIDEGATE_BROKER_URL": broker.url, "TIDEGATE_REDIS_URL": STATE_REDIS_URL,
+           "TIDEGATE_POLICY_FILE": str(policy_file), **sqs_env(moto_sqs, deferral_prefix)}
+    start_worker("email", env=sqs_env(moto_sqs, deferral_prefix))
+    replayer = Proc([str(BIN / "tidegate"), "replayer", "--dependency", "email"], env,
+                    tmp_path / "replayer.log", "replayer")
+    try:
+        doc = wait_until(lambda: (d := jobs.read(deferred.id)) and d.get("replay")
+                         and d["replay"]["state"] == "succeeded" and d, 120, interval=0.5,
+                         message="the deferred job replayed and its replay succeeded")
+    finally:
+        replayer.stop()
+    assert doc["state"] == "replayed" and doc["replay_id"] != deferred.id
+    assert jobs.read(doc["replay_id"])["state"] == "succeeded"
+    assert sims["email"].ledger()["applied"] == 1
