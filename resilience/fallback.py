@@ -29,7 +29,15 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
-from .errors import ConfigError, DeferralError, TidegateError
+from .errors import (
+    BulkheadFull,
+    CircuitOpen,
+    ConfigError,
+    DeferralError,
+    RateLimited,
+    Shed,
+    TidegateError,
+)
 from .events import EVENTS, DeferralAttempted, EventBus
 from .stores import Cache
 
@@ -68,11 +76,27 @@ class CallContext:
 
 @dataclass(frozen=True)
 class Unavailable:
-    """'Fail gracefully': a result the caller renders instead of an error page."""
+    """'Fail gracefully': a result the caller renders instead of an error page.
+
+    ``outcome`` says what is known: ``"not_attempted"`` (refused before any attempt reached
+    the dependency: nothing happened there) or ``"unknown"`` (an attempt reached it, or may
+    have: a timeout, an error answer; the effect may have happened)."""
 
     dependency: str
     reason: str
     message: str
+    outcome: str = "unknown"
+
+
+# Refusals raised before a request leaves the process. InProgress is a refusal too, but
+# from the dependency itself, about an earlier request that may well have taken effect.
+NOT_REACHED = (CircuitOpen, BulkheadFull, RateLimited, Shed)
+
+
+def nothing_reached(error: BaseException) -> bool:
+    """True only when no attempt of the call reached the dependency: a refusal before the
+    first attempt (a refusal of a retry, after an attempt went out, does not count)."""
+    return isinstance(error, NOT_REACHED) and not getattr(error, "after_attempts", 0)
 
 
 @dataclass(frozen=True)
@@ -241,20 +265,29 @@ class DefaultValue(Fallback):
 
 
 class Graceful(Fallback):
-    """Return :class:`Unavailable` with a message fit for users."""
+    """Return :class:`Unavailable` with a message fit for users that states only what is
+    known: ``message`` (e.g. "you have not been charged") only when no attempt reached the
+    dependency (circuit open, bulkhead full, rate limited, shed); otherwise
+    ``unknown_message`` (default: the outcome is unknown and will be confirmed)."""
 
     kind = "graceful"
 
-    def __init__(self, message: str | None = None) -> None:
+    def __init__(self, message: str | None = None, unknown_message: str | None = None) -> None:
         self.message = message
+        self.unknown_message = unknown_message
 
     def recover(self, ctx: CallContext, error: BaseException) -> Unavailable:
-        reason = getattr(error, "reason", None) or type(error).__name__
-        message = self.message or f"{ctx.dependency} is temporarily unavailable"
-        return Unavailable(ctx.dependency, str(reason), message)
+        reason = str(getattr(error, "reason", None) or type(error).__name__)
+        if nothing_reached(error):
+            message = self.message or f"{ctx.dependency} is temporarily unavailable"
+            return Unavailable(ctx.dependency, reason, message, "not_attempted")
+        message = self.unknown_message or (
+            f"{ctx.dependency} did not answer in time; the outcome is unknown, we will "
+            "confirm it")
+        return Unavailable(ctx.dependency, reason, message, "unknown")
 
     def __repr__(self) -> str:
-        return f"Graceful({self.message!r})"
+        return f"Graceful({self.message!r}, {self.unknown_message!r})"
 
 
 class QueueForLater(Fallback):

@@ -77,6 +77,7 @@ FILE_SECTIONS: Mapping[str, Mapping[str, tuple[str, float]]] = MappingProxyType(
         "ttl_s": ("ttl", 1),
         "value": ("value", 1),
         "message": ("message", 1),
+        "message_unknown": ("unknown_message", 1),
         "max_deferrals": ("max_deferrals", 1),
     },
 })
@@ -86,7 +87,8 @@ class FallbackSpec:
     kind: str = "none"
     ttl: float = 300.0  # cached: how stale an answer may be served
     value: Any = None  # default: the value returned
-    message: str | None = None  # graceful: what users read
+    message: str | None = None  # graceful: what users read when nothing reached it
+    unknown_message: str | None = None  # graceful: ... when an attempt may have taken effect
     max_deferrals: int = 5  # queue: a request deferred this often is not deferred again
 
     def __post_init__(self) -> None:
@@ -254,7 +256,7 @@ def build_fallback(
     if spec.kind == "default":
         return DefaultValue(spec.value)
     if spec.kind == "graceful":
-        return Graceful(spec.message)
+        return Graceful(spec.message, spec.unknown_message)
     if deferral_sink is None:
         raise ConfigError(f"{dependency}: fallback kind 'queue' needs a deferral sink")
     return QueueForLater(deferral_sink, spec.max_deferrals, events=events)

@@ -105,6 +105,7 @@ class FallbackTable(_Table):
     ttl_s: Number | None = None
     value: Any = None
     message: str | None = None
+    message_unknown: str | None = None
     max_deferrals: Count | None = None
 
 

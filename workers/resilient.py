@@ -281,7 +281,8 @@ class ResilientTask(Task):
             ex.fallbacks.append(f"{dependency}:graceful")
             log.warning("%s[%s]: optional step on %s failed gracefully: %s", ex.task, ex.task_id,
                         dependency, exc)
-            return Graceful(message).recover(ctx, exc)
+            # the task's own words for a step it can do without, whatever the outcome
+            return Graceful(message, message).recover(ctx, exc)
         refused = isinstance(exc, RejectedError)
         if kind == "write" and isinstance(fallback, QueueForLater) and (
             refused or (ex.idempotent and ex.last_attempt)

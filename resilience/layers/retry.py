@@ -19,7 +19,7 @@ from typing import Any
 from .. import deadline as _deadline
 from ..callstats import CallStats
 from ..chain import Call
-from ..errors import LateResult
+from ..errors import LateResult, RejectedError
 from ..events import EVENTS, CallFinished, EventBus
 from ..retry import Retrier, current_allowance
 
@@ -67,7 +67,12 @@ class RetryLayer:
         def attempt() -> Any:
             if allowance is not None:
                 allowance.made += 1
-            return next(c._replace(attempt=builtins.next(numbers)))
+            n = builtins.next(numbers)
+            try:
+                return next(c._replace(attempt=n))
+            except RejectedError as exc:  # refused now, but earlier attempts went out
+                exc.after_attempts = n - 1  # type: ignore[attr-defined]
+                raise
 
         return attempt
 

@@ -77,8 +77,18 @@ def test_unkeyed_charge_makes_exactly_one_attempt(sims, shipped):
     policy, client = shipped("payments")
     sims["payments"].control(stall_ms=1000, stall_requests=1)
     answer = policy.call(client.post, "/effects/charge", {"amount_cents": 500})
-    assert isinstance(answer, Unavailable)  # the graceful fallback, not a second try
     assert sims["payments"].ledger()["requests"] == 1
+    # the graceful fallback, not a second try; and honest: the request reached the provider
+    assert isinstance(answer, Unavailable) and answer.outcome == "unknown"
+    assert "not charged" not in answer.message and "not known" in answer.message
+
+
+def test_refused_charge_says_not_charged(sims, shipped):
+    policy, client = shipped("payments")
+    policy.breaker.force_open(30)  # this policy's own (in-memory) breaker
+    answer = policy.call(client.post, "/effects/charge", {"amount_cents": 500})
+    assert sims["payments"].ledger()["requests"] == 0  # the open circuit refused it
+    assert answer.outcome == "not_attempted" and "not been charged" in answer.message
 
 
 def test_two_attempts_in_the_call_as_the_seed_says(sims, shipped):

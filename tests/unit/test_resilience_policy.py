@@ -130,7 +130,8 @@ def test_fallback_strategies_compose_in_order():
     clock.advance(2)
     assert chain.recover(ctx(), err) == []  # older than the TTL: not served
     g = Graceful("Comments temporarily unavailable").recover(ctx(), err)
-    assert g == Unavailable("pricing", "circuit_open", "Comments temporarily unavailable")
+    assert g == Unavailable("pricing", "circuit_open", "Comments temporarily unavailable",
+                            "not_attempted")
 
 
 def test_queue_for_later_never_loses_silently():

@@ -92,7 +92,7 @@ def test_fallback_results_become_tagged_json():
     out = _jsonable({"id": "c1", "receipt": Unavailable("email", "down", "later"),
                      "more": [Deferred("d1", "email")]})
     assert out["receipt"] == {"type": "Unavailable", "dependency": "email", "reason": "down",
-                              "message": "later"}
+                              "message": "later", "outcome": "unknown"}
     assert out["more"][0]["type"] == "Deferred"
     json.dumps(out)
 
