@@ -218,6 +218,11 @@ def create_app(name: str = "downstream", seed: int | None = None) -> FastAPI:
         snap["in_flight"], snap["peak_in_flight"] = state["in_flight"], state["peak"]
         return snap
 
+    @app.get("/in-progress")
+    async def in_progress() -> dict[str, Any]:
+        """Keys whose first request is running right now (the ledger without its history)."""
+        return {"in_progress": sorted(state["ledger"].in_progress)}
+
     @app.post("/reset")
     async def reset() -> dict[str, str]:
         state["control"], state["ledger"], state["attempts"] = Control(), Ledger(), {}

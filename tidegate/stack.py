@@ -113,6 +113,10 @@ class Sim:
     def ledger(self) -> dict[str, Any]:
         return self.http.get("/ledger").json()
 
+    def in_progress(self) -> list[str]:
+        """Idempotency keys whose first request the simulator is serving right now."""
+        return self.http.get("/in-progress").json()["in_progress"]
+
     def reset(self) -> None:
         self.http.post("/reset").raise_for_status()
 

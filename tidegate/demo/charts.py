@@ -53,19 +53,32 @@ def breaker_intervals(samples: list[Sample]) -> dict[str, list[tuple[str, float,
     return out
 
 
-def _phase_bands(ax, record: StormRecord, labels: bool) -> None:
+# Each phase its own colour and hatch, so overlapping phases stay apart (and in greyscale).
+PHASE_STYLE = {"payments failing": ("#c62828", "////"), "email down": ("#ef6c00", "\\\\"),
+               "scraper": ("#546e7a", "..")}
+PHASE_LABEL = {"payments failing": "payments failing", "email down": "email down",
+               "scraper": "scraper over its rate"}
+
+
+def _span(record: StormRecord, name: str, scripted: tuple[float, float]) -> tuple[float, float]:
+    """When the phase really ran (the script may run late), else when it was scripted."""
+    seen = record.phase_spans.get(name, [])
+    end = record.samples[-1].t if record.samples else record.duration
+    return (seen[0], seen[1] if len(seen) > 1 else end) if seen else scripted
+
+
+def _phase_bands(ax, record: StormRecord) -> None:
     p = record.phases
-    bands = [(p.payments_failing, "#c62828", "payments failing"),
-             (p.email_down, "#ef6c00", "email down"),
-             (p.scraper, "#9e9e9e", "scraper over its rate")]
-    for (a, b), color, label in bands:
-        ax.axvspan(a, b, color=color, alpha=0.08, lw=0, zorder=0,
-                   label=label if labels else None)
+    scripted = {"payments failing": p.payments_failing, "email down": p.email_down,
+                "scraper": p.scraper}
+    for name, (color, hatch) in PHASE_STYLE.items():
+        a, b = _span(record, name, scripted[name])
+        ax.axvspan(a, b, facecolor=color, alpha=0.12, hatch=hatch, edgecolor=color, lw=0,
+                   zorder=0, label=PHASE_LABEL[name])
     ax.axvline(record.killed_at if record.killed_at is not None else p.kill, color="black",
-               ls=":", lw=1.2,
-               label="payments worker SIGKILL" if labels else None)
+               ls=":", lw=1.2, label="payments worker SIGKILL")
     a, b = p.flood
-    ax.axvline(a, color="#1565c0", ls="--", lw=0.8, alpha=0.6)
+    ax.axvline(a, color="#1565c0", ls="--", lw=0.8, alpha=0.6, label="flood starts / ends")
     ax.axvline(b, color="#1565c0", ls="--", lw=0.8, alpha=0.6)
 
 
@@ -88,12 +101,13 @@ def depth_chart(path: Path, record: StormRecord) -> Path:
              label="email deferred in SQS")
     for queue in ("search", "email"):
         hi = WATERMARKS[queue][1]
-        top.axhline(hi, color=QUEUE_COLORS[queue], lw=0.8, ls=(0, (1, 3)))
+        top.axhline(hi, color=QUEUE_COLORS[queue], lw=0.8, ls=(0, (1, 3)),
+                    label=f"{queue} high watermark")
         top.annotate(f"{queue} high watermark ({hi})", (1.0, hi),
                      xycoords=("axes fraction", "data"), xytext=(-4, 3), ha="right",
                      textcoords="offset points", fontsize=8, color=QUEUE_COLORS[queue],
                      bbox={"facecolor": "white", "edgecolor": "none", "alpha": 0.7, "pad": 1})
-    _phase_bands(top, record, labels=True)
+    _phase_bands(top, record)
     top.set_ylabel("messages (ready + in flight)")
     top.set_title("Queue depth during the storm")
     top.legend(loc="upper right", fontsize=8, ncol=2, framealpha=0.9)
@@ -103,10 +117,13 @@ def depth_chart(path: Path, record: StormRecord) -> Path:
         if any(dead):
             bottom.step(t, dead, where="post", color=QUEUE_COLORS[queue], lw=2,
                         label=f"{queue}.dlq")
-    _phase_bands(bottom, record, labels=False)
+    _phase_bands(bottom, record)
     bottom.set_ylabel("dead letters")
     bottom.set_xlabel("seconds since the storm started")
-    bottom.legend(loc="upper left", fontsize=8)
+    dlq = [(h, lbl) for h, lbl in zip(*bottom.get_legend_handles_labels(), strict=True)
+           if lbl.endswith(".dlq")]  # the phases are in the legend above
+    if dlq:
+        bottom.legend(*zip(*dlq, strict=True), loc="upper left", fontsize=8)
     _finish(bottom, record)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -124,11 +141,12 @@ def breaker_chart(path: Path, record: StormRecord, timings: Timings) -> Path:
                     edgecolor="none", zorder=3)
     ax.set_yticks(range(len(deps)), deps)
     ax.invert_yaxis()
-    _phase_bands(ax, record, labels=False)
+    _phase_bands(ax, record)
+    phases, names = ax.get_legend_handles_labels()
     handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in STATE_COLORS.values()]
-    ax.legend(handles, [s.replace("_", "-") for s in STATE_COLORS], loc="upper center",
-              bbox_to_anchor=(0.5, -0.35 if len(deps) < 4 else -0.25), ncol=4, fontsize=8,
-              frameon=False)
+    ax.legend([*handles, *phases], [*(s.replace("_", "-") for s in STATE_COLORS), *names],
+              loc="upper center", bbox_to_anchor=(0.5, -0.35 if len(deps) < 4 else -0.25),
+              ncol=5, fontsize=8, frameon=False)
     ax.set_title(f"Circuit breakers (open {timings.open_s:g}s, then one half-open trial)")
     ax.set_xlabel("seconds since the storm started")
     _finish(ax, record)
@@ -160,7 +178,7 @@ def traffic_chart(path: Path, record: StormRecord) -> Path:
     ax.stackplot(xs, *[[per[k][x] for x in xs] for k, _, _ in kinds],
                  colors=[c for _, c, _ in kinds], labels=[lbl for _, _, lbl in kinds],
                  step="post", zorder=2)
-    _phase_bands(ax, record, labels=False)
+    _phase_bands(ax, record)
     ax.set_ylabel("requests per second")
     ax.set_xlabel("seconds since the storm started")
     ax.set_title("What the HTTP API answered, per second")

@@ -22,6 +22,9 @@ SHIPPED = ROOT / "workers" / "policy.toml"
 FULL_LENGTH_S = 120.0  # the storm the seed's timings were chosen for
 
 # Depth (ready messages) at which LOW starts to be shed, and above which only CRITICAL gets in.
+# Threads per demo worker (celery -c); the policy file says the same (autoscaling tables), so
+# the desired-workers figure is computed from what actually runs.
+WORKERS = {"payments": 4, "search": 2, "email": 2}
 WATERMARKS = {"payments": (200, 400), "search": (20, 60), "email": (10, 40), "default": (20, 60)}
 
 
@@ -75,7 +78,7 @@ def to_toml(data: Mapping[str, Any], prefix: str = "") -> str:
 
 
 def demo_policy(urls: Mapping[str, str], timings: Timings) -> dict[str, Any]:
-    """The shipped policy with the demo's URLs, watermarks and timings."""
+    """The shipped policy with the demo's URLs, watermarks, timings and worker threads."""
     data = tomllib.loads(SHIPPED.read_text())
     for name, table in data["dependencies"].items():
         table["url"] = urls[name]
@@ -84,6 +87,8 @@ def demo_policy(urls: Mapping[str, str], timings: Timings) -> dict[str, Any]:
         if table.get("idempotent"):
             table["retry"] = {**table.get("retry", {}), "base_s": timings.retry_base_s,
                               "max_wait_s": timings.retry_max_wait_s}
+    for queue, threads in WORKERS.items():
+        data.setdefault("autoscaling", {}).setdefault(queue, {})["worker_concurrency"] = threads
     data["backpressure"] = {q: {"low_watermark": lo, "high_watermark": hi}
                             for q, (lo, hi) in WATERMARKS.items()}
     return data

@@ -11,7 +11,7 @@ from tidegate.demo.accounting import PRIORITIES, Accounting, Records, percentile
 from tidegate.demo.charts import breaker_intervals
 from tidegate.demo.policy import WATERMARKS, Timings
 from tidegate.demo.stack import CLIENT_BURST, CLIENT_RATE_PER_S, CLIENTS, LATENCY_MS, WORKERS
-from tidegate.demo.storm import STREAMS, StormRecord
+from tidegate.demo.storm import KEY_PREFIX, STREAMS, StormRecord
 
 
 def _rate(record: StormRecord, window: tuple[float, float], keep: Any) -> float:
@@ -126,15 +126,78 @@ def _deferral_lines(acc: Accounting, records: Records,
     return lines
 
 
+def _depth_lines(record: StormRecord) -> list[str]:
+    """Each queue's peak of ready messages against its high watermark, and when above it, what
+    the API admitted into the queue in the two seconds before the peak."""
+    lines = []
+    for queue in WORKERS:
+        high = WATERMARKS[queue][1]
+        seen = [(s.t, s.queues[queue]["ready"]) for s in record.samples
+                if queue in s.queues and s.queues[queue].get("ready") is not None]
+        if not seen:
+            continue
+        peak_t, peak = max(seen, key=lambda item: item[1])
+        above = sum(1 for _, ready in seen if ready > high)
+        if not above:
+            lines.append(f"- **{queue}**: peak {peak} ready at {peak_t:.1f}s, under its high "
+                         f"watermark ({high}).")
+            continue
+        admitted = Counter(j.priority.upper() for j in record.jobs
+                           if j.status == 202 and j.queue == queue and j.answered_at
+                           and peak_t - 2 <= j.answered_at - record.started_at <= peak_t)
+        lines.append(
+            f"- **{queue}**: peak {peak} ready at {peak_t:.1f}s, above its high watermark "
+            f"({high}) in {above} of {len(seen)} samples (~{above * 0.5:.1f}s). Admitted into "
+            f"it in the 2 s before the peak: "
+            + (", ".join(f"{n} {p}" for p, n in admitted.most_common()) or "nothing") + ".")
+    if any("above its high" in line for line in lines):
+        lines += ["", "Why a queue can pass its high watermark: above it only CRITICAL is "
+                  "admitted (never shed); the API decides from a depth reading refreshed every "
+                  "50 ms, so what it admits within one reading lands on top; and what enters "
+                  "without the API does not ask: held retries coming due, a killed worker's "
+                  "tasks brought back, replays from SQS (the replayer waits for its own "
+                  "watermark)."]
+    return lines
+
+
+def latency_by_status(record: StormRecord) -> dict[str, dict[str, float]]:
+    """The API's answer time per status code, from the client's own clock (request sent to
+    answer read): count, p50, p99 and max in milliseconds."""
+    times: dict[str, list[float]] = defaultdict(list)
+    for j in record.jobs:
+        if j.answered_at is None:
+            continue
+        label = f"{j.status} {j.state}" if j.status == 202 else str(j.status or "no answer")
+        times[label].append((j.answered_at - j.sent_at) * 1000)
+    return {label: {"count": len(v), "p50": percentile(v, 50) or 0.0,
+                    "p99": percentile(v, 99) or 0.0, "max": max(v)}
+            for label, v in sorted(times.items())}
+
+
+def _latency_lines(record: StormRecord) -> list[str]:
+    lines = ["Time from sending a request to reading the API's answer, on the flood's own "
+             "clock (so it includes the client's share of a busy machine).", "",
+             "| answer | requests | p50 ms | p99 ms | max ms |", "|---|---:|---:|---:|---:|"]
+    for label, row in latency_by_status(record).items():
+        lines.append(f"| {label} | {row['count']:.0f} | {row['p50']:.0f} | {row['p99']:.0f} | "
+                     f"{row['max']:.0f} |")
+    return lines
+
+
 def _kill_lines(record: StormRecord, acc: Accounting, timings: Timings) -> list[str]:
-    marks = record.killed_in_flight
     at = record.killed_at if record.killed_at is not None else record.phases.kill
+    provider = {f"key:{k}" if k.startswith(KEY_PREFIX) else f"task:{k}"
+                for k in record.killed_at_provider}
+    marks = list(dict.fromkeys([*record.killed_in_flight, *sorted(provider)]))
     if not marks:
         return [f"- the payments worker was SIGKILLed at {at:.1f}s; no charge was seen in "
                 "progress at that instant."]
-    lines = [f"- SIGKILL at {at:.1f}s with {len(marks)} charge(s) in progress (idempotency "
-             "marks `started`). What the killed worker held comes back to the restarted one "
-             f"after the visibility timeout ({timings.visibility_timeout_s}s):"]
+    lines = [f"- SIGKILL at {at:.1f}s with {len(record.killed_at_provider)} charge(s) in "
+             "progress at the provider (its ledger) and "
+             f"{len(record.killed_in_flight)} delivery(ies) held by the worker (idempotency "
+             "marks `started`). What the killed worker held comes back to another worker "
+             "(the orphan sweep, or the visibility timeout of "
+             f"{timings.visibility_timeout_s}s). Each one's fate:"]
     by_mark = {}
     for o in acc.outcomes:
         if o.job.task == "payments.charge":
@@ -156,7 +219,8 @@ def _kill_lines(record: StormRecord, acc: Accounting, timings: Timings) -> list[
         else:
             fate = f"{o.outcome}: {o.evidence}"
         kind = "keyed" if o.job.key else "unkeyed, not idempotent"
-        lines.append(f"  - `{m}` ({kind}): {fate}")
+        where = ", at the provider" if m in provider else ""
+        lines.append(f"  - `{m}` ({kind}{where}): {fate}")
     return lines
 
 
@@ -198,13 +262,18 @@ def render(record: StormRecord, acc: Accounting, records: Records,
         + ", ".join(f"{c} {n}" for c, n in CLIENTS.items()) + " token(s).",
         "",
         *_capacity_lines(record, acc), "",
+        "Depth against the high watermark (ready messages, sampled every 0.5 s):", "",
+        *_depth_lines(record), "",
         "Streams: " + "; ".join(
             f"{s.name} ({s.client}, {s.priority.upper()} {s.task}) "
-            + (f"{s.flood_rate:g}/s from {s.window[0]:.0%} to {s.window[1]:.0%} of the storm"
+            + (f"{s.flood_rate:g}/s from {s.window[0]:.0%} of the storm until it was refused "
+               f"({s.window[1]:.0%} at the earliest)"
                if s.window else f"{s.normal_rate:g}/s, {s.flood_rate:g}/s in the flood")
             for s in STREAMS) + ".", "",
         "## Shed (503) and rate limited (429)", "",
         *_refusal_lines(acc), "",
+        "## API answer time per status", "",
+        *_latency_lines(record), "",
         "## Circuit breakers", "",
         f"Open when more than 50% of the calls in {timings.window_s:g}s fail (at least 10 "
         f"calls); open {timings.open_s:g}s; then one half-open trial. From the shared breaker "

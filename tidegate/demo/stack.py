@@ -20,13 +20,12 @@ from typing import Any
 
 import httpx
 
-from tidegate.demo.policy import Timings, write_policy
+from tidegate.demo.policy import WORKERS, Timings, write_policy
 from tidegate.stack import BIN, MotoServer, Proc, Sim, Worker, free_port, wait_until
 
 SIM_NAMES = ("payments", "pricing", "search", "email")
-# Small workers, so that a laptop-sized flood is several times what they can do.
-WORKERS = {"payments": 4, "search": 2, "email": 2}
-# The simulators' normal latency: with the concurrency above this is the pipeline's capacity
+# Small workers (policy.WORKERS), so that a laptop-sized flood is several times what they can
+# do. The simulators' normal latency: with that concurrency this is the pipeline's capacity
 # (search does two calls per job: the ranking read and the index write).
 LATENCY_MS = {"payments": 20, "pricing": 10, "search": 60, "email": 200}
 # API clients and how many bearer tokens each spreads its traffic over: every well-behaved

@@ -35,10 +35,14 @@ from typing import Any
 
 import httpx
 
-from tidegate.demo.stack import CLIENTS, DemoStack
+from tidegate.demo.stack import CLIENTS, LATENCY_MS, DemoStack
 from tidegate.stack import wait_until
 
 SAMPLE_INTERVAL_S = 0.5
+KEY_PREFIX = "demo-"  # every idempotency key the flood sends; an unkeyed charge goes by task id
+# The payments provider's latency around the kill: long enough for the signal to land during a
+# charge, inside the policy's 80 ms attempt timeout.
+KILL_LATENCY_MS = 50
 # Each stream has its own bound on open requests, so a slow stream cannot starve another.
 
 
@@ -71,7 +75,7 @@ class Stream:
             body["args"] = [f"{self.name}-doc-{n}"]
             body["kwargs"] = {"body": {"title": f"document {n}", "from": self.name}}
         if rng.random() < self.keyed:
-            body["idempotency_key"] = f"demo-{self.name}-{n:06d}"
+            body["idempotency_key"] = f"{KEY_PREFIX}{self.name}-{n:06d}"
         return body
 
 
@@ -158,12 +162,19 @@ class StormRecord:
     samples: list[Sample] = field(default_factory=list)
     events: list[tuple[float, str]] = field(default_factory=list)
     killed_in_flight: list[str] = field(default_factory=list)  # marks "started" at the kill
+    killed_at_provider: list[str] = field(default_factory=list)  # ledger keys in progress
     killed_at: float | None = None  # seconds after the start
+    # When each phase really began and ended (seconds; the script may run late): for the charts
+    phase_spans: dict[str, list[float]] = field(default_factory=dict)
     drained_at: float | None = None  # seconds after the start; None: drain timed out
     drain_timeout: float = 0.0
 
     def event(self, text: str) -> None:
         self.events.append((round(time.time() - self.started_at, 2), text))
+
+    def phase(self, name: str) -> None:
+        """Mark the start (first call) or the end (second call) of a phase, now."""
+        self.phase_spans.setdefault(name, []).append(round(time.time() - self.started_at, 2))
 
 
 class Flood:
@@ -348,26 +359,29 @@ def run_storm(stack: DemoStack, observer: Any, state: Any, duration: float,
     script: list[tuple[float, Callable[[], None]]] = [
         (phases.flood[0], lambda: say("flood starts: several times what the workers can do")),
         (phases.payments_failing[0], lambda: (sims["payments"].control(
-            mode="failing", error_rate=1.0, latency_ms=20), say("payments downstream failing"))),
-        (phases.scraper[0], lambda: (flood.active.add("scraper"),
+            mode="failing", error_rate=1.0, latency_ms=20), record.phase("payments failing"),
+            say("payments downstream failing"))),
+        (phases.scraper[0], lambda: (flood.active.add("scraper"), record.phase("scraper"),
                                      say("scraper client starts, far over its rate limit"))),
         (phases.email_down[0], lambda: (sims["email"].control(mode="down", latency_ms=200),
+                                        record.phase("email down"),
                                         say("email downstream down"))),
         (phases.payments_failing[1], lambda: (
             _until_sampled(record, "the payments breaker open", hold, say,
                            lambda s: s.breakers.get("payments") == "open"),
             sims["payments"].control(mode="healthy", latency_ms=20),
-            say("payments downstream healthy again"))),
+            record.phase("payments failing"), say("payments downstream healthy again"))),
         (phases.scraper[1], lambda: (
             _until_seen(record, "a 429 to the scraper", hold, say,
                         lambda: any(j.status == 429 for j in list(record.jobs))),
-            flood.active.discard("scraper"), say("scraper client stops"))),
+            flood.active.discard("scraper"), record.phase("scraper"),
+            say("scraper client stops"))),
         (phases.email_down[1], lambda: (
             _until_sampled(record, "the email breaker open and email deferred to SQS", hold,
                            say, lambda s: s.breakers.get("email") == "open"
                            and (s.queues.get("email") or {}).get("deferred")),
             sims["email"].control(mode="healthy", latency_ms=200),
-            say("email downstream back"))),
+            record.phase("email down"), say("email downstream back"))),
         (phases.kill, lambda: _kill(stack, state, record, say)),
         (phases.flood[1], lambda: say("flood ends: back to the normal rate")),
     ]
@@ -423,25 +437,34 @@ def _until_seen(record: StormRecord, what: str, seconds: float, say: Callable[[s
 
 
 def _kill(stack: DemoStack, state: Any, record: StormRecord, say: Callable[[str], None]) -> None:
-    """SIGKILL the payments worker while a charge is in progress (a "started" mark exists).
+    """SIGKILL the payments worker while charges are in progress at the provider.
 
-    An unkeyed (non-idempotent) charge in progress is waited for first, a few seconds at most:
-    it is the interesting case (it must not run twice); any charge will do after that.
+    The provider is slowed to ``KILL_LATENCY_MS`` so a charge lasts long enough for the signal
+    to land during it, and the kill waits until the provider's ledger shows one in progress
+    (an unkeyed one for 5 s first: it is the case that must not run twice; any after that;
+    10 s at most). What the dead worker held is then read from its idempotency marks still
+    "started": the worker cannot finish or clean up anything any more.
     """
-    marks: list[str] = []
-    for wanted, seconds in (("task:", 5.0), ("", 5.0)):
+    sim = stack.sims["payments"]
+    sim.control(mode="healthy", latency_ms=KILL_LATENCY_MS)
+    at_provider: list[str] = []
+    for unkeyed, seconds in ((True, 5.0), (False, 5.0)):
         try:
-            marks = wait_until(lambda w=wanted: [m for m in started_marks(state)
-                                                 if m.startswith(w)],
-                               seconds, interval=0.01, message="a payments.charge in progress")
+            at_provider = wait_until(
+                lambda u=unkeyed: [k for k in sim.in_progress()
+                                   if not (u and k.startswith(KEY_PREFIX))],
+                seconds, interval=0.02, message="a charge in progress at the provider")
             break
         except AssertionError:
             continue
     worker = stack.kill_worker("payments")
-    record.killed_in_flight = marks
     record.killed_at = round(time.time() - record.started_at, 1)
-    say(f"payments worker {worker.node.split('@')[0]} SIGKILLed with {len(marks)} charge(s) "
-        "in progress")
+    sim.control(mode="healthy", latency_ms=LATENCY_MS["payments"])
+    record.killed_at_provider = at_provider
+    record.killed_in_flight = started_marks(state)
+    say(f"payments worker {worker.node.split('@')[0]} SIGKILLed with {len(at_provider)} "
+        f"charge(s) in progress at the provider, {len(record.killed_in_flight)} delivery(ies) "
+        "held (marks started)")
     time.sleep(record.phases.restart_after)  # scripted: the worker stays dead a moment
     say("payments worker restarting")
 
