@@ -212,7 +212,7 @@ def _kill_lines(record: StormRecord, acc: Accounting, timings: Timings) -> list[
             fate = (f"not run again: dead-lettered as `{o.dlq_reason}`; the provider's ledger: "
                     f"{applied}")
         elif o.job.key and o.attempts_downstream > 1:
-            fate = f"redelivered and run again with its key; the provider {applied} it"
+            fate = f"redelivered and run again with its key; the provider's ledger: {applied}"
         elif o.outcome == "served":
             fate = ("it finished in the milliseconds between the check and the signal "
                     f"(acked, mark done); {applied}")
