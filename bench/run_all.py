@@ -28,6 +28,8 @@ BENCHMARKS: list[tuple[str, list[str], str]] = [
     ("backpressure.py", [], "Backpressure and overload: naive producer vs Tidegate"),
     ("replay.py", [], "Replay: queue-for-later drain vs raw SQS receive+delete"),
     ("api_overload.py", [], "API overload: answers by status at 3x capacity vs a 503 floor"),
+    ("hedging.py", [], "Hedged reads: p99 against a 5% tail 10x slower, with and without"),
+    ("adaptive_limit.py", [], "Adaptive limit vs static bulkheads while capacity changes"),
 ]
 
 
