@@ -225,7 +225,9 @@ class Policy:
             now=clock.now,
             events=events,
         )
-        names = tuple(DEFAULT_LAYERS) if layers is None else tuple(layers)
+        if layers is None:  # the policy file's order, else the default one
+            layers = config.layers if config.layers is not None else DEFAULT_LAYERS
+        names = tuple(layers)
         for n in names:
             if n not in DEFAULT_LAYERS:
                 raise ConfigError(f"{self.name}: unknown layer {n!r}"

@@ -43,6 +43,7 @@ FILE_KEYS: Mapping[str, tuple[str, float]] = MappingProxyType({
     "idempotent": ("idempotent", 1),
     "timeout_ms": ("timeout", 1000),
     "deadline_ms": ("deadline", 1000),
+    "layers": ("layers", 1),  # the chain's layers, outermost first (default: DEFAULT_LAYERS)
 })
 FILE_SECTIONS: Mapping[str, Mapping[str, tuple[str, float]]] = MappingProxyType({
     "timeout": {"mode": ("timeout_mode", 1)},  # ``timeout.mode = "abandon"``
@@ -103,6 +104,23 @@ class FallbackSpec:
                 f"fallback max_deferrals must be an integer >= 1, got {self.max_deferrals!r}")
 
 
+def _check_layers(name: str, layers: Any) -> tuple[str, ...]:
+    """A list of known layer names, each once (the names of DEFAULT_LAYERS)."""
+    from .errors import did_you_mean
+    from .policy import DEFAULT_LAYERS  # the one list of layers; imported late (it imports us)
+
+    if isinstance(layers, str) or not all(isinstance(n, str) for n in layers):
+        raise ConfigError(f"{name}: layers must be a list of layer names, got {layers!r}")
+    for n in layers:
+        if n not in DEFAULT_LAYERS:
+            raise ConfigError(f"{name}: unknown layer {n!r}{did_you_mean(n, DEFAULT_LAYERS)} "
+                              f"(layers: {', '.join(DEFAULT_LAYERS)})")
+    dup = sorted({n for n in layers if list(layers).count(n) > 1})
+    if dup:
+        raise ConfigError(f"{name}: layer {dup[0]!r} listed twice")
+    return tuple(layers)
+
+
 @dataclass(frozen=True)
 class PolicyConfig:
     """One dependency's policy. Seed defaults: 80 ms per attempt, 200 ms in total.
@@ -126,8 +144,11 @@ class PolicyConfig:
     timeout_mode: str = DEFAULT_TIMEOUT_MODE
     adaptive_limit: AdaptiveLimitConfig | None = None  # ``bulkhead.mode = "adaptive"``
     hedge: HedgeConfig | None = None  # idempotent dependencies only
+    layers: tuple[str, ...] | None = None  # outermost first; None: DEFAULT_LAYERS' order
 
     def __post_init__(self) -> None:
+        if self.layers is not None:
+            object.__setattr__(self, "layers", _check_layers(self.name, self.layers))
         check_timeout(self.timeout, f"{self.name}: timeout")
         check_timeout_mode(self.timeout_mode, f"{self.name}: timeout mode")
         check_timeout(self.deadline, f"{self.name}: deadline")

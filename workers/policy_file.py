@@ -118,6 +118,7 @@ class DependencyTable(_Table):
     idempotent: bool | None = None
     timeout_ms: Number | None = None
     deadline_ms: Number | None = None
+    layers: list[str] | None = None  # the chain's order, outermost first
     timeout: TimeoutTable | None = None
     retry: RetryTable | None = None
     breaker: BreakerTable | None = None

@@ -119,3 +119,17 @@ def test_breaker_layer_alone_refuses_while_open():
         chain.call(down)
     with pytest.raises(CircuitOpen):
         chain.call(lambda: 1)
+
+
+def test_the_policy_file_orders_the_layers():
+    seed = ["rate_limit", "deadline", "breaker", "retry", "bulkhead", "timeout", "fallback"]
+    cfg = PolicyConfig.from_mapping("p", {"idempotent": True, "layers": seed,
+                                          "fallback": {"kind": "default"}})
+    assert cfg.layers == tuple(seed)
+    assert repr(Policy(cfg).chain) == ("DeadlineLayer > BreakerLayer > RetryLayer > "
+                                       "BulkheadLayer > TimeoutLayer > FallbackLayer")
+    assert PolicyConfig.from_mapping("p", {}).layers is None  # the default order
+    with pytest.raises(ConfigError, match="did you mean 'breaker'"):
+        PolicyConfig.from_mapping("p", {"layers": ["braker"]})
+    with pytest.raises(ConfigError, match="listed twice"):
+        PolicyConfig.from_mapping("p", {"layers": ["retry", "retry"]})
