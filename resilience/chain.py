@@ -14,7 +14,8 @@ closures with no dispatch in between::
 :data:`resilience.policy.DEFAULT_LAYERS` (the order below); any subset or order can be built
 in code. The layers live in :mod:`resilience.layers`.
 
-    RateLimit > Shedding > Fallback > Deadline > Retry > Breaker > Bulkhead > Timeout > call
+    RateLimit > Shedding > Fallback > Deadline > Retry > Hedge > Breaker > Bulkhead | AdaptiveLimit
+        > Timeout > call
 """
 
 from __future__ import annotations

@@ -3,7 +3,8 @@
 Outermost first, as :data:`DEFAULT_LAYERS` lists them (the one place the order lives; see
 docs/architecture.md)::
 
-    RateLimit > Shedding > Fallback > Deadline > Retry > Breaker > Bulkhead > Timeout > call
+    RateLimit > Shedding > Fallback > Deadline > Retry > Hedge > Breaker > Bulkhead | AdaptiveLimit
+        > Timeout > call
 
 Each entry builds one layer of :mod:`resilience.layers` from the policy (or nothing, when the
 policy has no rate limit, shedder or fallback); :class:`~resilience.chain.Chain` nests them.

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 
 import pytest
 
 from resilience.chain import Chain
-from resilience.errors import ConfigError, TransientError
+from resilience.clock import SYSTEM_CLOCK
+from resilience.errors import ConfigError, DeadlineExceeded, TransientError
 from resilience.events import EventBus, Hedged
 from resilience.hedge import HedgeConfig
 from resilience.layers import HedgeLayer
@@ -127,3 +129,22 @@ def test_policy_file_hedge_is_refused_for_a_non_idempotent_dependency():
                                                "hedge": {"delay_ms": 50, "max": 2}})
     assert cfg.hedge == HedgeConfig(delay=0.05, max=2)
     assert "RetryLayer > HedgeLayer > BreakerLayer" in repr(Policy(cfg).chain)
+
+
+def test_hedges_stop_at_the_deadline_and_the_wait_ends_there():
+    from resilience.layers import DeadlineLayer
+
+    h, seen = layer(delay=0.02, max=3)
+    release = threading.Event()
+
+    def hang() -> None:
+        release.wait(30)
+
+    start = time.monotonic()
+    try:
+        with pytest.raises(DeadlineExceeded):
+            Chain([DeadlineLayer(0.1, SYSTEM_CLOCK), h]).call(hang)
+    finally:
+        release.set()
+    assert time.monotonic() - start < 10  # not the 30 s the attempts would take
+    assert [e.result for e in seen].count("started") <= 3
