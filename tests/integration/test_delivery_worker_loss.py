@@ -142,9 +142,12 @@ def test_sigkill_under_mixed_load_loses_nothing_and_repeats_no_effect(
 def test_prefork_soft_time_limit_dead_letters_an_unfinished_charge(
         broker, sims, producer, start_worker, sims_slow_policy, celery_app):
     """The soft time limit is the outer backstop: the charge was sent, its outcome is unknown."""
-    sims["payments"].control(mode="slow", latency_ms=6000)
-    env = {"TIDEGATE_POLICY_FILE": str(sims_slow_policy), "TIDEGATE_TASK_SOFT_TIME_LIMIT_S": "2",
-           "TIDEGATE_TASK_HARD_TIME_LIMIT_S": "4", "TIDEGATE_VISIBILITY_TIMEOUT_S": "30"}
+    # The soft limit must fire after the prefork child has sent the charge: 6 s leaves room for
+    # a child that starts slowly on a loaded machine (2 s did not: the limit hit before the call).
+    sims["payments"].control(mode="slow", latency_ms=20000)
+    env = {"TIDEGATE_POLICY_FILE": str(sims_slow_policy), "TIDEGATE_TASK_SOFT_TIME_LIMIT_S": "6",
+           "TIDEGATE_TASK_HARD_TIME_LIMIT_S": "10", "TIDEGATE_VISIBILITY_TIMEOUT_S": "30",
+           "TIDEGATE_READ_TIMEOUT_S": "30"}  # client reads must outlast the soft limit
     worker = start_worker("payments", env=env, pool="prefork", concurrency=1)
     job = producer.enqueue("payments.charge", ["acct-t", 100])
     [record] = wait_dead(celery_app, "payments", timeout=60)
@@ -156,8 +159,8 @@ def test_prefork_soft_time_limit_dead_letters_an_unfinished_charge(
 
 @pytest.fixture
 def sims_slow_policy(sims, tmp_path: Path) -> Path:
-    return write_policy(tmp_path / "slow-policy.toml", sims, payments_timeout_ms=8000,
-                        payments_deadline_ms=9000)
+    return write_policy(tmp_path / "slow-policy.toml", sims, payments_timeout_ms=25000,
+                        payments_deadline_ms=26000)
 
 
 def test_warm_shutdown_finishes_the_running_task_and_returns_the_rest(
