@@ -167,6 +167,11 @@ class PolicyConfig:
         if self.hedge is not None and not self.idempotent:
             raise ConfigError(f"{self.name}: not idempotent, so it may not hedge (a hedge runs "
                               "the call twice at once; set idempotent = true)")
+        for wanted, layer in ((self.adaptive_limit, "adaptive_limit"), (self.hedge, "hedge")):
+            if wanted is not None and self.layers is not None and layer not in self.layers:
+                # a configured pattern whose layer is left out would silently not run
+                raise ConfigError(f"{self.name}: {layer.replace('_limit', '')} is configured "
+                                  f"but the layers list leaves out {layer!r}")
 
     @property
     def retry_config(self) -> RetryConfig:

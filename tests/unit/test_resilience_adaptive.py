@@ -225,3 +225,13 @@ def test_through_the_policy_a_failing_dependency_lowers_the_limit():
             p.call(boom)
     assert p.adaptive_limiter.limit == 2
     assert p.adaptive_limiter.in_flight == 0
+
+
+def test_a_layers_list_that_leaves_out_the_configured_limit_is_refused():
+    with pytest.raises(ConfigError, match="leaves out 'adaptive_limit'"):
+        PolicyConfig.from_mapping("search", {
+            "layers": ["deadline", "bulkhead", "timeout"],
+            "bulkhead": {"mode": "adaptive", "min": 2, "max": 60, "initial": 8}})
+    with pytest.raises(ConfigError, match="leaves out 'hedge'"):
+        PolicyConfig.from_mapping("search", {
+            "idempotent": True, "layers": ["deadline", "timeout"], "hedge": {"delay_ms": 20}})
