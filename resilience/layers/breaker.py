@@ -27,8 +27,7 @@ class BreakerLayer:
         self._now = breaker.clock.now
         slow = breaker.config.slow_call_duration
         self._slow_s = math.inf if slow is None else slow
-        self._generation = breaker.closed_generation
-        self._count_success = breaker.count_success
+        self._lock = breaker._lock  # count_success, inlined (it is one frame per call)
         self._success = self.stats.success
         self._other = self.stats.other
 
@@ -36,8 +35,8 @@ class BreakerLayer:
         start = self._now()
         if start >= self.stats.fold_at:
             self.stats.fold()
-        generation = self._generation(start)
-        if generation is None:  # not plainly CLOSED, or a merge is due: ask the breaker
+        b = self.breaker
+        if start >= b._fast_until:  # not plainly CLOSED, or a merge is due: ask the breaker
             permit = self.breaker.acquire()
             try:
                 result = next(c)
@@ -46,19 +45,22 @@ class BreakerLayer:
                 raise
             self._recorded(permit, start, c, None)
             return result
+        generation = b._snap.generation  # closed_generation(start), inlined
         try:
             result = next(c)
         except BaseException as exc:
             took = self._now() - start
-            self.breaker.record(Permit(False, generation, start), exc, took)
+            b.record(Permit(False, generation, start), exc, took)
             self._other(took)
             raise
         took = self._now() - start
         if took < self._slow_s:
-            self._count_success(generation)
+            with self._lock:  # count_success(generation), inlined
+                if b._snap.generation == generation:
+                    b._pending += 1
         else:
-            self.breaker.record(Permit(False, generation, start), None, took)
-        if c.attempt == 1:
+            b.record(Permit(False, generation, start), None, took)
+        if c[6] == 1:  # c.attempt
             self._success(took)
         else:
             self._other(took)
