@@ -24,6 +24,7 @@ BENCHMARKS: list[tuple[str, list[str], str]] = [
     ("retry_storm.py", [], "Retry storm: retries per 100 ms with and without jitter, budget cap"),
     ("guard_overhead.py", ["--calls", "5000"], "Guard overhead: success-path cost per call"),
     ("pipeline_throughput.py", [], "Pipeline throughput: Tidegate vs bare Celery"),
+    ("enqueue.py", [], "Enqueue throughput: single and batch enqueue vs a send_task loop"),
     ("bulkhead_isolation.py", [], "Bulkhead isolation: search while payments hangs"),
     ("backpressure.py", [], "Backpressure and overload: naive producer vs Tidegate"),
     ("replay.py", [], "Replay: queue-for-later drain vs raw SQS receive+delete"),
