@@ -80,10 +80,10 @@ def invoke(c: Call) -> Any:
         if outer is None or d.expires_at < outer.expires_at:
             token = _set(d)
             try:
-                return c.fn(*c.args, **c.kwargs)
+                return c[0](*c[1], **c[2])
             finally:
                 _reset(token)
-    return c.fn(*c.args, **c.kwargs)
+    return c[0](*c[1], **c[2])  # c.fn(*c.args, **c.kwargs), without three lookups
 
 
 async def ainvoke(c: Call) -> Any:

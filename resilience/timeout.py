@@ -79,9 +79,14 @@ def check_timeout_mode(mode: str, what: str = "timeout mode") -> str:
     return mode
 
 
-def _apply(call: tuple[Callable[..., T], tuple, Mapping[str, Any]]) -> T:
-    fn, args, kwargs = call
-    return fn(*args, **kwargs)
+def _apply(call: tuple) -> T:
+    return call[0](*call[1], **call[2])
+
+
+def _standalone(fn: Callable[..., Any], args: tuple, kwargs: Mapping[str, Any]) -> tuple:
+    """A standalone attempt shaped like the chain's ``Call`` for :meth:`Timeout.run_inline`:
+    function, arguments, and no deadline bound at index 7."""
+    return (fn, args, kwargs, None, None, None, None, None)
 
 
 def _run_scoped(fn: Callable[..., T], attempt: _deadline.Deadline, *args: Any, **kwargs: Any) -> T:
@@ -138,10 +143,10 @@ class Timeout:
         if self.mode == ABANDON:
             return self.run_abandon(None, fn, args, kwargs)
         if self.bulkhead is None:
-            return self.run_inline(None, _apply, (fn, args, kwargs))
+            return self.run_inline(_apply, _standalone(fn, args, kwargs))
         self.bulkhead.acquire()
         try:
-            return self.run_inline(None, _apply, (fn, args, kwargs))
+            return self.run_inline(_apply, _standalone(fn, args, kwargs))
         finally:
             self.bulkhead.release()
 
@@ -151,7 +156,7 @@ class Timeout:
 
     def inline(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Run ``fn`` here under the attempt's budget; a late answer is a timeout."""
-        return self.run_inline(None, _apply, (fn, args, kwargs))
+        return self.run_inline(_apply, _standalone(fn, args, kwargs))
 
     def run_abandon(self, bound: _deadline.Deadline | None, fn: Callable[..., T],
                     args: tuple, kwargs: Mapping[str, Any]) -> T:
@@ -166,13 +171,16 @@ class Timeout:
                 return future.result()  # finished in the race: keep the answer
             raise self._expired(limit) from None
 
-    def run_inline(self, bound: _deadline.Deadline | None, fn: Callable[[Any], T], arg: Any) -> T:
-        """:meth:`inline` of ``fn(arg)`` (one argument: the chain's ``next(c)``), also bounded
-        by ``bound`` (a deadline not published yet).
+    def run_inline(self, fn: Callable[[Any], T], c: tuple) -> T:
+        """:meth:`inline` of ``fn(c)``: the chain's ``next(c)``, ``c`` the chain's ``Call``,
+        also bounded by ``c[7]``, its deadline (not published yet; None when there is none).
+        Its signature is a layer's ``call(next, c)``: the cooperative timeout layer is this
+        method itself, one frame fewer per attempt.
 
         The attempt's scope is published once: the attempt's own expiry, or the nearer
         deadline when that is tighter (not published again if it already is).
         """
+        bound = c[7]
         clock = self.clock
         now = clock.now()
         current = outer = _get()
@@ -195,7 +203,7 @@ class Timeout:
                 scope = outer  # the deadline is the tighter bound: reuse it
         token = None if scope is current else _set(scope)
         try:
-            result = fn(arg)
+            result = fn(c)
         except Exception as exc:
             if clock.now() >= expires:
                 raise self._expired(limit) from exc  # a late error is a timeout too

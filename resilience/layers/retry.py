@@ -21,13 +21,14 @@ from ..callstats import CallStats
 from ..chain import Call
 from ..errors import LateResult, RejectedError
 from ..events import EVENTS, CallFinished, EventBus
-from ..retry import Retrier, current_allowance
+from ..retry import Retrier, _allowance, current_allowance
 
 __all__ = ["RetryLayer"]
 
 log = logging.getLogger(__name__)
 
 _get, _set, _reset = _deadline._current.get, _deadline._current.set, _deadline._current.reset
+_allowance_get = _allowance.get  # current_allowance(), one frame fewer on the hot path
 
 
 class RetryLayer:
@@ -77,7 +78,7 @@ class RetryLayer:
         return attempt
 
     def call(self, next: Callable[[Call], Any], c: Call) -> Any:
-        allowance = current_allowance()
+        allowance = _allowance_get()
         if allowance is not None:
             allowance.made += 1
         try:

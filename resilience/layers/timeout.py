@@ -21,14 +21,14 @@ class TimeoutLayer:
     def __init__(self, timeout: Timeout) -> None:
         self.timeout = timeout
         self.cooperative = timeout.mode == COOPERATIVE
-        self._inline = timeout.run_inline
-        self._abandon = timeout.run_abandon
+        if self.cooperative:
+            # the call's deadline rides in ``c`` (published once, there, if it is the
+            # nearer); run_inline has a layer's signature, so it is this layer's call
+            self.call = timeout.run_inline  # type: ignore[method-assign]
 
     def call(self, next: Callable[[Call], Any], c: Call) -> Any:
-        # the call's deadline rides in ``c`` (published once, here, if it is the nearer)
-        if self.cooperative:
-            return self._inline(c[7], next, c)  # c[7]: c.deadline
-        return self._abandon(c.deadline, next, (c,), {})
+        """The abandon mode (the cooperative one is ``Timeout.run_inline``, set above)."""
+        return self.timeout.run_abandon(c.deadline, next, (c,), {})
 
     async def acall(self, next: Callable[[Call], Awaitable[Any]], c: Call) -> Any:
         if self.cooperative:
