@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import heapq
 import itertools
 import logging
@@ -313,8 +314,10 @@ class CachedState:
         dependency = gate.dependency_for(task)
         return self.breaker_states.get(dependency or "") is BreakerState.OPEN
 
-    def depth_decision(self, queue: str, priority: Priority) -> Decision | None:
-        """The throttle's decision from the cached depth, or None if there is no fresh one."""
+    def depth_decision(self, queue: str, priority: Priority, pending: int = 0
+                       ) -> Decision | None:
+        """The throttle's decision from the cached depth, or None if there is no fresh one.
+        ``pending``: jobs of the same batch already admitted to ``queue``, not yet published."""
         throttle = self.producer.throttle
         if throttle is None:
             return Decision(True, queue, priority, None, 1.0, 0.0)
@@ -322,7 +325,10 @@ class CachedState:
         seen = throttle.cache.peek(queue)
         if seen is None or seen[1] > STALE_S:
             return None
-        return throttle.judge(queue, priority, seen[0])
+        est = seen[0]
+        if pending:
+            est = dataclasses.replace(est, published_since=est.published_since + pending)
+        return throttle.judge(queue, priority, est)
 
     # -- the refresher
     def _touch(self) -> None:

@@ -200,6 +200,24 @@ def _problem_for(exc: TidegateError, settings: ApiSettings) -> Problem:
 
 
 LATER = "(drawn on the publish lane)"  # task_id placeholder until the job is admitted
+Answer = tuple[int, dict[str, Any], dict[str, str]]  # status, body, headers
+
+
+@dataclasses.dataclass(frozen=True)
+class _Ticket:
+    """A job admitted on the event loop, on its way to a publish thread."""
+
+    p: Any  # producers.producer._Prepared
+    budget: float
+    depth_decided: bool
+    may_defer: bool
+    fingerprint: dict[str, Any] | None
+
+    def with_id(self) -> _Ticket:
+        if self.p.task_id is not LATER:
+            return self
+        return dataclasses.replace(self, p=dataclasses.replace(
+            self.p, task_id=str(uuid.uuid4()), fresh_id=True))
 CLIENT_CLOSED = 499  # the client hung up before the answer (nginx's code; never sent)
 
 
@@ -333,92 +351,190 @@ def create_api(
     async def problem(_: Request, exc: Problem) -> JSONResponse:
         return exc.response()
 
-    def publish(p: Any, client: str, depth_decided: bool, may_defer: bool,
-                reservation: Any) -> tuple[int, dict[str, Any], dict[str, str]]:
-        """The blocking half of one job, on a lane thread: idempotency record, cluster-wide
-        rate limit, deferral, depth (if the loop had no fresh reading), publish."""
-        if p.task_id is LATER:
-            p = dataclasses.replace(p, task_id=str(uuid.uuid4()), fresh_id=True)
+    def reserve(p: Any, client: str, reservation: Any) -> tuple[Any, Answer | None]:
+        """The idempotency record of one job on a lane thread: (reservation, replayed answer)."""
+        if reservation is None:
+            return None, None
+        # no waiting on a lane thread: submit() retries from the event loop
+        reservation = submissions.reserve(client, p.idempotency_key, reservation, wait_s=0)
+        if not reservation.fingerprint_matches:
+            raise Problem(422, "idempotency_key_reused",
+                          "this idempotency_key was used for a different job",
+                          field="idempotency_key")
+        if reservation.job is not None:
+            return reservation, (202, reservation.job, {"Idempotent-Replayed": "true"})
+        return reservation, None
+
+    def settle(result: EnqueueResult, reservation: Any) -> Answer:
+        accepted = result.to_dict()
         if reservation is not None:
-            # no waiting on a lane thread: submit() retries from the event loop
-            reservation = submissions.reserve(client, p.idempotency_key, reservation, wait_s=0)
-            if not reservation.fingerprint_matches:
-                raise Problem(422, "idempotency_key_reused",
-                              "this idempotency_key was used for a different job",
-                              field="idempotency_key")
-            if reservation.job is not None:
-                return 202, reservation.job, {"Idempotent-Replayed": "true"}
+            submissions.complete(reservation, accepted)
+        return 202, accepted, {}
+
+    def gate(t: _Ticket, client: str, pending: int = 0) -> EnqueueResult | None:
+        """Cluster-wide rate limit, deferral, depth (if the loop had no fresh reading): the
+        deferred result, or None when the job is to be published."""
+        p = t.p
+        producer._rate_limit(p, client)
+        result = producer._defer(p) if t.may_defer else None
+        if result is None and not t.depth_decided and producer.throttle is not None:
+            d = producer.throttle.decide(p.queue, p.priority, pending)
+            if not d.admitted:
+                raise producer.throttle.refusal(d, 0.0)
+        return result
+
+    def publish(t: _Ticket, client: str) -> Answer:
+        """The blocking half of one job, on a lane thread: idempotency record, gates, publish."""
+        t = t.with_id()
+        reservation, replayed = reserve(t.p, client, t.fingerprint)
+        if replayed is not None:
+            return replayed
         try:
-            producer._rate_limit(p, client)
-            result = producer._defer(p) if may_defer else None
+            result = gate(t, client)
             if result is None:
-                if not depth_decided and producer.throttle is not None:
-                    d = producer.throttle.decide(p.queue, p.priority)
-                    if not d.admitted:
-                        raise producer.throttle.refusal(d, 0.0)
                 with cached.gate.publish():
-                    producer._publish(p)
+                    producer._publish(t.p)
+                p = t.p
                 result = producer._done(EnqueueResult(p.task_id, "queued", p.queue, p.task,
                                                       p.priority, p.idempotency_key))
         except BaseException:
             if reservation is not None:
                 submissions.release(reservation)
             raise
-        accepted = result.to_dict()
-        if reservation is not None:
-            submissions.complete(reservation, accepted)
-        return 202, accepted, {}
+        return settle(result, reservation)
 
-    async def submit(client: str, body: Any) -> tuple[int, dict[str, Any], dict[str, str]]:
-        """One job: (status, body, headers). Shared by the single and the batch endpoint.
+    def publish_many(tickets: list[_Ticket], client: str) -> list[Answer | BaseException]:
+        """The blocking half of a batch on one lane thread: each job's record and gates, then
+        one batch publish (producers/batch.py) of those left to publish."""
+        out: list[Answer | BaseException | None] = [None] * len(tickets)
+        todo: list[tuple[int, _Ticket, Any]] = []
+        pending: dict[str, int] = {}
+        for k, t in enumerate(tickets):
+            t = t.with_id()
+            reservation = None
+            try:
+                reservation, replayed = reserve(t.p, client, t.fingerprint)
+                if replayed is not None:
+                    out[k] = replayed
+                    continue
+                result = gate(t, client, pending.get(t.p.queue, 0))
+            except BaseException as exc:  # this job's answer; the others go on
+                if reservation is not None:
+                    submissions.release(reservation)
+                out[k] = exc
+                continue
+            if result is not None:
+                out[k] = settle(result, reservation)
+                continue
+            todo.append((k, t, reservation))
+            pending[t.p.queue] = pending.get(t.p.queue, 0) + 1
+        with cached.gate.publish():
+            published = producer._publish_many([t.p for _, t, _ in todo])
+        for (k, _, reservation), result in zip(todo, published, strict=True):
+            if isinstance(result, EnqueueResult):
+                out[k] = settle(result, reservation)
+            else:
+                if reservation is not None:
+                    submissions.release(reservation)
+                out[k] = result
+        return out  # type: ignore[return-value]
 
-        Everything that may refuse is decided here on the event loop from cached state; only
+    def answer(exc: BaseException) -> Answer:
+        if isinstance(exc, Problem):
+            return exc.status, exc.body(), exc.headers()
+        if isinstance(exc, TidegateError):
+            p = _problem_for(exc, api_settings)
+            return p.status, p.body(), p.headers()
+        raise exc
+
+    def admit(client: str, body: Any, pending: dict[str, int] | None = None) -> _Ticket:
+        """Everything that may refuse one job, decided on the event loop from cached state
+        (raises Problem or a TidegateError); ``pending``: jobs of the same batch admitted to
+        its queue before it."""
+        if not isinstance(body, dict):
+            raise Problem(422, "invalid_request", "a job must be a JSON object", field="body")
+        try:
+            job = JobRequest.model_validate(body)
+        except ValidationError as exc:
+            raise _validation_problem(exc) from None
+        # The same key always names the same task id, even after the record expires. A
+        # fresh id is drawn on the lane: uuid4 reads os.urandom, which releases the GIL, and
+        # winning it back from a busy publish thread can cost the loop a switch interval.
+        task_id = LATER
+        if job.idempotency_key is not None:
+            task_id = str(uuid.uuid5(uuid.NAMESPACE_URL, f"{client}/{job.idempotency_key}"))
+        p = producer._prepare(job.task, job.args, job.kwargs, job.priority,
+                              job.idempotency_key, job.queue,
+                              job.deadline_ms / 1000 if job.deadline_ms else None, task_id)
+        budget = max_wait_s if p.deadline_s is None else min(max_wait_s, p.deadline_s / 2)
+        cached.rate_limit(client, p.queue, p.priority)
+        may_defer = cached.breaker_open(p.task)
+        decision = None if may_defer else cached.depth_decision(
+            p.queue, p.priority, (pending or {}).get(p.queue, 0))
+        if decision is not None and not decision.admitted:
+            raise producer.throttle.refusal(decision, 0.0)
+        producer._check_gate(p)  # broker known down: 503 at once (no I/O)
+        # a late loop is shed only while publishing competes with it for the GIL
+        shed = ((lag.refusal(p.priority) if lane.busy() else None)
+                or lane.refusal(p.priority, budget))
+        if shed is not None:
+            producer._refused(p, "shed")
+            raise shed
+        fingerprint = job.model_dump() if job.idempotency_key is not None else None
+        if pending is not None:
+            pending[p.queue] = pending.get(p.queue, 0) + 1
+        return _Ticket(p, budget, decision is not None, may_defer, fingerprint)
+
+    async def submit(client: str, body: Any) -> Answer:
+        """One job: (status, body, headers).
+
+        Everything that may refuse is decided on the event loop from cached state; only
         an admitted job waits for a publish thread (see producers/admission.py)."""
         try:
-            if not isinstance(body, dict):
-                raise Problem(422, "invalid_request", "a job must be a JSON object",
-                              field="body")
-            try:
-                job = JobRequest.model_validate(body)
-            except ValidationError as exc:
-                raise _validation_problem(exc) from None
-            # The same key always names the same task id, even after the record expires. A
-            # fresh id is drawn on the lane: uuid4 reads os.urandom, which releases the GIL, and
-            # winning it back from a busy publish thread can cost the loop a switch interval.
-            task_id = LATER
-            if job.idempotency_key is not None:
-                task_id = str(uuid.uuid5(uuid.NAMESPACE_URL, f"{client}/{job.idempotency_key}"))
-            p = producer._prepare(job.task, job.args, job.kwargs, job.priority,
-                                  job.idempotency_key, job.queue,
-                                  job.deadline_ms / 1000 if job.deadline_ms else None, task_id)
-            budget = max_wait_s if p.deadline_s is None else min(max_wait_s, p.deadline_s / 2)
-            cached.rate_limit(client, p.queue, p.priority)
-            may_defer = cached.breaker_open(p.task)
-            decision = None if may_defer else cached.depth_decision(p.queue, p.priority)
-            if decision is not None and not decision.admitted:
-                raise producer.throttle.refusal(decision, 0.0)
-            producer._check_gate(p)  # broker known down: 503 at once (no I/O)
-            # a late loop is shed only while publishing competes with it for the GIL
-            shed = ((lag.refusal(p.priority) if lane.busy() else None)
-                    or lane.refusal(p.priority, budget))
-            if shed is not None:
-                producer._refused(p, "shed")
-                raise shed
-            fingerprint = job.model_dump() if job.idempotency_key is not None else None
+            t = admit(client, body)
             pending_until = time.monotonic() + submissions.pending_wait_s
             while True:
                 try:
-                    return await lane.run(p.priority, budget, functools.partial(
-                        publish, p, client, decision is not None, may_defer, fingerprint))
+                    return await lane.run(t.p.priority, t.budget,
+                                          functools.partial(publish, t, client))
                 except IdempotencyConflict:  # the same key is being enqueued by another request
                     if time.monotonic() >= pending_until:
                         raise
                     await asyncio.sleep(0.05)
-        except Problem as exc:
-            return exc.status, exc.body(), exc.headers()
-        except TidegateError as exc:
-            p = _problem_for(exc, api_settings)
-            return p.status, p.body(), p.headers()
+        except (Problem, TidegateError) as exc:
+            return answer(exc)
+
+    async def submit_many(client: str, bodies: list[Any]) -> list[Answer]:
+        """A batch: each job admitted on the loop as a single one is, then the admitted ones
+        published together on one lane thread (the most important job's place and budget).
+        A job whose idempotency key another request is enqueueing right now is retried alone."""
+        answers: list[Answer | None] = [None] * len(bodies)
+        tickets: list[tuple[int, _Ticket]] = []
+        pending: dict[str, int] = {}
+        for k, body in enumerate(bodies):
+            try:
+                tickets.append((k, admit(client, body, pending)))
+            except (Problem, TidegateError) as exc:
+                answers[k] = answer(exc)
+        if tickets:
+            top = min((t for _, t in tickets), key=lambda t: int(t.p.priority))
+            budget = min(t.budget for _, t in tickets)
+            try:
+                outcomes = await lane.run(top.p.priority, budget, functools.partial(
+                    publish_many, [t for _, t in tickets], client))
+            except (Problem, TidegateError) as exc:  # shed while waiting for a lane thread
+                outcomes = [exc] * len(tickets)
+            for (k, _), outcome in zip(tickets, outcomes, strict=True):
+                if isinstance(outcome, IdempotencyConflict):
+                    answers[k] = await submit(client, bodies[k])
+                elif isinstance(outcome, Problem | TidegateError):
+                    answers[k] = answer(outcome)
+                elif isinstance(outcome, BaseException):  # a bug: this job's 500, not all
+                    log.error("batch job failed", exc_info=outcome)
+                    answers[k] = answer(Problem(500, "internal_error", "internal error"))
+                else:
+                    answers[k] = outcome
+        return answers  # type: ignore[return-value]
 
     @app.post(
         "/v1/jobs", status_code=202, response_model=JobAccepted,
@@ -452,8 +568,7 @@ def create_api(
             raise Problem(422, "invalid_request", f"at most {BATCH_MAX} jobs per batch",
                           field="jobs")
         results = []
-        for job in jobs:
-            status, payload, headers = await submit(client, job)
+        for status, payload, headers in await submit_many(client, jobs):
             results.append({"status": status, **payload,
                             **({"retry_after_s": payload.get("retry_after_s")}
                                if "Retry-After" in headers else {})})

@@ -237,6 +237,30 @@ def test_batch_gives_one_status_per_job(client):
     assert r.json()["results"][2]["field"] == "priority"
 
 
+def test_batch_publishes_together_and_says_which_jobs_are_in(client, broker, policy_file):
+    """Throttle, validation and idempotency per job; the broker holds exactly the 202s."""
+    from workers.depth import probe_for
+    from workers.settings import load_settings
+
+    jobs = [job(args=[f"low-{i}"], priority="low") for i in range(12)]
+    jobs[2] = {"task": "nope.x"}
+    jobs += [job(args=["vip"], priority="critical", idempotency_key="vip-1"),
+             job(args=["vip"], priority="critical", idempotency_key="vip-1")]
+    r = client.post("/v1/jobs/batch", headers=AUTH, json={"jobs": jobs})
+    assert r.status_code == 200, r.text
+    results = r.json()["results"]
+    statuses = [x["status"] for x in results]
+    assert statuses[2] == 422 and statuses[-2:] == [202, 202]
+    assert results[-1]["id"] == results[-2]["id"]  # the repeat is the same job
+    low = [s for k, s in enumerate(statuses[:12]) if k != 2]
+    assert set(low) <= {202, 503} and low[:LOW - 1] == [202] * (LOW - 1)
+    # LOW is never admitted from low + span/2, the batch's own jobs counted
+    assert low.count(202) <= LOW + (HIGH - LOW) // 2 + 1
+    assert all(x["error"] == "backpressure" for x in results[:12] if x["status"] == 503)
+    truth = probe_for(load_settings(broker_url=broker.url, policy_file=policy_file))
+    assert truth.depth("search").ready == low.count(202) + 1
+
+
 def test_queues_health_metrics_and_docs(client):
     client.post("/v1/jobs", json=job(), headers=AUTH)
 
