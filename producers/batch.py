@@ -210,8 +210,8 @@ class AmqpConfirms:
             if sent[job] and self._outcomes[job] is None and self._first.get(job) in \
                     self._unconfirmed:
                 self._outcomes[job] = NotConfirmed(
-                    f"no confirm from the broker within {timeout_s:.1f}s"
-                    + (f" ({broken})" if broken else ""))
+                    f"connection lost before its confirm ({broken})" if broken else
+                    f"no confirm from the broker within {timeout_s:.1f}s")
         if broken is not None or self._unconfirmed:
             self.discard()  # its tags are out of step with the broker now
         return self._outcomes
