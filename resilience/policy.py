@@ -238,6 +238,18 @@ class Policy:
         self._run = self.chain.run
         self._arun = self.chain.arun
 
+    def follow_p99(self, p99_s: float) -> float | None:
+        """For ``timeout_ms = "p99x2"``: set the per-attempt timeout to P99 x 2 within the
+        configured floor and ceiling (never infinite, never below the floor); returns it.
+        None (nothing changed) for a fixed timeout. Workers call it with the P99 shared by
+        every process (:mod:`workers.latency_share`)."""
+        cfg = self.config
+        if not cfg.adaptive_timeout or not p99_s > 0:
+            return None
+        seconds = min(max(p99_s * 2, cfg.timeout_floor), cfg.timeout_ceiling)
+        self.timeout.seconds = seconds  # read once per attempt: a float swap, no lock
+        return seconds
+
     @property
     def latency(self) -> LatencyRecorder:
         """Attempt durations of the last calls (``suggested_timeout()``: P99 x 2)."""

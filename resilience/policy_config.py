@@ -33,6 +33,7 @@ __all__ = [
     "build_fallback",
 ]
 
+P99X2 = "p99x2"  # ``timeout_ms = "p99x2"``: the seed's rule, applied live
 FALLBACK_KINDS = ("none", "cached", "default", "graceful", "queue")
 LEAD_KEYS = frozenset({"queue", "url", "tasks"})  # read by workers/, ignored here
 
@@ -46,7 +47,11 @@ FILE_KEYS: Mapping[str, tuple[str, float]] = MappingProxyType({
     "layers": ("layers", 1),  # the chain's layers, outermost first (default: DEFAULT_LAYERS)
 })
 FILE_SECTIONS: Mapping[str, Mapping[str, tuple[str, float]]] = MappingProxyType({
-    "timeout": {"mode": ("timeout_mode", 1)},  # ``timeout.mode = "abandon"``
+    "timeout": {  # flat fields: ``timeout.mode = "abandon"``; bounds of ``timeout_ms = "p99x2"``
+        "mode": ("timeout_mode", 1),
+        "floor_ms": ("timeout_floor", 1000),
+        "ceiling_ms": ("timeout_ceiling", 1000),
+    },
     "retry": {
         "max_attempts": ("max_attempts", 1),
         "base_s": ("base", 1),
@@ -145,8 +150,27 @@ class PolicyConfig:
     adaptive_limit: AdaptiveLimitConfig | None = None  # ``bulkhead.mode = "adaptive"``
     hedge: HedgeConfig | None = None  # idempotent dependencies only
     layers: tuple[str, ...] | None = None  # outermost first; None: DEFAULT_LAYERS' order
+    # ``timeout_ms = "p99x2"``: the timeout follows P99 x 2 within [floor, ceiling]; it
+    # starts at the ceiling (no healthy call times out before there is data)
+    adaptive_timeout: bool = False
+    timeout_floor: float | None = None  # default 10 ms
+    timeout_ceiling: float | None = None  # default half the deadline: one retry fits
 
     def __post_init__(self) -> None:
+        if self.adaptive_timeout:
+            floor = 0.01 if self.timeout_floor is None else self.timeout_floor
+            ceiling = self.deadline / 2 if self.timeout_ceiling is None else self.timeout_ceiling
+            check_timeout(floor, f"{self.name}: timeout floor_ms")
+            check_timeout(ceiling, f"{self.name}: timeout ceiling_ms")
+            if floor > ceiling:
+                raise ConfigError(f"{self.name}: timeout floor_ms ({floor * 1000:g}) exceeds "
+                                  f"ceiling_ms ({ceiling * 1000:g})")
+            for attr, value in (("timeout_floor", floor), ("timeout_ceiling", ceiling),
+                                ("timeout", ceiling)):
+                object.__setattr__(self, attr, value)
+        elif self.timeout_floor is not None or self.timeout_ceiling is not None:
+            raise ConfigError(f"{self.name}: timeout floor_ms / ceiling_ms bound an adaptive "
+                              f'timeout only (timeout_ms = "{P99X2}")')
         if self.layers is not None:
             object.__setattr__(self, "layers", _check_layers(self.name, self.layers))
         check_timeout(self.timeout, f"{self.name}: timeout")
@@ -185,6 +209,9 @@ class PolicyConfig:
         for k in LEAD_KEYS:
             table.pop(k, None)
         kw: dict[str, Any] = {"name": name}
+        if table.get("timeout_ms") == P99X2:  # follows the observed P99 (Policy.follow_p99)
+            del table["timeout_ms"]
+            kw["adaptive_timeout"] = True
         top, sections = FILE_KEYS, FILE_SECTIONS
         builders = {
             "retry": RetryConfig,

@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 
 HASH_KEY = "tidegate:cluster:latency"
 FRESH_S = 60.0  # an entry older than this is a process that stopped: not read
+MIN_SAMPLES = 20  # an adaptive timeout follows the shared P99 only over this many attempts
 
 
 @dataclass(frozen=True)
@@ -109,8 +110,20 @@ class LatencyMirror:
         self._thread: threading.Thread | None = None
 
     def flush(self) -> int:
+        """Publish this process's windows; then adapt every ``timeout_ms = "p99x2"`` policy
+        to the P99 shared by all processes (once it holds ``MIN_SAMPLES``)."""
         policies = self.policies()
-        return publish(self.client, policies, self.process) if policies else 0
+        if not policies:
+            return 0
+        n = publish(self.client, policies, self.process)
+        adaptive = {k: p for k, p in policies.items() if p.config.adaptive_timeout}
+        if adaptive:
+            observed = read_latency(self.client)
+            for name, policy in adaptive.items():
+                seen = observed.get(name)
+                if seen is not None and seen.samples >= MIN_SAMPLES:
+                    policy.follow_p99(seen.p99_s)
+        return n
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval_s):

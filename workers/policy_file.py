@@ -25,7 +25,15 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
 
 from resilience.errors import ConfigError, did_you_mean
 from resilience.policy import PolicyConfig
@@ -59,8 +67,24 @@ Count = int
 Url = Annotated[str, Field(pattern=r"^https?://\S+$")]
 
 
+def _timeout_ms(value: Any) -> Any:
+    """A number, or "p99x2" (one error either way, not one per branch of a union)."""
+    if value == "p99x2":
+        return value
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise PydanticCustomError("timeout_ms", 'input should be a valid number (or "p99x2")')
+    if value != value or value in (float("inf"), float("-inf")):
+        raise PydanticCustomError("timeout_ms", 'input should be a finite number (or "p99x2")')
+    return value
+
+
+TimeoutMs = Annotated[Any, BeforeValidator(_timeout_ms)]
+
+
 class TimeoutTable(_Table):
     mode: Literal["cooperative", "abandon"] | None = None
+    floor_ms: Number | None = None  # with timeout_ms = "p99x2"
+    ceiling_ms: Number | None = None  # with timeout_ms = "p99x2"
 
 
 class RetryTable(_Table):
@@ -116,7 +140,7 @@ class DependencyTable(_Table):
     url: Url
     tasks: list[str] | None = None
     idempotent: bool | None = None
-    timeout_ms: Number | None = None
+    timeout_ms: TimeoutMs | None = None
     deadline_ms: Number | None = None
     layers: list[str] | None = None  # the chain's order, outermost first
     timeout: TimeoutTable | None = None

@@ -65,3 +65,28 @@ def test_observed_p99_and_suggested_timeout_reach_metrics_depth_and_check(
     assert "search" in out.stdout and "P99 x 2" in out.stdout
     assert "warning: dependencies.search.timeout_ms: timeout 160 ms is below P99 x 2" \
         in out.stderr
+
+
+def test_a_p99x2_timeout_follows_the_shared_window(state_redis):
+    from resilience.clock import FakeClock
+    from resilience.policy import Policy
+    from resilience.policy_config import PolicyConfig
+    from workers.latency_share import LatencyMirror
+
+    state_redis.delete(HASH_KEY)
+    clock = FakeClock()
+    cfg = PolicyConfig.from_mapping("adaptive", {"idempotent": True, "timeout_ms": "p99x2",
+                                                 "deadline_ms": 400,
+                                                 "timeout": {"floor_ms": 20}})
+    policy = Policy(cfg, clock=clock)
+    assert policy.timeout.seconds == 0.2  # the ceiling, until there is data
+
+    def answer():
+        clock.advance(0.03)  # every attempt takes 30 ms
+        return "ok"
+
+    for _ in range(50):
+        policy.call(answer)
+    mirror = LatencyMirror(state_redis, lambda: {"adaptive": policy})
+    assert mirror.flush() == 1  # published to the real Redis, read back, applied
+    assert policy.timeout.seconds == pytest.approx(0.06, rel=0.05)

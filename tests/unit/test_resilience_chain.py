@@ -133,3 +133,20 @@ def test_the_policy_file_orders_the_layers():
         PolicyConfig.from_mapping("p", {"layers": ["braker"]})
     with pytest.raises(ConfigError, match="listed twice"):
         PolicyConfig.from_mapping("p", {"layers": ["retry", "retry"]})
+
+
+def test_timeout_p99x2_follows_the_p99_within_floor_and_ceiling():
+    cfg = PolicyConfig.from_mapping("p", {"timeout_ms": "p99x2", "deadline_ms": 200,
+                                          "timeout": {"floor_ms": 20}})
+    assert cfg.adaptive_timeout and (cfg.timeout_floor, cfg.timeout_ceiling) == (0.02, 0.1)
+    p = Policy(cfg)
+    assert p.timeout.seconds == 0.1  # starts at the ceiling
+    assert p.follow_p99(0.03) == pytest.approx(0.06) and p.timeout.seconds == pytest.approx(0.06)
+    assert p.follow_p99(0.001) == 0.02  # never below the floor
+    assert p.follow_p99(10.0) == 0.1  # never above the ceiling
+    assert Policy(PolicyConfig(name="fixed")).follow_p99(0.03) is None
+    with pytest.raises(ConfigError, match="exceeds ceiling_ms"):
+        PolicyConfig.from_mapping("p", {"timeout_ms": "p99x2",
+                                        "timeout": {"floor_ms": 50, "ceiling_ms": 40}})
+    with pytest.raises(ConfigError, match="adaptive timeout only"):
+        PolicyConfig.from_mapping("p", {"timeout_ms": 80, "timeout": {"floor_ms": 10}})
