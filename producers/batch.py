@@ -15,7 +15,11 @@ only where the message goes differs:
 
 Either way a job counts as queued only once the broker confirmed it (``EXEC`` replied, or the
 ack arrived); a job whose confirmation never came (connection lost) is reported as not
-confirmed, never as queued. Other transports publish job by job.
+confirmed, never as queued.
+
+* **SQS**: kombu encodes each message as for ``send_message``; the requests are
+  ``SendMessageBatch`` calls of up to ten entries per queue, and each entry's result is its
+  job's.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
-__all__ = ["AmqpConfirms", "BatchOutcome", "redis_batch"]
+__all__ = ["AmqpConfirms", "BatchOutcome", "NotConfirmed", "Refused", "redis_batch", "sqs_batch"]
 
 Send = Callable[[Any], None]  # publishes one job through the kombu producer it is given
 BatchOutcome = BaseException | None  # None: the broker confirmed the job
@@ -104,6 +108,83 @@ def redis_batch(producer: Any, jobs: Sequence[tuple[str, Send]]) -> list[BatchOu
                 outcomes[i] = failed[0] if failed else None
                 at += n
     return outcomes
+
+
+SQS_BATCH = 10  # SendMessageBatch takes at most ten entries
+SQS_BATCH_BYTES = 256 * 1024  # ... and at most this many bytes of bodies and attributes
+
+
+class _SqsRecorder:
+    """Stands in for the boto3 client kombu's SQS ``_put`` sends with: keeps each
+    ``send_message``'s arguments (kombu's own encoding) for ``SendMessageBatch``."""
+
+    def __init__(self, client: Any, sent: list[tuple[Any, dict[str, Any]]]) -> None:
+        self._client, self._sent = client, sent
+
+    def send_message(self, **kwargs: Any) -> None:
+        self._sent.append((self._client, kwargs))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._client, name)
+
+
+def sqs_batch(producer: Any, jobs: Sequence[tuple[str, Send]]) -> list[BatchOutcome]:
+    """Publish ``(queue, send)`` jobs on kombu's SQS transport with ``SendMessageBatch``,
+    up to ten per request; each entry's own success or failure is its job's."""
+    channel = producer.channel
+    real = channel.sqs
+    sent: list[tuple[Any, dict[str, Any]]] = []
+    channel.sqs = lambda queue=None: _SqsRecorder(real(queue=queue), sent)
+    outcomes: list[BatchOutcome] = [None] * len(jobs)
+    entries: dict[str, list[tuple[int, Any, dict[str, Any]]]] = {}
+    try:
+        for i, (_, send) in enumerate(jobs):
+            sent.clear()
+            try:
+                send(producer)
+            except Exception as exc:
+                outcomes[i] = exc
+                continue
+            for client, kwargs in sent:
+                entries.setdefault(kwargs["QueueUrl"], []).append((i, client, kwargs))
+    finally:
+        del channel.sqs
+    for url, items in entries.items():
+        for chunk in _sqs_chunks(items):
+            client = chunk[0][1]
+            request = [{"Id": str(n), **{k: v for k, v in kw.items() if k != "QueueUrl"}}
+                       for n, (_, _, kw) in enumerate(chunk)]
+            try:
+                reply = client.send_message_batch(QueueUrl=url, Entries=request)
+            except Exception as exc:  # the request failed as a whole
+                for i, _, _ in chunk:
+                    outcomes[i] = exc
+                continue
+            for failed in reply.get("Failed", []):
+                i = chunk[int(failed["Id"])][0]
+                outcomes[i] = Refused(f"SQS refused the message: {failed.get('Code')}: "
+                                      f"{failed.get('Message')}")
+    return outcomes
+
+
+def _sqs_chunks(items: list[tuple[int, Any, dict[str, Any]]]
+                ) -> Iterator[list[tuple[int, Any, dict[str, Any]]]]:
+    chunk: list[tuple[int, Any, dict[str, Any]]] = []
+    size = 0
+    for item in items:
+        n = len(str(item[2].get("MessageBody", ""))) + len(str(item[2].get(
+            "MessageAttributes") or ""))
+        if chunk and (len(chunk) == SQS_BATCH or size + n > SQS_BATCH_BYTES):
+            yield chunk
+            chunk, size = [], 0
+        chunk.append(item)
+        size += n
+    if chunk:
+        yield chunk
+
+
+class Refused(Exception):
+    """The broker refused this one message (an SQS batch entry that failed)."""
 
 
 class NotConfirmed(Exception):

@@ -41,7 +41,7 @@ from workers.topology import Topology, broker_priority
 
 from . import metrics
 from .backpressure import Throttle, load_backpressure
-from .batch import AmqpConfirms, NotConfirmed, redis_batch
+from .batch import AmqpConfirms, NotConfirmed, redis_batch, sqs_batch
 from .broker_gate import BrokerGate
 from .deferral import DeferralGate
 
@@ -346,7 +346,9 @@ class Producer:
                     outcomes = redis_batch(producer, sends)
                 elif self.settings.transport == "amqp":
                     outcomes = self._amqp_batch(producer, ps, sends)
-                else:  # one publish at a time (SQS)
+                elif self.settings.transport == "sqs":
+                    outcomes = sqs_batch(producer, sends)
+                else:  # one publish at a time
                     outcomes = [_outcome(send, producer) for _, send in sends]
         except (OperationalError, KombuError, OSError, TimeoutError) as exc:
             outcomes = [exc] * len(ps)  # no connection: nothing was published

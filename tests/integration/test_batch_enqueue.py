@@ -276,3 +276,59 @@ def test_rabbitmq_connection_lost_mid_batch_never_reports_an_unconfirmed_job(
     # and the producer recovers (its broker gate re-probes): a later batch is published
     wait_until(lambda: _queued(producer.enqueue_many([Job("search.index", ["after"])])) == [0],
                20, message="a batch published after the cut")
+
+
+def test_sqs_batch_sends_in_tens_and_a_worker_consumes_each_once(
+        moto_sqs, redis_up, sims, policy_file, tmp_path, monkeypatch, state_redis):
+    from producers import Job, Producer
+    from tests.conftest import Broker, tidegate_env
+    from tests.support.procs import Worker
+    from workers.application import create_app
+    from workers.depth import probe_for
+    from workers.settings import load_settings
+
+    for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.setenv(var, "testing")
+    sqs_broker = Broker("sqs", f"sqs://testing:testing@127.0.0.1:{moto_sqs.port}/")
+    prefix = f"b{tmp_path.name[-6:]}-"  # this test's queues only: the moto server is shared
+    settings = load_settings(broker_url=sqs_broker.url, redis_url=STATE_REDIS_URL,
+                             policy_file=policy_file, sqs_endpoint_url=moto_sqs.url,
+                             sqs_queue_prefix=prefix)
+    app = create_app(settings)
+    producer = Producer(app)
+    calls = []
+    jobs = [Job("search.index", [f"doc-{i}"]) for i in range(21)]
+    jobs += [Job("payments.charge", [f"acct-{i}", 100 + i], idempotency_key=f"sqsb-{i}")
+             for i in range(3)]
+    jobs.insert(5, Job("payments.charge", [float("nan")]))
+    import botocore.client
+
+    original = botocore.client.BaseClient._make_api_call
+
+    def spy(self, operation, params):
+        calls.append((operation, len(params.get("Entries", []))))
+        return original(self, operation, params)
+
+    monkeypatch.setattr(botocore.client.BaseClient, "_make_api_call", spy)
+    results = producer.enqueue_many(jobs)
+    monkeypatch.setattr(botocore.client.BaseClient, "_make_api_call", original)
+    assert _queued(results) == [i for i in range(25) if i != 5]
+    assert isinstance(results[5], InvalidPayload)
+    sends = [c for c in calls if c[0].startswith("SendMessage")]
+    assert sorted(sends) == sorted([("SendMessageBatch", 10), ("SendMessageBatch", 10),
+                                    ("SendMessageBatch", 1), ("SendMessageBatch", 3)])
+    wait_until(lambda: probe_for(settings).depth("search").ready == 21, 20,
+               message="21 messages in the search queue")
+    env = tidegate_env(sqs_broker, policy_file, TIDEGATE_SQS_ENDPOINT_URL=moto_sqs.url,
+                       TIDEGATE_SQS_QUEUE_PREFIX=prefix,
+                       AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing")
+    worker = Worker("payments", env, tmp_path, concurrency=2).wait_ready(90)
+    try:
+        wait_until(lambda: sims["payments"].ledger()["applied"] == 3, 90, interval=0.3,
+                   message="3 charges consumed over SQS")
+        effects = sims["payments"].ledger()["effects"]
+        assert sorted(effects) == ["sqsb-0", "sqsb-1", "sqsb-2"]
+        assert all(e["requests"] == 1 for e in effects.values())
+    finally:
+        worker.stop()
+        app.close()
