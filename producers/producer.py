@@ -354,12 +354,12 @@ class Producer:
             outcomes = [exc] * len(ps)  # no connection: nothing was published
         results: list[EnqueueResult | TidegateError] = []
         counts: dict[str, int] = {}
+        statuses: list[tuple[str, str, dict[str, Any]]] = []
         for p, outcome in zip(ps, outcomes, strict=True):
             if outcome is None:
                 counts[p.queue] = counts.get(p.queue, 0) + 1
-                if self.jobs is not None:  # NX: a worker may have moved the job on already
-                    self.jobs.write(p.task_id, "queued", only_if="NX", task=p.task,
-                                    queue=p.queue, priority=p.priority.name.lower())
+                statuses.append((p.task_id, "queued", {"task": p.task, "queue": p.queue,
+                                                       "priority": p.priority.name.lower()}))
                 results.append(self._done(EnqueueResult(p.task_id, "queued", p.queue, p.task,
                                                          p.priority, p.idempotency_key)))
             else:
@@ -367,6 +367,8 @@ class Producer:
         if self.throttle is not None:
             for queue, n in counts.items():
                 self.throttle.cache.record_published(queue, n)
+        if self.jobs is not None:  # NX: a worker may have moved a job on already
+            self.jobs.write_many(statuses, only_if="NX")
         return results
 
     def _send(self, p: _Prepared, producer: Any) -> None:

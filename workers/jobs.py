@@ -110,6 +110,26 @@ class JobStatuses:
             log.warning("job %s: status %s not stored (job statuses paused %.0f s): %s",
                         job_id, state, PAUSE_S, exc)
 
+    def write_many(self, writes: list[tuple[str, str, dict[str, Any]]], *,
+                   only_if: str | None = None) -> None:
+        """``(job_id, state, fields)`` records in one pipeline: one round trip for a batch of
+        jobs instead of one socket write each (never raises, as :meth:`write`)."""
+        if not writes:
+            return
+        if self._clock() < self._paused_until:
+            self.skipped += len(writes)
+            return
+        try:
+            with self.client.pipeline(transaction=False) as pipe:
+                for job_id, state, fields in writes:
+                    pipe.execute_command(*self.command(job_id, state, only_if=only_if,
+                                                       **fields))
+                pipe.execute()
+        except Exception as exc:  # the same answer as write(): pause, say so once
+            self._paused_until = self._clock() + PAUSE_S
+            log.warning("%d job statuses not stored (job statuses paused %.0f s): %s",
+                        len(writes), PAUSE_S, exc)
+
     def read(self, job_id: str, *, follow: bool = True) -> dict[str, Any] | None:
         """The job's latest state, or None. A job replayed under a new id carries the new
         job's status as ``replay`` (one level). Raises redis errors: the caller says 503."""
