@@ -182,6 +182,8 @@ def search_capped():
     yield
     subprocess.run(["rabbitmqctl", "-q", "clear_policy", "-p", VHOST, name], check=True,
                    timeout=60)
+    # the next test's search queue must not be capped still
+    wait_until(lambda: not _policy_applied(), 30, message="the cap policy gone")
 
 
 def test_rabbitmq_nacks_are_mapped_to_their_jobs(broker, bp_app, state_redis, request):
