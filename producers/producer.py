@@ -107,6 +107,43 @@ class _Prepared:
     fresh_id: bool = False  # task_id generated here for this one publish (h.FRESH_ID)
 
 
+class _BatchAdmission:
+    """One ``enqueue_many``'s bookkeeping, shared by :class:`Producer` and
+    :class:`AsyncProducer` (only how each job is admitted differs: calls vs awaits).
+
+    Results keep the batch's order; admitted jobs wait for the batch publish, and the ones
+    admitted so far count as already queued for the depth throttle.
+    """
+
+    def __init__(self) -> None:
+        self.results: list[EnqueueResult | TidegateError] = []
+        self._admitted: list[tuple[int, _Prepared]] = []
+        self._pending: dict[str, int] = {}
+        self.breakers: dict[str, Any] = {}  # breaker states read once per batch
+
+    def pending(self, queue: str) -> int:
+        return self._pending.get(queue, 0)
+
+    def refused(self, exc: TidegateError) -> None:
+        self.results.append(exc)
+
+    def decided(self, i: int, p: _Prepared, deferred: EnqueueResult | None) -> None:
+        """Job ``i`` passed admission: deferred (its result now) or admitted for publish."""
+        self.results.append(deferred)  # type: ignore[arg-type]  # None: filled in by done()
+        if deferred is None:
+            self._admitted.append((i, p))
+            self._pending[p.queue] = self._pending.get(p.queue, 0) + 1
+
+    def admitted(self) -> list[_Prepared]:
+        return [p for _, p in self._admitted]
+
+    def done(self, published: list[EnqueueResult | TidegateError]
+             ) -> list[EnqueueResult | TidegateError]:
+        for (i, _), outcome in zip(self._admitted, published, strict=True):
+            self.results[i] = outcome
+        return self.results
+
+
 def state_client(settings: Settings) -> Any:
     """The shared-state Redis client producers use (short timeouts: it is on every call)."""
     return redis_client(settings.redis_url, socket_timeout=STATE_TIMEOUT_S,
@@ -301,29 +338,20 @@ class Producer:
         was refused, or that the broker refused or never confirmed holds its error instead,
         without stopping the others.
         """
-        results: list[EnqueueResult | TidegateError] = []
-        admitted: list[tuple[int, _Prepared]] = []
-        pending: dict[str, int] = {}
-        breakers: dict[str, Any] = {}  # breaker states read once per batch
+        batch = _BatchAdmission()
         for i, job in enumerate(jobs):
             try:
                 p = self._prepare_job(job)
                 self._rate_limit(p, client)
-                deferred = self._defer(p, breakers)
+                deferred = self._defer(p, batch.breakers)
                 if deferred is None and self.throttle is not None:
                     self.throttle.admit(p.queue, p.priority, self._wait_budget(p, max_wait_s),
-                                        pending.get(p.queue, 0))
+                                        batch.pending(p.queue))
             except TidegateError as exc:
-                results.append(exc)
+                batch.refused(exc)
                 continue
-            results.append(deferred)  # type: ignore[arg-type]  # None: filled in below
-            if deferred is None:
-                admitted.append((i, p))
-                pending[p.queue] = pending.get(p.queue, 0) + 1
-        published = self._publish_many([p for _, p in admitted])
-        for (i, _), outcome in zip(admitted, published, strict=True):
-            results[i] = outcome
-        return results
+            batch.decided(i, p, deferred)
+        return batch.done(self._publish_many(batch.admitted()))
 
     def _prepare_job(self, job: Job) -> _Prepared:
         return self._prepare(job.task, job.args, job.kwargs, job.priority, job.idempotency_key,
@@ -581,27 +609,18 @@ class AsyncProducer:
         """:meth:`Producer.enqueue_many`: admission per job (throttle waits are sleeps), then
         one batch publish in a worker thread."""
         pr = self.producer
-        results: list[EnqueueResult | TidegateError] = []
-        admitted: list[tuple[int, _Prepared]] = []
-        pending: dict[str, int] = {}
-        breakers: dict[str, Any] = {}
+        batch = _BatchAdmission()
         for i, job in enumerate(jobs):
             try:
                 p = pr._prepare_job(job)
                 await asyncio.to_thread(pr._rate_limit, p, client)
-                deferred = await asyncio.to_thread(pr._defer, p, breakers)
+                deferred = await asyncio.to_thread(pr._defer, p, batch.breakers)
                 if deferred is None and pr.throttle is not None:
                     await pr.throttle.admit_async(p.queue, p.priority,
                                                   pr._wait_budget(p, max_wait_s),
-                                                  pending=pending.get(p.queue, 0))
+                                                  pending=batch.pending(p.queue))
             except TidegateError as exc:
-                results.append(exc)
+                batch.refused(exc)
                 continue
-            results.append(deferred)  # type: ignore[arg-type]  # None: filled in below
-            if deferred is None:
-                admitted.append((i, p))
-                pending[p.queue] = pending.get(p.queue, 0) + 1
-        published = await asyncio.to_thread(pr._publish_many, [p for _, p in admitted])
-        for (i, _), outcome in zip(admitted, published, strict=True):
-            results[i] = outcome
-        return results
+            batch.decided(i, p, deferred)
+        return batch.done(await asyncio.to_thread(pr._publish_many, batch.admitted()))
