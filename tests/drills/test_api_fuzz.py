@@ -25,7 +25,7 @@ import httpx
 import pytest
 
 from tests.conftest import REDIS_BROKER_URL, Broker, tidegate_env
-from tests.support.procs import BIN, Proc, free_port, wait_until
+from tests.support.api import tidegate_api
 
 pytestmark = [pytest.mark.integration, pytest.mark.drill]
 SCALE = float(os.environ.get("TIDEGATE_DRILL_SCALE", "1"))
@@ -50,17 +50,8 @@ def api_url(redis_up, policy_file: Path, tmp_path: Path, state_redis) -> Iterato
     env = tidegate_env(Broker("redis", REDIS_BROKER_URL), policy, TIDEGATE_API_TOKENS=TOKEN,
                        TIDEGATE_API_CLIENT_RATE_PER_S="1000000",
                        TIDEGATE_API_CLIENT_BURST="1000000")
-    port = free_port()
-    proc = Proc([str(BIN / "tidegate"), "api", "--port", str(port)], env,
-                tmp_path / "api.log", "api")
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_until(lambda: not proc.alive() or httpx.get(f"{url}/healthz", timeout=2)
-                   .status_code == 200, 60, interval=0.2, message="tidegate api up")
-        assert proc.alive(), proc.output()[-3000:]
+    with tidegate_api(env, tmp_path / "api.log") as (url, proc):
         yield url
-    finally:
-        proc.stop()
     assert "Traceback" not in proc.output(), proc.output()[-5000:]
 
 

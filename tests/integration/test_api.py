@@ -9,7 +9,8 @@ import httpx
 import pytest
 
 from tests.conftest import STATE_REDIS_URL, tidegate_env
-from tests.support.procs import BIN, Proc, free_port, wait_until
+from tests.support.api import tidegate_api
+from tests.support.procs import wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -282,17 +283,9 @@ def test_queues_health_metrics_and_docs(client):
 
 
 def test_tidegate_api_command_serves(broker, api_policy, state_redis, tmp_path):
-    port = free_port()
     env = tidegate_env(broker, api_policy, TIDEGATE_API_TOKENS=TOKEN)
-    proc = Proc([str(BIN / "tidegate"), "api", "--port", str(port)], env,
-                tmp_path / "api.log", "api")
-    try:
-        base = f"http://127.0.0.1:{port}"
-        wait_until(lambda: httpx.get(f"{base}/healthz", timeout=2).status_code == 200, 60,
-                   interval=0.2, message="tidegate api up")
+    with tidegate_api(env, tmp_path / "api.log") as (base, proc):
         r = httpx.post(f"{base}/v1/jobs", json=job(), headers=AUTH, timeout=10)
         assert r.status_code == 202, r.text
         assert httpx.post(f"{base}/v1/jobs", json=job(), timeout=10).status_code == 401
         assert TOKEN not in proc.output()  # the token never reaches the log
-    finally:
-        proc.stop()

@@ -17,7 +17,8 @@ import httpx
 import pytest
 
 from tests.conftest import REDIS_BROKER_URL, Broker, tidegate_env
-from tests.support.procs import BIN, Proc, free_port, wait_until
+from tests.support.api import tidegate_api
+from tests.support.procs import Proc, wait_until
 
 pytestmark = pytest.mark.integration
 TOKEN = "hangup-token"
@@ -28,17 +29,8 @@ HANGUPS = 40
 def api(redis_up, policy_file: Path, tmp_path: Path, state_redis) -> Iterator[tuple[str, Proc]]:
     env = tidegate_env(Broker("redis", REDIS_BROKER_URL), policy_file,
                        TIDEGATE_API_TOKENS=TOKEN)
-    port = free_port()
-    proc = Proc([str(BIN / "tidegate"), "api", "--port", str(port)], env,
-                tmp_path / "api.log", "api")
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_until(lambda: not proc.alive() or httpx.get(f"{url}/healthz", timeout=2)
-                   .status_code == 200, 60, interval=0.2, message="tidegate api up")
-        assert proc.alive(), proc.output()[-3000:]
-        yield url, proc
-    finally:
-        proc.stop()
+    with tidegate_api(env, tmp_path / "api.log") as running:
+        yield running
 
 
 def _hang_up(port: int, path: str, sent: int) -> None:

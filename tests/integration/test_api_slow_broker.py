@@ -22,7 +22,8 @@ import httpx
 import pytest
 
 from tests.conftest import Broker, tidegate_env
-from tests.support.procs import BIN, Proc, free_port, wait_until
+from tests.support.api import tidegate_api
+from tests.support.procs import wait_until
 
 pytestmark = pytest.mark.integration
 TOKEN = "slow-broker-token"
@@ -69,17 +70,8 @@ def _drain(conn: socket.socket, stop: threading.Event) -> None:
 def api(black_hole: int, policy_file: Path, tmp_path: Path, state_redis) -> Iterator[str]:
     env = tidegate_env(Broker("redis", f"redis://127.0.0.1:{black_hole}/0"), policy_file,
                        TIDEGATE_API_TOKENS=TOKEN, TIDEGATE_API_PUBLISH_THREADS="2")
-    port = free_port()
-    proc = Proc([str(BIN / "tidegate"), "api", "--port", str(port)], env,
-                tmp_path / "api.log", "api")
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_until(lambda: not proc.alive() or httpx.get(f"{url}/healthz", timeout=2)
-                   .status_code == 200, 60, interval=0.2, message="tidegate api up")
-        assert proc.alive(), proc.output()[-3000:]
+    with tidegate_api(env, tmp_path / "api.log") as (url, _):
         yield url
-    finally:
-        proc.stop()
 
 
 def _post(url: str, priority: str, n: int, timeout: float = 60) -> tuple[int, str, float]:
