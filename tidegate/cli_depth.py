@@ -28,6 +28,7 @@ def _document(snapshot: Any) -> dict[str, Any]:
         "queues": [{k: q[k] for k in COLUMNS} for q in doc["queues"]],
         "breakers": doc["breakers"],
         "latency": doc["latency"],
+        "concurrency": doc["concurrency"],
         "errors": doc["errors"],
     }
 
@@ -81,6 +82,18 @@ def _table(doc: dict[str, Any]) -> Any:
                         _num(ms(v["p99_s"]), " ms"), _num(ms(v["suggested_timeout_s"]), " ms"),
                         _num(v["samples"]), note)
     parts: list[Any] = [table, breakers, latency]
+    if doc.get("concurrency"):
+        limits = Table(title="adaptive limits (limit and in flight summed over worker "
+                             "processes)", title_justify="left")
+        for header in ("dependency", "limit", "in flight", "waiting", "baseline",
+                       "processes", "per process"):
+            limits.add_column(header, justify="left" if header == "dependency" else "right")
+        for v in doc["concurrency"]:
+            baseline = None if v["baseline_s"] is None else round(v["baseline_s"] * 1000, 1)
+            limits.add_row(v["dependency"], _num(v["limit"]), _num(v["in_flight"]),
+                           _num(v["waiting"]), _num(baseline, " ms"), _num(v["processes"]),
+                           f"{v['min']}..{v['max']}")
+        parts.append(limits)
     parts += [f"[yellow]! {e}[/yellow]" for e in doc["errors"]]
     return Group(*parts)
 

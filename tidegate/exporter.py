@@ -95,6 +95,7 @@ class DepthCollector(Collector):
         yield from queue_families(snap)
         yield from breaker_families(snap)
         yield from latency_families(snap)
+        yield from concurrency_families(snap)
         yield from counter_families(snap, self.observer)
         meta = GaugeMetricFamily("tidegate_exporter_snapshot_age_seconds",
                                  "Age of the snapshot served (bounded by the cache TTL).")
@@ -162,6 +163,39 @@ def latency_families(snap: Snapshot) -> Iterator[GaugeMetricFamily]:
             suggested.add_metric([view.dependency], view.suggested_timeout_s)
             samples.add_metric([view.dependency], view.samples)
     yield from (p99, suggested, configured, samples)
+
+
+def concurrency_families(snap: Snapshot) -> Iterator[GaugeMetricFamily]:
+    """Each adaptive limit over the worker processes: limit and in flight summed (what the
+    dependency may receive and is receiving from all of them), the lowest baseline."""
+    families = {
+        "limit": GaugeMetricFamily(
+            "tidegate_dependency_concurrency_limit",
+            "Adaptive concurrency limit, summed over live worker processes.",
+            labels=["dependency"]),
+        "in_flight": GaugeMetricFamily(
+            "tidegate_dependency_concurrency_in_flight",
+            "Calls in flight under the adaptive limit, summed over live worker processes.",
+            labels=["dependency"]),
+        "waiting": GaugeMetricFamily(
+            "tidegate_dependency_concurrency_waiting",
+            "Callers waiting for an adaptive-limit slot, summed over live worker processes.",
+            labels=["dependency"]),
+        "baseline_s": GaugeMetricFamily(
+            "tidegate_dependency_latency_baseline_seconds",
+            "The adaptive limit's latency baseline (lowest over live worker processes).",
+            labels=["dependency"]),
+        "processes": GaugeMetricFamily(
+            "tidegate_dependency_concurrency_processes",
+            "Worker processes that published an adaptive limit lately.",
+            labels=["dependency"]),
+    }
+    for view in snap.concurrency:
+        for attr, family in families.items():
+            value = getattr(view, attr)
+            if value is not None and (attr == "processes" or view.limit is not None):
+                family.add_metric([view.dependency], float(value))
+    yield from families.values()
 
 
 def counter_families(snap: Snapshot, observer: Observer) -> Iterator[CounterMetricFamily]:

@@ -27,12 +27,13 @@ from resilience.stores import RedisStore, redis_client
 from workers.autoscale import Autoscaler, ProcessingTimes, load_scaling_policies
 from workers.cluster_metrics import read_cluster_counters
 from workers.depth import DepthProbe, QueueDepth, probe_for
-from workers.latency_share import read_latency, verdict
+from workers.latency_share import read_concurrency, read_latency, verdict
 from workers.liveness import Registry, live_workers_per_queue
 from workers.settings import Settings
 from workers.topology import Topology, load_topology
 
-__all__ = ["BreakerView", "Observer", "QueueView", "Snapshot", "deferred_counter"]
+__all__ = ["BreakerView", "ConcurrencyView", "Observer", "QueueView", "Snapshot",
+           "deferred_counter"]
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +84,20 @@ class LatencyView:
 
 
 @dataclass(frozen=True)
+class ConcurrencyView:
+    """A dependency's adaptive concurrency limit, over the worker processes that share it."""
+
+    dependency: str
+    min: int  # the policy file's bounds, per process
+    max: int
+    limit: int | None = None  # summed over processes; None: none has published lately
+    in_flight: int | None = None  # summed
+    waiting: int | None = None  # summed
+    baseline_s: float | None = None  # the lowest process's baseline
+    processes: int = 0
+
+
+@dataclass(frozen=True)
 class Snapshot:
     taken_at: float  # epoch seconds
     queues: tuple[QueueView, ...]
@@ -90,6 +105,7 @@ class Snapshot:
     counters: dict[str, list[tuple[dict[str, str], float]]] = field(default_factory=dict)
     errors: tuple[str, ...] = ()
     latency: tuple[LatencyView, ...] = ()
+    concurrency: tuple[ConcurrencyView, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -97,6 +113,7 @@ class Snapshot:
             "queues": [asdict(q) for q in self.queues],
             "breakers": [asdict(b) for b in self.breakers],
             "latency": [asdict(v) for v in self.latency],
+            "concurrency": [asdict(v) for v in self.concurrency],
             "counters": {k: [{"labels": lb, "value": v} for lb, v in rows]
                          for k, rows in self.counters.items()},
             "errors": list(self.errors),
@@ -182,6 +199,8 @@ class Observer:
         self.breaker_configs = {d.name: (d.queue, configs[d.name].breaker)
                                 for d in self.topology.dependencies}
         self.timeouts = {name: cfg.timeout for name, cfg in configs.items()}
+        self.adaptive = {name: cfg.adaptive_limit for name, cfg in configs.items()
+                         if cfg.adaptive_limit is not None}
         self.ttl_s = ttl_s
         self.clock = clock
         self._lock = threading.Lock()
@@ -229,8 +248,28 @@ class Observer:
             errors.append(f"cluster counters: {_one_line(exc)}")
             counters = {}
         latency = self._latency(errors)
+        concurrency = self._concurrency(errors)
         return Snapshot(time.time(), tuple(views), tuple(breakers), counters, tuple(errors),
-                        tuple(latency))
+                        tuple(latency), tuple(concurrency))
+
+    def _concurrency(self, errors: list[str]) -> list[ConcurrencyView]:
+        if not self.adaptive:
+            return []
+        try:
+            observed = read_concurrency(self.state)
+        except Exception as exc:
+            errors.append(f"adaptive limits: {_one_line(exc)}")
+            observed = {}
+        views = []
+        for name, cfg in self.adaptive.items():
+            seen = observed.get(name)
+            if seen is None:
+                views.append(ConcurrencyView(name, cfg.min, cfg.max))
+                continue
+            baseline = None if seen.baseline_s is None else round(seen.baseline_s, 6)
+            views.append(ConcurrencyView(name, cfg.min, cfg.max, seen.limit, seen.in_flight,
+                                         seen.waiting, baseline, seen.processes))
+        return views
 
     def _latency(self, errors: list[str]) -> list[LatencyView]:
         try:

@@ -9,6 +9,12 @@ them (a timeout set from it fires on no process's healthy calls) and the samples
 
 The seed's rule and its bounds: a timeout below P99 x 2 fires on healthy calls; one above
 4 x P99 holds threads for nothing (:func:`verdict`).
+
+The same writer shares each adaptive concurrency limit (:mod:`resilience.adaptive`) into
+``CONCURRENCY_KEY``: the process's current limit, in flight, waiting and latency baseline.
+Every process adapts alone, so a dependency's cluster-wide limit and in-flight count are the
+*sums* over the fresh entries (what the dependency can receive at once from all of them); the
+baseline is the *lowest* (the best latency any process saw: each one's is a minimum already).
 """
 
 from __future__ import annotations
@@ -23,12 +29,14 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["FRESH_S", "HASH_KEY", "LatencyMirror", "ObservedLatency", "install",
-           "publish", "read_latency", "verdict"]
+__all__ = ["CONCURRENCY_KEY", "FRESH_S", "HASH_KEY", "LatencyMirror", "ObservedConcurrency",
+           "ObservedLatency", "install", "publish", "publish_concurrency", "read_concurrency",
+           "read_latency", "verdict"]
 
 log = logging.getLogger(__name__)
 
 HASH_KEY = "tidegate:cluster:latency"
+CONCURRENCY_KEY = "tidegate:cluster:concurrency"
 FRESH_S = 60.0  # an entry older than this is a process that stopped: not read
 MIN_SAMPLES = 20  # an adaptive timeout follows the shared P99 only over this many attempts
 
@@ -44,6 +52,18 @@ class ObservedLatency:
     def suggested_timeout_s(self) -> float:
         """The seed's rule: P99 x 2."""
         return self.p99_s * 2
+
+
+@dataclass(frozen=True)
+class ObservedConcurrency:
+    """A dependency's adaptive limit over the processes that published one lately."""
+
+    dependency: str
+    limit: int  # summed: what the dependency may receive at once from all processes
+    in_flight: int  # summed
+    waiting: int  # summed: callers queued for a slot
+    baseline_s: float | None  # the lowest baseline (None: no process has one yet)
+    processes: int
 
 
 def verdict(timeout_s: float, p99_s: float) -> str | None:
@@ -73,9 +93,24 @@ def publish(client: Any, policies: Mapping[str, Any], process: str,
     return len(fields)
 
 
-def read_latency(client: Any, now: Callable[[], float] = time.time,
-                 key: str = HASH_KEY) -> dict[str, ObservedLatency]:
-    """Per dependency, over the fresh entries: the largest P99 and the samples summed."""
+def publish_concurrency(client: Any, policies: Mapping[str, Any], process: str,
+                        now: Callable[[], float] = time.time,
+                        key: str = CONCURRENCY_KEY) -> int:
+    """Write this process's adaptive limit per dependency (those that have one)."""
+    fields = {}
+    for name, policy in policies.items():
+        limiter = getattr(policy, "adaptive_limiter", None)
+        if limiter is not None:
+            fields[f"{name}|{process}"] = json.dumps(
+                {"limit": limiter.limit, "in_flight": limiter.in_flight,
+                 "waiting": limiter.waiting, "baseline_s": limiter.baseline, "at": now()})
+    if fields:
+        client.hset(key, mapping=fields)
+    return len(fields)
+
+
+def _fresh(client: Any, key: str, now: Callable[[], float]) -> dict[str, list[dict[str, Any]]]:
+    """The entries fresher than ``FRESH_S`` per dependency; stale ones are deleted."""
     cutoff = now() - FRESH_S
     seen: dict[str, list[dict[str, Any]]] = {}
     stale = []
@@ -92,6 +127,32 @@ def read_latency(client: Any, now: Callable[[], float] = time.time,
         seen.setdefault(field.split("|", 1)[0], []).append(entry)
     if stale:  # processes that stopped: their windows no longer describe the dependency
         client.hdel(key, *stale)
+    return seen
+
+
+def read_concurrency(client: Any, now: Callable[[], float] = time.time,
+                     key: str = CONCURRENCY_KEY) -> dict[str, ObservedConcurrency]:
+    """Per dependency, over the fresh entries: limit, in flight and waiting summed, the
+    lowest baseline."""
+    out = {}
+    for dep, entries in _fresh(client, key, now).items():
+        try:
+            baselines = [float(e["baseline_s"]) for e in entries
+                         if e.get("baseline_s") is not None]
+            out[dep] = ObservedConcurrency(
+                dep, sum(int(e["limit"]) for e in entries),
+                sum(int(e["in_flight"]) for e in entries),
+                sum(int(e.get("waiting", 0)) for e in entries),
+                min(baselines) if baselines else None, len(entries))
+        except (KeyError, TypeError, ValueError):  # a malformed entry: not this dependency's
+            continue
+    return out
+
+
+def read_latency(client: Any, now: Callable[[], float] = time.time,
+                 key: str = HASH_KEY) -> dict[str, ObservedLatency]:
+    """Per dependency, over the fresh entries: the largest P99 and the samples summed."""
+    seen = _fresh(client, key, now)
     return {
         dep: ObservedLatency(dep, max(float(e["p99_s"]) for e in entries),
                              sum(int(e["n"]) for e in entries), len(entries))
@@ -116,6 +177,7 @@ class LatencyMirror:
         if not policies:
             return 0
         n = publish(self.client, policies, self.process)
+        publish_concurrency(self.client, policies, self.process)
         adaptive = {k: p for k, p in policies.items() if p.config.adaptive_timeout}
         if adaptive:
             observed = read_latency(self.client)

@@ -6,18 +6,20 @@ from __future__ import annotations
 import shutil
 import tempfile
 import threading
+import time
 from pathlib import Path
 
 import pytest
 from prometheus_client import CollectorRegistry, Counter
 
 from resilience.breaker import CircuitBreaker
-from resilience.policy import PolicyConfig
+from resilience.policy import Policy, PolicyConfig
 from resilience.stores import RedisStore
 from tests.conftest import tidegate_env
-from tests.support.exporter import Exporter, policy_with_autoscaling
+from tests.support.exporter import Exporter, policy_with_autoscaling, with_adaptive_search
 from tests.support.procs import wait_until
 from workers.cluster_metrics import CounterMirror
+from workers.latency_share import CONCURRENCY_KEY, publish_concurrency
 from workers.topology import load_topology
 
 pytestmark = [pytest.mark.browser, pytest.mark.integration]
@@ -54,8 +56,13 @@ def test_status_page_shows_depth_moving_and_an_open_breaker(
         broker, policy_file, producer, state_redis, tmp_path, driver, artifacts):
     from selenium.webdriver.common.by import By
 
-    exporter = Exporter(tidegate_env(broker, policy_with_autoscaling(policy_file, tmp_path)),
-                        tmp_path, interval=0.3, ttl=0.1)
+    # search runs under an adaptive limit: its card shows the limit the workers publish
+    policy = with_adaptive_search(policy_with_autoscaling(policy_file, tmp_path), tmp_path)
+    exporter = Exporter(tidegate_env(broker, policy), tmp_path, interval=0.3, ttl=0.1)
+    state_redis.delete(CONCURRENCY_KEY)
+    search = Policy(PolicyConfig.from_mapping(
+        "search", load_topology(policy).dependency("search").policy))
+    search.call(lambda: time.sleep(0.02))  # a latency baseline of >= 20 ms
     stop = threading.Event()
     registry = CollectorRegistry()
     sheds = Counter("tidegate_sheds", "x", ["priority"], registry=registry)
@@ -78,6 +85,7 @@ def test_status_page_shows_depth_moving_and_an_open_breaker(
             calls.labels(dependency="payments", outcome="failure").inc(i % 3)
             retries.labels(dependency="payments").inc(i % 2)
             mirror.flush()
+            publish_concurrency(state_redis, {"search": search}, "browser-test:1")
             stop.wait(0.2)
 
     loader = threading.Thread(target=push_load, daemon=True)
@@ -149,6 +157,14 @@ def test_status_page_shows_depth_moving_and_an_open_breaker(
                                       '.card[data-queue="search"] [data-figure="workers"] .v')
         assert "/" in workers.text
         assert len(chart_points()) >= 4
+        # the adaptive limit: one line on search's card, none on payments' (static bulkhead)
+        limit = '[data-dependency-card="search"] [data-concurrency="search"]'
+        wait_until(lambda: driver.find_element(By.CSS_SELECTOR, limit).get_attribute(
+            "data-limit") == "6", 30, interval=0.3, message="search's adaptive limit shown")
+        text = driver.find_element(By.CSS_SELECTOR, limit).text
+        assert "adaptive limit 6" in text and "in flight 0" in text and "1 process" in text
+        assert "baseline" in text and " ms" in text, text
+        assert not driver.find_elements(By.CSS_SELECTOR, '[data-concurrency="payments"]')
         driver.save_screenshot(str(artifacts / "status_page.png"))
         assert (artifacts / "status_page.png").stat().st_size > 10_000
     finally:

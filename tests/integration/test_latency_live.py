@@ -12,7 +12,7 @@ import pytest
 from tests.conftest import tidegate_env
 from tests.support.exporter import Exporter, sample
 from tests.support.procs import BIN, ROOT, wait_until
-from workers.latency_share import HASH_KEY, read_latency, verdict
+from workers.latency_share import CONCURRENCY_KEY, HASH_KEY, read_concurrency, read_latency, verdict
 
 pytestmark = pytest.mark.integration
 
@@ -90,3 +90,74 @@ def test_a_p99x2_timeout_follows_the_shared_window(state_redis):
     mirror = LatencyMirror(state_redis, lambda: {"adaptive": policy})
     assert mirror.flush() == 1  # published to the real Redis, read back, applied
     assert policy.timeout.seconds == pytest.approx(0.06, rel=0.05)
+
+
+@pytest.mark.parametrize("broker", ["redis"], indirect=True)
+def test_adaptive_limit_reaches_metrics_and_depth(
+        broker, sims, policy_file, producer, start_worker, state_redis, tmp_path):
+    """A real worker on search with ``bulkhead.mode = "adaptive"``: its limit, in-flight count
+    and baseline are published, summed cluster-wide, and shown by the exporter and depth."""
+    from tests.support.exporter import with_adaptive_search
+
+    state_redis.delete(CONCURRENCY_KEY)
+    adaptive = with_adaptive_search(policy_file, tmp_path)
+    env = tidegate_env(broker, adaptive)
+    sims["search"].control(latency_ms=30)
+    start_worker("search", env={"TIDEGATE_POLICY_FILE": str(adaptive)})
+    for i in range(8):
+        producer.enqueue("search.index", [f"doc-{i}"])
+    wait_until(lambda: sims["search"].ledger()["applied"] >= 8, 60, message="8 documents")
+    seen = wait_until(lambda: (lambda c: c if c and c.baseline_s else None)(
+        read_concurrency(state_redis).get("search")), 30, interval=0.5,
+        message="the worker's adaptive limit published")
+    assert 2 <= seen.limit <= 20 * seen.processes and seen.in_flight >= 0
+    assert seen.baseline_s >= 0.03  # every answer takes >= 30 ms
+
+    exporter = Exporter(env, tmp_path)
+    try:
+        s = exporter.samples()
+        limit = sample(s, "tidegate_dependency_concurrency_limit", dependency="search")
+        baseline = sample(s, "tidegate_dependency_latency_baseline_seconds",
+                          dependency="search")
+        assert limit is not None and limit >= 2
+        assert baseline is not None and baseline >= 0.03
+        assert sample(s, "tidegate_dependency_concurrency_in_flight",
+                      dependency="search") is not None
+        # payments keeps its static bulkhead: no adaptive series
+        assert sample(s, "tidegate_dependency_concurrency_limit",
+                      dependency="payments") is None
+    finally:
+        exporter.stop()
+
+    out = _run(env, "depth", "--json")
+    assert out.returncode == 0, out.stderr
+    [search] = json.loads(out.stdout)["concurrency"]
+    assert search["dependency"] == "search" and (search["min"], search["max"]) == (2, 20)
+    assert search["limit"] >= 2 and search["baseline_s"] >= 0.03
+    out = _run(env, "depth")
+    assert out.returncode == 0, out.stderr
+    assert "adaptive limits" in out.stdout and "2..20" in out.stdout
+
+
+def test_adaptive_limits_sum_over_fresh_processes(state_redis):
+    import time
+
+    from resilience.policy import Policy
+    from resilience.policy_config import PolicyConfig
+    from workers.latency_share import publish_concurrency
+
+    state_redis.delete(CONCURRENCY_KEY)
+    cfg = PolicyConfig.from_mapping("search", {
+        "timeout_ms": 500, "deadline_ms": 1000,
+        "bulkhead": {"mode": "adaptive", "min": 2, "max": 20, "initial": 6}})
+    static = PolicyConfig.from_mapping("payments", {"timeout_ms": 100})
+    a, b = Policy(cfg), Policy(cfg)
+    a.call(lambda: time.sleep(0.01))  # a has a baseline, b none yet
+    assert publish_concurrency(state_redis, {"search": a, "payments": Policy(static)},
+                               "host:1") == 1
+    publish_concurrency(state_redis, {"search": b}, "host:2")
+    publish_concurrency(state_redis, {"search": b}, "host:3", now=lambda: time.time() - 120)
+    seen = read_concurrency(state_redis)["search"]
+    assert (seen.limit, seen.in_flight, seen.processes) == (12, 0, 2)  # host:3 is stale
+    assert seen.baseline_s is not None and seen.baseline_s >= 0.01
+    assert state_redis.hlen(CONCURRENCY_KEY) == 2  # the stale entry was dropped

@@ -32,6 +32,21 @@ def policy_with_autoscaling(policy_file: Path, tmp: Path, extra: str = AUTOSCALI
     return path
 
 
+ADAPTIVE_SEARCH = ('[dependencies.search.bulkhead]\nmode = "adaptive"\nmin = 2\nmax = 20\n'
+                   'initial = 6\nmax_wait_ms = 200\n')
+
+
+def with_adaptive_search(policy_file: Path, tmp: Path) -> Path:
+    """The policy file with search's static bulkhead replaced by an adaptive limit."""
+    text, n = re.subn(r"\[dependencies\.search\.bulkhead\]\nmax_concurrent = \d+\n",
+                      ADAPTIVE_SEARCH, policy_file.read_text())
+    if n != 1:
+        raise RuntimeError("search's bulkhead table not found in the policy file")
+    path = tmp / f"adaptive-{policy_file.name}"
+    path.write_text(text)
+    return path
+
+
 class Exporter(Proc):
     def __init__(self, env: Mapping[str, str], tmp: Path, *, interval: float = 0.5,
                  ttl: float = 0.2) -> None:

@@ -175,6 +175,17 @@ function dependencies(doc) {
        ["fallbacks", "fallbacks/s", s.fallbacks_per_s],
        ["rate_limited", "rate-limited/s", s.rate_limited_per_s],
        ["deferred", "deferred/s", s.deferred_per_s]], t, 110));
+    // the adaptive concurrency limit, summed over the worker processes that share the dependency
+    const limit = (doc.concurrency || []).find(c => c.dependency === dep);
+    if (limit) {
+      const ms = limit.baseline_s === null ? "—" : `${(limit.baseline_s * 1000).toFixed(1)} ms`;
+      card.append(el("div", {class: "k concurrency", "data-concurrency": dep,
+                             "data-limit": fmt(limit.limit), "data-in-flight": fmt(limit.in_flight)},
+        limit.limit === null
+          ? `adaptive limit ${limit.min}..${limit.max} per process · no worker has published yet`
+          : `adaptive limit ${limit.limit} · in flight ${limit.in_flight} · waiting ${limit.waiting}`
+            + ` · baseline ${ms} · ${limit.processes} process${limit.processes === 1 ? "" : "es"}`));
+    }
     card.append(el("div", {class: "k"}, "breaker: green closed · amber half-open · red open"),
                 strip(dep, s.breaker || [], t));
     card.dataset.calls = String(last("throughput_per_s") ?? "");
