@@ -21,6 +21,8 @@ from typing import Any
 
 from prometheus_client import REGISTRY, CollectorRegistry
 
+from workers.mirror import Ticker, in_every_worker_process
+
 __all__ = ["HASH_KEY", "MIRRORED", "CounterMirror", "install", "read_cluster_counters"]
 
 log = logging.getLogger(__name__)
@@ -73,8 +75,9 @@ class CounterMirror:
         self.key = key
         self._flushed: dict[str, float] = {}
         self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        # Redis away: keep counting locally, retry next tick
+        self._ticker = Ticker(self.flush, interval_s, name="tidegate-counter-mirror",
+                              failure="cluster counters not flushed", log=log)
 
     def _local(self) -> dict[str, float]:
         values: dict[str, float] = {}
@@ -100,25 +103,13 @@ class CounterMirror:
             self._flushed.update({f: current[f] for f in deltas})
             return len(deltas)
 
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval_s):
-            try:
-                self.flush()
-            except Exception as exc:  # Redis away: keep counting locally, retry next tick
-                log.warning("cluster counters not flushed: %s", exc)
-
     def start(self) -> CounterMirror:
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._run, name="tidegate-counter-mirror",
-                                            daemon=True)
-            self._thread.start()
+        self._ticker.start()
         return self
 
     def stop(self) -> None:
         """Stop the thread and flush what is left (call at shutdown)."""
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(self.interval_s + 1)
+        self._ticker.stop(join_s=self.interval_s + 1)
         try:
             self.flush()
         except Exception as exc:
@@ -143,18 +134,4 @@ def install(app: Any, client: Any, *, interval_s: float = 5.0) -> None:
     Connect once where the worker app is built; the mirror starts when the worker (or a
     prefork child) is ready and flushes on shutdown.
     """
-    from celery import signals
-
-    mirrors: list[CounterMirror] = []
-
-    def start(**_: Any) -> None:
-        mirrors.append(CounterMirror(client, interval_s=interval_s).start())
-
-    def stop(**_: Any) -> None:
-        for mirror in mirrors:
-            mirror.stop()
-
-    signals.worker_process_init.connect(start, weak=False)
-    signals.worker_ready.connect(start, weak=False)
-    signals.worker_process_shutdown.connect(stop, weak=False)
-    signals.worker_shutdown.connect(stop, weak=False)
+    in_every_worker_process(lambda: CounterMirror(client, interval_s=interval_s).start())

@@ -23,11 +23,12 @@ import json
 import logging
 import os
 import socket
-import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
+
+from workers.mirror import Ticker, in_every_worker_process
 
 __all__ = ["CONCURRENCY_KEY", "FRESH_S", "HASH_KEY", "LatencyMirror", "ObservedConcurrency",
            "ObservedLatency", "install", "publish", "publish_concurrency", "read_concurrency",
@@ -167,8 +168,9 @@ class LatencyMirror:
                  interval_s: float = 5.0) -> None:
         self.client, self.policies, self.interval_s = client, policies, interval_s
         self.process = f"{socket.gethostname()}:{os.getpid()}"
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        # Redis away: the next tick tries again
+        self._ticker = Ticker(self.flush, interval_s, name="tidegate-latency-mirror",
+                              failure="latency windows not published", log=log)
 
     def flush(self) -> int:
         """Publish this process's windows; then adapt every ``timeout_ms = "p99x2"`` policy
@@ -187,32 +189,18 @@ class LatencyMirror:
                     policy.follow_p99(seen.p99_s)
         return n
 
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval_s):
-            try:
-                self.flush()
-            except Exception as exc:  # Redis away: the next tick tries again
-                log.warning("latency windows not published: %s", exc)
-
     def start(self) -> LatencyMirror:
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._run, name="tidegate-latency-mirror",
-                                            daemon=True)
-            self._thread.start()
+        self._ticker.start()
         return self
 
     def stop(self) -> None:
-        self._stop.set()
+        self._ticker.stop()
 
 
 def install(app: Any, client: Any, *, interval_s: float = 5.0) -> None:
     """Run a mirror in every Celery worker process; it publishes the policies this process
     has built (none until its first task)."""
-    from celery import signals
-
     from workers.policies import existing_state
-
-    mirrors: list[LatencyMirror] = []
 
     def policies() -> Mapping[str, Any] | None:
         state = existing_state(app)
@@ -220,14 +208,5 @@ def install(app: Any, client: Any, *, interval_s: float = 5.0) -> None:
             return None
         return {name: state.policy(name) for name in state.registry.names()}
 
-    def start(**_: Any) -> None:
-        mirrors.append(LatencyMirror(client, policies, interval_s=interval_s).start())
-
-    def stop(**_: Any) -> None:
-        for mirror in mirrors:
-            mirror.stop()
-
-    signals.worker_process_init.connect(start, weak=False)
-    signals.worker_ready.connect(start, weak=False)
-    signals.worker_process_shutdown.connect(stop, weak=False)
-    signals.worker_shutdown.connect(stop, weak=False)
+    in_every_worker_process(
+        lambda: LatencyMirror(client, policies, interval_s=interval_s).start())
