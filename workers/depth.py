@@ -38,6 +38,7 @@ from pydantic import SecretStr
 
 from resilience.errors import ConfigError, TransientError
 from workers import headers as h
+from workers import unacked
 from workers.settings import Settings
 from workers.sqs_deferral import SqsClientConfig, sqs_client
 from workers.topology import REDIS_PRIORITY_STEPS, REDIS_SEP, Topology
@@ -160,16 +161,8 @@ class RedisDepthProbe:
         return out
 
     def _in_flight(self, queues: set[str]) -> dict[str, int]:
-        counts = dict.fromkeys(queues, 0)
-        for _, value in self.client.hscan_iter(self.unacked_key, count=500):
-            try:
-                _, exchange, routing_key = json.loads(value)
-            except (ValueError, TypeError):
-                continue
-            name = routing_key or exchange
-            if name in counts:
-                counts[name] += 1
-        return counts
+        return unacked.per_queue(
+            (value for _, value in self.client.hscan_iter(self.unacked_key, count=500)), queues)
 
 
 def _enqueued_at(raw: bytes | str | None) -> float | None:

@@ -29,6 +29,7 @@ from kombu.utils.encoding import bytes_to_str
 from kombu.utils.json import loads
 from prometheus_client import Counter
 
+from workers import unacked
 from workers.liveness import HEARTBEAT_PREFIX, REGISTRY_KEY, Registry, WorkerRecord
 from workers.transport import HOLDERS_KEY
 
@@ -174,8 +175,6 @@ def orphaned_per_queue(client: Any, queues: set[str], unacked_key: str = "unacke
 
     What ``tidegate depth`` shows as held by dead workers until the sweep restores it.
     """
-    import json
-
     held = client.hgetall(f"{prefix}{HOLDERS_KEY}")
     counts = dict.fromkeys(queues, 0)
     if not held:
@@ -185,14 +184,4 @@ def orphaned_per_queue(client: Any, queues: set[str], unacked_key: str = "unacke
     dead_tags = [t for t, w in held.items() if bytes_to_str(w) not in alive]
     if not dead_tags:
         return counts
-    for raw in client.hmget(f"{prefix}{unacked_key}", dead_tags):
-        if not raw:
-            continue
-        try:
-            _, exchange, routing_key = json.loads(raw)
-        except (ValueError, TypeError):
-            continue
-        name = routing_key or exchange
-        if name in counts:
-            counts[name] += 1
-    return counts
+    return unacked.per_queue(client.hmget(f"{prefix}{unacked_key}", dead_tags), queues)
