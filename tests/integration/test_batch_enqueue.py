@@ -283,19 +283,16 @@ def test_rabbitmq_connection_lost_mid_batch_never_reports_an_unconfirmed_job(
 def test_sqs_batch_sends_in_tens_and_a_worker_consumes_each_once(
         moto_sqs, redis_up, sims, policy_file, tmp_path, monkeypatch, state_redis):
     from producers import Job, Producer
-    from tests.conftest import Broker, tidegate_env
-    from tests.support.procs import Worker
+    from tests.conftest import Broker
+    from tests.support.sqs import assert_charges_applied_once, sqs_settings
     from workers.application import create_app
     from workers.depth import probe_for
-    from workers.settings import load_settings
 
     for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
         monkeypatch.setenv(var, "testing")
     sqs_broker = Broker("sqs", f"sqs://testing:testing@127.0.0.1:{moto_sqs.port}/")
     prefix = f"b{tmp_path.name[-6:]}-"  # this test's queues only: the moto server is shared
-    settings = load_settings(broker_url=sqs_broker.url, redis_url=STATE_REDIS_URL,
-                             policy_file=policy_file, sqs_endpoint_url=moto_sqs.url,
-                             sqs_queue_prefix=prefix)
+    settings = sqs_settings(sqs_broker, moto_sqs, policy_file, prefix)
     app = create_app(settings)
     producer = Producer(app)
     calls = []
@@ -321,16 +318,8 @@ def test_sqs_batch_sends_in_tens_and_a_worker_consumes_each_once(
                                     ("SendMessageBatch", 1), ("SendMessageBatch", 3)])
     wait_until(lambda: probe_for(settings).depth("search").ready == 21, 20,
                message="21 messages in the search queue")
-    env = tidegate_env(sqs_broker, policy_file, TIDEGATE_SQS_ENDPOINT_URL=moto_sqs.url,
-                       TIDEGATE_SQS_QUEUE_PREFIX=prefix,
-                       AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing")
-    worker = Worker("payments", env, tmp_path, concurrency=2).wait_ready(90)
     try:
-        wait_until(lambda: sims["payments"].ledger()["applied"] == 3, 90, interval=0.3,
-                   message="3 charges consumed over SQS")
-        effects = sims["payments"].ledger()["effects"]
-        assert sorted(effects) == ["sqsb-0", "sqsb-1", "sqsb-2"]
-        assert all(e["requests"] == 1 for e in effects.values())
+        assert_charges_applied_once(sqs_broker, moto_sqs, policy_file, prefix, tmp_path, sims,
+                                    ["sqsb-0", "sqsb-1", "sqsb-2"])
     finally:
-        worker.stop()
         app.close()

@@ -5,8 +5,8 @@ from __future__ import annotations
 import boto3
 import pytest
 
-from tests.conftest import STATE_REDIS_URL, Broker, tidegate_env
-from tests.support.procs import Worker, wait_until
+from tests.conftest import STATE_REDIS_URL, Broker
+from tests.support.sqs import assert_charges_applied_once, sqs_settings
 
 pytestmark = pytest.mark.integration
 
@@ -20,32 +20,21 @@ def test_payments_worker_on_sqs(sqs_broker, moto_sqs, sims, policy_file, tmp_pat
                                state_redis):  # a clean idempotency store
     from producers import Producer
     from workers.application import create_app
-    from workers.settings import load_settings
 
     for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
         monkeypatch.setenv(var, "testing")
     prefix = f"t{tmp_path.name[-6:]}-"  # this test's queues only: the moto server is shared
-    settings = load_settings(broker_url=sqs_broker.url, redis_url=STATE_REDIS_URL,
-                             policy_file=policy_file, sqs_endpoint_url=moto_sqs.url,
-                             sqs_queue_prefix=prefix)
+    settings = sqs_settings(sqs_broker, moto_sqs, policy_file, prefix)
     app = create_app(settings)
     producer = Producer(app)
     for i in range(3):
         producer.enqueue("payments.charge", [f"acct-{i}", 100 + i], idempotency_key=f"sqs-{i}")
     producer.enqueue("search.index", ["doc-sqs"])
 
-    env = tidegate_env(sqs_broker, policy_file, TIDEGATE_SQS_ENDPOINT_URL=moto_sqs.url,
-                       TIDEGATE_SQS_QUEUE_PREFIX=prefix,
-                       AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing")
-    worker = Worker("payments", env, tmp_path, concurrency=2).wait_ready(90)
     try:
-        wait_until(lambda: sims["payments"].ledger()["applied"] == 3, 90, interval=0.3,
-                   message="3 charges consumed over SQS")
-        effects = sims["payments"].ledger()["effects"]
-        assert sorted(effects) == ["sqs-0", "sqs-1", "sqs-2"]
-        assert all(e["requests"] == 1 for e in effects.values())
+        assert_charges_applied_once(sqs_broker, moto_sqs, policy_file, prefix, tmp_path, sims,
+                                    ["sqs-0", "sqs-1", "sqs-2"])
     finally:
-        worker.stop()
         app.close()
 
     # `search` was never consumed: the message is still in its SQS queue, and the depth
