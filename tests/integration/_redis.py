@@ -3,8 +3,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
+import queue
 import time
 import uuid
 
@@ -149,3 +151,54 @@ def check_global_limit(results, rate, burst, start, seconds):
     assert total <= 1.1 * ceiling, detail
     assert total >= 0.9 * floor, detail
     return detail
+
+
+# Drivers, run in the test's own process: the scenarios the single-node and the cluster
+# tests share (each spawns processes running the entry points above).
+
+def collect(out, n, timeout):
+    """Up to ``n`` reports from the processes' queue, waiting at most ``timeout`` s."""
+    got = []
+    end = time.monotonic() + timeout
+    while len(got) < n and time.monotonic() < end:
+        with contextlib.suppress(queue.Empty):
+            got.append(out.get(timeout=0.2))
+    return got
+
+
+def open_in_one_process(ctx, prefix, name, cfg, watchers, ready_s, collect_s):
+    """``watchers`` processes watch breaker ``name``; once all are up, one more fails calls
+    until it opens. What every process reported (``("open", ...)`` from each when shared)."""
+    out, readies = ctx.Queue(), [ctx.Event() for _ in range(watchers)]
+    procs = [ctx.Process(target=watch_until_open, args=(prefix, name, cfg, r, out))
+             for r in readies]
+    for p in procs:
+        p.start()
+    assert all(r.wait(ready_s) for r in readies)
+    failer = ctx.Process(target=fail_until_open, args=(prefix, name, cfg, out))
+    failer.start()
+    got = collect(out, watchers + 1, collect_s)
+    for p in [*procs, failer]:
+        p.join(10)
+    return got
+
+
+def hammer_together(ctx, prefix, name, rate, burst, seconds, processes, ready_s, collect_s):
+    """``processes`` processes hammer one limiter for ``seconds`` from the same instant (set
+    once every spawned interpreter is up: a late one would shrink the measured total).
+    Returns their reports and that start time, for :func:`check_global_limit`."""
+    out, go = ctx.Queue(), ctx.Event()
+    start_at = ctx.Value("d", 0.0)
+    readies = [ctx.Event() for _ in range(processes)]
+    procs = [ctx.Process(target=hammer_limiter,
+                         args=(prefix, name, rate, burst, r, go, start_at, seconds, out))
+             for r in readies]
+    for p in procs:
+        p.start()
+    assert all(r.wait(ready_s) for r in readies)
+    start_at.value = time.time() + 0.5
+    go.set()
+    results = collect(out, processes, collect_s)
+    for p in procs:
+        p.join(10)
+    return results, start_at.value

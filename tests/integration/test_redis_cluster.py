@@ -8,7 +8,6 @@ from __future__ import annotations
 import contextlib
 import multiprocessing as mp
 import os
-import queue
 import shutil
 import signal
 import socket
@@ -170,30 +169,12 @@ def test_every_script_and_transaction_touches_one_slot(cluster):
     assert store.clear() > 0  # SCAN over every master
 
 
-def _collect(out, n, timeout=60.0):
-    got = []
-    end = time.monotonic() + timeout
-    while len(got) < n and time.monotonic() < end:
-        with contextlib.suppress(queue.Empty):
-            got.append(out.get(timeout=0.2))
-    return got
-
-
 def test_breaker_opened_in_one_process_rejects_in_the_others(cluster, monkeypatch):
     monkeypatch.setenv("TIDEGATE_STATE_TEST_URL", cluster.url)  # read by the spawned children
     prefix = _redis.new_prefix()
     cfg = {"minimum_calls": 5, "failure_rate": 0.5, "open_duration": 30.0}
-    out, readies = CTX.Queue(), [CTX.Event() for _ in range(2)]
-    watchers = [CTX.Process(target=_redis.watch_until_open,
-                            args=(prefix, "payments", cfg, r, out)) for r in readies]
-    for p in watchers:
-        p.start()
-    assert all(r.wait(60) for r in readies)
-    failer = CTX.Process(target=_redis.fail_until_open, args=(prefix, "payments", cfg, out))
-    failer.start()
-    got = _collect(out, 3)
-    for p in [*watchers, failer]:
-        p.join(10)
+    got = _redis.open_in_one_process(CTX, prefix, "payments", cfg, watchers=2, ready_s=60,
+                                     collect_s=60)
     assert sorted(kind for kind, _ in got) == ["open", "open", "open"], got
     RedisStore(cluster.client(), prefix=prefix).clear()
 
@@ -202,22 +183,10 @@ def test_rate_limit_is_global_across_processes(cluster, monkeypatch):
     monkeypatch.setenv("TIDEGATE_STATE_TEST_URL", cluster.url)
     prefix = _redis.new_prefix()
     rate, burst, seconds = 50.0, 10, 2.0
-    out, go = CTX.Queue(), CTX.Event()
-    start_at = CTX.Value("d", 0.0)
-    readies = [CTX.Event() for _ in range(3)]
-    procs = [CTX.Process(target=_redis.hammer_limiter,
-                         args=(prefix, "global", rate, burst, r, go, start_at, seconds, out))
-             for r in readies]
-    for p in procs:
-        p.start()
-    assert all(r.wait(60) for r in readies)
-    start_at.value = time.time() + 0.5
-    go.set()
-    results = _collect(out, 3)
-    for p in procs:
-        p.join(10)
+    results, start = _redis.hammer_together(CTX, prefix, "global", rate, burst, seconds,
+                                            processes=3, ready_s=60, collect_s=60)
     assert len(results) == 3
-    _redis.check_global_limit(results, rate, burst, start_at.value, seconds)
+    _redis.check_global_limit(results, rate, burst, start, seconds)
     RedisStore(cluster.client(), prefix=prefix).clear()
 
 

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import contextlib
 import multiprocessing as mp
-import queue
 import time
 
 import pytest
@@ -33,15 +31,6 @@ def prefix():
     RedisStore(_redis.client(), prefix=p).clear()  # our prefix only
 
 
-def _collect(out, n, timeout=30.0):
-    got = []
-    end = time.monotonic() + timeout
-    while len(got) < n and time.monotonic() < end:
-        with contextlib.suppress(queue.Empty):
-            got.append(out.get(timeout=0.2))
-    return got
-
-
 def test_lua_breaker_follows_the_same_transitions_on_a_driven_clock(prefix):
     clock = FakeClock(start=1_000_000.0)
     store = RedisStore(_redis.client(), prefix=prefix, clock=clock)
@@ -63,20 +52,8 @@ def test_lua_breaker_follows_the_same_transitions_on_a_driven_clock(prefix):
 
 def test_failures_in_one_process_open_the_breaker_for_all(prefix):
     cfg = {"minimum_calls": 5, "window": 10.0, "open_duration": 30.0, "sync_interval": 0.25}
-    out = CTX.Queue()
-    readies = [CTX.Event() for _ in range(3)]
-    watchers = [
-        CTX.Process(target=_redis.watch_until_open, args=(prefix, "shared", cfg, r, out))
-        for r in readies
-    ]
-    for p in watchers:
-        p.start()
-    assert all(r.wait(30) for r in readies)
-    failer = CTX.Process(target=_redis.fail_until_open, args=(prefix, "shared", cfg, out))
-    failer.start()
-    results = _collect(out, 4)
-    for p in [*watchers, failer]:
-        p.join(10)
+    results = _redis.open_in_one_process(CTX, prefix, "shared", cfg, watchers=3, ready_s=30,
+                                         collect_s=30)
     assert [r[0] for r in results] == ["open"] * 4, results
 
 
@@ -90,11 +67,11 @@ def test_half_open_lets_exactly_one_trial_through_cluster_wide(prefix):
     ]
     for p in procs:
         p.start()
-    first = _collect(out, 1, timeout=30)
+    first = _redis.collect(out, 1, 30)
     assert first and first[0][0] == "probe", first
     time.sleep(1.0)  # an observation window (under the 3 s probe lease), not synchronisation
     stop.set()
-    rest = _collect(out, 4, timeout=30)
+    rest = _redis.collect(out, 4, 30)
     for p in procs:
         p.join(10)
     grants = [r for r in first + rest if r[0] != "done"]
@@ -105,28 +82,10 @@ def test_half_open_lets_exactly_one_trial_through_cluster_wide(prefix):
 
 def test_global_rate_limit_holds_across_processes(prefix):
     rate, seconds, burst = 50.0, 3.0, 10  # 10: see _redis.check_global_limit
-    out, go = CTX.Queue(), CTX.Event()
-    start_at = CTX.Value("d", 0.0)
-    readies = [CTX.Event() for _ in range(4)]
-    procs = [
-        CTX.Process(
-            target=_redis.hammer_limiter,
-            args=(prefix, "global", rate, burst, ready, go, start_at, seconds, out),
-        )
-        for ready in readies
-    ]
-    for p in procs:
-        p.start()
-    # the window opens once every spawned interpreter is up (a fixed head start is not
-    # enough on a loaded machine: a late process would shrink the measured total)
-    assert all(r.wait(40) for r in readies)
-    start_at.value = time.time() + 0.5
-    go.set()
-    results = _collect(out, 4, timeout=40)
-    for p in procs:
-        p.join(10)
+    results, start = _redis.hammer_together(CTX, prefix, "global", rate, burst, seconds,
+                                            processes=4, ready_s=40, collect_s=40)
     assert len(results) == 4
-    _redis.check_global_limit(results, rate, burst, start_at.value, seconds)
+    _redis.check_global_limit(results, rate, burst, start, seconds)
 
 
 def test_redis_down_never_fails_a_call_and_says_so():
