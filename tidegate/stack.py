@@ -17,7 +17,7 @@ import sys
 import time
 import tomllib
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +31,26 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _is_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def free_port_block(offsets: Iterable[int]) -> int:
+    """A base port with ``base + offset`` free for every offset: for services that take a run
+    of ports from one base (a Redis Cluster's nodes and buses, a sentinel group)."""
+    offsets = list(offsets)
+    for _ in range(200):
+        base = free_port()
+        if base + max(offsets) < 65536 and all(_is_free(base + o) for o in offsets):
+            return base
+    raise RuntimeError(f"no free block of ports at offsets {offsets}")
 
 
 def wait_until(predicate: Callable[[], Any], timeout: float = 30.0, interval: float = 0.05,

@@ -18,7 +18,6 @@ import contextlib
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import time
 from pathlib import Path
@@ -27,7 +26,7 @@ import pytest
 
 from tests.conftest import Broker
 from tests.support.load import MixedLoad, account, settled
-from tests.support.procs import ROOT, wait_until
+from tests.support.procs import ROOT, free_port_block, wait_until
 from workers.errors import BrokerUnavailable
 
 pytestmark = [pytest.mark.integration, pytest.mark.drill, pytest.mark.timeout(400)]
@@ -36,23 +35,9 @@ SHORT_VISIBILITY = {"TIDEGATE_VISIBILITY_TIMEOUT_S": "12", "TIDEGATE_TASK_HARD_T
                     "TIDEGATE_TASK_SOFT_TIME_LIMIT_S": "8"}
 
 
-def _free(port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
-
-
 class SentinelGroup:
     def __init__(self, tmp: Path) -> None:
-        for _ in range(200):
-            with socket.socket() as s:
-                s.bind(("127.0.0.1", 0))
-                base = s.getsockname()[1]
-            if base + 5 < 65536 and all(_free(base + i) for i in range(5)):
-                break
+        base = free_port_block(range(5))
         self.base, self.dir = base, tmp
         self.env = {**os.environ, "REDIS_SENTINEL_DIR": str(tmp),
                     "REDIS_SENTINEL_PORT": str(base), "REDIS_SENTINEL_MASTER": "tidegate"}

@@ -10,7 +10,6 @@ import multiprocessing as mp
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import time
 from pathlib import Path
@@ -20,7 +19,7 @@ import pytest
 from resilience.breaker import BreakerConfig, CircuitBreaker
 from resilience.errors import CircuitOpen, TransientError
 from resilience.stores import RedisCache, RedisStore, redis_client
-from tidegate.stack import ROOT, wait_until
+from tidegate.stack import ROOT, free_port_block, wait_until
 
 from . import _redis
 
@@ -30,25 +29,9 @@ CTX = mp.get_context("spawn")
 NODES = 6  # 3 masters + 3 replicas
 
 
-def _free(port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
-
-
 def _base_port() -> int:
     """A base port whose six node ports and six bus ports (+10000) are all free."""
-    for _ in range(200):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            base = s.getsockname()[1]
-        if base + NODES + 10000 < 65536 and all(
-                _free(p) for i in range(NODES) for p in (base + i, base + i + 10000)):
-            return base
-    pytest.fail("no free range of ports for a Redis Cluster")
+    return free_port_block([*range(NODES), *range(10000, 10000 + NODES)])
 
 
 class Cluster:

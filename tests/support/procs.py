@@ -8,7 +8,9 @@ from tidegate.stack import (
     Sim,
     Worker,
     free_port,
+    free_port_block,
     wait_until,
 )
 
-__all__ = ["BIN", "ROOT", "MotoServer", "Proc", "Sim", "Worker", "free_port", "wait_until"]
+__all__ = ["BIN", "ROOT", "MotoServer", "Proc", "Sim", "Worker", "free_port", "free_port_block",
+           "wait_until"]
