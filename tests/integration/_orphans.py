@@ -152,7 +152,8 @@ def received_at(worker) -> dict[str, float]:
 
 # A call may take 60 s (the HTTP read timeout caps each call, 5 s by default). Threads pool: no
 # time limit is enforced; these only satisfy soft < hard < visibility (the default 3600 s).
-LONG_LIMITS = {"TIDEGATE_READ_TIMEOUT_S": "90", "TIDEGATE_TASK_SOFT_TIME_LIMIT_S": "100",
+LONG_LIMITS = {"TIDEGATE_LOG_TASKS": "true",  # received_at() reads the "received" lines
+               "TIDEGATE_READ_TIMEOUT_S": "90", "TIDEGATE_TASK_SOFT_TIME_LIMIT_S": "100",
                "TIDEGATE_TASK_HARD_TIME_LIMIT_S": "120"}
 
 

@@ -41,6 +41,18 @@ def test_debug_keeps_every_line(levels) -> None:
     assert all(logging.getLogger(n).isEnabledFor(logging.INFO) for n in levels)
 
 
+def test_log_tasks_keeps_the_task_lines_only(levels, monkeypatch) -> None:
+    from workers.logs import TASK_LOGGERS, quiet_per_request_logs
+
+    monkeypatch.setenv("TIDEGATE_LOG_TASKS", "true")
+    logging.getLogger().setLevel(logging.INFO)
+    for name in levels:
+        logging.getLogger(name).setLevel(logging.NOTSET)
+    quiet_per_request_logs()
+    shown = {n for n in levels if logging.getLogger(n).isEnabledFor(logging.INFO)}
+    assert shown == set(TASK_LOGGERS)
+
+
 def test_cause_comes_first() -> None:
     from workers.resilient import cause_first
 
