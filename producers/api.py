@@ -25,7 +25,7 @@ from collections.abc import AsyncIterator
 from typing import Annotated, Any, Literal
 
 import redis
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Path, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError
@@ -578,17 +578,18 @@ def create_api(
 
     @app.get("/v1/jobs/{job_id}", response_model=JobStatus,
              responses={401: {}, 404: {}, 503: {}})
-    async def get_job(job_id: str, request: Request) -> JSONResponse:
+    async def get_job(request: Request,
+                      job_id: Annotated[str, Path(min_length=1, max_length=255)]) -> JSONResponse:
         """A job's latest state: queued, running, retrying, succeeded, failed, dead_lettered
         (with its reason), deferred or replayed; kept for the idempotency TTL."""
         tokens.client(request.headers.get("authorization"))
         try:
-            doc = await asyncio.to_thread(jobs.read, job_id) if len(job_id) <= 255 else None
+            doc = await asyncio.to_thread(jobs.read, job_id)
         except (redis.RedisError, OSError) as exc:
             raise Problem(503, "unavailable", f"job status store unreachable: {exc}",
                           retry_after=float(api_settings.broker_retry_after_s)) from None
         if doc is None:
-            raise Problem(404, "not_found", f"no job {job_id[:255]!r} (never seen, or older "
+            raise Problem(404, "not_found", f"no job {job_id!r} (never seen, or older "
                           f"than {jobs.ttl_ms // 1000} s)")
         return JSONResponse(doc)
 
