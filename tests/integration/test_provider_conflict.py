@@ -23,7 +23,9 @@ def test_a_409_for_our_key_waits_for_the_first_requests_outcome(
     payments = sims["payments"]
     slow = with_timeouts(policy_file, "payments", 10_000, 20_000, tmp_path / "policy.toml")
     worker = start_worker("payments", env={"TIDEGATE_POLICY_FILE": str(slow)})
-    payments.control(latency_ms=5000)
+    # Long enough for our worker to meet the earlier request in progress (the 409), short
+    # enough that it is over well before our job's retries run out.
+    payments.control(latency_ms=3000)
     # Someone else's request with the key is at the provider first (a run of ours that was
     # lost with its worker looks the same from here).
     first: dict = {}
