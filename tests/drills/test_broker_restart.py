@@ -72,8 +72,12 @@ def _drill(broker: Broker, kill, revive, sims, policy_file, tmp_path, start_work
     assert not result.doubled, f"{line}: {result.doubled}"
     assert result.stall_s < STALL_S, f"{line}\n{worker.output()[-4000:]}"
     assert all("broker unreachable" in msg for _, msg in load.refused), load.refused[:3]
-    # Fail fast: once the broker is known down no refusal waits out the connect timeout.
-    assert max(fast) < settings.connect_timeout_s, line
+    # Fail fast: once the broker is known down, refusals take milliseconds. A RabbitMQ node that
+    # is stopping or booting accepts TCP before it speaks AMQP, so a probe can reopen the gate
+    # for one publish that then waits (seen: one of ten at 2.0 s); none may outlast a publish's
+    # own bound.
+    assert statistics.median(fast) < 0.1, line
+    assert max(fast) < settings.connect_timeout_s + settings.publish_timeout_s, line
 
 
 def test_redis_broker_killed_and_restarted(sims, policy_file, tmp_path: Path, request,
