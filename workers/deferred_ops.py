@@ -38,22 +38,8 @@ def peek(store: SqsDeferralStore, limit: int) -> list[DeferredEntry]:
     Poison entries (not decodable) are released as they are: they are on their way to the DLQ
     anyway. An entry SQS would not take again is released as it is (one receive counted).
     """
-    limit = max(0, min(PEEK_MAX, limit))
-    seen: dict[str, DeferredEntry] = {}
-    try:
-        while len(seen) < limit:
-            batch = store.receive(min(SQS_MAX_BATCH, limit - len(seen)),
-                                  visibility_timeout=HOLD_S)
-            fresh = [e for e in batch if e.message_id not in seen]
-            if not fresh:
-                break
-            seen.update((e.message_id, e) for e in fresh)
-    finally:
-        if seen:
-            store.refresh(list(seen.values()))  # releases what it could not store again
-    entries = sorted(seen.values(), key=lambda e: e.sent_at)
-    store.observe_ages(entries)
-    return entries
+    # refresh releases what it could not store again
+    return store.peek(max(0, min(PEEK_MAX, limit)), hold_s=HOLD_S, put_back=store.refresh)
 
 
 @dataclass

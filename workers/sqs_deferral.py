@@ -515,12 +515,15 @@ class SqsDeferralStore:
         DEFERRED_DEPTH.labels(dependency=self.dependency, queue="dlq").set(stats.dead)
         return stats
 
-    def peek(self, limit: int = 100, *, hold_s: int = 30) -> list[DeferredEntry]:
+    def peek(self, limit: int = 100, *, hold_s: int = 30,
+             put_back: Callable[[list[DeferredEntry]], Any] | None = None,
+             ) -> list[DeferredEntry]:
         """Look at up to ``limit`` entries without consuming them.
 
         SQS has no true peek: each entry is received (hidden for ``hold_s`` so one listing
-        sees distinct entries) and released at the end. Every peek counts as one receive
-        toward the redrive policy's maxReceiveCount.
+        sees distinct entries) and handed to ``put_back`` at the end: ``release`` by default,
+        which counts one receive toward the redrive policy's maxReceiveCount; ``refresh``
+        stores each again with its count at 0 (``workers.deferred_ops.peek``).
         """
         seen: dict[str, DeferredEntry] = {}
         try:
@@ -532,7 +535,8 @@ class SqsDeferralStore:
                     break
                 seen.update((e.message_id, e) for e in fresh)
         finally:
-            self.release(seen.values())
+            if seen:
+                (put_back or self.release)(list(seen.values()))
         entries = sorted(seen.values(), key=lambda e: e.sent_at)
         self.observe_ages(entries)
         return entries
