@@ -77,7 +77,10 @@ def _queue_rows(parsed: Any, queue: str) -> list[tuple[str, str, str]]:
 
     from producers.backpressure import FILE_KEYS, BackpressureConfig
 
-    rows = []
+    queues = parsed.schema.queues
+    written = queues.queues[queue].queue_type if queue in queues.queues else None
+    rows = [("queue_type", parsed.topology.queue_type(queue),
+             "file" if written else "[queues]" if queues.defaults.queue_type else "default")]
     section = parsed.schema.backpressure
     top = section.defaults.model_dump(exclude_unset=True)
     own = section.queues[queue].model_dump(exclude_unset=True) if queue in section.queues else {}

@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
-from kombu import Connection, Exchange, Queue
+from kombu import Connection, Queue
 from prometheus_client import Counter
 
 from resilience.errors import PermanentError, TransientError
@@ -30,7 +30,7 @@ from resilience.metrics import get_or_create
 from workers import headers as h
 from workers.errors import BrokerUnavailable
 from workers.installation import installation
-from workers.topology import DLX_EXCHANGE, Topology
+from workers.topology import Topology
 
 DEAD_LETTERS = get_or_create(
     Counter,
@@ -117,9 +117,7 @@ class DeadLetter:
 
 
 def dead_letter_queue(topology: Topology, queue: str) -> Queue:
-    dlq = topology.dead_letter_queue(queue)
-    return Queue(dlq, Exchange(DLX_EXCHANGE, type="direct", durable=True), routing_key=dlq,
-                 durable=True)
+    return topology.dead_letter_kombu_queue(queue)
 
 
 def _text(body: Any) -> str:

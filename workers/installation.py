@@ -155,6 +155,9 @@ def _configure(app: Any, settings: Settings, topology: Topology) -> None:
         task_soft_time_limit=settings.task_soft_time_limit_s,
         task_time_limit=settings.task_hard_time_limit_s,
         worker_prefetch_multiplier=1,
+        # Quorum queues ([queues] queue_type, docs/ha.md) refuse a global prefetch limit:
+        # Celery then sets per-consumer QoS (prefetch = concurrency, fixed).
+        worker_detect_quorum_queues=True,
         # A connection loss does not kill running tasks (prefork would terminate them, then
         # respawn children for seconds): they finish and record their outcome in the marks,
         # and RabbitMQ's redelivered copy is parked until then (workers.resilient).

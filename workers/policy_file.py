@@ -196,6 +196,20 @@ class BackpressureSection(_Table):
     _split = model_validator(mode="before")(_split_queues)
 
 
+class QueueTable(_Table):
+    queue_type: Literal["classic", "quorum"] | None = None  # RabbitMQ only (docs/ha.md)
+
+
+class QueuesSection(_Table):
+    """``[queues]`` defaults and ``[queues.QUEUE]`` tables: how RabbitMQ declares each work
+    queue and its DLQ."""
+
+    defaults: QueueTable = QueueTable()
+    queues: dict[str, QueueTable] = {}
+
+    _split = model_validator(mode="before")(_split_queues)
+
+
 class AppSection(_Table):
     """``[app]``: the Celery app's own task modules (imported by every worker)."""
 
@@ -208,10 +222,12 @@ class PolicySchema(_Table):
     dependencies: dict[str, DependencyTable]
     autoscaling: AutoscalingSection = AutoscalingSection()
     backpressure: BackpressureSection = BackpressureSection()
+    queues: QueuesSection = QueuesSection()
     app: AppSection = AppSection()
 
 
-_SYNTHETIC = {"autoscaling", "backpressure"}  # whose second path segment is defaults/queues
+# whose second path segment is defaults/queues
+_SYNTHETIC = {"autoscaling", "backpressure", "queues"}
 
 
 class PolicyFileError(ConfigError):
@@ -363,6 +379,13 @@ def parse_policy(data: Mapping[str, Any], source: str = "<policy>") -> PolicyFil
         except ConfigError as exc:
             errors.append(_chain_error(name, str(exc)))
     topology = Topology(tuple(deps))
+    section = schema.queues
+    errors += _queue_errors("queues", section.queues, topology)
+    default_type = section.defaults.queue_type or "classic"
+    types = {q: (section.queues[q].queue_type if q in section.queues else None) or default_type
+             for q in topology.work_queues}
+    topology = replace(topology, queue_types=MappingProxyType(
+        {q: t for q, t in types.items() if t != "classic"}))
 
     scaling = schema.autoscaling
     errors += _queue_errors("autoscaling", scaling.queues, topology)

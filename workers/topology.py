@@ -24,6 +24,8 @@ DEFAULT_QUEUE = "default"
 DLQ_SUFFIX = ".dlq"
 DLX_EXCHANGE = "tidegate.dlx"
 WORKER_KEYS = frozenset({"queue", "url", "tasks"})
+# RabbitMQ queue types a policy file may ask for (``[queues] queue_type``, docs/ha.md).
+QUEUE_TYPES = ("classic", "quorum")
 
 # kombu's Redis transport pops priority 0 first (sub-lists "<queue>\x06\x16<n>" for 3, 6, 9);
 # RabbitMQ delivers the highest number first. Celery users expect CRITICAL to jump the queue on
@@ -56,6 +58,14 @@ class Topology:
     """All dependencies and the queues they imply."""
 
     dependencies: tuple[Dependency, ...]
+    # queue -> "quorum" for the queues the policy file declares as quorum queues; every other
+    # queue is classic (RabbitMQ only: other brokers ignore it)
+    queue_types: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+
+    def queue_type(self, queue: str) -> str:
+        """``"classic"`` or ``"quorum"``: how ``queue`` (or the work queue of a DLQ) is
+        declared on RabbitMQ."""
+        return self.queue_types.get(queue.removesuffix(DLQ_SUFFIX), "classic")
 
     @property
     def work_queues(self) -> tuple[str, ...]:
@@ -92,35 +102,47 @@ class Topology:
     def dead_letter_queue(queue: str) -> str:
         return f"{queue}{DLQ_SUFFIX}"
 
-    def kombu_queues(self) -> list[Queue]:
-        """The work queues as kombu declares them (what a worker consumes by default).
+    def queue_arguments(self, queue: str) -> dict[str, Any]:
+        """RabbitMQ's declare arguments for work queue ``queue`` (other transports ignore them).
 
-        On RabbitMQ each work queue dead-letters natively (``x-dead-letter-exchange``) into its
-        DLQ and supports priorities; other transports ignore the arguments.
+        Each work queue dead-letters natively (``x-dead-letter-exchange``) into its DLQ. A
+        classic queue supports priorities (``x-max-priority``); a quorum queue refuses that
+        argument on RabbitMQ 3.x (4.x has two levels without it), so priority there is the
+        producers' admission alone, and it dead-letters at least once (kept until the DLQ
+        confirms, which RabbitMQ allows only with ``x-overflow = reject-publish``).
         """
+        dead_letter = {"x-dead-letter-exchange": DLX_EXCHANGE,
+                       "x-dead-letter-routing-key": self.dead_letter_queue(queue)}
+        if self.queue_type(queue) == "quorum":
+            return {"x-queue-type": "quorum", **dead_letter,
+                    "x-dead-letter-strategy": "at-least-once", "x-overflow": "reject-publish"}
+        return {"x-max-priority": AMQP_MAX_PRIORITY, **dead_letter}
+
+    def kombu_queues(self) -> list[Queue]:
+        """The work queues as kombu declares them (what a worker consumes by default)."""
         return [
-            Queue(
-                name,
-                Exchange(name, type="direct", durable=True),
-                routing_key=name,
-                durable=True,
-                queue_arguments={
-                    "x-max-priority": AMQP_MAX_PRIORITY,
-                    "x-dead-letter-exchange": DLX_EXCHANGE,
-                    "x-dead-letter-routing-key": self.dead_letter_queue(name),
-                },
-            )
+            Queue(name, Exchange(name, type="direct", durable=True), routing_key=name,
+                  durable=True, queue_arguments=self.queue_arguments(name))
             for name in self.work_queues
         ]
 
     def dead_letter_kombu_queues(self) -> list[Queue]:
-        """One DLQ per work queue, bound to the dead-letter exchange. Never consumed by default."""
-        dlx = Exchange(DLX_EXCHANGE, type="direct", durable=True)
-        return [
-            Queue(self.dead_letter_queue(n), dlx, routing_key=self.dead_letter_queue(n),
-                  durable=True)
-            for n in self.work_queues
-        ]
+        """One DLQ per work queue, bound to the dead-letter exchange. Never consumed by default.
+        A quorum work queue's DLQ is a quorum queue too: its dead letters survive a node."""
+        return [self.dead_letter_kombu_queue(n) for n in self.work_queues]
+
+    def dead_letter_kombu_queue(self, queue: str) -> Queue:
+        """The DLQ of work queue ``queue`` as kombu declares it."""
+        dlq = self.dead_letter_queue(queue)
+        return Queue(dlq, Exchange(DLX_EXCHANGE, type="direct", durable=True), routing_key=dlq,
+                     durable=True,
+                     queue_arguments=({"x-queue-type": "quorum"}
+                                      if self.queue_type(queue) == "quorum" else None))
+
+    @property
+    def quorum(self) -> bool:
+        """Whether any queue is a quorum queue (Celery then turns global QoS off)."""
+        return any(t == "quorum" for t in self.queue_types.values())
 
     def declare(self, connection: Any) -> None:
         """Declare every work queue and DLQ on ``connection`` (idempotent on every broker)."""

@@ -62,3 +62,39 @@ def test_unknown_dependency_names_the_one_meant():
         topology.dependency("paymnts")
     with pytest.raises(ConfigError, match="unknown queue 'serch'; did you mean 'search'"):
         topology.check_queue("serch")
+
+
+def test_queue_type_per_queue_with_a_default(tmp_path: Path):
+    """``[queues] queue_type`` for every queue, ``[queues.Q]`` overrides; a quorum queue and
+    its DLQ are declared quorum, without x-max-priority, dead-lettering at least once."""
+    path = tmp_path / "p.toml"
+    path.write_text(SHIPPED + '\n[queues]\nqueue_type = "quorum"\n'
+                    '[queues.default]\nqueue_type = "classic"\n')
+    topology = load_topology(path)
+    assert [topology.queue_type(q) for q in topology.work_queues] == [
+        "quorum", "quorum", "quorum", "classic"]
+    args = {q.name: q.queue_arguments for q in topology.kombu_queues()}
+    assert args["payments"] == {
+        "x-queue-type": "quorum", "x-dead-letter-exchange": "tidegate.dlx",
+        "x-dead-letter-routing-key": "payments.dlq", "x-dead-letter-strategy": "at-least-once",
+        "x-overflow": "reject-publish"}
+    assert args["default"]["x-max-priority"] == 9 and "x-queue-type" not in args["default"]
+    dlqs = {q.name: q.queue_arguments for q in topology.dead_letter_kombu_queues()}
+    assert dlqs["payments.dlq"] == {"x-queue-type": "quorum"} and not dlqs["default.dlq"]
+    assert topology.quorum and not load_topology(DEFAULT_POLICY_FILE).quorum
+
+
+def test_queue_type_errors(tmp_path: Path):
+    path = tmp_path / "p.toml"
+    path.write_text(SHIPPED + '\n[queues]\nqueu_type = "quorum"\n'
+                    '[queues.search]\nqueue_type = "quorom"\n')
+    with pytest.raises(PolicyFileError) as err:
+        load_policy_file(path)
+    assert err.value.errors == (
+        "[queues.queu_type]: unknown key; did you mean 'queue_type'?",
+        "[queues.search.queue_type]: input should be 'classic' or 'quorum', got 'quorom'",
+    )
+    path.write_text(SHIPPED + '\n[queues.serch]\nqueue_type = "quorum"\n')
+    with pytest.raises(PolicyFileError, match=r"\[queues.serch\]: unknown queue; did you mean "
+                                              "'search'"):
+        load_policy_file(path)
