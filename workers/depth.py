@@ -207,7 +207,9 @@ class RabbitMQDepthProbe:
         self.clock = clock
         self._conn: Any = None
         self._lock = threading.Lock()
-        parts = urlsplit(url)
+        # "amqp://h1//;amqp://h2//": kombu fails over along the list; vhost and login are the
+        # first URL's (one cluster: the same on every node)
+        parts = urlsplit(url.split(";")[0])
         self.vhost = unquote(parts.path[1:]) if len(parts.path) > 1 else "/"
         self._auth = (unquote(parts.username or "guest"), unquote(parts.password or "guest"))
         self._management_down_until = 0.0

@@ -121,3 +121,14 @@ def test_priority_of_a_plain_message_reads_each_brokers_scale():
     assert priority_from_broker(None, "redis") is None
     assert priority_from_broker(True, "amqp") is None
     assert priority_from_broker(3, "sqs") is None
+
+
+def test_a_rabbitmq_failover_list_is_one_broker():
+    """``amqp://h1/vh;amqp://h2/vh``: kombu tries the nodes in turn; the depth probe reads the
+    vhost and login of the first (docs/ha.md, RabbitMQ quorum queues)."""
+    from workers.depth import RabbitMQDepthProbe
+
+    url = "amqp://u:p@127.0.0.1:5681/vh;amqp://u:p@127.0.0.1:5682/vh"
+    assert load_settings(broker_url=url).transport == "amqp"
+    probe = RabbitMQDepthProbe(url)
+    assert (probe.vhost, probe._auth) == ("vh", ("u", "p"))
