@@ -28,7 +28,7 @@ from workers.autoscale import Autoscaler, ProcessingTimes, load_scaling_policies
 from workers.cluster_metrics import read_cluster_counters
 from workers.depth import DepthProbe, QueueDepth, probe_for
 from workers.latency_share import read_concurrency, read_latency, verdict
-from workers.liveness import Registry, live_workers_per_queue
+from workers.liveness import Registry, live_per_queue
 from workers.settings import Settings
 from workers.topology import Topology, load_topology
 
@@ -61,6 +61,9 @@ class QueueView:
     error: str | None = None
     live_workers: int | None = None  # workers with a live heartbeat consuming it
     orphaned: int | None = None  # unacked, held by workers whose heartbeat expired (Redis)
+    # of in_flight, retries a worker holds until their countdown ends (Redis; else None)
+    held_retries: int | None = None
+    capacity: int | None = None  # tasks the live workers run at once (their pool sizes summed)
 
 
 @dataclass(frozen=True)
@@ -237,9 +240,10 @@ class Observer:
         queues = list(self.topology.work_queues)
         dlqs = [self.topology.dead_letter_queue(q) for q in queues]
         depths = self._depths(queues + dlqs)
-        live, orphaned = self._liveness(queues, errors)
+        live, capacity, orphaned = self._liveness(queues, errors)
         views = [replace(self._queue_view(q, depths[q], depths[dlq], errors),
-                         live_workers=live.get(q), orphaned=orphaned.get(q))
+                         live_workers=live.get(q), orphaned=orphaned.get(q),
+                         capacity=capacity.get(q))
                  for q, dlq in zip(queues, dlqs, strict=True)]
         breakers = self._breakers(errors)
         try:
@@ -288,20 +292,21 @@ class Observer:
                                      verdict(timeout, seen.p99_s)))
         return views
 
-    def _liveness(self, queues: list[str],
-                  errors: list[str]) -> tuple[dict[str, int], dict[str, int]]:
-        """Live workers per queue; on Redis, unacked messages held by dead workers."""
+    def _liveness(self, queues: list[str], errors: list[str]
+                  ) -> tuple[dict[str, int], dict[str, int | None], dict[str, int]]:
+        """Live workers and their capacity per queue; on Redis, unacked messages held by dead
+        workers."""
         try:
-            live = live_workers_per_queue(Registry(self.liveness), queues)
+            live, capacity = live_per_queue(Registry(self.liveness), queues)
             orphaned: dict[str, int] = {}
             if self.broker_redis:
                 from workers.orphans import orphaned_per_queue
 
                 orphaned = orphaned_per_queue(self.liveness, set(queues))
-            return live, orphaned
+            return live, capacity, orphaned
         except Exception as exc:
             errors.append(f"worker heartbeats: {_one_line(exc)}")
-            return {}, {}
+            return {}, {}, {}
 
     def _queue_view(self, name: str, depth: QueueDepth | Exception,
                     dlq: QueueDepth | Exception, errors: list[str]) -> QueueView:
@@ -327,7 +332,8 @@ class Observer:
         return QueueView(
             name, depth.ready, depth.in_flight, depth.delayed, depth.oldest_age_s,
             depth.consumers, depth.source, dead_letter, deferred, backlog, decision.desired,
-            decision.target_per_worker, decision.processing_s, decision.observed)
+            decision.target_per_worker, decision.processing_s, decision.observed,
+            held_retries=depth.held_retries)
 
     def _breakers(self, errors: list[str]) -> list[BreakerView]:
         views = []

@@ -1,7 +1,8 @@
 """The status page: per queue and per dependency over the last minutes, on a time axis.
 
-Per queue: depth (ready), in flight, retries waiting (delayed) apart, dead letters, deferred,
-desired vs live workers, and producer sheds / rate-limited per second. Per dependency:
+Per queue: depth (ready) and retries waiting (the broker's delayed messages and the countdowns
+workers hold), in flight against capacity (the live workers' pool sizes summed), dead letters,
+deferred, desired vs running workers, and producer sheds / rate-limited per second. Per dependency:
 throughput, successes, failures, retries, fallbacks, rate-limited and deferred per second
 (cluster counters every worker mirrors to Redis), and the breaker's state history.
 
@@ -106,14 +107,27 @@ def _rates(items: list[Snapshot], family: str, matches: tuple[dict[str, str], ..
     return out
 
 
+def _queue_figure(view: Any, field: str) -> int | None:
+    """One queue's figure as the page draws it: in flight is what the workers are running
+    (retries they hold until a countdown ends are not: those count as retries waiting, with
+    the broker's delayed messages), desired is the autoscaler's desired workers."""
+    if field == "in_flight":
+        return None if view.in_flight is None else view.in_flight - (view.held_retries or 0)
+    if field == "delayed":
+        if view.delayed is None and view.held_retries is None:
+            return None
+        return (view.delayed or 0) + (view.held_retries or 0)
+    return getattr(view, "desired_workers" if field == "desired" else field)
+
+
 def status_document(observer: Observer, history: History, *, storm_per_s: float,
                     storm_window_s: float) -> dict[str, Any]:
     snap = observer.snapshot()
     history.add(snap)
     items = history.items()
     series: dict[str, dict[str, list]] = {}
-    fields = ("ready", "in_flight", "delayed", "dead_letter", "deferred", "desired",
-              "live_workers")
+    fields = ("ready", "in_flight", "delayed", "capacity", "dead_letter", "deferred",
+              "desired", "live_workers")
     for q in snap.queues:
         series[q.name] = {f: [] for f in fields}
     times = []
@@ -124,8 +138,7 @@ def status_document(observer: Observer, history: History, *, storm_per_s: float,
         for name, s in series.items():
             view = by_name.get(name)
             for f in fields:
-                attr = "desired_workers" if f == "desired" else f
-                s[f].append(getattr(view, attr) if view else None)
+                s[f].append(_queue_figure(view, f) if view else None)
         states = {b.dependency: b.state for b in item.breakers}
         for dep, states_seen in breaker_history.items():
             states_seen.append(states.get(dep))

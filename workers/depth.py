@@ -75,6 +75,8 @@ class QueueDepth:
     consumers: int | None
     source: str  # "redis", "rabbitmq", "rabbitmq+management", "sqs"
     measured_at: float  # epoch seconds
+    # of in_flight, the retries a worker holds until their countdown ends (Redis; else None)
+    held_retries: int | None = None
 
     @property
     def backlog(self) -> int:
@@ -106,7 +108,8 @@ class RedisDepthProbe:
     in that list; the oldest of the tails is the queue's oldest message. Delivered-but-unacked
     messages sit in the ``unacked`` hash as ``[message, exchange, routing_key]``; Celery
     publishes to the queue's name as routing key, which is how they are told apart.
-    ETA/countdown tasks are held (unacked) by the worker that reserved them: counted in flight.
+    ETA/countdown tasks are held (unacked) by the worker that reserved them: counted in flight,
+    and apart as ``held_retries`` (the status page shows them as retries waiting).
     """
 
     source = "redis"
@@ -145,7 +148,7 @@ class RedisDepthProbe:
                     pipe.llen(key)
                     pipe.lindex(key, -1)
             raw = pipe.execute()
-            in_flight = self._in_flight(set(queues))
+            in_flight, held = self._in_flight(set(queues))
         except (redis.RedisError, OSError) as exc:
             raise DepthUnavailable(f"redis depth probe failed: {exc}") from None
         now = self.clock()
@@ -157,12 +160,13 @@ class RedisDepthProbe:
             ages = [a for a in (_enqueued_at(t) for t in chunk[1::2]) if a is not None]
             oldest = max(0.0, now - min(ages)) if ages else None
             out[q] = QueueDepth(q, ready, in_flight.get(q, 0), None, oldest, None,
-                                self.source, now)
+                                self.source, now, held.get(q, 0))
         return out
 
-    def _in_flight(self, queues: set[str]) -> dict[str, int]:
-        return unacked.per_queue(
-            (value for _, value in self.client.hscan_iter(self.unacked_key, count=500)), queues)
+    def _in_flight(self, queues: set[str]) -> tuple[dict[str, int], dict[str, int]]:
+        return unacked.split_per_queue(
+            (value for _, value in self.client.hscan_iter(self.unacked_key, count=500)), queues,
+            self.clock())
 
 
 def _enqueued_at(raw: bytes | str | None) -> float | None:

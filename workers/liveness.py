@@ -17,6 +17,7 @@ reads them in the same script as the unacked records; on other brokers in the st
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -28,7 +29,7 @@ from dataclasses import dataclass
 from typing import Any
 
 __all__ = ["HEARTBEAT_PREFIX", "REGISTRY_KEY", "Periodic", "Registry", "WorkerRecord",
-           "holder_id", "live_workers_per_queue", "new_worker_id"]
+           "holder_id", "live_per_queue", "live_workers_per_queue", "new_worker_id"]
 
 log = logging.getLogger(__name__)
 
@@ -93,17 +94,22 @@ class WorkerRecord:
     queues: tuple[str, ...]
     started: float
     beat: float  # epoch seconds of the last heartbeat
+    # how many tasks it runs at once (its pool's size): the status page's capacity
+    concurrency: int | None = None
 
     def to_json(self) -> str:
         return json.dumps({"id": self.id, "node": self.node, "pid": self.pid,
                            "queues": list(self.queues), "started": self.started,
-                           "beat": self.beat}, separators=(",", ":"))
+                           "beat": self.beat, "concurrency": self.concurrency},
+                          separators=(",", ":"))
 
     @classmethod
     def from_json(cls, raw: bytes | str) -> WorkerRecord:
         d = json.loads(raw)
+        concurrency = d.get("concurrency")  # absent in records of older workers
         return cls(str(d["id"]), str(d["node"]), int(d["pid"]), tuple(d["queues"]),
-                   float(d["started"]), float(d["beat"]))
+                   float(d["started"]), float(d["beat"]),
+                   int(concurrency) if concurrency is not None else None)
 
 
 class Registry:
@@ -158,15 +164,27 @@ class Registry:
 
 def live_workers_per_queue(registry: Registry, queues: Iterable[str]) -> dict[str, int]:
     """How many workers with a live heartbeat consume each of ``queues``."""
+    return live_per_queue(registry, queues)[0]
+
+
+def live_per_queue(registry: Registry, queues: Iterable[str]
+                   ) -> tuple[dict[str, int], dict[str, int | None]]:
+    """Live workers per queue, and their capacity: the summed pool sizes of the live workers
+    consuming it (a worker on two queues counts for both; None while a live worker has not
+    said its size, an older version)."""
     records = registry.records()
     alive = registry.alive(r.id for r in records)
     counts = dict.fromkeys(queues, 0)
+    capacity: dict[str, int | None] = dict.fromkeys(counts, 0)
     for r in records:
         if r.id in alive:
             for q in r.queues:
                 if q in counts:
                     counts[q] += 1
-    return counts
+                    have = capacity[q]
+                    capacity[q] = (None if have is None or r.concurrency is None
+                                   else have + r.concurrency)
+    return counts, capacity
 
 
 class Periodic:
@@ -218,8 +236,7 @@ class Heartbeat:
 
     def beat(self) -> None:
         r = self.record
-        self.registry.beat(WorkerRecord(r.id, r.node, r.pid, r.queues, r.started, time.time()),
-                           self.ttl_s)
+        self.registry.beat(dataclasses.replace(r, beat=time.time()), self.ttl_s)
         self._beats += 1
         if self._beats % PRUNE_EVERY == 1:
             self.registry.prune()

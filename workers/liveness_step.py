@@ -32,7 +32,8 @@ class LivenessThreads:
         queues = tuple(sorted(app.amqp.queues.consume_from or ()))
         now = time.time()
         node = getattr(consumer, "hostname", None) or "worker"
-        self.record = WorkerRecord(new_worker_id(node), node, os.getpid(), queues, now, now)
+        self.record = WorkerRecord(new_worker_id(node), node, os.getpid(), queues, now, now,
+                                   _pool_size(consumer, app))
         self.sweeps = settings.transport == "redis" and settings.redis_reliable_fetch
         self._conn: Any = None
         self._channel: Any = None
@@ -123,6 +124,16 @@ class LivenessThreads:
             else:
                 self._heartbeat.stop()
         self._drop_broker()
+
+
+def _pool_size(consumer: Any, app: Any) -> int | None:
+    """How many tasks this worker runs at once (``-c``): its capacity on the status page."""
+    for value in (getattr(getattr(consumer, "controller", None), "concurrency", None),
+                  getattr(getattr(consumer, "pool", None), "limit", None),
+                  app.conf.worker_concurrency):
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
 
 
 class _ChannelRegistry(Registry):

@@ -1,5 +1,6 @@
 """The status page in headless Chromium while load is pushed: the chart moves, an open breaker
-and a shed storm show."""
+and a shed storm show; a real worker's capacity and the countdown it holds are told apart from
+what it runs."""
 
 from __future__ import annotations
 
@@ -53,8 +54,12 @@ def driver():
 
 @pytest.mark.parametrize("broker", ["redis"], indirect=True)
 def test_status_page_shows_depth_moving_and_an_open_breaker(
-        broker, policy_file, producer, state_redis, tmp_path, driver, artifacts):
+        broker, policy_file, producer, state_redis, tmp_path, driver, artifacts, start_worker):
     from selenium.webdriver.common.by import By
+
+    # A real payments worker running 3 threads, holding one charge whose countdown has not
+    # ended: in flight 0 of capacity 3, one retry waiting (not "in flight 1" on an idle worker).
+    payments_worker = start_worker("payments", ready=False, concurrency=3)
 
     # search runs under an adaptive limit: its card shows the limit the workers publish
     policy = with_adaptive_search(policy_with_autoscaling(policy_file, tmp_path), tmp_path)
@@ -150,13 +155,44 @@ def test_status_page_shows_depth_moving_and_an_open_breaker(
             By.CSS_SELECTOR, 'svg.chart[data-queue="search"] text.axis')]
         assert axis[-1] == "now" and axis[0].startswith("-"), axis
         legend = driver.find_element(By.CSS_SELECTOR, '.card[data-queue="search"] .legend').text
-        assert "retries waiting" in legend and "in flight" in legend
-        assert driver.find_elements(By.CSS_SELECTOR, 'svg[data-chart="queue-held"]'
+        assert "retries waiting" in legend and "ready" in legend
+        assert driver.find_elements(By.CSS_SELECTOR, 'svg[data-chart="queue-workers"]'
                                                      '[data-of="search"] polyline.live_workers')
         workers = driver.find_element(By.CSS_SELECTOR,
                                       '.card[data-queue="search"] [data-figure="workers"] .v')
         assert "/" in workers.text
         assert len(chart_points()) >= 4
+
+        # in flight vs capacity, the held countdown apart; desired vs running workers
+        payments_worker.wait_ready()
+        producer.app.send_task("payments.charge", ["acct-held", 100], queue="payments",
+                               countdown=300)
+        card = '.card[data-queue="payments"]'
+
+        def figure(key: str) -> str:
+            return driver.find_element(By.CSS_SELECTOR,
+                                       f'{card} [data-figure="{key}"] .v').text
+
+        wait_until(lambda: figure("delayed") == "1" and figure("in_flight") == "0/3", 30,
+                   interval=0.3, message="payments: in flight 0/3 and one retry waiting")
+        load = f'{card} svg[data-chart="queue-load"]'
+        workers_chart = f'{card} svg[data-chart="queue-workers"]'
+
+        def panels() -> bool:
+            """Read in one go (the page redraws every second: an element may go stale)."""
+            legends = [e.text for e in driver.find_elements(By.CSS_SELECTOR, f"{card} .legend")]
+            assert figure("workers").startswith("1/"), figure("workers")
+            assert heights(f"{load} polyline.capacity"), "capacity not drawn"
+            assert float(driver.find_element(By.CSS_SELECTOR, load).get_attribute(
+                "data-max")) >= 3
+            assert driver.find_element(By.CSS_SELECTOR, f"{load} polyline.in_flight")
+            assert any("in flight" in t and "capacity" in t for t in legends), legends
+            assert any("desired workers" in t and "running workers" in t for t in legends)
+            for line in ("desired", "live_workers"):
+                assert driver.find_element(By.CSS_SELECTOR, f"{workers_chart} polyline.{line}")
+            return True
+
+        wait_until(panels, 15, interval=0.3, message="payments' load and workers panels")
         # the adaptive limit: one line on search's card, none on payments' (static bulkhead)
         limit = '[data-dependency-card="search"] [data-concurrency="search"]'
         wait_until(lambda: driver.find_element(By.CSS_SELECTOR, limit).get_attribute(

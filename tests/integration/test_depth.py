@@ -252,3 +252,40 @@ def test_drain_from_samples_uses_the_window_and_never_goes_negative():
     assert drain_from_samples([[10, 0, 50], [8, 0, 10]], 10) == 0
     # samples older than the window are ignored
     assert drain_from_samples([[100, 10, 0], [99, 0, 0], [1, -1000, 0]], 10) == 10
+
+
+@pytest.mark.parametrize("broker", ["redis"], indirect=True)
+def test_redis_in_flight_tells_held_countdowns_apart(broker, settings, producer, celery_app):
+    """A retry a worker holds until its countdown ends is unacked like a running task; the
+    probe counts it in flight and, apart, as held (the status page's retries waiting)."""
+    probe = probe_for(settings)
+    producer.enqueue("search.index", ["doc-now"])
+    celery_app.send_task("search.index", ["doc-later"], queue="search", countdown=120)
+    with celery_app.connection_for_read() as conn:
+        channel = conn.channel()
+        taken = [channel.basic_get("search", no_ack=False) for _ in range(2)]
+        assert all(m is not None for m in taken)
+        d = probe.depth("search")
+        assert (d.ready, d.in_flight, d.held_retries) == (0, 2, 1)
+        for m in taken:
+            channel.basic_ack(m.delivery_tag)
+    assert probe.depth("search").held_retries == 0
+
+
+def test_live_workers_and_their_capacity_per_queue(state_redis):
+    """Capacity is the summed pool size of the live workers on a queue; a dead worker's does
+    not count, and a live one that never said its size (an older version) makes it unknown."""
+    from workers.liveness import Registry, WorkerRecord, live_per_queue
+
+    registry = Registry(state_redis, prefix="test-capacity.")
+    now = time.time()
+    registry.beat(WorkerRecord("a", "n", 1, ("search",), now, now, 3), 30)
+    registry.beat(WorkerRecord("b", "n", 2, ("search", "email"), now, now, 5), 30)
+    registry.beat(WorkerRecord("dead", "n", 3, ("search",), now, now, 7), 30)
+    state_redis.delete(registry.heartbeat_key("dead"))
+    assert live_per_queue(registry, ["search", "email", "payments"]) == (
+        {"search": 2, "email": 1, "payments": 0}, {"search": 8, "email": 5, "payments": 0})
+    old = WorkerRecord("old", "n", 4, ("email",), now, now)
+    registry.beat(old, 30)
+    assert WorkerRecord.from_json(old.to_json()) == old
+    assert live_per_queue(registry, ["email"])[1] == {"email": None}

@@ -127,13 +127,20 @@ function queues(doc) {
       f.append(el("div", {class: "v"}, v), el("div", {class: "k"}, k));
       return f;
     };
+    // in flight is what the workers run now; retries they hold until a countdown ends are
+    // retries waiting, with the broker's delayed messages
+    const held = q.held_retries || 0;
+    const running = q.in_flight === null || q.in_flight === undefined ? null : q.in_flight - held;
+    const waiting = q.delayed === null && q.held_retries === null ? null : (q.delayed || 0) + held;
     figs.append(fig("ready", fmt(q.ready), false, "ready"),
-                fig("in flight", fmt(q.in_flight), false, "in_flight"),
-                fig("retries waiting", fmt(q.delayed), false, "delayed"),
+                fig("in flight / capacity", `${fmt(running)}/${fmt(q.capacity)}`,
+                    running !== null && q.capacity !== null && q.capacity !== undefined
+                    && running > q.capacity, "in_flight"),
+                fig("retries waiting", fmt(waiting), false, "delayed"),
                 fig("oldest", age(q.oldest_age_s), false, "oldest_age_s"),
                 fig("dead-letter", fmt(q.dead_letter), (q.dead_letter || 0) > 0, "dead_letter"),
                 fig("deferred", fmt(q.deferred), (q.deferred || 0) > 0, "deferred"),
-                fig("workers", `${fmt(q.live_workers)}/${fmt(q.desired_workers)}`,
+                fig("workers running / desired", `${fmt(q.live_workers)}/${fmt(q.desired_workers)}`,
                     (q.desired_workers || 0) > (q.live_workers || 0), "workers"));
     card.append(figs);
     // the exporter's tidegate_cluster_task_outcomes_total: the outcomes Flower shows per task
@@ -143,19 +150,25 @@ function queues(doc) {
       `finished: ${n("succeeded")} succeeded · ${n("dead_lettered")} dead-lettered · `
       + `${n("failed")} failed · ${n("deferred")} deferred`));
     const depth = chart({"data-queue": q.name, "aria-label": `${q.name} depth`},
-                        [["ready", "ready", s.ready], ["in_flight", "in flight", s.in_flight],
-                         ["delayed", "retries waiting", s.delayed]], t);
+                        [["ready", "ready", s.ready], ["delayed", "retries waiting", s.delayed]], t);
+    const load = chart({"data-chart": "queue-load", "data-of": q.name,
+                        "aria-label": `${q.name} in flight against capacity`},
+                       [["in_flight", "in flight", s.in_flight],
+                        ["capacity", "capacity (workers' pool sizes)", s.capacity]], t, 90);
     const rates = chart({"data-chart": "queue-rates", "data-of": q.name,
                          "aria-label": `${q.name} per second`},
                         [["sheds", "shed/s", s.sheds_per_s],
                          ["rate_limited", "rate-limited/s", s.rate_limited_per_s],
                          ["dead_letters", "dead letters/s", s.dead_letters_per_s]], t, 90);
-    const held = chart({"data-chart": "queue-held", "data-of": q.name,
-                        "aria-label": `${q.name} dead letters, deferred and workers`},
-                       [["dead_letter", "in DLQ", s.dead_letter], ["deferred", "deferred", s.deferred],
-                        ["desired", "desired workers", s.desired],
-                        ["live_workers", "running workers", s.live_workers]], t, 90);
-    card.append(depth, rates, held);
+    const workers = chart({"data-chart": "queue-workers", "data-of": q.name,
+                           "aria-label": `${q.name} desired and running workers`},
+                          [["desired", "desired workers", s.desired],
+                           ["live_workers", "running workers", s.live_workers]], t, 70);
+    const kept = chart({"data-chart": "queue-held", "data-of": q.name,
+                        "aria-label": `${q.name} dead letters and deferred`},
+                       [["dead_letter", "in DLQ", s.dead_letter], ["deferred", "deferred", s.deferred]],
+                       t, 70);
+    card.append(depth, load, workers, rates, kept);
     return card;
   }));
 }
