@@ -30,6 +30,7 @@ from resilience.ratelimit import RateLimitConfig, RateLimiter
 from resilience.shedding import Priority
 from resilience.stores import RedisStore, redis_client
 from workers import headers as h
+from workers.brokers import broker_for
 from workers.depth import SharedDepthCache, probe_for
 from workers.errors import BrokerUnavailable, InvalidPayload, UnknownQueue, UnknownTask
 from workers.idempotency import ttl_from_env
@@ -37,7 +38,7 @@ from workers.installation import installation, load_app
 from workers.jobs import JobStatuses
 from workers.redis_line import ReplyLater
 from workers.settings import Settings
-from workers.topology import Topology, broker_priority
+from workers.topology import Topology
 
 from . import metrics
 from .backpressure import Throttle, load_backpressure
@@ -194,6 +195,7 @@ class Producer:
         installed = installation(app)  # NotInstalled (one line) if Tidegate is not on it
         self.settings: Settings = installed.settings
         self.topology: Topology = installed.topology
+        self.broker = broker_for(self.settings)  # everything that differs per broker
         self.max_message_bytes = max_message_bytes or self.settings.api_max_body_bytes
         app.loader.import_default_modules()
         needs_state = throttle is AUTO or deferral is AUTO or jobs is AUTO
@@ -465,14 +467,7 @@ class Producer:
             conn.release()
 
     def _publish_options(self) -> dict[str, Any]:
-        if self.settings.transport != "amqp":
-            return {}
-        # mandatory: a message that no queue would take comes back as an error instead of
-        # vanishing (kombu caches declarations per connection, so a queue deleted behind its
-        # back would otherwise swallow every publish). timeout/confirm_timeout: a broker under
-        # flow control blocks writes and withholds confirms; we give up instead of hanging.
-        t = self.settings.publish_timeout_s
-        return {"mandatory": True, "timeout": t, "confirm_timeout": t}
+        return self.broker.publish_options(self.settings)  # RabbitMQ: mandatory, bounded
 
     def _send_options(self, p: _Prepared, producer: Any = None) -> dict[str, Any]:
         """``app.send_task``'s options for one job (the same for a single and a batch)."""
@@ -486,7 +481,7 @@ class Producer:
         }
         return dict(
             args=p.args, kwargs=p.kwargs, task_id=p.task_id, queue=p.queue,
-            priority=broker_priority(p.priority, self.settings.transport),
+            priority=self.broker.priority(p.priority),
             headers={k: v for k, v in message_headers.items() if v is not None},
             retry=False, producer=producer, **self._publish_options(),
         )

@@ -341,7 +341,7 @@ class DeadLetters:
     def replay_message(self, record: DeadLetter, *, force: bool = False) -> str:
         """Publish ``record``'s task again on its origin queue, same task id and key."""
         from resilience.shedding import Priority
-        from workers.topology import broker_priority
+        from workers.brokers import broker_for
 
         check_replayable(record, force=force)
         # A replay is a new decision: the old deadline and attempt count do not carry over.
@@ -351,7 +351,7 @@ class DeadLetters:
         prio = keep.get(h.PRIORITY)
         priority = None
         if prio:
-            priority = broker_priority(Priority.parse(prio), self.settings.transport)
+            priority = broker_for(self.settings).priority(Priority.parse(prio))
         task_id = record.task_id or uuid.uuid4().hex
         jobs = self._job_statuses()
         # before the publish: a worker's "running" must land after it, never under it

@@ -1,8 +1,9 @@
-"""Queue depth, read the same way from Redis, RabbitMQ and SQS.
+"""Queue depth, read the same way from Redis, RabbitMQ and SQS, and shared between processes.
 
 Depth is Tidegate's backpressure signal (producers throttle on it) and its autoscaling signal
-(the exporter publishes it). Each probe is exact where the broker allows and says ``None``
-where it cannot know (never a guess dressed up as a number):
+(the exporter publishes it). Each broker's adapter (:mod:`workers.brokers`) has its probe,
+exact where the broker allows and ``None`` where it cannot know (never a guess dressed up as
+a number):
 
 =========  ==================================  ==================  ======================
 broker     ready                               in flight           oldest message age
@@ -21,42 +22,30 @@ shared publish counter and successive readings; Retry-After is computed from it.
 from __future__ import annotations
 
 import atexit
-import contextlib
 import dataclasses
 import json
-import logging
 import math
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Any, Protocol, runtime_checkable
-from urllib.parse import quote, unquote, urlsplit
-
-from pydantic import SecretStr
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from resilience.errors import ConfigError, TransientError
-from workers import headers as h
-from workers import unacked
-from workers.settings import Settings
-from workers.sqs_deferral import SqsClientConfig, sqs_client
-from workers.topology import REDIS_PRIORITY_STEPS, REDIS_SEP, Topology
+
+if TYPE_CHECKING:
+    from workers.settings import Settings
+    from workers.topology import Topology
 
 __all__ = [
     "DepthProbe",
     "DepthUnavailable",
     "QueueDepth",
-    "RabbitMQDepthProbe",
-    "RedisDepthProbe",
-    "SQSDepthProbe",
     "SharedDepthCache",
     "flush_all",
     "probe_for",
-    "sqs_queue_name",
 ]
-
-log = logging.getLogger(__name__)
 
 
 class DepthUnavailable(TransientError):
@@ -98,285 +87,28 @@ class DepthProbe(Protocol):
     def depth(self, queue: str) -> QueueDepth: ...
 
 
-# -- Redis ---------------------------------------------------------------------------------
+_MOVED = {  # the probes live in their broker's adapter (workers.brokers); old names work
+    "RedisDepthProbe": "workers.brokers.redis",
+    "RabbitMQDepthProbe": "workers.brokers.rabbitmq",
+    "SQSDepthProbe": "workers.brokers.sqs",
+    "sqs_queue_name": "workers.brokers.sqs",
+    "broker_sqs_config": "workers.brokers.sqs",
+}
 
 
-class RedisDepthProbe:
-    """Exact depth on kombu's Redis transport.
+def __getattr__(name: str) -> Any:
+    if name in _MOVED:
+        import importlib
 
-    kombu LPUSHes and BRPOPs, so the tail of each list is the next message out and the oldest
-    in that list; the oldest of the tails is the queue's oldest message. Delivered-but-unacked
-    messages sit in the ``unacked`` hash as ``[message, exchange, routing_key]``; Celery
-    publishes to the queue's name as routing key, which is how they are told apart.
-    ETA/countdown tasks are held (unacked) by the worker that reserved them: counted in flight,
-    and apart as ``held_retries`` (the status page shows them as retries waiting).
-    """
-
-    source = "redis"
-
-    def __init__(
-        self,
-        client: Any,
-        *,
-        sep: str = REDIS_SEP,
-        priority_steps: Iterable[int] = REDIS_PRIORITY_STEPS,
-        unacked_key: str = "unacked",
-        clock: Callable[[], float] = time.time,
-    ) -> None:
-        self.client = client
-        self.sep = sep
-        self.steps = tuple(sorted(set(priority_steps)))
-        self.unacked_key = unacked_key
-        self.clock = clock
-
-    def lists(self, queue: str) -> list[str]:
-        """The Redis keys that hold ``queue``'s ready messages (one per priority step)."""
-        return [queue if step == 0 else f"{queue}{self.sep}{step}" for step in self.steps]
-
-    def depth(self, queue: str) -> QueueDepth:
-        return self.depths([queue])[queue]
-
-    def depths(self, queues: Iterable[str]) -> dict[str, QueueDepth]:
-        """Several queues with one pipeline and one pass over the unacked hash."""
-        import redis
-
-        queues = list(queues)
-        try:
-            pipe = self.client.pipeline(transaction=False)
-            for q in queues:
-                for key in self.lists(q):
-                    pipe.llen(key)
-                    pipe.lindex(key, -1)
-            raw = pipe.execute()
-            in_flight, held = self._in_flight(set(queues))
-        except (redis.RedisError, OSError) as exc:
-            raise DepthUnavailable(f"redis depth probe failed: {exc}") from None
-        now = self.clock()
-        out: dict[str, QueueDepth] = {}
-        per_queue = 2 * len(self.steps)
-        for i, q in enumerate(queues):
-            chunk = raw[i * per_queue:(i + 1) * per_queue]
-            ready = sum(int(n) for n in chunk[0::2])
-            ages = [a for a in (_enqueued_at(t) for t in chunk[1::2]) if a is not None]
-            oldest = max(0.0, now - min(ages)) if ages else None
-            out[q] = QueueDepth(q, ready, in_flight.get(q, 0), None, oldest, None,
-                                self.source, now, held.get(q, 0))
-        return out
-
-    def _in_flight(self, queues: set[str]) -> tuple[dict[str, int], dict[str, int]]:
-        return unacked.split_per_queue(
-            (value for _, value in self.client.hscan_iter(self.unacked_key, count=500)), queues,
-            self.clock())
-
-
-def _enqueued_at(raw: bytes | str | None) -> float | None:
-    """The producer's enqueue time from a kombu Redis message (None if absent/unreadable)."""
-    if not raw:
-        return None
-    try:
-        message = json.loads(raw)
-        value = (message.get("headers") or {}).get(h.ENQUEUED_AT)
-        return float(value) if value is not None else None
-    except (ValueError, TypeError, AttributeError):
-        return None
-
-
-# -- RabbitMQ ------------------------------------------------------------------------------
-
-
-class RabbitMQDepthProbe:
-    """Ready and consumers from a passive ``queue.declare``; unacked from the management API.
-
-    The passive declare is exact and cheap but knows nothing of unacked messages; the
-    management API does (``messages_unacknowledged``) but its figures lag by its collection
-    interval (5 s by default). Without the management plugin ``in_flight`` is None.
-    AMQP offers no way to read a message without taking it, so the oldest age is None.
-    """
-
-    source = "rabbitmq"
-
-    def __init__(
-        self,
-        url: str,
-        *,
-        management_url: str | None = None,
-        connect_timeout: float = 2.0,
-        read_timeout: float = 5.0,
-        clock: Callable[[], float] = time.time,
-    ) -> None:
-        self.url = url
-        self.management_url = management_url.rstrip("/") if management_url else None
-        self.connect_timeout = connect_timeout
-        self.read_timeout = read_timeout
-        self.clock = clock
-        self._conn: Any = None
-        self._lock = threading.Lock()
-        # "amqp://h1//;amqp://h2//": kombu fails over along the list; vhost and login are the
-        # first URL's (one cluster: the same on every node)
-        parts = urlsplit(url.split(";")[0])
-        self.vhost = unquote(parts.path[1:]) if len(parts.path) > 1 else "/"
-        self._auth = (unquote(parts.username or "guest"), unquote(parts.password or "guest"))
-        self._management_down_until = 0.0
-        self._http: Any = None  # one keep-alive client: a new one costs ~30 ms (SSL context)
-
-    def _channel(self) -> Any:
-        from kombu import Connection
-
-        if self._conn is None:
-            self._conn = Connection(self.url, connect_timeout=self.connect_timeout,
-                                    transport_options={"read_timeout": self.read_timeout,
-                                                       "write_timeout": self.read_timeout})
-            self._conn.ensure_connection(max_retries=1, timeout=self.connect_timeout)
-        return self._conn.default_channel
-
-    def _reset(self) -> None:
-        if self._conn is not None:
-            with contextlib.suppress(Exception):
-                self._conn.release()
-        self._conn = None
-
-    def depth(self, queue: str) -> QueueDepth:
-        from amqp.exceptions import NotFound
-
-        with self._lock:
-            try:
-                _, ready, consumers = self._channel().queue_declare(queue=queue, passive=True)
-            except NotFound:
-                self._reset()
-                raise DepthUnavailable(f"rabbitmq: no queue {queue!r} in vhost "
-                                       f"{self.vhost!r}") from None
-            except Exception as exc:  # socket, connection closed, timeout: all transient
-                self._reset()
-                raise DepthUnavailable(f"rabbitmq depth probe failed: {exc}") from None
-        in_flight, source = self._unacked(queue), self.source
-        if in_flight is not None:
-            source = "rabbitmq+management"
-        return QueueDepth(queue, int(ready), in_flight, None, None, int(consumers), source,
-                          self.clock())
-
-    def _unacked(self, queue: str) -> int | None:
-        if not self.management_url or self.clock() < self._management_down_until:
-            return None
-        import httpx
-
-        url = (f"{self.management_url}/api/queues/{quote(self.vhost, safe='')}/"
-               f"{quote(queue, safe='')}")
-        if self._http is None:
-            self._http = httpx.Client(auth=self._auth, timeout=httpx.Timeout(
-                self.read_timeout, connect=self.connect_timeout))
-        try:
-            response = self._http.get(url)
-            response.raise_for_status()
-            return int(response.json().get("messages_unacknowledged", 0))
-        except (httpx.HTTPError, ValueError, TypeError) as exc:
-            # Not enabled or not reachable: ask again in a minute, not on every probe.
-            log.debug("rabbitmq management API unavailable at %s: %s", self.management_url, exc)
-            self._management_down_until = self.clock() + 60
-            return None
-
-    def close(self) -> None:
-        with self._lock:
-            self._reset()
-            if self._http is not None:
-                self._http.close()
-                self._http = None
-
-
-# -- SQS -----------------------------------------------------------------------------------
-
-
-def sqs_queue_name(queue: str, prefix: str = "") -> str:
-    """The SQS queue name kombu uses for a Celery queue (dots become dashes, bar ``.fifo``)."""
-    if queue.endswith(".fifo"):
-        return prefix + queue[:-5].replace(".", "-") + ".fifo"
-    return prefix + queue.replace(".", "-")
-
-
-class SQSDepthProbe:
-    """SQS's approximate counters (eventually consistent, by AWS's own description).
-
-    ``oldest_age_s`` is None: SQS publishes ApproximateAgeOfOldestMessage only as a CloudWatch
-    metric, not as a queue attribute (and moto has no CloudWatch feed for it).
-    """
-
-    source = "sqs"
-    ATTRIBUTES = ("ApproximateNumberOfMessages", "ApproximateNumberOfMessagesNotVisible",
-                  "ApproximateNumberOfMessagesDelayed")
-
-    def __init__(self, client: Any, *, prefix: str = "",
-                 clock: Callable[[], float] = time.time) -> None:
-        self.client = client
-        self.prefix = prefix
-        self.clock = clock
-        self._urls: dict[str, str] = {}
-
-    def _url(self, queue: str) -> str:
-        if queue not in self._urls:
-            name = sqs_queue_name(queue, self.prefix)
-            self._urls[queue] = self.client.get_queue_url(QueueName=name)["QueueUrl"]
-        return self._urls[queue]
-
-    def depth(self, queue: str) -> QueueDepth:
-        from botocore.exceptions import BotoCoreError, ClientError
-
-        try:
-            attrs = self.client.get_queue_attributes(
-                QueueUrl=self._url(queue), AttributeNames=list(self.ATTRIBUTES))["Attributes"]
-        except ClientError as exc:
-            self._urls.pop(queue, None)
-            code = exc.response.get("Error", {}).get("Code", "")
-            if "NonExistentQueue" in code or "QueueDoesNotExist" in code:
-                raise DepthUnavailable(f"sqs: no queue {sqs_queue_name(queue, self.prefix)!r}"
-                                       ) from None
-            raise DepthUnavailable(f"sqs depth probe failed: {exc}") from None
-        except BotoCoreError as exc:
-            raise DepthUnavailable(f"sqs depth probe failed: {exc}") from None
-        return QueueDepth(queue, int(attrs.get(self.ATTRIBUTES[0], 0)),
-                          int(attrs.get(self.ATTRIBUTES[1], 0)),
-                          int(attrs.get(self.ATTRIBUTES[2], 0)), None, None, self.source,
-                          self.clock())
-
-
-def broker_sqs_config(settings: Settings) -> SqsClientConfig:
-    """How to reach the SQS broker: credentials and endpoint from the settings or, as kombu
-    reads them, from ``sqs://KEY:SECRET@host:port/``; bounded timeouts, two attempts."""
-    parts = urlsplit(settings.broker_url)
-    key, secret = settings.aws_access_key_id, settings.aws_secret_access_key
-    if key is None and parts.username:  # sqs://KEY:SECRET@host/ as kombu reads it
-        key = SecretStr(unquote(parts.username))
-        secret = SecretStr(unquote(parts.password or ""))
-    endpoint = settings.sqs_endpoint_url
-    if endpoint is None and parts.hostname and parts.hostname != "localhost" and parts.port:
-        endpoint = f"http://{parts.hostname}:{parts.port}"
-    return SqsClientConfig(
-        endpoint_url=endpoint,
-        region=settings.sqs_region,
-        access_key_id=key.get_secret_value() if key else None,
-        secret_access_key=secret.get_secret_value() if secret else None,
-        connect_timeout=settings.connect_timeout_s,
-        read_timeout=settings.read_timeout_s,
-        max_attempts=2,
-    )
+        return getattr(importlib.import_module(_MOVED[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def probe_for(settings: Settings, topology: Topology | None = None) -> DepthProbe:
-    """The probe for the configured broker (by the scheme of ``TIDEGATE_BROKER_URL``)."""
-    transport = settings.transport
-    if transport == "redis":
-        from resilience.stores import redis_client
+    """The probe for the configured broker (its adapter's, by the broker URL's scheme)."""
+    from workers.brokers import broker_for
 
-        client = redis_client(settings.broker_url, socket_timeout=settings.read_timeout_s,
-                              socket_connect_timeout=settings.connect_timeout_s)
-        return RedisDepthProbe(client)
-    if transport == "amqp":
-        return RabbitMQDepthProbe(settings.broker_url,
-                                  management_url=settings.rabbitmq_management_url,
-                                  connect_timeout=settings.connect_timeout_s,
-                                  read_timeout=settings.read_timeout_s)
-    if transport == "sqs":
-        return SQSDepthProbe(sqs_client(broker_sqs_config(settings)),
-                             prefix=settings.sqs_queue_prefix)
-    raise ConfigError(f"no depth probe for the {transport!r} transport")
+    return broker_for(settings).depth_probe(settings)
 
 
 # -- the shared cache and the drain rate ---------------------------------------------------

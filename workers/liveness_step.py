@@ -99,7 +99,7 @@ class LivenessThreads:
         tick = min(s.worker_heartbeat_s, s.orphan_sweep_s) if self.sweeps else s.worker_heartbeat_s
         self._threads.append(Periodic("tidegate-liveness", tick, self.tick).start())
         if s.transport == "sqs":
-            from workers.depth import broker_sqs_config
+            from workers.brokers.sqs import broker_sqs_config
             from workers.sqs_deferral import sqs_client
             from workers.visibility import VisibilityExtender, held_messages
 

@@ -19,6 +19,7 @@ from typing import Any
 
 from workers import deadletter as dl
 from workers import headers as h
+from workers.brokers import broker_for
 from workers.errors import DeadLettered
 from workers.installation import installation
 from workers.qos import LoopThreadQos
@@ -157,7 +158,7 @@ class PoisonAwareConsumer(LoopThreadQos):
                 try:
                     record = dead_letter_poison(app, message, poison, hostname)
                 except dl.DeadLetterError as err:
-                    requeue = installation(app).settings.transport != "amqp"
+                    requeue = not broker_for(installation(app).settings).dead_letters_natively
                     log.error("poison message not dead-lettered (%s); rejecting, requeue=%s",
                               err, requeue)
                     message.reject(requeue=requeue)

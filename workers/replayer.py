@@ -35,13 +35,14 @@ from resilience.policy import PolicyConfig
 from resilience.shedding import Priority
 from resilience.stores import RedisStore, StateStore, redis_client
 from workers import headers as h
+from workers.brokers import broker_for
 from workers.deferral import store_for
 from workers.idempotency import ttl_from_env
 from workers.installation import installation
 from workers.jobs import JobStatuses
 from workers.settings import Settings
 from workers.sqs_deferral import SQS_MAX_BATCH, DeferredEntry, SqsDeferralStore
-from workers.topology import Dependency, Topology, broker_priority, redis_priority_lists
+from workers.topology import Dependency, Topology
 
 __all__ = [
     "DEFERRALS_HEADER",
@@ -194,37 +195,9 @@ class _ProbeDepth:
         return int(self.probe.depth(queue).ready)
 
 
-class _LocalDepth:
-    """Ready depth read directly (used where ``workers.depth`` is not installed)."""
-
-    def __init__(self, settings: Settings) -> None:
-        self.settings = settings
-        self._redis = None
-        if settings.transport == "redis":
-            self._redis = redis_client(settings.broker_url,
-                                       socket_timeout=settings.read_timeout_s,
-                                       socket_connect_timeout=settings.connect_timeout_s)
-
-    def ready(self, queue: str) -> int:
-        if self._redis is not None:  # kombu's priority sub-lists
-            pipe = self._redis.pipeline(transaction=False)
-            for key in redis_priority_lists(queue):
-                pipe.llen(key)
-            return sum(pipe.execute())
-        from kombu import Connection
-
-        with Connection(self.settings.broker_url,
-                        connect_timeout=self.settings.connect_timeout_s) as conn:
-            return conn.default_channel.queue_declare(queue, passive=True).message_count
-
-
 def depth_reader(settings: Settings) -> DepthReader:
-    """The shared depth probe if ``workers.depth`` exists, else a direct reading."""
-    try:
-        from workers.depth import probe_for
-    except ImportError:
-        return _LocalDepth(settings)
-    return _ProbeDepth(probe_for(settings))
+    """The ready depth from the broker's depth probe (its adapter's)."""
+    return _ProbeDepth(broker_for(settings).depth_probe(settings))
 
 
 class Gate:
@@ -339,7 +312,7 @@ class Replayer:
         self.cfg = config or ReplayConfig()
         installed = installation(app)
         self.topology: Topology = installed.topology
-        self.transport: str = installed.settings.transport
+        self.broker = broker_for(installed.settings)
         self.ramp = SlowStart(self.cfg)
         self.stats = ReplayStats()
         self._backoff = 0.0
@@ -378,7 +351,7 @@ class Replayer:
             r.task, args=list(r.args), kwargs=dict(r.kwargs),
             task_id=replay_task_id(r.idempotency_key),
             queue=self.topology.queue_for_task(r.task),
-            priority=broker_priority(prio, self.transport),
+            priority=self.broker.priority(prio),
             headers={h.IDEMPOTENCY_KEY: r.idempotency_key, h.PRIORITY: prio.name,
                      h.ENQUEUED_AT: time.time(), DEFERRALS_HEADER: r.deferrals,
                      FIRST_DEFERRED_HEADER: r.first_deferred_at},

@@ -66,13 +66,13 @@ from resilience.retry import attempts_allowed, backoff_delay
 from resilience.shedding import Priority
 from workers import deadletter as dl
 from workers import headers as h
+from workers.brokers import BrokerAdapter, broker_for
 from workers.errors import DeadLettered, InvalidPayload
 from workers.idempotency import Mark, MarkState, StoreUnavailable, mark_key
 from workers.installation import installation
 from workers.jobs import count_outcome
 from workers.poison import signature_of
 from workers.policies import WorkerState, state_for
-from workers.topology import priority_from_broker
 
 log = logging.getLogger("tidegate.worker")
 
@@ -85,7 +85,6 @@ RETRYABLE = (TransientError, OSError, TimeoutError)
 REPLAYED_FROM = "tidegate_replayed_from"  # set by `tidegate dlq replay` (workers.deadletter)
 REFUSAL_MAX_WAIT_S = 120.0  # longest countdown for a task refused before any call
 PARK_S = 1.0  # a redelivery parked behind a run in flight comes back after 1-1.5 s
-FLAGS_REDELIVERY = frozenset({"redis", "amqp"})  # transports that mark a redelivered message
 _current: contextvars.ContextVar[Execution | None] = contextvars.ContextVar(
     "tidegate_execution", default=None
 )
@@ -152,7 +151,7 @@ class _Static(NamedTuple):
     work_queues: frozenset[str]
     max_attempts: int
     honours_fresh_ids: bool  # the broker flags redeliveries, so h.FRESH_ID can be trusted
-    transport: str  # "redis", "amqp", "sqs": how to read a message's broker priority
+    broker: BrokerAdapter  # how to read a message's broker priority
 
 
 
@@ -330,13 +329,14 @@ class ResilientTask(Task):
             config = state_for(self.app).configs.get(self.dependency or "")
             installed = installation(self.app)
             topology = installed.topology
+            broker = broker_for(installed.settings)
             static = self._tidegate_static = _Static(
                 home_queue=topology.queue_for_task(self.name),
                 work_queues=frozenset(topology.work_queues),
                 max_attempts=config.retry_config.max_attempts if config else 1,
                 # only where the broker flags redeliveries (SQS does not): a repeat looks fresh
-                honours_fresh_ids=installed.settings.transport in FLAGS_REDELIVERY,
-                transport=installed.settings.transport,
+                honours_fresh_ids=broker.flags_redelivery,
+                broker=broker,
             )
         return static
 
@@ -349,7 +349,7 @@ class ResilientTask(Task):
         try:
             # a plain send_task carries only the broker's number: read it on that broker's scale
             priority = Priority.parse(tidegate[h.PRIORITY]) if h.PRIORITY in tidegate else (
-                priority_from_broker(delivery.get("priority"), static.transport)
+                static.broker.priority_from(delivery.get("priority"))
                 or Priority.HIGH)
         except Exception:
             priority = Priority.HIGH
@@ -522,7 +522,7 @@ class ResilientTask(Task):
             # Celery rejects WITHOUT requeue when the retry cannot be published (the broker
             # is down or failing over); on Redis that acks the message away once the broker
             # answers again: lost (found by the Sentinel drill). Put it back instead.
-            if installation(self.app).settings.transport == "amqp":
+            if broker_for(installation(self.app).settings).dead_letters_natively:
                 raise  # RabbitMQ dead-letters a rejected message natively
             log.error("%s[%s]: retry not published (%s); requeueing", ex.task, ex.task_id,
                       rejected.reason)
@@ -556,7 +556,7 @@ class ResilientTask(Task):
         except dl.DeadLetterError as err:
             # Not stored: the message must not be acked. RabbitMQ's native dead-lettering
             # takes a rejected message; elsewhere it goes back to the queue.
-            requeue = installation(self.app).settings.transport != "amqp"
+            requeue = not broker_for(installation(self.app).settings).dead_letters_natively
             log.error("%s[%s]: %s; rejecting (requeue=%s)", ex.task, ex.task_id, err, requeue)
             _job(state, ex, "failed", error=str(err)[:500])
             raise Reject(str(err), requeue=requeue) from err

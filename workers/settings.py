@@ -16,8 +16,6 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from resilience.errors import ConfigError
 
-BROKER_SCHEMES = frozenset({"redis", "rediss", "amqp", "amqps", "pyamqp", "sqs", "memory",
-                            "sentinel"})
 DEFAULT_POLICY_FILE = Path(__file__).with_name("policy.toml")
 
 
@@ -91,10 +89,12 @@ class Settings(BaseSettings):
     @field_validator("broker_url")
     @classmethod
     def _known_broker(cls, value: str) -> str:
+        from workers.brokers import SCHEMES  # the registry: one adapter per broker
+
         scheme = urlsplit(value).scheme.split("+")[0]
-        if scheme not in BROKER_SCHEMES:
+        if scheme not in SCHEMES:
             raise ValueError(
-                f"unsupported scheme {scheme!r}; use one of {', '.join(sorted(BROKER_SCHEMES))}"
+                f"unsupported scheme {scheme!r}; use one of {', '.join(sorted(SCHEMES))}"
             )
         if scheme == "sentinel":
             _check_sentinel(value)
@@ -133,10 +133,11 @@ class Settings(BaseSettings):
 
     @property
     def transport(self) -> str:
-        """The kombu transport family: ``redis``, ``amqp``, ``sqs`` or ``memory``."""
-        scheme = urlsplit(self.broker_url).scheme.split("+")[0]
-        return {"rediss": "redis", "amqps": "amqp", "pyamqp": "amqp",
-                "sentinel": "redis"}.get(scheme, scheme)
+        """The kombu transport family: ``redis``, ``amqp``, ``sqs`` or ``memory`` (the name of
+        the broker's adapter, :func:`workers.brokers.broker_for`)."""
+        from workers.brokers import broker_for
+
+        return broker_for(self).name
 
     def tokens(self) -> frozenset[str]:
         """The API bearer tokens (comma-separated in ``TIDEGATE_API_TOKENS``)."""

@@ -27,11 +27,8 @@ WORKER_KEYS = frozenset({"queue", "url", "tasks"})
 # RabbitMQ queue types a policy file may ask for (``[queues] queue_type``, docs/ha.md).
 QUEUE_TYPES = ("classic", "quorum")
 
-# kombu's Redis transport pops priority 0 first (sub-lists "<queue>\x06\x16<n>" for 3, 6, 9);
-# RabbitMQ delivers the highest number first. Celery users expect CRITICAL to jump the queue on
-# both, so the number sent depends on the transport.
-_REDIS_PRIORITY = {Priority.CRITICAL: 0, Priority.HIGH: 3, Priority.MEDIUM: 6, Priority.LOW: 9}
-_AMQP_PRIORITY = {Priority.CRITICAL: 9, Priority.HIGH: 6, Priority.MEDIUM: 3, Priority.LOW: 0}
+# Celery users expect CRITICAL to jump the queue on every broker, so the number sent depends on
+# the broker: each adapter's ``priorities`` (workers.brokers).
 AMQP_MAX_PRIORITY = 9
 # kombu's stock Redis layout (its defaults, which every stock client - Flower, `celery
 # --broker=URL inspect`, a bare Celery producer - assumes): a message of priority n goes to
@@ -152,12 +149,11 @@ class Topology:
 
 
 def broker_priority(priority: Priority, transport: str) -> int | None:
-    """The message priority number for ``transport`` (None where the broker has none: SQS)."""
-    if transport == "redis":
-        return _REDIS_PRIORITY[priority]
-    if transport == "amqp":
-        return _AMQP_PRIORITY[priority]
-    return None
+    """The message priority number for ``transport`` (None where the broker has none: SQS);
+    its adapter's scale (``workers.brokers``)."""
+    from workers.brokers import broker_named
+
+    return broker_named(transport).priority(priority)
 
 
 def redis_priority_lists(queue: str, sep: str = REDIS_SEP) -> list[str]:
@@ -166,20 +162,12 @@ def redis_priority_lists(queue: str, sep: str = REDIS_SEP) -> list[str]:
 
 
 def priority_from_broker(number: object, transport: str) -> Priority | None:
-    """The Priority of a message that carries only a broker priority (a plain ``send_task``).
+    """The Priority of a message that carries only a broker priority (a plain ``send_task``):
+    the inverse of :func:`broker_priority` on ``transport``'s scale, None without a number
+    (or without priorities: SQS)."""
+    from workers.brokers import broker_named
 
-    Inverse of :func:`broker_priority` on each transport's scale: on Redis 0-2 is CRITICAL,
-    3-5 HIGH, 6-8 MEDIUM, 9 LOW (kombu's steps); on RabbitMQ 9 CRITICAL, 6-8 HIGH, 3-5
-    MEDIUM, 0-2 LOW. None when there is no number (or no priorities: SQS).
-    """
-    if isinstance(number, bool) or not isinstance(number, int | float):
-        return None
-    n = max(0, min(9, int(number)))
-    if transport == "redis":
-        return (Priority.CRITICAL, Priority.HIGH, Priority.MEDIUM, Priority.LOW)[min(n // 3, 3)]
-    if transport == "amqp":
-        return (Priority.LOW, Priority.MEDIUM, Priority.HIGH, Priority.CRITICAL)[min(n // 3, 3)]
-    return None
+    return broker_named(transport).priority_from(number)
 
 
 def load_topology(path: Path) -> Topology:

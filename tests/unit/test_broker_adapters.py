@@ -1,0 +1,97 @@
+"""One adapter per broker (workers/brokers/): the registry picks it from the URL's scheme, and
+no code outside the adapters branches on a transport name (docs/architecture.md, "Broker
+adapters"). resilience/ importing no framework is tests/unit/test_resilience_imports.py."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+from resilience.errors import ConfigError
+from resilience.shedding import Priority
+from tidegate.stack import ROOT
+from workers.brokers import BROKERS, SCHEMES, BrokerAdapter, broker_for
+from workers.settings import load_settings
+
+PACKAGES = ("workers", "producers", "tidegate", "resilience")
+# Branches on a transport name that remain, by file (each a count): none may be added.
+ALLOWED: dict[str, int] = {
+    "workers/liveness_step.py": 4,
+    "workers/deadletter.py": 4,
+    "producers/producer.py": 3,
+    "tidegate/cli_migrate.py": 1,
+    "tidegate/snapshot.py": 2,
+}
+
+
+def _is_transport(node: ast.AST) -> bool:
+    return ((isinstance(node, ast.Attribute) and node.attr == "transport")
+            or (isinstance(node, ast.Name) and node.id == "transport"))
+
+
+def transport_branches(path: Path) -> int:
+    """Comparisons of a ``transport`` (name or attribute) with anything: ``==``, ``in``, ..."""
+    count = 0
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Compare) and any(
+                _is_transport(n) for n in (node.left, *node.comparators)):
+            count += 1
+    return count
+
+
+def test_no_transport_branch_outside_the_adapters():
+    found = {}
+    for package in PACKAGES:
+        for path in sorted((ROOT / package).rglob("*.py")):
+            rel = path.relative_to(ROOT).as_posix()
+            if rel.startswith("workers/brokers/"):
+                continue
+            if (n := transport_branches(path)) > 0:
+                found[rel] = n
+    assert found == ALLOWED
+
+
+@pytest.mark.parametrize(("url", "name"), [
+    ("redis://127.0.0.1:6379/0", "redis"), ("rediss://h:6380/0", "redis"),
+    ("redis+socket:///tmp/r.sock", "redis"), ("sentinel://h:26379/0?master_name=m", "redis"),
+    ("amqp://guest@h//", "amqp"), ("amqps://h//", "amqp"), ("pyamqp://h//", "amqp"),
+    ("sqs://", "sqs"), ("memory://", "memory"),
+])
+def test_the_registry_picks_the_adapter_by_scheme(url, name):
+    assert broker_for(url).name == name
+    assert broker_for(url) is BROKERS[name]
+
+
+def test_an_unknown_scheme_is_one_clear_error():
+    with pytest.raises(ConfigError, match="unsupported broker scheme 'kafka'"):
+        broker_for("kafka://h:9092")
+    with pytest.raises(Exception, match="unsupported scheme 'kafka'"):
+        load_settings(broker_url="kafka://h:9092")
+
+
+def test_every_adapter_is_complete_and_its_schemes_are_its_own():
+    seen: set[str] = set()
+    for name, adapter in BROKERS.items():
+        assert isinstance(adapter, BrokerAdapter) and adapter.name == name
+        assert not seen & set(adapter.schemes)
+        seen |= set(adapter.schemes)
+        if adapter.priorities is not None:  # every priority has a number, read back the same
+            assert set(adapter.priorities) == set(Priority)
+            for p in Priority:
+                assert adapter.priority_from(adapter.priority(p)) is p
+    assert seen == SCHEMES
+
+
+def test_what_differs_per_broker():
+    redis, amqp, sqs = (BROKERS[n] for n in ("redis", "amqp", "sqs"))
+    assert (redis.flags_redelivery, amqp.flags_redelivery, sqs.flags_redelivery) == (
+        True, True, False)
+    assert [b.dead_letters_natively for b in (redis, amqp, sqs)] == [False, True, False]
+    assert sqs.priority(Priority.CRITICAL) is None
+    # CRITICAL jumps the queue on both: Redis pops 0 first, RabbitMQ delivers 9 first
+    assert (redis.priority(Priority.CRITICAL), amqp.priority(Priority.CRITICAL)) == (0, 9)
+    settings = load_settings(broker_url="amqp://guest:guest@127.0.0.1:5672//")
+    assert amqp.publish_options(settings)["mandatory"] is True
+    assert redis.publish_options(settings) == {} == sqs.publish_options(settings)

@@ -1,0 +1,83 @@
+"""What every broker adapter answers: the one place where Redis, RabbitMQ and SQS differ.
+
+An adapter is a stateless object (one per broker family, in :data:`workers.brokers.BROKERS`);
+everything that depends on the configuration takes the :class:`~workers.settings.Settings`.
+The defaults here are plain kombu behaviour, so a new broker overrides only what it does
+differently (docs/architecture.md, "Adding a broker").
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from resilience.errors import ConfigError
+from resilience.shedding import Priority
+
+if TYPE_CHECKING:
+    from workers.depth import DepthProbe
+    from workers.settings import Settings
+
+__all__ = ["BrokerAdapter", "priority_from_scale"]
+
+
+def priority_from_scale(number: object, scale: Mapping[Priority, int]) -> Priority | None:
+    """The Priority whose band holds ``number`` on a 0-9 ``scale`` (bands of three, as kombu's
+    Redis steps): the inverse of ``scale`` for its own numbers, None for a non-number."""
+    if isinstance(number, bool) or not isinstance(number, int | float):
+        return None
+    band = min(max(0, min(9, int(number))) // 3, 3)
+    return next((p for p, n in scale.items() if min(n // 3, 3) == band), None)
+
+
+class BrokerAdapter:
+    """One broker family: its URL schemes and everything Tidegate does differently on it."""
+
+    #: the family, as ``Settings.transport`` reports it (``redis``, ``amqp``, ``sqs``, ...)
+    name: ClassVar[str]
+    #: URL schemes (before any ``+``) that select this adapter
+    schemes: ClassVar[tuple[str, ...]]
+    #: Tidegate's priorities as this broker's message priority numbers; None: no priorities
+    priorities: ClassVar[Mapping[Priority, int] | None] = None
+    #: the broker marks a redelivered message (``delivery_info["redelivered"]``), so a repeat
+    #: of a job can be told from a first delivery (``workers.resilient``'s fresh ids)
+    flags_redelivery: ClassVar[bool] = False
+    #: a message rejected without requeue reaches its DLQ through the broker itself, so a
+    #: worker that could not publish the dead-letter copy may reject instead of requeueing
+    dead_letters_natively: ClassVar[bool] = False
+    #: worker heartbeats live in the broker (its Redis), not in the shared-state Redis
+    heartbeats_in_broker: ClassVar[bool] = False
+    #: workers on this broker run the liveness threads (heartbeat, sweeps, extensions)
+    runs_liveness: ClassVar[bool] = True
+
+    # -- priorities ---------------------------------------------------------------------
+    def priority(self, priority: Priority) -> int | None:
+        """The message priority number to publish with (None where the broker has none)."""
+        return None if self.priorities is None else self.priorities[priority]
+
+    def priority_from(self, number: object) -> Priority | None:
+        """The Priority of a message that carries only a broker number (a plain
+        ``send_task``), on this broker's scale; None without a number or priorities."""
+        return None if self.priorities is None else priority_from_scale(number, self.priorities)
+
+    # -- connecting -------------------------------------------------------------------------
+    def kombu_url(self, url: str) -> str:
+        """The broker URL as kombu gets it."""
+        return url
+
+    def transport_options(self, settings: Settings) -> dict[str, Any]:
+        """Celery's ``broker_transport_options``; each bounds every wait it can."""
+        return {}
+
+    def celery_conf(self, settings: Settings) -> dict[str, Any]:
+        """Extra Celery settings (e.g. a transport class of Tidegate's own)."""
+        return {}
+
+    def publish_options(self, settings: Settings) -> dict[str, Any]:
+        """Extra ``send_task`` options for every publish a producer makes."""
+        return {}
+
+    # -- depth ------------------------------------------------------------------------------
+    def depth_probe(self, settings: Settings) -> DepthProbe:
+        """The probe that reads a queue's depth (``workers.depth``)."""
+        raise ConfigError(f"no depth probe for the {self.name!r} transport")
