@@ -161,12 +161,17 @@ class LoadShedder:
             return 1.0
         return (top - load) / ramp
 
-    def admit(self, priority: Priority | str | int = Priority.HIGH) -> None:
-        """Hard mode: raise Shed when the load is at or above the class's threshold."""
+    def admit(self, priority: Priority | str | int = Priority.HIGH,
+              load: float | None = None) -> None:
+        """Hard mode: raise Shed when the load is at or above the class's threshold.
+
+        ``load``: the load this one request meets, for callers whose load depends on the
+        request (a worker weighs each message's age); else the signal is read."""
         p = Priority.parse(priority)
         if p is Priority.CRITICAL:
             return
-        load = self.load()
+        if load is None:
+            load = self.load()
         if load >= self.thresholds.threshold(p):
             self._shed(p, load)
 

@@ -97,6 +97,16 @@ def _queue_rows(parsed: Any, queue: str) -> list[tuple[str, str, str]]:
     for f in fields(resolved):
         origin = "file" if f.name in own else "[autoscaling]" if f.name in top else "default"
         rows.append((f"autoscaling.{f.name}", _show(getattr(resolved, f.name), 1), origin))
+    section = parsed.schema.shedding
+    top = section.defaults.model_dump(exclude_unset=True)
+    own = section.queues[queue].model_dump(exclude_unset=True) if queue in section.queues else {}
+    rule = parsed.shedding[queue]
+    for key, value in (("enabled", rule.enabled), ("max_age_s", rule.max_age_s),
+                       ("low", rule.thresholds.low), ("medium", rule.thresholds.medium),
+                       ("high", rule.thresholds.high)):
+        origin = "file" if key in own else "[shedding]" if key in top else (
+            "autoscaling.acceptable_wait_s" if key == "max_age_s" else "default")
+        rows.append((f"shedding.{key}", _show(value, 1), origin))
     return rows
 
 

@@ -62,6 +62,8 @@ QUEUE_GAUGES = (
 
 CLUSTER_COUNTERS = (
     ("tidegate_cluster_sheds", "Requests shed under load, all processes.", ("priority",)),
+    ("tidegate_cluster_worker_shed", "Jobs workers took from their queue and dead-lettered "
+     "unrun (reason shed) because they were overloaded, all processes.", ("queue", "priority")),
     ("tidegate_cluster_rejections", "Calls refused before the dependency (rate limit, open "
      "circuit, full bulkhead), all processes.", ("dependency", "reason")),
     ("tidegate_cluster_retries", "Retry attempts started, all processes.", ("dependency",)),
@@ -203,6 +205,9 @@ def counter_families(snap: Snapshot, observer: Observer) -> Iterator[CounterMetr
     deps = [d.name for d in observer.topology.dependencies]
     defaults: dict[str, list[dict[str, str]]] = {
         "tidegate_cluster_sheds": [{"priority": p.name.lower()} for p in Priority],
+        "tidegate_cluster_worker_shed": [{"queue": q, "priority": p.name.lower()}
+                                         for q in observer.topology.work_queues
+                                         for p in Priority if p is not Priority.CRITICAL],
         "tidegate_cluster_rejections": [{"dependency": d, "reason": r} for d in deps
                                         for r in REJECTION_REASONS],
         "tidegate_cluster_retries": [{"dependency": d} for d in deps],

@@ -32,6 +32,7 @@ HASH_KEY = "tidegate:cluster:counters"
 MIRRORED: Mapping[str, str] = {
     # local sample name                   -> cluster metric family (without _total)
     "tidegate_sheds_total": "tidegate_cluster_sheds",
+    "tidegate_worker_shed_total": "tidegate_cluster_worker_shed",
     "tidegate_rejections_total": "tidegate_cluster_rejections",
     "tidegate_retries_total": "tidegate_cluster_retries",
     "tidegate_dead_letters_total": "tidegate_cluster_dead_letters",

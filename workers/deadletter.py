@@ -48,6 +48,7 @@ REJECTIONS_EXHAUSTED = "dependency_unavailable"  # circuit open / bulkhead full,
 PERMANENT = "permanent_failure"
 OUTCOME_UNKNOWN = "outcome_unknown"
 TIME_LIMIT = "time_limit"
+SHED = "shed"  # an overloaded worker dropped it unrun (workers.shedding); replayable
 INVALID_ARGUMENTS = "invalid_arguments"
 UNKNOWN_TASK = "unknown_task"
 UNDECODABLE = "undecodable"
@@ -347,6 +348,8 @@ class DeadLetters:
         # A replay is a new decision: the old deadline and attempt count do not carry over.
         keep = {k: v for k, v in record.headers.items()
                 if k in h.ALL and k not in (h.ATTEMPT, h.DEADLINE)}
+        # its wait starts now (a worker sheds by it: an old time would shed it again at once)
+        keep[h.ENQUEUED_AT] = time.time()
         keep["tidegate_replayed_from"] = record.id
         prio = keep.get(h.PRIORITY)
         priority = None

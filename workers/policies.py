@@ -15,7 +15,7 @@ import atexit
 import logging
 import os
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from celery import signals
@@ -28,6 +28,7 @@ from workers.installation import installation
 from workers.jobs import JobStatuses
 from workers.redis_line import ReplyLater
 from workers.settings import Settings
+from workers.shedding import QueueShedder, ShedRule
 from workers.topology import Topology
 
 log = logging.getLogger(__name__)
@@ -45,6 +46,7 @@ class WorkerState:
     idempotency: IdempotencyStore
     pid: int
     jobs: JobStatuses | None = None  # job status for GET /v1/jobs/{id} (workers.jobs)
+    shedders: dict[str, QueueShedder] = field(default_factory=dict)  # per work queue
 
     def policy(self, dependency: str) -> Policy:
         return self.registry.policy(dependency)
@@ -101,7 +103,20 @@ def build_state(settings: Settings, topology: Topology) -> WorkerState:
     idem = IdempotencyStore(idem_client, ttl_from_env(), replies=replies)
     # job states ride the marks' line: a socket write each, no round trip
     jobs = JobStatuses(idem_client, ttl_from_env(), replies=replies)
-    return WorkerState(registry, configs, fallbacks, idem, os.getpid(), jobs)
+    return WorkerState(registry, configs, fallbacks, idem, os.getpid(), jobs,
+                       _shedders(settings, topology))
+
+
+def _shedders(settings: Settings, topology: Topology) -> dict[str, QueueShedder]:
+    """One shedder per work queue, from the policy file's ``[shedding]`` (workers.shedding)."""
+    from workers.policy_file import load_policy_file
+
+    try:
+        rules = load_policy_file(settings.policy_file).shedding
+    except Exception as exc:  # an app installed with a topology of its own and no file
+        log.warning("no [shedding] rules read (%s); the defaults apply", exc)
+        rules = {}
+    return {q: QueueShedder(q, rules.get(q) or ShedRule()) for q in topology.work_queues}
 
 
 def close_states(**_: Any) -> None:

@@ -20,7 +20,7 @@ import tomllib
 import types
 import typing
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import MappingProxyType
 from typing import Annotated, Any, Literal
@@ -37,7 +37,9 @@ from pydantic_core import PydanticCustomError
 
 from resilience.errors import ConfigError, did_you_mean
 from resilience.policy import PolicyConfig
+from resilience.shedding import SheddingThresholds
 from workers.autoscale import ScalingPolicy
+from workers.shedding import ShedRule
 from workers.topology import WORKER_KEYS, Dependency, Topology
 
 __all__ = [
@@ -170,6 +172,16 @@ class BackpressureTable(_Table):
     max_retry_after_s: Annotated[float, Field(ge=0, allow_inf_nan=False)] | None = None
 
 
+class ShedTable(_Table):
+    """A worker's own shedding (workers/shedding.py): the age budget and thresholds."""
+
+    enabled: bool | None = None
+    max_age_s: Annotated[float, Field(gt=0, allow_inf_nan=False)] | None = None
+    low: Number | None = None
+    medium: Number | None = None
+    high: Number | None = None
+
+
 def _split_queues(data: Any) -> Any:
     """``[section]`` keys are defaults for every queue; ``[section.QUEUE]`` tables override."""
     if not isinstance(data, Mapping):
@@ -210,6 +222,15 @@ class QueuesSection(_Table):
     _split = model_validator(mode="before")(_split_queues)
 
 
+class SheddingSection(_Table):
+    """``[shedding]`` defaults and ``[shedding.QUEUE]`` tables (docs/resilience.md)."""
+
+    defaults: ShedTable = ShedTable()
+    queues: dict[str, ShedTable] = {}
+
+    _split = model_validator(mode="before")(_split_queues)
+
+
 class AppSection(_Table):
     """``[app]``: the Celery app's own task modules (imported by every worker)."""
 
@@ -223,11 +244,12 @@ class PolicySchema(_Table):
     autoscaling: AutoscalingSection = AutoscalingSection()
     backpressure: BackpressureSection = BackpressureSection()
     queues: QueuesSection = QueuesSection()
+    shedding: SheddingSection = SheddingSection()
     app: AppSection = AppSection()
 
 
 # whose second path segment is defaults/queues
-_SYNTHETIC = {"autoscaling", "backpressure", "queues"}
+_SYNTHETIC = {"autoscaling", "backpressure", "queues", "shedding"}
 
 
 class PolicyFileError(ConfigError):
@@ -251,6 +273,9 @@ class PolicyFile:
     scaling_default: ScalingPolicy
     scaling: Mapping[str, ScalingPolicy]
     include: tuple[str, ...]
+    # every work queue's worker-side shedding, resolved (max_age_s defaults to the queue's
+    # autoscaling acceptable_wait_s)
+    shedding: Mapping[str, ShedRule] = field(default_factory=lambda: MappingProxyType({}))
 
     def backpressure_tables(self) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
         """``[backpressure]`` as written (file keys): the defaults, and each queue's table
@@ -410,12 +435,29 @@ def parse_policy(data: Mapping[str, Any], source: str = "<policy>") -> PolicyFil
         if own.keys() & _ORDERED:  # a queue that sets none inherits what was checked above
             errors += _watermark_errors(f"backpressure.{queue}", {**top, **own})
 
+    shedding = schema.shedding
+    errors += _queue_errors("shedding", shedding.queues, topology)
+    rules: dict[str, ShedRule] = {}
+    for queue in topology.work_queues:
+        where = f"shedding.{queue}" if queue in shedding.queues else "shedding"
+        table = {**shedding.defaults.model_dump(exclude_unset=True),
+                 **(shedding.queues[queue].model_dump(exclude_unset=True)
+                    if queue in shedding.queues else {})}
+        age = table.pop("max_age_s", None) or per_queue.get(queue, scaling_default) \
+            .acceptable_wait_s
+        enabled = table.pop("enabled", True)
+        try:
+            rules[queue] = ShedRule(age, SheddingThresholds.from_mapping(table), enabled)
+        except ConfigError as exc:
+            errors.append(f"[{where}]: {exc}")
+
     if errors:
-        raise PolicyFileError(source, errors)
+        raise PolicyFileError(source, list(dict.fromkeys(errors)))
     include = schema.app.include
     return PolicyFile(source, schema, topology, MappingProxyType(configs), scaling_default,
                       MappingProxyType(per_queue),
-                      tuple(include) if include is not None else DEFAULT_TASK_MODULES)
+                      tuple(include) if include is not None else DEFAULT_TASK_MODULES,
+                      MappingProxyType(rules))
 
 
 @functools.lru_cache(maxsize=16)

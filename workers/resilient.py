@@ -52,7 +52,7 @@ from celery import Task, shared_task
 from celery.app.task import get_actual_ignore_result
 from celery.exceptions import Ignore, Reject, Retry, SoftTimeLimitExceeded
 
-from resilience.errors import InProgress, PermanentError, RejectedError, TransientError
+from resilience.errors import InProgress, PermanentError, RejectedError, Shed, TransientError
 from resilience.fallback import (
     CallContext,
     DeferralError,
@@ -73,6 +73,7 @@ from workers.installation import installation
 from workers.jobs import count_outcome
 from workers.poison import signature_of
 from workers.policies import WorkerState, state_for
+from workers.shedding import LOAD
 
 log = logging.getLogger("tidegate.worker")
 
@@ -316,7 +317,8 @@ class ResilientTask(Task):
         token = _current.set(ex)
         state = state_for(self.app)
         try:
-            return self._deliver(state, ex, args, kwargs)
+            with LOAD.running():
+                return self._deliver(state, ex, args, kwargs)
         finally:
             _current.reset(token)
             if ex.leased:
@@ -380,6 +382,13 @@ class ResilientTask(Task):
             return self._dead_letter(state, ex, "deadline_expired", TransientError(
                 f"the enqueuer's deadline passed {time.time() - float(deadline):.1f}s before "
                 "a worker took the task"), mark=False)
+        shedder = state.shedders.get(ex.queue)
+        if shedder is not None:  # overloaded: LOW first, never CRITICAL (workers.shedding)
+            try:
+                shedder.admit(ex.priority, ex.headers.get(h.ENQUEUED_AT),
+                              getattr(self.request, "eta", None), deadline)
+            except Shed as exc:
+                return self._dead_letter(state, ex, dl.SHED, exc, mark=False)
         if ex.reads_mark:
             try:
                 mark = state.idempotency.begin(self.name, ex.mark, worker=ex.worker)
@@ -565,9 +574,11 @@ class ResilientTask(Task):
                 state.idempotency.dead(self.name, ex.mark, record.id)
             except StoreUnavailable:
                 log.warning("%s[%s]: could not mark as dead-lettered", ex.task, ex.task_id)
-        log.error("%s[%s]: dead-lettered to %s as %s (record %s): %s: %s", ex.task, ex.task_id,
-                  installation(self.app).topology.dead_letter_queue(ex.queue), reason, record.id,
-                  record.exception_type, record.exception_message)
+        # a shed is counted and logged once per spell (workers.shedding), not once per job
+        log.log(logging.DEBUG if reason == dl.SHED else logging.ERROR,
+                "%s[%s]: dead-lettered to %s as %s (record %s): %s: %s", ex.task, ex.task_id,
+                installation(self.app).topology.dead_letter_queue(ex.queue), reason, record.id,
+                record.exception_type, record.exception_message)
         what = f"{record.exception_type}: {record.exception_message}" if exc else "-"
         _job(state, ex, "dead_lettered", reason=reason, record=record.id, error=what[:500],
              dlq=installation(self.app).topology.dead_letter_queue(ex.queue))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -130,6 +131,9 @@ def test_replay_keeps_identity_and_key_but_not_the_deadline_or_attempts():
     assert sent["name"] == "email.send" and sent["task_id"] == "t-9"
     assert sent["queue"] == "email" and sent["args"] == ["a@x", "s"]
     assert sent["priority"] == 0  # CRITICAL on Redis
+    # its wait starts at the replay: a worker sheds by it (workers.shedding)
+    enqueued = sent["headers"].pop("tidegate_enqueued_at")
+    assert time.time() - 5 < enqueued <= time.time()
     assert sent["headers"] == {"tidegate_idempotency_key": "k-9",
                                "tidegate_priority": "CRITICAL",
                                "tidegate_replayed_from": record.id}
