@@ -25,6 +25,8 @@ BENCHMARKS: list[tuple[str, list[str], str]] = [
     ("guard_overhead.py", ["--calls", "5000"], "Guard overhead: success-path cost per call"),
     ("pipeline_throughput.py", [], "Pipeline throughput: Tidegate vs bare Celery"),
     ("enqueue.py", [], "Enqueue throughput: single and batch enqueue vs a send_task loop"),
+    ("state_load.py", [], "State and broker load: Redis commands, bytes and AMQP frames per job, "
+     "per guarded call and per polling process (docs/scaling.md)"),
     ("bulkhead_isolation.py", [], "Bulkhead isolation: search while payments hangs"),
     ("backpressure.py", [], "Backpressure and overload: naive producer vs Tidegate"),
     ("replay.py", [], "Replay: queue-for-later drain vs raw SQS receive+delete"),
