@@ -7,6 +7,8 @@ published there (publisher confirms on RabbitMQ: the publish returns once the br
 never loses one. On RabbitMQ the work queues also dead-letter natively into the same DLQ
 (``x-dead-letter-exchange``): a message that a worker rejects without requeueing still lands
 there, as the raw task message with RabbitMQ's ``x-death`` header; :func:`parse` reads both.
+Publishing is the same on every broker; reading and removing records is each broker's own
+(``dead_letters`` and ``take_dead_letters`` of its adapter, :mod:`workers.brokers`).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from prometheus_client import Counter
 from resilience.errors import PermanentError, TransientError
 from resilience.metrics import get_or_create
 from workers import headers as h
+from workers.brokers import broker_for
 from workers.errors import BrokerUnavailable
 from workers.installation import installation
 from workers.topology import Topology
@@ -191,6 +194,7 @@ class DeadLetters:
         installed = installation(app)
         self.settings = installed.settings
         self.topology: Topology = installed.topology
+        self.broker = broker_for(self.settings)
 
     # -- publishing (workers) ------------------------------------------------------------
     def publish(self, record: DeadLetter) -> None:
@@ -212,68 +216,18 @@ class DeadLetters:
                 from exc
         DEAD_LETTERS.labels(queue=record.queue, reason=record.reason).inc()
 
-    # -- operator side -------------------------------------------------------------------
-    def _connection(self) -> Connection:
+    # -- operator side (reading and removing records: the broker's adapter) ---------------
+    def connection(self) -> Connection:
+        """A kombu connection to the app's broker, as its workers connect."""
         return Connection(self.app.conf.broker_url,  # kombu's form (sentinel: no query)
                           connect_timeout=self.settings.connect_timeout_s,
                           transport_options=self.app.conf.broker_transport_options)
-
-    def _redis(self):  # the broker's Redis (not the state store); sentinel:// too
-        from resilience.stores import redis_client
-
-        return redis_client(self.settings.broker_url, socket_timeout=self.settings.read_timeout_s,
-                            socket_connect_timeout=self.settings.connect_timeout_s)
 
     def list(self, queue: str, limit: int | None = None) -> list[DeadLetter]:
         """The records in ``queue``'s DLQ, oldest first, without removing them."""
         self.topology.check_queue(queue)
         with _broker_errors(self.settings):
-            return self._list(queue, limit)
-
-    def _list(self, queue: str, limit: int | None) -> list[DeadLetter]:
-        dlq = self.topology.dead_letter_queue(queue)
-        out: list[DeadLetter] = []
-        if self.settings.transport == "sqs":
-            with self._sqs_dlq(queue) as sqs:
-                return [record for _, record in sqs.receive_all(limit)]
-        if self.settings.transport == "redis":
-            for raw in reversed(self._redis().lrange(dlq, 0, -1)):
-                out.append(self._parse_redis(raw, dlq))
-                if limit and len(out) >= limit:
-                    break
-            return out
-        with self._connection() as conn:
-            channel = conn.channel()
-            try:
-                bound = dead_letter_queue(self.topology, queue)(channel)
-                bound.declare()
-                while limit is None or len(out) < limit:
-                    message = bound.get(no_ack=False)
-                    if message is None:
-                        break
-                    out.append(parse(message.body, message.headers, dlq))
-            finally:
-                channel.close()  # unacked: every message goes back where it was
-        return out
-
-    @staticmethod
-    def _parse_redis(raw: bytes, dlq: str) -> DeadLetter:
-        return _parse_envelope(json.loads(raw), dlq)
-
-    @contextlib.contextmanager
-    def _sqs_dlq(self, queue: str) -> Iterator[_SqsDlq]:
-        with self._connection() as conn:
-            channel = conn.channel()
-            try:
-                bound = dead_letter_queue(self.topology, queue)(channel)
-                bound.declare()
-                sqs = _SqsDlq(channel, self.topology.dead_letter_queue(queue))
-                try:
-                    yield sqs
-                finally:
-                    sqs.release_all()  # whatever was received and not taken: visible again
-            finally:
-                channel.close()  # nothing is unacked on it: _SqsDlq bypasses kombu's QoS
+            return self.broker.dead_letters(self, queue, limit)
 
     def show(self, queue: str, record_id: str) -> DeadLetter:
         matches = [r for r in self.list(queue) if r.id.startswith(record_id)]
@@ -292,49 +246,12 @@ class DeadLetters:
         """
         self.topology.check_queue(queue)
         with _broker_errors(self.settings):
-            yield from self._take(queue, select, handle)
-
-    def _take(self, queue: str, select: Callable[[DeadLetter], bool],
-              handle: Callable[[DeadLetter], None]) -> Iterator[DeadLetter]:
-        dlq = self.topology.dead_letter_queue(queue)
-        if self.settings.transport == "sqs":
-            with self._sqs_dlq(queue) as sqs:
-                for message, record in sqs.receive_all(None):
-                    if select(record):
-                        handle(record)
-                        sqs.delete(message)
-                        yield record
-            return
-        if self.settings.transport == "redis":
-            client = self._redis()
-            for raw in reversed(client.lrange(dlq, 0, -1)):
-                record = self._parse_redis(raw, dlq)
-                if select(record):
-                    handle(record)
-                    client.lrem(dlq, 1, raw)
-                    yield record
-            return
-        with self._connection() as conn:
-            channel = conn.channel()
-            try:
-                bound = dead_letter_queue(self.topology, queue)(channel)
-                bound.declare()
-                while True:
-                    message = bound.get(no_ack=False)
-                    if message is None:
-                        break
-                    record = parse(message.body, message.headers, dlq)
-                    if select(record):
-                        handle(record)
-                        message.ack()
-                        yield record
-            finally:
-                channel.close()
+            yield from self.broker.take_dead_letters(self, queue, select, handle)
 
     def purge(self, queue: str) -> int:
         """Delete every record in ``queue``'s DLQ; returns how many there were."""
         self.topology.check_queue(queue)
-        with _broker_errors(self.settings), self._connection() as conn:
+        with _broker_errors(self.settings), self.connection() as conn:
             bound = dead_letter_queue(self.topology, queue)(conn.default_channel)
             bound.declare()
             return int(bound.purge() or 0)
@@ -342,7 +259,6 @@ class DeadLetters:
     def replay_message(self, record: DeadLetter, *, force: bool = False) -> str:
         """Publish ``record``'s task again on its origin queue, same task id and key."""
         from resilience.shedding import Priority
-        from workers.brokers import broker_for
 
         check_replayable(record, force=force)
         # A replay is a new decision: the old deadline and attempt count do not carry over.
@@ -354,7 +270,7 @@ class DeadLetters:
         prio = keep.get(h.PRIORITY)
         priority = None
         if prio:
-            priority = broker_for(self.settings).priority(Priority.parse(prio))
+            priority = self.broker.priority(Priority.parse(prio))
         task_id = record.task_id or uuid.uuid4().hex
         jobs = self._job_statuses()
         # before the publish: a worker's "running" must land after it, never under it
@@ -384,64 +300,12 @@ class DeadLetters:
         return self._jobs
 
 
-def _parse_envelope(envelope: dict[str, Any], dlq: str) -> DeadLetter:
+def parse_envelope(envelope: dict[str, Any], dlq: str) -> DeadLetter:
     """A record from kombu's message envelope (the Redis and SQS transports store one)."""
     body = envelope.get("body")
     if (envelope.get("properties") or {}).get("body_encoding") == "base64":
         body = base64.b64decode(body)
     return parse(body, envelope.get("headers"), dlq)
-
-
-class _SqsDlq:
-    """One DLQ on Celery's SQS transport, read with SQS's own calls.
-
-    Why not kombu's ``basic_get`` as on RabbitMQ: a message taken and not acked on kombu's
-    SQS channel is re-published as a copy when the channel closes, while the original stays
-    hidden and comes back after the visibility timeout, so every ``dlq list`` would double
-    the DLQ. Here a listing receives each message (hidden for ``HOLD_S`` so one pass sees
-    distinct ones) and makes it visible again at the end; taking a record deletes it.
-    """
-
-    HOLD_S = 30
-
-    def __init__(self, channel: Any, dlq: str) -> None:
-        self.channel = channel
-        self.dlq = dlq
-        self.url = channel._new_queue(dlq)  # kombu's name mapping (prefix, "." -> "-")
-        self.client = channel.sqs(dlq)
-        self._held: dict[str, str] = {}  # message id -> receipt handle, to put back
-
-    def receive_all(self, limit: int | None) -> list[tuple[dict[str, Any], DeadLetter]]:
-        """Every message (up to ``limit``), oldest first, with its record."""
-        seen: dict[str, tuple[dict[str, Any], DeadLetter]] = {}
-        while limit is None or len(seen) < limit:
-            response = self.client.receive_message(
-                QueueUrl=self.url, MaxNumberOfMessages=10, VisibilityTimeout=self.HOLD_S,
-                WaitTimeSeconds=0, MessageSystemAttributeNames=["SentTimestamp"])
-            fresh = [m for m in response.get("Messages", []) if m["MessageId"] not in seen]
-            if not fresh:
-                break
-            for m in fresh:
-                self._held[m["MessageId"]] = m["ReceiptHandle"]
-                envelope = self.channel._message_to_python(m, self.dlq, self.url)
-                seen[m["MessageId"]] = (m, _parse_envelope(envelope, self.dlq))
-        ordered = sorted(seen.values(),
-                         key=lambda mr: int(mr[0].get("Attributes", {}).get("SentTimestamp", 0)))
-        return ordered[:limit] if limit else ordered
-
-    def delete(self, message: dict[str, Any]) -> None:
-        self.client.delete_message(QueueUrl=self.url, ReceiptHandle=message["ReceiptHandle"])
-        self._held.pop(message["MessageId"], None)
-
-    def release_all(self) -> None:
-        """Make every message still held visible again (else after HOLD_S)."""
-        items = list(self._held.items())
-        self._held.clear()
-        for start in range(0, len(items), 10):
-            chunk = items[start : start + 10]
-            self.client.change_message_visibility_batch(QueueUrl=self.url, Entries=[
-                {"Id": str(i), "ReceiptHandle": handle, "VisibilityTimeout": 0}
-                for i, (_, handle) in enumerate(chunk)])
 
 
 def check_replayable(record: DeadLetter, *, force: bool) -> None:

@@ -8,13 +8,14 @@ differently (docs/architecture.md, "Adding a broker").
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from resilience.errors import ConfigError
 from resilience.shedding import Priority
 
 if TYPE_CHECKING:
+    from workers.deadletter import DeadLetter, DeadLetters
     from workers.depth import DepthProbe
     from workers.settings import Settings
 
@@ -81,3 +82,51 @@ class BrokerAdapter:
     def depth_probe(self, settings: Settings) -> DepthProbe:
         """The probe that reads a queue's depth (``workers.depth``)."""
         raise ConfigError(f"no depth probe for the {self.name!r} transport")
+
+    # -- dead-letter storage ----------------------------------------------------------------
+    # Publishing a record is the same on every broker (a confirmed kombu publish to the DLQ,
+    # workers.deadletter); reading and removing records is not. The default is AMQP's way:
+    # ``basic_get`` without ack, and closing the channel puts every unacked message back.
+    def dead_letters(self, dls: DeadLetters, queue: str, limit: int | None) -> list[DeadLetter]:
+        """The records in ``queue``'s DLQ, oldest first, left in place."""
+        from workers.deadletter import parse
+
+        dlq = dls.topology.dead_letter_queue(queue)
+        out: list[DeadLetter] = []
+        with dls.connection() as conn:
+            channel = conn.channel()
+            try:
+                bound = dls.topology.dead_letter_kombu_queue(queue)(channel)
+                bound.declare()
+                while limit is None or len(out) < limit:
+                    message = bound.get(no_ack=False)
+                    if message is None:
+                        break
+                    out.append(parse(message.body, message.headers, dlq))
+            finally:
+                channel.close()  # unacked: every message goes back where it was
+        return out
+
+    def take_dead_letters(self, dls: DeadLetters, queue: str,
+                          select: Callable[[DeadLetter], bool],
+                          handle: Callable[[DeadLetter], None]) -> Iterator[DeadLetter]:
+        """Remove each selected record from ``queue``'s DLQ once ``handle`` returned for it."""
+        from workers.deadletter import parse
+
+        dlq = dls.topology.dead_letter_queue(queue)
+        with dls.connection() as conn:
+            channel = conn.channel()
+            try:
+                bound = dls.topology.dead_letter_kombu_queue(queue)(channel)
+                bound.declare()
+                while True:
+                    message = bound.get(no_ack=False)
+                    if message is None:
+                        break
+                    record = parse(message.body, message.headers, dlq)
+                    if select(record):
+                        handle(record)
+                        message.ack()
+                        yield record
+            finally:
+                channel.close()

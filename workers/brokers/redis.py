@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import ssl
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any, ClassVar
 from urllib.parse import urlsplit
 
@@ -24,6 +24,7 @@ from workers.depth import DepthUnavailable, QueueDepth
 from workers.topology import REDIS_PRIORITY_STEPS, REDIS_SEP
 
 if TYPE_CHECKING:
+    from workers.deadletter import DeadLetter, DeadLetters
     from workers.settings import Settings
 
 __all__ = ["RedisBroker", "RedisDepthProbe"]
@@ -101,6 +102,32 @@ class RedisBroker(BrokerAdapter):
 
     def depth_probe(self, settings: Settings) -> RedisDepthProbe:
         return RedisDepthProbe(self.client(settings))
+
+    # A DLQ is kombu's plain list (LPUSHed: the oldest record at the tail), read in place.
+    def dead_letters(self, dls: DeadLetters, queue: str, limit: int | None) -> list[DeadLetter]:
+        from workers.deadletter import parse_envelope
+
+        dlq = dls.topology.dead_letter_queue(queue)
+        out: list[DeadLetter] = []
+        for raw in reversed(self.client(dls.settings).lrange(dlq, 0, -1)):
+            out.append(parse_envelope(json.loads(raw), dlq))
+            if limit and len(out) >= limit:
+                break
+        return out
+
+    def take_dead_letters(self, dls: DeadLetters, queue: str,
+                          select: Callable[[DeadLetter], bool],
+                          handle: Callable[[DeadLetter], None]) -> Iterator[DeadLetter]:
+        from workers.deadletter import parse_envelope
+
+        dlq = dls.topology.dead_letter_queue(queue)
+        client = self.client(dls.settings)
+        for raw in reversed(client.lrange(dlq, 0, -1)):
+            record = parse_envelope(json.loads(raw), dlq)
+            if select(record):
+                handle(record)
+                client.lrem(dlq, 1, raw)
+                yield record
 
 
 def _sentinel_options(settings: Settings) -> dict[str, Any]:

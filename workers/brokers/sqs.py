@@ -8,8 +8,9 @@ environment), approximate depth counters, and a DLQ read with SQS's own calls.
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlsplit
 
@@ -20,6 +21,7 @@ from workers.depth import DepthUnavailable, QueueDepth
 from workers.sqs_deferral import SqsClientConfig, sqs_client
 
 if TYPE_CHECKING:
+    from workers.deadletter import DeadLetter, DeadLetters
     from workers.settings import Settings
 
 __all__ = ["SQSBroker", "SQSDepthProbe", "broker_sqs_config", "sqs_queue_name"]
@@ -52,6 +54,90 @@ class SQSBroker(BrokerAdapter):
 
     def depth_probe(self, settings: Settings) -> SQSDepthProbe:
         return SQSDepthProbe(self.client(settings), prefix=settings.sqs_queue_prefix)
+
+    def dead_letters(self, dls: DeadLetters, queue: str, limit: int | None) -> list[DeadLetter]:
+        with _sqs_dlq(dls, queue) as sqs:
+            return [record for _, record in sqs.receive_all(limit)]
+
+    def take_dead_letters(self, dls: DeadLetters, queue: str,
+                          select: Callable[[DeadLetter], bool],
+                          handle: Callable[[DeadLetter], None]) -> Iterator[DeadLetter]:
+        with _sqs_dlq(dls, queue) as sqs:
+            for message, record in sqs.receive_all(None):
+                if select(record):
+                    handle(record)
+                    sqs.delete(message)
+                    yield record
+
+
+@contextlib.contextmanager
+def _sqs_dlq(dls: DeadLetters, queue: str) -> Iterator[_SqsDlq]:
+    with dls.connection() as conn:
+        channel = conn.channel()
+        try:
+            bound = dls.topology.dead_letter_kombu_queue(queue)(channel)
+            bound.declare()
+            sqs = _SqsDlq(channel, dls.topology.dead_letter_queue(queue))
+            try:
+                yield sqs
+            finally:
+                sqs.release_all()  # whatever was received and not taken: visible again
+        finally:
+            channel.close()  # nothing is unacked on it: _SqsDlq bypasses kombu's QoS
+
+
+class _SqsDlq:
+    """One DLQ on Celery's SQS transport, read with SQS's own calls.
+
+    Why not kombu's ``basic_get`` as on RabbitMQ: a message taken and not acked on kombu's
+    SQS channel is re-published as a copy when the channel closes, while the original stays
+    hidden and comes back after the visibility timeout, so every ``dlq list`` would double
+    the DLQ. Here a listing receives each message (hidden for ``HOLD_S`` so one pass sees
+    distinct ones) and makes it visible again at the end; taking a record deletes it.
+    """
+
+    HOLD_S = 30
+
+    def __init__(self, channel: Any, dlq: str) -> None:
+        self.channel = channel
+        self.dlq = dlq
+        self.url = channel._new_queue(dlq)  # kombu's name mapping (prefix, "." -> "-")
+        self.client = channel.sqs(dlq)
+        self._held: dict[str, str] = {}  # message id -> receipt handle, to put back
+
+    def receive_all(self, limit: int | None) -> list[tuple[dict[str, Any], DeadLetter]]:
+        """Every message (up to ``limit``), oldest first, with its record."""
+        from workers.deadletter import parse_envelope
+
+        seen: dict[str, tuple[dict[str, Any], DeadLetter]] = {}
+        while limit is None or len(seen) < limit:
+            response = self.client.receive_message(
+                QueueUrl=self.url, MaxNumberOfMessages=10, VisibilityTimeout=self.HOLD_S,
+                WaitTimeSeconds=0, MessageSystemAttributeNames=["SentTimestamp"])
+            fresh = [m for m in response.get("Messages", []) if m["MessageId"] not in seen]
+            if not fresh:
+                break
+            for m in fresh:
+                self._held[m["MessageId"]] = m["ReceiptHandle"]
+                envelope = self.channel._message_to_python(m, self.dlq, self.url)
+                seen[m["MessageId"]] = (m, parse_envelope(envelope, self.dlq))
+        ordered = sorted(seen.values(),
+                         key=lambda mr: int(mr[0].get("Attributes", {}).get("SentTimestamp", 0)))
+        return ordered[:limit] if limit else ordered
+
+    def delete(self, message: dict[str, Any]) -> None:
+        self.client.delete_message(QueueUrl=self.url, ReceiptHandle=message["ReceiptHandle"])
+        self._held.pop(message["MessageId"], None)
+
+    def release_all(self) -> None:
+        """Make every message still held visible again (else after HOLD_S)."""
+        items = list(self._held.items())
+        self._held.clear()
+        for start in range(0, len(items), 10):
+            chunk = items[start : start + 10]
+            self.client.change_message_visibility_batch(QueueUrl=self.url, Entries=[
+                {"Id": str(i), "ReceiptHandle": handle, "VisibilityTimeout": 0}
+                for i, (_, handle) in enumerate(chunk)])
 
 
 def sqs_queue_name(queue: str, prefix: str = "") -> str:
