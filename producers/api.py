@@ -128,6 +128,11 @@ class JobStatus(BaseModel):
     replay: dict[str, Any] | None = Field(None, description="replayed: the replay's status")
     replayed_from: str | None = None
     job: str | None = Field(None, description="a worker's deferral: the deferred job's id")
+    outcome: Literal["not_attempted", "unknown"] | None = Field(
+        None, description="dead_lettered/failed, graceful fallback: whether a write reached "
+        "the dependency")
+    message: str | None = Field(None, description="dead_lettered/failed, graceful fallback: "
+                                "what to tell the user (states only what is known)")
 
 
 class Problem(Exception):

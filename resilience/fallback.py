@@ -278,13 +278,17 @@ class Graceful(Fallback):
 
     def recover(self, ctx: CallContext, error: BaseException) -> Unavailable:
         reason = str(getattr(error, "reason", None) or type(error).__name__)
-        if nothing_reached(error):
-            message = self.message or f"{ctx.dependency} is temporarily unavailable"
-            return Unavailable(ctx.dependency, reason, message, "not_attempted")
-        message = self.unknown_message or (
-            f"{ctx.dependency} did not answer in time; the outcome is unknown, we will "
-            "confirm it")
-        return Unavailable(ctx.dependency, reason, message, "unknown")
+        outcome, message = self.answer(ctx.dependency, reached=not nothing_reached(error))
+        return Unavailable(ctx.dependency, reason, message, outcome)
+
+    def answer(self, dependency: str, *, reached: bool) -> tuple[str, str]:
+        """``(outcome, message)`` for what is known: ``"not_attempted"`` and ``message`` only
+        when nothing reached the dependency, else ``"unknown"`` and ``unknown_message``. Also
+        what a queued job's status says once it failed (workers.resilient)."""
+        if not reached:
+            return "not_attempted", self.message or f"{dependency} is temporarily unavailable"
+        return "unknown", self.unknown_message or (
+            f"{dependency} did not answer in time; the outcome is unknown, we will confirm it")
 
     def __repr__(self) -> str:
         return f"Graceful({self.message!r}, {self.unknown_message!r})"

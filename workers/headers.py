@@ -14,11 +14,14 @@ ATTEMPT = "tidegate_attempt"  # the job's next attempt number, in-call attempts 
 FIRST_SEEN = "tidegate_first_seen"
 DEFERRALS = "tidegate_deferrals"  # set by the replayer: how often this request was deferred
 FIRST_DEFERRED_AT = "tidegate_first_deferred_at"  # epoch seconds of its first deferral
+# Set on a retry once any earlier delivery's attempt reached (or may have reached) the
+# dependency: a later refusal must not make the job's status say "not charged".
+REACHED = "tidegate_reached"
 # Set by the Producer on a task id it generated itself for that one publish: no other message
 # can carry the id unless this one is redelivered. Not in ALL: retries and replays drop it.
 FRESH_ID = "tidegate_fresh_id"
 ALL = (IDEMPOTENCY_KEY, PRIORITY, DEADLINE, ENQUEUED_AT, ATTEMPT, FIRST_SEEN, DEFERRALS,
-       FIRST_DEFERRED_AT)
+       FIRST_DEFERRED_AT, REACHED)
 
 
 def read(request: object, name: str, default: object = None) -> object:

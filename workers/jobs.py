@@ -14,10 +14,13 @@ queued         the Producer after the publish (``NX``: never over a later   task
 running        the worker, before the task body runs                        worker, attempt
 retrying       the worker, when it sends the task back with a countdown     error, retry_in_s
 succeeded      the worker, after the done mark                              worker
-failed         the worker, when the dead-letter copy could not be stored   error
-               (the message was rejected instead)
+failed         the worker, when the dead-letter copy could not be stored   error (outcome,
+               (the message was rejected instead)                           message)
 dead_lettered  the worker (or its consumer, for a poison message) once the  reason, record,
                DLQ record is stored                                         dlq, error
+                                                                            (outcome, message:
+                                                                            a graceful
+                                                                            fallback's answer)
 deferred       the worker or the Producer, once the request is in SQS      deferred_id,
                                                                             dependency
 replayed       ``tidegate dlq replay`` (same id, runs again) and the        replay_id /

@@ -79,7 +79,7 @@ def _fallback(config: PolicyConfig, cache: RedisCache) -> Fallback | None:
     if spec.kind == "default":
         return DefaultValue(spec.value)
     if spec.kind == "graceful":
-        return Graceful(spec.message)
+        return Graceful(spec.message, spec.unknown_message)
     if spec.kind == "queue":
         sink = _deferral_sink(config.name)
         return QueueForLater(sink, spec.max_deferrals) if sink is not None else None

@@ -111,6 +111,7 @@ class Execution:
     redelivered: bool = False  # the broker says an earlier delivery was not acked
     fresh: bool = False  # first delivery of a task id the Producer generated (h.FRESH_ID)
     effect_attempted: bool = False  # a write reached (or may have reached) a dependency
+    reached_before: bool = False  # an earlier delivery's write did (h.REACHED, a started mark)
     leased: bool = False  # this delivery holds its mark's run lease (workers.idempotency)
     fallbacks: list[str] = field(default_factory=list)
     calls: int = 0  # attempts on the task's own dependency in this delivery (its largest step)
@@ -369,6 +370,7 @@ class ResilientTask(Task):
             worker=req.hostname or "-", redelivered=redelivered,
             fresh=(not redelivered and static.honours_fresh_ids
                    and bool(h.read(req, h.FRESH_ID))),
+            reached_before=bool(tidegate.get(h.REACHED)),
         )
 
     def _deliver(self, state: WorkerState, ex: Execution, args: tuple, kwargs: dict) -> Any:
@@ -420,9 +422,11 @@ class ResilientTask(Task):
                 return self._dead_letter(state, ex, dl.OUTCOME_UNKNOWN, RuntimeError(
                     f"a previous delivery started on {mark.worker} at {mark.at} and never "
                     "finished (worker lost?): not run again, the effect may have happened"))
+            ex.reached_before = True  # that run may have reached the dependency
             log.warning("%s[%s]: redelivered after an unfinished run on %s; running again "
                         "(idempotent)", ex.task, ex.task_id, mark.worker)
         elif ex.redelivered and ex.idempotent:
+            ex.reached_before = True  # the unfinished delivery may have reached it
             log.warning("%s[%s]: redelivered after an unfinished delivery; running again "
                         "(idempotent)", ex.task, ex.task_id)
         _job(state, ex, "running", worker=ex.worker, attempt=ex.attempt,
@@ -516,6 +520,8 @@ class ResilientTask(Task):
             spread = float(retry_after) * (1 + random.uniform(0, 0.2))
             delay = max(delay, min(spread, REFUSAL_MAX_WAIT_S))
         headers = {**ex.headers, h.ATTEMPT: following, h.FIRST_SEEN: ex.first_seen}
+        if ex.effect_attempted or ex.reached_before:
+            headers[h.REACHED] = True
         # The next attempt is a planned one, not a redelivery: it must not find "started".
         # (Only idempotent work, or work that reached no dependency, gets here.)
         with contextlib.suppress(StoreUnavailable):
@@ -537,6 +543,18 @@ class ResilientTask(Task):
                       rejected.reason)
             raise Reject(rejected.reason, requeue=True) from exc
 
+    def _told(self, state: WorkerState, ex: Execution) -> dict[str, str]:
+        """What a job that failed tells its user, where its dependency's fallback is
+        ``graceful``: ``message`` ("you have not been charged") only when no delivery's write
+        reached the dependency, else ``message_unknown``; with ``outcome`` saying which."""
+        config = state.configs.get(self.dependency or "")
+        spec = config.fallback if config is not None else None
+        if spec is None or spec.kind != "graceful":
+            return {}
+        outcome, message = Graceful(spec.message, spec.unknown_message).answer(
+            self.dependency or "", reached=ex.effect_attempted or ex.reached_before)
+        return {"outcome": outcome, "message": message}
+
     def _report_deferred(self, ex: Execution, deferred: Deferred) -> None:
         """Tell Celery's monitors (a ``task-deferred`` event) and the result backend (state
         DEFERRED), where they are on. Best effort: the request is safely stored already."""
@@ -555,7 +573,8 @@ class ResilientTask(Task):
         record = dl.DeadLetter(
             reason=reason, queue=ex.queue, task=ex.task, task_id=ex.task_id,
             args=list(ex.args), kwargs=dict(ex.kwargs),
-            headers={**ex.headers, h.ATTEMPT: ex.attempts_used, h.FIRST_SEEN: ex.first_seen},
+            headers={**ex.headers, h.ATTEMPT: ex.attempts_used, h.FIRST_SEEN: ex.first_seen,
+                     **({h.REACHED: True} if ex.effect_attempted or ex.reached_before else {})},
             idempotency_key=ex.idempotency_key, idempotent=ex.idempotent,
             attempts=ex.attempts_used,
             worker=ex.worker, first_seen=ex.first_seen,
@@ -567,7 +586,7 @@ class ResilientTask(Task):
             # takes a rejected message; elsewhere it goes back to the queue.
             requeue = not broker_for(installation(self.app).settings).dead_letters_natively
             log.error("%s[%s]: %s; rejecting (requeue=%s)", ex.task, ex.task_id, err, requeue)
-            _job(state, ex, "failed", error=str(err)[:500])
+            _job(state, ex, "failed", error=str(err)[:500], **self._told(state, ex))
             raise Reject(str(err), requeue=requeue) from err
         if mark:
             try:
@@ -581,7 +600,8 @@ class ResilientTask(Task):
                 record.exception_type, record.exception_message)
         what = f"{record.exception_type}: {record.exception_message}" if exc else "-"
         _job(state, ex, "dead_lettered", reason=reason, record=record.id, error=what[:500],
-             dlq=installation(self.app).topology.dead_letter_queue(ex.queue))
+             dlq=installation(self.app).topology.dead_letter_queue(ex.queue),
+             **self._told(state, ex))
         raise DeadLettered(f"{reason}: {what[:500]} (dead-lettered to "
                            f"{installation(self.app).topology.dead_letter_queue(ex.queue)}, "
                            f"record {record.id})", reason, record.id)

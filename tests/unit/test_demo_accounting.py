@@ -92,3 +92,34 @@ def test_a_job_still_in_the_broker_is_listed_as_queued_not_missing() -> None:
     j = job(1, "search.index", "low", "k1")
     acc = reconcile([j], records(still_queued=frozenset({j.id})))
     assert acc.by_outcome["still_queued"] == 1 and acc.balanced
+
+
+def test_what_a_failed_charge_told_its_user_is_checked_against_the_ledger() -> None:
+    from tidegate.demo.report import _told_lines
+
+    told = [job(1, "payments.charge", "critical", None), job(2, "payments.charge", "critical",
+                                                             None)]
+    dlq = [DeadLetter(reason=r, queue="payments", task="payments.charge", task_id=j.id)
+           for r, j in (("dependency_unavailable", told[0]),
+                        ("transient_failure_not_idempotent", told[1]))]
+    states = {told[0].id: {"state": "dead_lettered", "outcome": "not_attempted",
+                           "message": "you have not been charged"},
+              told[1].id: {"state": "dead_lettered", "outcome": "unknown",
+                           "message": "not known yet"}}
+
+    def run(charged: set[str]) -> tuple[list[str], list[str]]:
+        rec = records(ledgers={"payments": {"effects": {j: effect() for j in charged}},
+                               "search": {"effects": {}}, "email": {"effects": {}}},
+                      dead_letters={"payments": dlq, "search": [], "email": []},
+                      job_states=states)
+        acc = reconcile(told, rec)
+        return [name for name, ok, _ in acc.checks if not ok], _told_lines(acc)
+
+    failed, lines = run({told[1].id})  # the unknown one was charged after all: honest
+    assert failed == ["a dead-lettered job's effect happened only when its outcome is unknown"]
+    assert lines[1] == ('  - `not_attempted` x 1 (no attempt reached the provider; the '
+                        "provider's ledger shows 0 of them charged): \"you have not been "
+                        'charged"')
+    assert "`unknown` x 1" in lines[2] and "shows 1 of them charged" in lines[2]
+    failed, _ = run({told[0].id})  # told "not charged", and charged: the check fails
+    assert "no one told 'not charged' was charged (job status vs provider ledger)" in failed

@@ -56,6 +56,10 @@ class Outcome:
     dlq_queue: str | None = None
     mark: str | None = None  # idempotency mark state at the end
     seconds_to_effect: float | None = None
+    # what the job's status (GET /v1/jobs/{id}) tells its user once it failed, where the
+    # dependency's fallback is graceful: "not_attempted" / "unknown", and the words
+    told: str | None = None
+    told_message: str | None = None
 
 
 @dataclass
@@ -213,6 +217,9 @@ def _one(job: Job, sim: str, lkey: str | None, effects: Mapping[str, Any],
             o.deferred_by = o.deferred_by or "worker"
     if effect is not None:
         o.seconds_to_effect = round(effect["applied_at"] - job.sent_at, 3)
+    status = rec.job_states.get(job.id or "") or {}
+    if status.get("outcome"):
+        o.told, o.told_message = status["outcome"], status.get("message")
     if found is not None:
         queue, record = found
         o.outcome, o.dlq_queue, o.dlq_reason = "dead_lettered", queue, record.reason
@@ -256,6 +263,10 @@ def _checks(acc: Accounting) -> None:
                        not acc.unexpected_effects,
                        ", ".join(f"{s}: {len(k)}" for s, k in acc.unexpected_effects.items())
                        or "none unexplained"))
+    told_wrong = [o for o in outs if o.told == "not_attempted" and o.effect_applied]
+    told = [o for o in outs if o.told]
+    acc.checks.append(("no one told 'not charged' was charged (job status vs provider ledger)",
+                       not told_wrong, f"{len(told)} told, {len(told_wrong)} wrongly"))
     disagree = [o for o in outs if (o.outcome == "served" and o.mark not in ("done", None))
                 or (o.outcome == "dead_lettered" and o.mark not in ("dead", None))]
     acc.checks.append(("idempotency marks agree (done for served, dead for dead-lettered)",

@@ -97,9 +97,28 @@ def _dlq_lines(acc: Accounting, records: Records) -> list[str]:
         lines.append(f"- {confirmed} `outcome_unknown` record(s) belong to charges whose effect "
                      "the provider's ledger shows applied: the worker died after the call and "
                      "before recording it, and Tidegate did not charge again.")
+    lines.extend(_told_lines(acc))
     lines.append("- Each record carries task, arguments, headers, idempotency key, exception "
                  "and traceback: `tidegate dlq list QUEUE --json`, `tidegate dlq replay QUEUE "
                  "--id ID` (a charge without an idempotency key needs `--force`).")
+    return lines
+
+
+def _told_lines(acc: Accounting) -> list[str]:
+    """What the job status of each failed charge tells its user (payments' graceful fallback):
+    "not charged" only where no attempt reached the provider, checked against its ledger."""
+    told = [o for o in acc.outcomes if o.told]
+    if not told:
+        return []
+    lines = [f"- What `GET /v1/jobs/{{id}}` tells the user of each of the {len(told)} failed "
+             "charge(s) (payments' graceful fallback; the same in `tidegate job ID`):"]
+    for outcome, meaning in (("not_attempted", "no attempt reached the provider"),
+                             ("unknown", "an attempt reached it, or may have")):
+        group = [o for o in told if o.told == outcome]
+        if group:
+            charged = sum(1 for o in group if o.effect_applied)
+            lines.append(f"  - `{outcome}` x {len(group)} ({meaning}; the provider's ledger "
+                         f"shows {charged} of them charged): \"{group[0].told_message}\"")
     return lines
 
 

@@ -68,7 +68,8 @@ def gather(stack: DemoStack, settings: Any, state: Any, jobs: list[Any]) -> acco
         dead_letters=dead, still_deferred=left, marks=accounting.read_marks(state),
         email_worker_log=stack.worker_logs("email"), replay_task_id=replay_task_id,
         job_states=accounting.read_job_states(
-            state, [replay_task_id(j.key) for j in jobs if j.task == "email.send" and j.key]),
+            state, [replay_task_id(j.key) for j in jobs if j.task == "email.send" and j.key]
+            + [j.id for j in jobs if j.task == "payments.charge" and j.id]),
         still_queued=queued)
 
 
