@@ -17,7 +17,7 @@ that counts AMQP frames by method. Parts:
   producer processes enqueuing at ``--producer-rate`` jobs/s each (1 and 3 at once).
 * ``redis-benchmark`` against a private server: this machine's Redis ops/s.
 
-    .venv/bin/python bench/state_load.py [--jobs 100] [--brokers redis amqp]
+    .venv/bin/python bench/state_load.py [--jobs 60] [--brokers redis amqp]
 
 Bounded (~50 s) and loopback only. Figures are per job or per second of one process.
 """
@@ -502,7 +502,7 @@ class JobRunner:
 
 
 def redis_dlq(server: RedisServer) -> tuple[Callable[[], int], Callable[[], None]]:
-    from workers.depth import RedisDepthProbe
+    from workers.brokers.redis import RedisDepthProbe
 
     lists = RedisDepthProbe(server.client).lists("default.dlq")
     client = redis.Redis(port=server.port, socket_timeout=5)
@@ -578,7 +578,7 @@ def guarded_calls(server: RedisServer, rate: float, seconds: float) -> list[tupl
                     pol.call(fn, idempotency_key=f"k{calls}" if keyed else None)
                 calls += 1
                 time.sleep(max(0.0, start + calls / rate - time.monotonic()))
-            time.sleep(0.3)  # the last success batch is merged
+            time.sleep(0.2)  # the last success batch is merged (every 0.1 s)
         rows.append((label, counts[server.name].per(calls), calls))
     client.close()
     return rows
@@ -598,35 +598,36 @@ def producer_child(broker_url: str, state_url: str, rate: float, seconds: float)
     producer = Producer(app)
     producer.enqueue("bench.resilient_noop", [0])  # connected, scripts loaded
     print("ready", flush=True)
-    if not sys.stdin.readline():  # the parent says go, or closes stdin: not needed
-        return
-    start, sent = time.monotonic(), 0
-    while time.monotonic() - start < seconds:
-        producer.enqueue("bench.resilient_noop", [sent])
-        sent += 1
-        time.sleep(max(0.0, start + sent / rate - time.monotonic()))
-    time.sleep(0.2)
-    print(f"sent {sent}", flush=True)
+    while sys.stdin.readline():  # the parent says go for each run, or closes stdin
+        start, sent = time.monotonic(), 0
+        while time.monotonic() - start < seconds:
+            producer.enqueue("bench.resilient_noop", [sent])
+            sent += 1
+            time.sleep(max(0.0, start + sent / rate - time.monotonic()))
+        time.sleep(0.2)
+        print(f"sent {sent}", flush=True)
 
 
 class ProducerChildren:
-    """Producer processes started early (they import while other parts run), each released
-    with "go" by :meth:`run`."""
+    """Producer processes started early (they import while other parts run); :meth:`run`
+    releases ``k`` of them at once for one run."""
 
     def __init__(self, broker: RedisServer, state: RedisServer, env: dict[str, str], n: int,
                  rate: float, seconds: float) -> None:
         self.broker, self.state, self.seconds = broker, state, seconds
-        self.idle = [subprocess.Popen(
+        self.children = [subprocess.Popen(
             [sys.executable, __file__, "--producer-child", broker.url(), state.url(),
              str(rate), str(seconds)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
             text=True, cwd=ROOT, env={**os.environ, **env}) for _ in range(n)]
-        self.all = list(self.idle)
+        self.ready: set[int] = set()
 
     def run(self, k: int) -> tuple[dict[str, Counts], int]:
         """Release ``k`` children at once: (counts on both servers, jobs they sent)."""
-        children, self.idle = self.idle[:k], self.idle[k:]
+        children = self.children[:k]
         for c in children:
-            assert c.stdout.readline().strip() == "ready", "producer child failed to start"
+            if c.pid not in self.ready:
+                assert c.stdout.readline().strip() == "ready", "producer child failed to start"
+                self.ready.add(c.pid)
         with measuring(self.broker, self.state) as counts:
             for c in children:
                 c.stdin.write("go\n")
@@ -635,7 +636,7 @@ class ProducerChildren:
         return counts, sent
 
     def close(self) -> None:
-        for c in self.all:
+        for c in self.children:
             with contextlib.suppress(OSError):
                 c.stdin.close()
             try:
@@ -671,6 +672,7 @@ class Exporter:
         return idle, time.monotonic() - self.began
 
     def close(self) -> None:
+        self.proc.kill()  # no graceful stop to wait for
         self.proc.stop()
 
 
@@ -684,7 +686,7 @@ def redis_capacity(server: RedisServer) -> list[tuple[str, float]]:
                         ("EVAL of a 1-key script", ["eval", "return redis.call('incr',KEYS[1])",
                                                     "1", "k"])):
         out = subprocess.run(["redis-benchmark", "-p", str(server.port), "-q", "-c", "50",
-                              "-n", "10000", *args], capture_output=True, text=True, timeout=60)
+                              "-n", "5000", *args], capture_output=True, text=True, timeout=60)
         rates = [float(m) for m in re.findall(r"([\d.]+) requests per second", out.stdout)]
         rows.append((label, min(rates) if rates else 0.0))
     return rows
@@ -706,7 +708,7 @@ def fmt_amqp(c: Counts) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--jobs", type=int, default=100)
+    parser.add_argument("--jobs", type=int, default=60)
     parser.add_argument("--brokers", nargs="*", default=["redis", "amqp"])
     parser.add_argument("--call-rate", type=float, default=200.0)
     parser.add_argument("--producer-rate", type=float, default=50.0)
@@ -759,7 +761,7 @@ def run(args: argparse.Namespace, tmp: Path, policy: Path, servers: list[RedisSe
         pb, ps = server("prod-broker"), server("prod-state")
         producers = ProducerChildren(pb, ps, env_for(pb.url(), ps.url(), policy,
                                                      counter.url()),
-                                     4, args.producer_rate, 2.0)
+                                     3, args.producer_rate, 2.0)
         procs.append(producers)
         eb, es = server("exp-broker"), server("exp-state")
         exporter = Exporter(eb, es, env_for(eb.url(), es.url(), policy, counter.url()), tmp)
@@ -786,6 +788,7 @@ def run(args: argparse.Namespace, tmp: Path, policy: Path, servers: list[RedisSe
             state.start()
         idle_began = time.monotonic()
         exporter.start()
+        phase("exporter up; producers")
 
         print(f"\npolling: producer processes, each enqueuing {args.producer_rate:.0f} jobs/s "
               "for 2 s to one queue (Redis broker, no worker); Redis commands sent per "
@@ -811,19 +814,22 @@ def run(args: argparse.Namespace, tmp: Path, policy: Path, servers: list[RedisSe
         idle_s = time.monotonic() - idle_began
         idles = {name: {"broker": broker.stop(), "state": state.stop()}
                  for name, (_w, broker, state) in workers.items()}
-        for name, (_w, broker, state) in workers.items():
+        for name, (w, broker, state) in workers.items():
             phase(f"jobs on {name}")
             bench_broker(name, broker, state, counter, policy, args, idles[name], idle_s)
+            w.kill()  # done with it (its servers are private)
         phase("redis-benchmark")
         cap = server("capacity", monitor=False)
-        print("\nredis-benchmark on this machine (loopback, 50 clients, 10000 requests; the "
+        print("\nredis-benchmark on this machine (loopback, 50 clients, 5000 requests; the "
               "slowest command of each set)")
         for label, rate in redis_capacity(cap):
             print(f"{label:<40}{rate:>12,.0f} requests/s")
+        phase("stopping")
     finally:
         for p in procs:
             with contextlib.suppress(Exception):
                 if isinstance(p, Proc):
+                    p.kill()  # nothing of theirs outlives the run: no warm shutdown to wait for
                     p.stop()
                 else:
                     p.close()
