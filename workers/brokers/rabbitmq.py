@@ -1,9 +1,10 @@
 """RabbitMQ (``amqp://``, ``amqps://``, ``pyamqp://``): kombu's py-amqp transport.
 
-What differs here: priorities count up (9 is delivered first, queues declared with
-``x-max-priority``), publishes are confirmed and ``mandatory``, a rejected message
-dead-letters natively into its DLQ (``x-dead-letter-exchange``), the ready depth comes from a
-passive ``queue.declare`` and the unacked count from the management API.
+What differs here: priorities count up (9 is delivered first, classic queues declared with
+``x-max-priority``; quorum queues have none: ``Topology.queue_arguments``), publishes are
+confirmed and ``mandatory``, a rejected message dead-letters natively into its DLQ
+(``x-dead-letter-exchange``), the ready depth comes from a passive ``queue.declare`` and the
+unacked count from the management API.
 """
 
 from __future__ import annotations
