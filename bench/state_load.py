@@ -13,13 +13,15 @@ that counts AMQP frames by method. Parts:
 * per guarded call: ``Policy.call`` in this process on a ``RedisStore``, paced at
   ``--call-rate`` calls/s (success counts are merged in batches, so the per-call figure
   depends on the rate: a figure per call *at that rate*).
-* polling: an idle worker, the exporter (``tidegate exporter``, its 1 s sampling), and
-  producer processes enqueuing at ``--producer-rate`` jobs/s each (1 and 3 at once).
+* polling: idle workers (threads on each broker, prefork on Redis), the Redis worker once
+  its jobs are done (its 5 s publishers), the exporter (``tidegate exporter``, its 1 s
+  sampling), and producer processes enqueuing at ``--producer-rate`` jobs/s each (1 and 3).
 * ``redis-benchmark`` against a private server: this machine's Redis ops/s.
 
     .venv/bin/python bench/state_load.py [--jobs 60] [--brokers redis amqp]
 
-Bounded (~50 s) and loopback only. Figures are per job or per second of one process.
+Bounded (~40-45 s on the shared 2-core machine) and loopback only. Figures are per job or per
+second of one process.
 """
 
 from __future__ import annotations
@@ -394,8 +396,9 @@ def environ(env: dict[str, str]) -> Iterator[None]:
                 os.environ[k] = v
 
 
-def start_worker(env: dict[str, str], tmp: Path) -> Worker:
-    return Worker("default", env, tmp, concurrency=WORKER_CONCURRENCY,
+def start_worker(env: dict[str, str], tmp: Path, pool: str = "threads",
+                 concurrency: int = WORKER_CONCURRENCY) -> Worker:
+    return Worker("default", env, tmp, pool=pool, concurrency=concurrency,
                   extra=("-I", "bench.tasks"))
 
 
@@ -757,7 +760,12 @@ def run(args: argparse.Namespace, tmp: Path, policy: Path, servers: list[RedisSe
             proxy, state = AmqpCounter("broker"), server("state")
             w = start_worker(env_for(proxy.url(), state.url(), policy, counter.url()), tmp)
             workers["amqp"] = (w, proxy, state)
-        procs.extend(w for w, *_ in workers.values())
+        # Prefork's children each hold state clients and periodic publishers of their own:
+        # one idles beside the others, for its polling only.
+        fb, fs = server("prefork-broker"), server("prefork-state")
+        prefork = start_worker(env_for(fb.url(), fs.url(), policy, counter.url()), tmp,
+                               pool="prefork", concurrency=2)
+        procs.extend([*(w for w, *_ in workers.values()), prefork])
         pb, ps = server("prod-broker"), server("prod-state")
         producers = ProducerChildren(pb, ps, env_for(pb.url(), ps.url(), policy,
                                                      counter.url()),
@@ -779,11 +787,11 @@ def run(args: argparse.Namespace, tmp: Path, policy: Path, servers: list[RedisSe
         # Each worker idles on servers of its own while the polling parts run: its idle rate
         # is both a result and what its per-job runs take out.
         phase("waiting for the workers")
-        for w, *_ in workers.values():
+        for w in (*(w for w, *_ in workers.values()), prefork):
             w.wait_ready(90)
         time.sleep(1.0)  # the workers' start-up writes settle
         phase("exporter and producers")
-        for _w, broker, state in workers.values():
+        for _w, broker, state in (*workers.values(), (prefork, fb, fs)):
             broker.start()
             state.start()
         idle_began = time.monotonic()
@@ -814,10 +822,31 @@ def run(args: argparse.Namespace, tmp: Path, policy: Path, servers: list[RedisSe
         idle_s = time.monotonic() - idle_began
         idles = {name: {"broker": broker.stop(), "state": state.stop()}
                  for name, (_w, broker, state) in workers.items()}
+        fst, fbr = fs.stop().per(idle_s), fb.stop().per(idle_s)
+        prefork.kill()
+        print(f"\npolling: one idle prefork worker (-P prefork -c 2, Redis broker) over "
+              f"{idle_s:.0f} s: state {fst.client:.1f} sent/s ({fst.top(4)}), broker "
+              f"{fbr.client:.1f} sent/s ({fbr.top(4)}); the threads workers' idle rates are "
+              "with their per-job tables")
+        after: tuple[str, Worker, Any, RedisServer, float] | None = None
         for name, (w, broker, state) in workers.items():
             phase(f"jobs on {name}")
             bench_broker(name, broker, state, counter, policy, args, idles[name], idle_s)
-            w.kill()  # done with it (its servers are private)
+            if after is None and isinstance(broker, RedisServer):
+                # idle again but with attempts and counts to publish: its 5 s publishers run
+                # (latency share, counters) while the next broker's part runs
+                broker.start()
+                state.start()
+                after = name, w, broker, state, time.monotonic()
+            else:
+                w.kill()  # done with it (its servers are private)
+        if after is not None:
+            name, w, broker, state, began = after
+            secs = time.monotonic() - began
+            ast, abr = state.stop().per(secs), broker.stop().per(secs)
+            w.kill()
+            print(f"\nthe {name} worker idle after its jobs, over {secs:.0f} s: state "
+                  f"{ast.client:.1f} sent/s ({ast.top(5)}), broker {abr.client:.1f} sent/s")
         phase("redis-benchmark")
         cap = server("capacity", monitor=False)
         print("\nredis-benchmark on this machine (loopback, 50 clients, 5000 requests; the "
