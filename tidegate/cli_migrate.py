@@ -18,20 +18,21 @@ def migrate(
     import redis
 
     from resilience.errors import ConfigError
-    from resilience.stores import redis_client
+    from workers.brokers import broker_for
+    from workers.brokers.redis import RedisBroker
     from workers.errors import BrokerUnavailable
     from workers.redis_layout import migrate as run
     from workers.settings import get_settings
     from workers.topology import load_topology
 
     settings = get_settings()
-    if settings.transport != "redis":
-        raise ConfigError(f"nothing to migrate: the broker is {settings.transport}, not Redis")
+    broker = broker_for(settings)
+    if not isinstance(broker, RedisBroker):  # a Redis layout is all this command knows
+        raise ConfigError(f"nothing to migrate: the broker is {broker.name}, not Redis")
     topology = load_topology(settings.policy_file)
     queues = [*topology.work_queues, *(topology.dead_letter_queue(q)
                                        for q in topology.work_queues)]
-    client = redis_client(settings.broker_url, socket_timeout=settings.read_timeout_s,
-                          socket_connect_timeout=settings.connect_timeout_s)
+    client = broker.client(settings)
     try:
         report = run(client, queues, dry_run=dry_run)
     except (redis.RedisError, OSError) as exc:

@@ -25,6 +25,7 @@ from resilience.errors import TidegateError
 from resilience.policy import PolicyConfig
 from resilience.stores import RedisStore, redis_client
 from workers.autoscale import Autoscaler, ProcessingTimes, load_scaling_policies
+from workers.brokers import broker_for
 from workers.cluster_metrics import read_cluster_counters
 from workers.depth import DepthProbe, QueueDepth, probe_for
 from workers.latency_share import read_concurrency, read_latency, verdict
@@ -135,7 +136,7 @@ def deferred_counter(settings: Settings, topology: Topology) -> DeferredCount | 
     endpoint that was never set up.
     """
     if not (settings.sqs_endpoint_url or settings.aws_access_key_id
-            or settings.transport == "sqs"):
+            or broker_for(settings).provides_sqs):
         return None
     from workers import deferral
 
@@ -192,7 +193,7 @@ class Observer:
         self.deferred = (deferred if deferred is not None
                          else deferred_counter(settings, self.topology))
         # heartbeats live in the broker's Redis on a Redis broker, else in the state Redis
-        self.broker_redis = settings.transport == "redis"
+        self.broker_redis = broker_for(settings).heartbeats_in_broker
         self.liveness = liveness_client or (
             redis_client(settings.broker_url, socket_timeout=STATE_TIMEOUT_S,
                          socket_connect_timeout=STATE_TIMEOUT_S)

@@ -17,6 +17,7 @@ from typing import Any
 
 from celery import bootsteps, signals
 
+from workers.brokers import broker_for
 from workers.liveness import Heartbeat, Periodic, Registry, WorkerRecord, new_worker_id
 
 __all__ = ["Liveness", "LivenessThreads"]
@@ -34,7 +35,8 @@ class LivenessThreads:
         node = getattr(consumer, "hostname", None) or "worker"
         self.record = WorkerRecord(new_worker_id(node), node, os.getpid(), queues, now, now,
                                    _pool_size(consumer, app))
-        self.sweeps = settings.transport == "redis" and settings.redis_reliable_fetch
+        self.broker = broker_for(settings)
+        self.sweeps = self.broker.sweeps_orphans(settings)
         self._conn: Any = None
         self._channel: Any = None
         self._state: Any = None
@@ -57,7 +59,7 @@ class LivenessThreads:
                 conn.release()
 
     def _registry(self) -> Registry:
-        if self.settings.transport == "redis":
+        if self.broker.heartbeats_in_broker:  # the broker's Redis, through our kombu channel
             channel = self._broker_channel()
             return _ChannelRegistry(channel)
         if self._state is None:
@@ -98,16 +100,8 @@ class LivenessThreads:
         self._heartbeat.start_holding()
         tick = min(s.worker_heartbeat_s, s.orphan_sweep_s) if self.sweeps else s.worker_heartbeat_s
         self._threads.append(Periodic("tidegate-liveness", tick, self.tick).start())
-        if s.transport == "sqs":
-            from workers.brokers.sqs import broker_sqs_config
-            from workers.sqs_deferral import sqs_client
-            from workers.visibility import VisibilityExtender, held_messages
-
-            extender = VisibilityExtender(sqs_client(broker_sqs_config(s)),
-                                          lambda: held_messages(self.consumer),
-                                          s.sqs_visibility_timeout_s)
-            self._threads.append(Periodic("tidegate-sqs-visibility", s.worker_heartbeat_s,
-                                          extender.extend).start())
+        for name, interval_s, work in self.broker.worker_threads(s, self.consumer):
+            self._threads.append(Periodic(name, interval_s, work).start())
         log.info("liveness: worker %s beats every %.1f s (TTL %.1f s)%s", self.record.id,
                  s.worker_heartbeat_s, s.worker_heartbeat_ttl_s,
                  f"; orphan sweep every {s.orphan_sweep_s:.1f} s" if self.sweeps else "")
@@ -162,7 +156,7 @@ class Liveness(bootsteps.StartStopStep):
             settings = installation(parent.app).settings
         except NotInstalled:
             return
-        if settings.transport == "memory":
+        if not broker_for(settings).runs_liveness:
             return
         self.threads = LivenessThreads(parent.app, parent, settings).start()
         signals.worker_shutdown.connect(self._on_worker_shutdown, weak=False)

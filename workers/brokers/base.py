@@ -50,6 +50,8 @@ class BrokerAdapter:
     heartbeats_in_broker: ClassVar[bool] = False
     #: workers on this broker run the liveness threads (heartbeat, sweeps, extensions)
     runs_liveness: ClassVar[bool] = True
+    #: the broker is an SQS endpoint: SQS is set up, so queue-for-later counts may be read
+    provides_sqs: ClassVar[bool] = False
 
     # -- priorities ---------------------------------------------------------------------
     def priority(self, priority: Priority) -> int | None:
@@ -82,6 +84,17 @@ class BrokerAdapter:
     def depth_probe(self, settings: Settings) -> DepthProbe:
         """The probe that reads a queue's depth (``workers.depth``)."""
         raise ConfigError(f"no depth probe for the {self.name!r} transport")
+
+    # -- worker liveness (workers.liveness_step) ---------------------------------------------
+    def sweeps_orphans(self, settings: Settings) -> bool:
+        """Whether workers sweep the messages a dead worker held (``workers.orphans``)."""
+        return False
+
+    def worker_threads(self, settings: Settings,
+                       consumer: Any) -> list[tuple[str, float, Callable[[], Any]]]:
+        """Periodic work each worker process runs beside its heartbeat, as
+        ``(thread name, interval in seconds, work)``."""
+        return []
 
     # -- dead-letter storage ----------------------------------------------------------------
     # Publishing a record is the same on every broker (a confirmed kombu publish to the DLQ,

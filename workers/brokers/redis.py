@@ -103,6 +103,10 @@ class RedisBroker(BrokerAdapter):
     def depth_probe(self, settings: Settings) -> RedisDepthProbe:
         return RedisDepthProbe(self.client(settings))
 
+    def sweeps_orphans(self, settings: Settings) -> bool:
+        # the reliable fetch records who holds each message: a dead holder's are swept back
+        return settings.redis_reliable_fetch
+
     # A DLQ is kombu's plain list (LPUSHed: the oldest record at the tail), read in place.
     def dead_letters(self, dls: DeadLetters, queue: str, limit: int | None) -> list[DeadLetter]:
         from workers.deadletter import parse_envelope

@@ -30,6 +30,7 @@ __all__ = ["SQSBroker", "SQSDepthProbe", "broker_sqs_config", "sqs_queue_name"]
 class SQSBroker(BrokerAdapter):
     name = "sqs"
     schemes = ("sqs",)
+    provides_sqs = True
 
     def transport_options(self, settings: Settings) -> dict[str, Any]:
         connect, read = settings.connect_timeout_s, settings.read_timeout_s
@@ -54,6 +55,16 @@ class SQSBroker(BrokerAdapter):
 
     def depth_probe(self, settings: Settings) -> SQSDepthProbe:
         return SQSDepthProbe(self.client(settings), prefix=settings.sqs_queue_prefix)
+
+    def worker_threads(self, settings: Settings,
+                       consumer: Any) -> list[tuple[str, float, Callable[[], Any]]]:
+        """Extend the visibility of what this worker holds (workers.visibility), so the short
+        visibility timeout returns only a dead worker's messages."""
+        from workers.visibility import VisibilityExtender, held_messages
+
+        extender = VisibilityExtender(self.client(settings), lambda: held_messages(consumer),
+                                      settings.sqs_visibility_timeout_s)
+        return [("tidegate-sqs-visibility", settings.worker_heartbeat_s, extender.extend)]
 
     def dead_letters(self, dls: DeadLetters, queue: str, limit: int | None) -> list[DeadLetter]:
         with _sqs_dlq(dls, queue) as sqs:
