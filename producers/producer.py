@@ -55,6 +55,16 @@ State = Literal["queued", "deferred"]
 STATE_TIMEOUT_S = 0.5  # shared-state calls sit on every enqueue: never wait long on Redis
 
 
+# How a batch reaches the broker: the mechanism its adapter names (BrokerAdapter.batch_publish),
+# each a Producer method on top of producers.batch; a broker that names none is published one
+# job at a time.
+_BATCH_MECHANISMS = {
+    "multi_exec": "_redis_batch",  # one MULTI/EXEC per queue
+    "confirms": "_amqp_batch",  # a confirm-mode channel, every confirm awaited once
+    "send_message_batch": "_sqs_batch",  # SendMessageBatch in tens per queue
+}
+
+
 class _Auto:
     def __repr__(self) -> str:
         return "AUTO"
@@ -372,12 +382,9 @@ class Producer:
         sends = [(p.queue, functools.partial(self._send, p)) for p in ps]
         try:
             with self.app.producer_or_acquire() as producer:
-                if self.settings.transport == "redis":
-                    outcomes = redis_batch(producer, sends)
-                elif self.settings.transport == "amqp":
-                    outcomes = self._amqp_batch(producer, ps, sends)
-                elif self.settings.transport == "sqs":
-                    outcomes = sqs_batch(producer, sends)
+                mechanism = _BATCH_MECHANISMS.get(self.broker.batch_publish or "")
+                if mechanism is not None:
+                    outcomes = getattr(self, mechanism)(producer, ps, sends)
                 else:  # one publish at a time
                     outcomes = [_outcome(send, producer) for _, send in sends]
         except (OperationalError, KombuError, OSError, TimeoutError) as exc:
@@ -403,6 +410,14 @@ class Producer:
 
     def _send(self, p: _Prepared, producer: Any) -> None:
         self.app.send_task(p.task, **self._send_options(p, producer))
+
+    def _redis_batch(self, producer: Any, ps: list[_Prepared],
+                     sends: list[tuple[str, Any]]) -> list[BaseException | None]:
+        return redis_batch(producer, sends)
+
+    def _sqs_batch(self, producer: Any, ps: list[_Prepared],
+                   sends: list[tuple[str, Any]]) -> list[BaseException | None]:
+        return sqs_batch(producer, sends)
 
     def _amqp_batch(self, producer: Any, ps: list[_Prepared],
                     sends: list[tuple[str, Any]]) -> list[BaseException | None]:

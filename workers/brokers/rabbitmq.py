@@ -37,6 +37,7 @@ class RabbitMQBroker(BrokerAdapter):
                             Priority.LOW: 0}
     flags_redelivery = True
     dead_letters_natively = True
+    batch_publish = "confirms"
 
     def transport_options(self, settings: Settings) -> dict[str, Any]:
         # Publisher confirms: a publish returns only once the broker has the message.

@@ -39,6 +39,7 @@ class RedisBroker(BrokerAdapter):
                             Priority.LOW: 9}
     flags_redelivery = True
     heartbeats_in_broker = True
+    batch_publish = "multi_exec"
 
     def kombu_url(self, url: str) -> str:
         """A Sentinel URL without ``?master_name=`` (that goes in the transport options;

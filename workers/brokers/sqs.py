@@ -31,6 +31,7 @@ class SQSBroker(BrokerAdapter):
     name = "sqs"
     schemes = ("sqs",)
     provides_sqs = True
+    batch_publish = "send_message_batch"
 
     def transport_options(self, settings: Settings) -> dict[str, Any]:
         connect, read = settings.connect_timeout_s, settings.read_timeout_s
