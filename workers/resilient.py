@@ -413,6 +413,7 @@ class ResilientTask(Task):
         if mark.state is MarkState.DEAD:
             log.info("%s[%s]: duplicate of dead-lettered record %s; acked, not run", ex.task,
                      ex.task_id, mark.result)
+            self._dead_status(state, ex, mark.result)
             # still a failure to Celery: a SUCCESS event would outrank the first FAILURE
             raise DeadLettered(f"already dead-lettered (record {mark.result}); this duplicate "
                                "was acked, not run", "already_dead_lettered", mark.result)
@@ -542,6 +543,25 @@ class ResilientTask(Task):
             log.error("%s[%s]: retry not published (%s); requeueing", ex.task, ex.task_id,
                       rejected.reason)
             raise Reject(rejected.reason, requeue=True) from exc
+
+    def _dead_status(self, state: WorkerState, ex: Execution, record: Any) -> None:
+        """A duplicate of a dead-lettered job: the delivery that dead-lettered it may have died
+        (SIGKILL) between the DLQ record and the job status, leaving "running" for good. Write
+        "dead_lettered" then; what that delivery reached is not known here, so a graceful
+        fallback's answer is "unknown", never "not charged". One read, on this rare path."""
+        if state.jobs is None:
+            return
+        try:
+            current = state.jobs.read(ex.task_id, follow=False)
+        except Exception:  # the status is best effort; the duplicate is acked either way
+            return
+        if current is not None and current.get("state") in ("dead_lettered", "replayed"):
+            return
+        ex.reached_before = True
+        _job(state, ex, "dead_lettered", record=record,
+             dlq=installation(self.app).topology.dead_letter_queue(ex.queue),
+             error=f"dead-lettered by an earlier delivery (record {record}); this duplicate "
+                   "was acked, not run", **self._told(state, ex))
 
     def _told(self, state: WorkerState, ex: Execution) -> dict[str, str]:
         """What a job that failed tells its user, where its dependency's fallback is

@@ -92,11 +92,17 @@ def _dlq_lines(acc: Accounting, records: Records) -> list[str]:
                          f"(attempts {example.attempts}): {msg}")
     if not lines:
         lines.append("- none")
-    confirmed = sum(1 for o in acc.outcomes if o.outcome == "dead_lettered" and o.effect_applied)
-    if confirmed:
-        lines.append(f"- {confirmed} `outcome_unknown` record(s) belong to charges whose effect "
+    applied = [o for o in acc.outcomes if o.outcome == "dead_lettered" and o.effect_applied]
+    died = sum(1 for o in applied if o.dlq_reason == "outcome_unknown")
+    if died:
+        lines.append(f"- {died} `outcome_unknown` record(s) belong to charges whose effect "
                      "the provider's ledger shows applied: the worker died after the call and "
                      "before recording it, and Tidegate did not charge again.")
+    if len(applied) > died:
+        lines.append(f"- {len(applied) - died} other dead-lettered charge(s) are in the "
+                     "provider's ledger: an attempt reached the provider and got no answer in "
+                     "time (it applied the charge late), so their job status says the outcome "
+                     "is unknown, never \"not charged\"; none was charged again.")
     lines.extend(_told_lines(acc))
     lines.append("- Each record carries task, arguments, headers, idempotency key, exception "
                  "and traceback: `tidegate dlq list QUEUE --json`, `tidegate dlq replay QUEUE "
