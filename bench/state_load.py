@@ -16,7 +16,9 @@ that counts AMQP frames by method. Parts:
 * polling: idle workers (threads on each broker, prefork on Redis), the Redis worker once
   its jobs are done (its 5 s publishers), the exporter (``tidegate exporter``, its 1 s
   sampling), and producer processes enqueuing at ``--producer-rate`` jobs/s each (1 and 3).
-* ``redis-benchmark`` against a private server: this machine's Redis ops/s.
+* Redis CPU per job: one more batch of successful idempotent jobs with MONITOR off, the
+  servers' ``used_cpu_user + used_cpu_sys`` before and after (what one Redis core can carry).
+* ``redis-benchmark`` against a private server: this machine's Redis ops/s, a cross-check.
 
     .venv/bin/python bench/state_load.py [--jobs 60] [--brokers redis amqp]
 
@@ -199,6 +201,19 @@ class RedisServer:
             delta.client, delta.script = c1 - c0, s1 - s0
             delta.bytes_out -= b1 - b0
         return delta
+
+    def cpu(self) -> float:
+        """Seconds of CPU the server has used (user + system, all its threads)."""
+        info = self.client.info("cpu")
+        return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
+
+    def monitoring(self, on: bool) -> None:
+        """MONITOR costs the server CPU of its own: off while CPU is measured."""
+        if self.monitor is not None:
+            self.monitor.close()
+            self.monitor = None
+        if on:
+            self.monitor = Monitor(self.port)
 
     def close(self) -> None:
         if self.monitor is not None:
@@ -502,6 +517,27 @@ class JobRunner:
 
     def close(self) -> None:
         self.app.close()
+
+
+def redis_cpu(runner: JobRunner, servers: list[RedisServer], n: int,
+              idle: dict[str, Counts], idle_s: float) -> dict[str, float]:
+    """CPU seconds per successful idempotent job on each server, with MONITOR off and the
+    servers' own idle CPU (their timers) over the same time taken out."""
+    for s in servers:
+        s.monitoring(False)
+    try:
+        before = {s.name: s.cpu() for s in servers}
+        time.sleep(1.0)
+        mid = {s.name: s.cpu() for s in servers}
+        started = time.monotonic()
+        runner.run(KINDS[0], n, idle, idle_s)
+        took = time.monotonic() - started
+        after = {s.name: s.cpu() for s in servers}
+        return {k: max(0.0, (after[k] - mid[k]) - (mid[k] - before[k]) * took) / n
+                for k in after}
+    finally:
+        for s in servers:
+            s.monitoring(True)
 
 
 def redis_dlq(server: RedisServer) -> tuple[Callable[[], int], Callable[[], None]]:
@@ -905,10 +941,19 @@ def bench_broker(name: str, broker: Any, state: RedisServer, counter: RedisServe
             print(f"{kind.label:<31}{fmt(per['state'])} |{fmt_amqp(b) if amqp else fmt(b)}"
                   f"{attempts:>9.1f}", flush=True)
             tops.append(f"  {kind.label}: state {per['state'].top(6)}; broker {b.top(8)}")
+        cpu = redis_cpu(runner, [m for m in meters if isinstance(m, RedisServer)], args.jobs,
+                        idle, idle_s)
     finally:
         runner.close()
     print("all commands per job (commandstats, script calls included):")
     print("\n".join(tops))
+    spent = ", ".join(f"{k} {s * 1e6:.0f} us" for k, s in cpu.items())
+    cores = [f"{1 / s:,.0f} jobs/s ({k})" for k, s in cpu.items() if s > 0]
+    total = sum(cpu.values())
+    if len(cpu) > 1 and total > 0:
+        cores.append(f"{1 / total:,.0f} jobs/s (both on one)")
+    print(f"Redis CPU per successful idempotent job (MONITOR off): {spent}; one Redis core "
+          f"saturates at {', '.join(cores)}")
 
 
 if __name__ == "__main__":
