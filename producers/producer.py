@@ -30,7 +30,7 @@ from resilience.ratelimit import RateLimitConfig, RateLimiter
 from resilience.shedding import Priority
 from resilience.stores import RedisStore, redis_client
 from workers import headers as h
-from workers.brokers import broker_for
+from workers.brokers import BROKERS, broker_for
 from workers.depth import SharedDepthCache, probe_for
 from workers.errors import BrokerUnavailable, InvalidPayload, UnknownQueue, UnknownTask
 from workers.idempotency import ttl_from_env
@@ -508,7 +508,7 @@ class Producer:
             try:
                 self.app.send_task(p.task, **options)
             except Exception as exc:
-                if not _unroutable(exc):
+                if not self.broker.unroutable(exc):
                     raise
                 # The queue vanished behind kombu's declaration cache: declare it again,
                 # forget what the cache remembers, and publish once more.
@@ -522,7 +522,7 @@ class Producer:
                 f"broker unreachable at {self._safe_broker()}: {exc}"
             ) from None
         except Exception as exc:
-            if not _unroutable(exc) and not _amqp_error(exc):
+            if not self.broker.refused_publish(exc):
                 raise
             self._refused(p, "broker_unavailable")
             raise BrokerUnavailable(f"broker refused the publish to {p.queue!r}: {exc}"
@@ -551,12 +551,8 @@ class Producer:
 
 
 def _unroutable(exc: BaseException) -> bool:
-    """py-amqp's error for a mandatory message that no queue took (reply code 312)."""
-    return getattr(exc, "reply_code", None) == 312 or getattr(exc, "code", None) == 312
-
-
-def _amqp_error(exc: BaseException) -> bool:
-    return type(exc).__module__.startswith("amqp")
+    """A mandatory message that no queue took (RabbitMQ's adapter knows the reply code)."""
+    return BROKERS["amqp"].unroutable(exc)
 
 
 def _connection_lost(exc: BaseException) -> bool:

@@ -97,3 +97,14 @@ def test_what_differs_per_broker():
     settings = load_settings(broker_url="amqp://guest:guest@127.0.0.1:5672//")
     assert amqp.publish_options(settings)["mandatory"] is True
     assert redis.publish_options(settings) == {} == sqs.publish_options(settings)
+
+
+def test_which_publish_errors_are_the_broker_refusing():
+    from amqp.exceptions import ChannelError, NotFound
+
+    redis, amqp, sqs = (BROKERS[n] for n in ("redis", "amqp", "sqs"))
+    no_route = ChannelError("NO_ROUTE", reply_code=312)
+    assert amqp.unroutable(no_route) and amqp.refused_publish(no_route)
+    assert amqp.refused_publish(NotFound("no exchange")) and not amqp.unroutable(NotFound("x"))
+    assert not amqp.refused_publish(ValueError("a bug"))
+    assert not redis.unroutable(no_route) and not sqs.refused_publish(ValueError("a bug"))

@@ -83,6 +83,16 @@ class BrokerAdapter:
         """Extra ``send_task`` options for every publish a producer makes."""
         return {}
 
+    def unroutable(self, exc: BaseException) -> bool:
+        """Whether a publish failed because no queue took the message (the queue vanished
+        behind kombu's declaration cache: the producer declares again and retries once)."""
+        return False
+
+    def refused_publish(self, exc: BaseException) -> bool:
+        """Whether ``exc`` from a publish is the broker refusing it (the producer answers
+        "broker unavailable"), as opposed to a bug to raise."""
+        return self.unroutable(exc)
+
     # -- depth ------------------------------------------------------------------------------
     def depth_probe(self, settings: Settings) -> DepthProbe:
         """The probe that reads a queue's depth (``workers.depth``)."""

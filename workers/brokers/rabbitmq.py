@@ -53,6 +53,14 @@ class RabbitMQBroker(BrokerAdapter):
         t = settings.publish_timeout_s
         return {"mandatory": True, "timeout": t, "confirm_timeout": t}
 
+    def unroutable(self, exc: BaseException) -> bool:
+        """py-amqp's error for a mandatory message that no queue took (reply code 312)."""
+        return getattr(exc, "reply_code", None) == 312 or getattr(exc, "code", None) == 312
+
+    def refused_publish(self, exc: BaseException) -> bool:
+        """Unroutable, or any channel/connection error py-amqp raised for the publish."""
+        return self.unroutable(exc) or type(exc).__module__.startswith("amqp")
+
     def depth_probe(self, settings: Settings) -> RabbitMQDepthProbe:
         return RabbitMQDepthProbe(settings.broker_url,
                                   management_url=settings.rabbitmq_management_url,
