@@ -47,7 +47,9 @@ from resilience.errors import ConfigError, Shed
 from resilience.metrics import get_or_create
 from resilience.shedding import LoadShedder, Priority, SheddingThresholds
 
-__all__ = ["LOAD", "SHED", "QueueShedder", "ShedRule", "WorkerLoad", "message_age"]
+__all__ = ["CALM", "LOAD", "SHED", "QueueShedder", "ShedRule", "WorkerLoad", "message_age"]
+
+CALM = 0.5  # a spell of shedding ends at a message taken below half the LOW threshold
 
 log = logging.getLogger("tidegate.shedding")
 
@@ -205,12 +207,13 @@ class QueueShedder:
                 f"{verdict.in_flight}/{verdict.concurrency} slots busy (load {load:.2f}); "
                 f"{priority.name} is shed from {self.rule.thresholds.threshold(priority):.2f}",
                 priority=priority, retry_after=exc.retry_after) from None
-        if load < self.rule.thresholds.low:
+        if load < self.rule.thresholds.low * CALM:
             self._spell(now, shed=None, load=load)
 
     def _spell(self, now: float, *, shed: str | None, load: float) -> None:
         """One INFO line when a spell of shedding starts and one when it ends (a message
-        taken below the lowest threshold), never one per job."""
+        taken well below the lowest threshold: ``CALM`` of it, so a load hovering around the
+        threshold does not start and end a spell every few messages), never one per job."""
         with self._lock:
             if shed is not None:
                 self._counts[shed] += 1

@@ -79,14 +79,16 @@ def test_counted_by_queue_and_priority_and_logged_once_per_spell(
         assert _shed(s, Priority.LOW, 90)
     assert _shed(s, Priority.MEDIUM, 95)
     assert not _shed(s, Priority.CRITICAL, 10_000)
-    assert not _shed(s, Priority.HIGH, 10)  # below every threshold: the spell ends
+    assert not _shed(s, Priority.HIGH, 79)  # just below LOW's threshold: the spell goes on
+    assert _shed(s, Priority.LOW, 81)  # ... so hovering around it logs nothing more
+    assert not _shed(s, Priority.HIGH, 10)  # well below it: the spell ends
     assert not _shed(s, Priority.HIGH, 10)
     lines = [r.getMessage() for r in caplog.records]
     assert len(lines) == 2, lines
     assert lines[0].startswith("queue search: worker overloaded, shedding started")
     assert lines[1].startswith("queue search: shedding ended after 0.0s")
-    assert lines[1].endswith("shed low 5, medium 1")
-    assert SHED.labels(queue="search", priority="low")._value.get() == before + 5
+    assert lines[1].endswith("shed low 6, medium 1")
+    assert SHED.labels(queue="search", priority="low")._value.get() == before + 6
 
 
 def test_worker_load_counts_running_deliveries() -> None:
