@@ -5,7 +5,6 @@ status, and ``tidegate dlq replay`` brings it back. Real Redis broker, a real wo
 # ruff: noqa: F811  (pytest fixtures imported from _delivery are parameters here)
 from __future__ import annotations
 
-import json
 import time
 
 import pytest
@@ -82,7 +81,8 @@ def test_overloaded_worker_sheds_low_first_never_critical(broker, sims, fast_pol
                         30, interval=0.2, message="every job finished")
     shed = {j for j, d in states.items() if d["state"] == "dead_lettered"}
     assert shed == {j for j, s in expected.items() if s}, {j: states[j] for j in shed}
-    for j in shed:  # each shed job's fate, in its job status (GET /v1/jobs/{id} reads this)
+    # each shed job's fate, in its job status (what GET /v1/jobs/{id} and `tidegate job` read)
+    for j in shed:
         assert (states[j]["reason"], states[j]["dlq"]) == ("shed", "search.dlq")
         assert "worker overloaded" in states[j]["error"]
 
@@ -93,9 +93,6 @@ def test_overloaded_worker_sheds_low_first_never_critical(broker, sims, fast_pol
     assert applied == {f"index:{docs[j]}" for j in expected if j not in shed}
 
     one = next(r for r in records if r.headers.get("tidegate_priority") == "LOW")
-    shown = cli(broker, policy, "job", one.task_id, "--json")
-    assert shown.returncode == 0, shown.stderr
-    assert json.loads(shown.stdout)["reason"] == "shed"
     replay = cli(broker, policy, "dlq", "replay", "search", "--id", one.id)
     assert replay.returncode == 0, replay.stderr
     # replayed, its wait starts again: the idle worker runs it
