@@ -3,8 +3,10 @@ per polling process, counted on private servers (docs/scaling.md turns them into
 
 Every figure is counted, not timed: each part runs against Redis servers this script starts on
 free loopback ports (``INFO commandstats`` / ``INFO stats`` deltas, the snapshots' own bytes
-taken out), and RabbitMQ (the shared node, vhost ``tidegate_bench``) through a loopback proxy
-that counts AMQP frames by method. Parts:
+taken out; a MONITOR stream tells commands sent from commands run inside scripts), and a
+RabbitMQ node it starts too (other node name and ports; the machine's node, vhost
+``tidegate_bench``, if it cannot) through a loopback proxy that counts AMQP frames by method.
+Parts:
 
 * per job, end to end: ``Producer.enqueue`` in this process, one real worker
   (``celery worker -P threads -c 4``) running bench/tasks.py; by kind (idempotent, keyed, not
@@ -17,7 +19,8 @@ that counts AMQP frames by method. Parts:
   its jobs are done (its 5 s publishers), the exporter (``tidegate exporter``, its 1 s
   sampling), and producer processes enqueuing at ``--producer-rate`` jobs/s each (1 and 3).
 * Redis CPU per job: one more batch of successful idempotent jobs with MONITOR off, the
-  servers' ``used_cpu_user + used_cpu_sys`` before and after (what one Redis core can carry).
+  servers' ``used_cpu_user + used_cpu_sys`` before and after (what one Redis core can carry);
+  RabbitMQ CPU per message: the private node's ``beam.smp`` CPU time over the per-job runs.
 * ``redis-benchmark`` against a private server: this machine's Redis ops/s, a cross-check.
 
     .venv/bin/python bench/state_load.py [--jobs 60] [--brokers redis amqp]
@@ -45,6 +48,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 import redis
@@ -259,8 +263,10 @@ class AmqpCounter:
     Calls are keyed ``c>basic.publish`` (client to server) or ``s>basic.deliver``; content
     header and body frames as ``c>header``/``c>body``; heartbeats as ``heartbeat``."""
 
-    def __init__(self, name: str = "amqp") -> None:
+    def __init__(self, name: str = "amqp", upstream: tuple[str, int] = RABBIT,
+                 vhost: str = VHOST) -> None:
         self.name = name
+        self.upstream, self.vhost = upstream, vhost
         self.port = free_port()
         self._lock = threading.Lock()
         self._counts = Counts()
@@ -272,7 +278,7 @@ class AmqpCounter:
         threading.Thread(target=self._accept, daemon=True, name="amqp-proxy").start()
 
     def url(self) -> str:
-        return f"amqp://guest:guest@127.0.0.1:{self.port}/{VHOST}"
+        return f"amqp://guest:guest@127.0.0.1:{self.port}/{quote(self.vhost, safe='')}"
 
     def _accept(self) -> None:
         while not self._closed:
@@ -280,7 +286,7 @@ class AmqpCounter:
                 client, _ = self._sock.accept()
             except OSError:
                 return
-            upstream = socket.create_connection(RABBIT, timeout=10)
+            upstream = socket.create_connection(self.upstream, timeout=10)
             upstream.settimeout(None)
             for src, dst, tag in ((client, upstream, "c"), (upstream, client, "s")):
                 threading.Thread(target=self._pump, args=(src, dst, tag), daemon=True).start()
@@ -349,6 +355,73 @@ SYNC = ("queue.declare", "exchange.declare", "queue.bind", "basic.qos", "basic.c
 def amqp_round_trips(c: Counts) -> float:
     return sum(v for k, v in c.calls.items() if k[2:] in SYNC and k.startswith("c>")) + \
         c.calls.get("s>basic.ack", 0)
+
+
+class PrivateRabbit:
+    """A RabbitMQ node of the bench's own (other node name and ports, no plugins, its data
+    under ``tmp``), so that its CPU time is this bench's traffic alone. Erlang's schedulers
+    do not busy-wait (``+sbwt none``), or idle spinning would count as work."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.dir = tmp / "rabbitmq"
+        self.dir.mkdir()
+        self.port = free_port()
+        (self.dir / ".erlang.cookie").write_text(uuid.uuid4().hex)
+        (self.dir / ".erlang.cookie").chmod(0o400)
+        (self.dir / "enabled_plugins").write_text("[].")
+        (self.dir / "rabbitmq-env.conf").write_text("")
+        (self.dir / "rabbitmq.conf").write_text(
+            f"listeners.tcp.local = 127.0.0.1:{self.port}\nlog.console = false\n"
+            "log.file.level = warning\n")
+        server = next((c for c in ("/usr/lib/rabbitmq/bin/rabbitmq-server",
+                                   "/usr/local/lib/rabbitmq/bin/rabbitmq-server")
+                       if Path(c).exists()), None)
+        if server is None:
+            raise FileNotFoundError("rabbitmq-server (the package's own script)")
+        name = f"tidegate-bench-{uuid.uuid4().hex[:6]}@localhost"
+        env = {"HOME": str(self.dir), "RABBITMQ_CONF_ENV_FILE": str(self.dir / "rabbitmq-env.conf"),
+               "RABBITMQ_NODENAME": name, "RABBITMQ_NODE_IP_ADDRESS": "127.0.0.1",
+               "RABBITMQ_NODE_PORT": str(self.port), "RABBITMQ_DIST_PORT": str(free_port()),
+               "RABBITMQ_ENABLED_PLUGINS_FILE": str(self.dir / "enabled_plugins"),
+               "RABBITMQ_CONFIG_FILE": str(self.dir / "rabbitmq"),
+               "RABBITMQ_MNESIA_BASE": str(self.dir / "mnesia"),
+               "RABBITMQ_LOG_BASE": str(self.dir / "log"), "ERL_EPMD_ADDRESS": "127.0.0.1",
+               "RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS": "+sbwt none +sbwtdcpu none +sbwtdio none"}
+        self.proc = Proc([server], env, tmp / "rabbitmq.log", "rabbitmq")
+
+    def _speaks_amqp(self) -> bool:
+        with socket.create_connection(("127.0.0.1", self.port), timeout=1) as s:
+            s.sendall(b"AMQP\x00\x00\x09\x01")
+            return s.recv(1)[:1] == b"\x01"  # connection.start
+
+    def wait_ready(self, timeout: float = 60.0) -> PrivateRabbit:
+        wait_until(lambda: not self.proc.alive() or self._speaks_amqp(), timeout, interval=0.25,
+                   message=f"private RabbitMQ on {self.port}")
+        if not self.proc.alive():
+            raise RuntimeError(f"private RabbitMQ died: {self.proc.output()[-2000:]}")
+        self.beam = self._beam(self.proc.pid)
+        return self
+
+    @staticmethod
+    def _beam(pid: int) -> int:
+        """The Erlang VM under the launcher script (or the launcher itself once exec'd)."""
+        todo = [pid]
+        while todo:
+            p = todo.pop()
+            with contextlib.suppress(OSError):
+                if Path(f"/proc/{p}/comm").read_text().strip().startswith("beam"):
+                    return p
+                todo += [int(c) for c in Path(f"/proc/{p}/task/{p}/children").read_text().split()]
+        raise RuntimeError("no beam.smp under the private RabbitMQ")
+
+    def cpu(self) -> float:
+        """Seconds of CPU the node has used (user + system)."""
+        fields = Path(f"/proc/{self.beam}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def close(self) -> None:
+        self.proc.kill()
+        self.proc.stop()
 
 
 # -- the stack -------------------------------------------------------------------------------
@@ -554,10 +627,13 @@ def redis_dlq(server: RedisServer) -> tuple[Callable[[], int], Callable[[], None
     return count, count
 
 
-def amqp_dlq() -> Callable[[], int]:
+def amqp_dlq(proxy: AmqpCounter) -> Callable[[], int]:
+    """The DLQ's depth, read straight from the node (not through the counting proxy)."""
     from kombu import Connection
 
-    conn = Connection(f"amqp://guest:guest@{RABBIT[0]}:{RABBIT[1]}/{VHOST}", connect_timeout=5)
+    host, port = proxy.upstream
+    conn = Connection(f"amqp://guest:guest@{host}:{port}/{quote(proxy.vhost, safe='')}",
+                      connect_timeout=5)
 
     def count() -> int:
         try:
@@ -791,11 +867,17 @@ def run(args: argparse.Namespace, tmp: Path, policy: Path, servers: list[RedisSe
             broker, state = server("broker"), server("state")
             w = start_worker(env_for(broker.url(), state.url(), policy, counter.url()), tmp)
             workers["redis"] = (w, broker, state)
+        rabbit: PrivateRabbit | None = None
         if "amqp" in args.brokers:
-            ensure_vhost()
-            proxy, state = AmqpCounter("broker"), server("state")
-            w = start_worker(env_for(proxy.url(), state.url(), policy, counter.url()), tmp)
-            workers["amqp"] = (w, proxy, state)
+            amqp_state = server("state")
+            try:  # a node of our own boots meanwhile; its worker starts once it is up
+                rabbit = PrivateRabbit(tmp)
+                procs.append(rabbit)
+                proxy = AmqpCounter("broker", ("127.0.0.1", rabbit.port), "/")
+            except OSError as exc:
+                print(f"(no private RabbitMQ node: {exc}; the shared one, CPU not measured)")
+                ensure_vhost()
+                proxy = AmqpCounter("broker")
         # Prefork's children each hold state clients and periodic publishers of their own:
         # one idles beside the others, for its polling only.
         fb, fs = server("prefork-broker"), server("prefork-state")
@@ -822,6 +904,20 @@ def run(args: argparse.Namespace, tmp: Path, policy: Path, servers: list[RedisSe
 
         # Each worker idles on servers of its own while the polling parts run: its idle rate
         # is both a result and what its per-job runs take out.
+        if "amqp" in args.brokers:
+            if rabbit is not None:
+                phase("waiting for the private RabbitMQ node")
+                try:
+                    rabbit.wait_ready(60)
+                except (AssertionError, RuntimeError) as exc:
+                    print(f"(the private RabbitMQ node did not start: {str(exc)[:200]}; the "
+                          "shared one, CPU not measured)")
+                    rabbit = None
+                    ensure_vhost()
+                    proxy.upstream, proxy.vhost = RABBIT, VHOST
+            w = start_worker(env_for(proxy.url(), amqp_state.url(), policy, counter.url()), tmp)
+            procs.append(w)
+            workers["amqp"] = (w, proxy, amqp_state)
         phase("waiting for the workers")
         for w in (*(w for w, *_ in workers.values()), prefork):
             w.wait_ready(90)
@@ -831,6 +927,7 @@ def run(args: argparse.Namespace, tmp: Path, policy: Path, servers: list[RedisSe
             broker.start()
             state.start()
         idle_began = time.monotonic()
+        rabbit_idle = rabbit.cpu() if rabbit is not None else 0.0
         exporter.start()
         phase("exporter up; producers")
 
@@ -856,6 +953,8 @@ def run(args: argparse.Namespace, tmp: Path, policy: Path, servers: list[RedisSe
               f"{ibr.top(4)}")
 
         idle_s = time.monotonic() - idle_began
+        if rabbit is not None:
+            rabbit_idle = (rabbit.cpu() - rabbit_idle) / idle_s  # its own timers, per second
         idles = {name: {"broker": broker.stop(), "state": state.stop()}
                  for name, (_w, broker, state) in workers.items()}
         fst, fbr = fs.stop().per(idle_s), fb.stop().per(idle_s)
@@ -867,7 +966,8 @@ def run(args: argparse.Namespace, tmp: Path, policy: Path, servers: list[RedisSe
         after: tuple[str, Worker, Any, RedisServer, float] | None = None
         for name, (w, broker, state) in workers.items():
             phase(f"jobs on {name}")
-            bench_broker(name, broker, state, counter, policy, args, idles[name], idle_s)
+            bench_broker(name, broker, state, counter, policy, args, idles[name], idle_s,
+                         rabbit if name == "amqp" else None, rabbit_idle)
             if after is None and isinstance(broker, RedisServer):
                 # idle again but with attempts and counts to publish: its 5 s publishers run
                 # (latency share, counters) while the next broker's part runs
@@ -905,7 +1005,8 @@ def run(args: argparse.Namespace, tmp: Path, policy: Path, servers: list[RedisSe
 
 def bench_broker(name: str, broker: Any, state: RedisServer, counter: RedisServer,
                  policy: Path, args: argparse.Namespace, idle: dict[str, Counts],
-                 idle_s: float) -> None:
+                 idle_s: float, rabbit: PrivateRabbit | None = None,
+                 rabbit_idle: float = 0.0) -> None:
     meters = [broker, state]
     if name == "redis":
         count, poll = redis_dlq(broker)
@@ -914,7 +1015,7 @@ def bench_broker(name: str, broker: Any, state: RedisServer, counter: RedisServe
         poll_cost = one["broker"]
         broker_url = broker.url()
     else:
-        count, poll_cost, broker_url = amqp_dlq(), None, broker.url()
+        count, poll_cost, broker_url = amqp_dlq(broker), None, broker.url()
     runner = JobRunner(name, broker_url, state, counter, meters, count, poll_cost, policy)
     amqp = name == "amqp"
     unit = "frames" if amqp else "commands"
@@ -932,6 +1033,8 @@ def bench_broker(name: str, broker: Any, state: RedisServer, counter: RedisServe
           + (f"{'c>s':>7}{'s>c':>7}{'RT':>6}" if amqp else f"{'sent':>7}{'script':>7}")
           + f"{'B in':>8}{'B out':>8}{'attempts':>9}")
     tops = []
+    messages, first = 0.0, 0.0  # AMQP: publishes + deliveries in all runs; in the first kind's
+    rabbit_cpu, began = (rabbit.cpu() if rabbit else 0.0), time.monotonic()
     try:
         for kind in KINDS:
             phase(kind.label)
@@ -941,12 +1044,23 @@ def bench_broker(name: str, broker: Any, state: RedisServer, counter: RedisServe
             print(f"{kind.label:<31}{fmt(per['state'])} |{fmt_amqp(b) if amqp else fmt(b)}"
                   f"{attempts:>9.1f}", flush=True)
             tops.append(f"  {kind.label}: state {per['state'].top(6)}; broker {b.top(8)}")
+            handled = b.calls.get("c>basic.publish", 0) + b.calls.get("s>basic.deliver", 0)
+            messages += handled * n
+            first = first or handled
+        if rabbit is not None:
+            rabbit_cpu = rabbit.cpu() - rabbit_cpu - rabbit_idle * (time.monotonic() - began)
         cpu = redis_cpu(runner, [m for m in meters if isinstance(m, RedisServer)], args.jobs,
                         idle, idle_s)
     finally:
         runner.close()
     print("all commands per job (commandstats, script calls included):")
     print("\n".join(tops))
+    if rabbit is not None and messages > 0:
+        per_msg = rabbit_cpu / messages
+        print(f"RabbitMQ CPU (a private node, schedulers not busy-waiting), over all the runs: "
+              f"{per_msg * 1e6:.0f} us per message published or delivered ({messages:.0f}); a "
+              f"successful idempotent job ({first:.1f} messages) {per_msg * first * 1e6:.0f} us: "
+              f"one core ~{1 / per_msg:,.0f} messages/s, ~{1 / (per_msg * first):,.0f} jobs/s")
     spent = ", ".join(f"{k} {s * 1e6:.0f} us" for k, s in cpu.items())
     cores = [f"{1 / s:,.0f} jobs/s ({k})" for k, s in cpu.items() if s > 0]
     total = sum(cpu.values())
