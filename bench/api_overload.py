@@ -23,7 +23,10 @@ import argparse
 import asyncio
 import itertools
 import json
+import os
 import random
+import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -79,7 +82,11 @@ class Server:
                "TIDEGATE_API_CLIENT_RATE_PER_S": str(CLIENT_RATE),
                "TIDEGATE_API_CLIENT_BURST": str(CLIENT_RATE),
                "TIDEGATE_API_MAX_WAIT_MS": str(MAX_WAIT_MS),
-               "PYTHONPATH": str(ROOT)}
+               "PYTHONPATH": str(ROOT),
+               # the lane's knobs may be tried from the shell (TIDEGATE_API_PUBLISH_THREADS=1)
+               **{k: v for k, v in os.environ.items()
+                  if k in ("TIDEGATE_API_PUBLISH_THREADS", "TIDEGATE_API_PUBLISH_BATCH",
+                           "TIDEGATE_API_MAX_QUEUED", "TIDEGATE_API_GIL_SWITCH_MS")}}
         self.url = f"http://127.0.0.1:{self.port}"
         self.api = Proc([sys.executable, "-m", "uvicorn", "bench.api_overload:bench_app",
                          "--factory", "--port", str(self.port), "--host", "127.0.0.1",
@@ -124,6 +131,7 @@ class Load:
         self.results: list[tuple[str, int, float]] = []  # (priority, status, seconds)
         self.reasons: dict[tuple[int, str], list[float]] = defaultdict(list)
         self.late = 0  # requests sent later than scheduled (the client fell behind)
+        self.cpu_note = ""
 
     def pick(self, n: int) -> tuple[str, str]:
         priority = MIX[n % len(MIX)]
@@ -171,18 +179,64 @@ class Load:
         return time.monotonic() - start
 
 
+class WrkLoad:
+    """The same schedule driven by ``wrk`` (C, epoll) with bench/api_overload.lua: a client
+    that costs the 2-core machine a fraction of what the asyncio one does, so the server gets
+    the CPU and the figures measure the server. One connection per wrk thread (the script times
+    each answer and files it by status code and priority)."""
+
+    def __init__(self, port: int, path: str, connections: int) -> None:
+        self.port, self.path, self.connections = port, path, connections
+        self.results: list[tuple[str, int, float]] = []
+        self.reasons: dict[tuple[int, str], list[float]] = defaultdict(list)
+        self.late = 0
+        self.late_ms: list[float] = []
+        self.cpu_note = ""
+
+    def run(self, seconds: float, rate: float | None) -> float:
+        with tempfile.TemporaryDirectory(prefix="tidegate-wrk-") as out:
+            mode = "mix" if rate else "critical"
+            started = time.monotonic()
+            done = subprocess.run(
+                ["wrk", "-t", str(self.connections), "-c", str(self.connections),
+                 "-d", f"{seconds:.0f}s", "--timeout", "10s", "-s",
+                 str(ROOT / "bench" / "api_overload.lua"), f"http://127.0.0.1:{self.port}",
+                 "--", out, self.path, str(rate or 0), str(self.connections), mode],
+                capture_output=True, text=True, timeout=seconds + 60)
+            took = time.monotonic() - started
+            if done.returncode:
+                raise SystemExit(f"wrk failed: {done.stderr or done.stdout}")
+            errors = [line for line in done.stdout.splitlines() if line.startswith("wrk:")]
+            self.wrk_summary = errors[-1] if errors else done.stdout[-300:]
+            for file in Path(out).glob("wrk-*.txt"):
+                for line in file.read_text().splitlines():
+                    status_s, why, priority, ms, late = line.split()
+                    status, seconds_taken = int(status_s), float(ms) / 1000
+                    self.results.append((priority, status, seconds_taken))
+                    self.reasons[(status, f"{why} {priority}")].append(seconds_taken)
+                    self.late_ms.append(float(late))
+        self.late = sum(1 for v in self.late_ms if v > 10)
+        # wrk's -d counts from its start; the schedule starts 50 ms in
+        return min(took, seconds)
+
+
 def pct(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
 
 
-def report(label: str, load: Load, took: float) -> dict[int, dict[str, float]]:
+def report(label: str, load: Load | WrkLoad, took: float) -> dict[int, dict[str, float]]:
     by_status: dict[int, list[float]] = defaultdict(list)
     for _, status, seconds in load.results:
         by_status[status].append(seconds)
     out = {}
     print(f"{label}: {len(load.results)} answers in {took:.1f} s "
-          f"({len(load.results) / took:.0f}/s), {load.late} sent late by the client")
+          f"({len(load.results) / took:.0f}/s), {load.late} sent > 10 ms behind schedule by "
+          f"the client" + (f" (p99 {pct(load.late_ms, 0.99):.1f} ms, max "
+                           f"{max(load.late_ms):.1f} ms)" if getattr(load, "late_ms", None)
+                           else ""))
+    if getattr(load, "cpu_note", None):
+        print(load.cpu_note)
     for status in sorted(by_status):
         v = by_status[status]
         out[status] = s = {"n": len(v), "rate": len(v) / took, "p50": pct(v, 0.5) * 1000,
@@ -195,19 +249,43 @@ def report(label: str, load: Load, took: float) -> dict[int, dict[str, float]]:
     return out
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of process ``pid`` so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def drive(load: Load | WrkLoad, seconds: float, rate: float | None, pid: int) -> float:
+    """Run one phase; afterwards print what the API process got of the machine meanwhile: on
+    a shared 2-core machine a slow answer may be a server that was not scheduled."""
+    cpu0, load0 = cpu_seconds(pid), os.getloadavg()[0]
+    took = (load.run(seconds, rate) if isinstance(load, WrkLoad)
+            else asyncio.run(load.run(seconds, rate)))
+    cpu = cpu_seconds(pid) - cpu0
+    load.cpu_note = (f"  api process: {cpu:.1f} CPU-s in {took:.1f} s ({cpu / took:.0%} of one "
+                     f"core), {cpu * 1000 / max(1, len(load.results)):.2f} ms CPU per answer; "
+                     f"load average {load0:.1f} -> {os.getloadavg()[0]:.1f} on "
+                     f"{os.cpu_count()} cores")
+    return took
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seconds", type=float, default=10.0, help="overload phase length")
     parser.add_argument("--factor", type=float, default=3.0, help="offered load x capacity")
     parser.add_argument("--connections", type=int, default=128)
+    parser.add_argument("--client", choices=("wrk", "python"),
+                        default="wrk" if shutil.which("wrk") else "python",
+                        help="load generator: wrk (default where installed) or asyncio")
     args = parser.parse_args()
     random.seed(7)
     with tempfile.TemporaryDirectory(prefix="tidegate-bench-api-") as tmp:
         server = Server(Path(tmp))
         try:
             port = server.port
-            cap = Load(port, "/v1/jobs", 32)
-            took = asyncio.run(cap.run(4.0, None))
+            make = WrkLoad if args.client == "wrk" else Load
+            cap = make(port, "/v1/jobs", 32)
+            took = drive(cap, 4.0, None, server.api.pid)
             accepted = sum(1 for _, s, _ in cap.results if s == 202)
             capacity = accepted / took
             rate = args.factor * capacity
@@ -215,11 +293,11 @@ def main() -> int:
                   f"CRITICAL only); offered load {args.factor:.0f}R = {rate:.0f} requests/s over "
                   f"{args.connections} connections for {args.seconds:.0f} s; mix 10% CRITICAL, "
                   f"30% HIGH/MEDIUM/LOW, 1 in 5 from a token over its {CLIENT_RATE}/s rate\n")
-            over = Load(port, "/v1/jobs", args.connections)
-            api = report("api  /v1/jobs", over, asyncio.run(over.run(args.seconds, rate)))
-            floor_load = Load(port, "/bench/floor", args.connections)
+            over = make(port, "/v1/jobs", args.connections)
+            api = report("api  /v1/jobs", over, drive(over, args.seconds, rate, server.api.pid))
+            floor_load = make(port, "/bench/floor", args.connections)
             floor = report("floor /bench/floor", floor_load,
-                           asyncio.run(floor_load.run(args.seconds, rate)))
+                           drive(floor_load, args.seconds, rate, server.api.pid))
             crit = [s for p, s, _ in over.results if p == "critical"]
             crit_ok = sum(1 for s in crit if s == 202)
             slow = sum(1 for _, _, t in over.results if t > SLOW_S)

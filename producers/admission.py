@@ -12,7 +12,8 @@ never makes a refusal wait for a thread or the broker:
   threads of its own, CRITICAL first, and admits a job only if its *expected* wait for a
   thread fits its class's share of ``max_wait``: HIGH a fifth, MEDIUM a tenth, LOW a
   twentieth, CRITICAL up to the lane's hard cap. A slow or hung broker lengthens the expected
-  wait, so new requests are refused at once instead of queueing behind it.
+  wait, so new requests are refused at once instead of queueing behind it. Jobs that may share
+  a round trip (keyless POSTs) and find others waiting are published as one batch.
 - :class:`LoopLag` refuses LOW, then MEDIUM, then HIGH outright while every publish thread is
   busy and the event loop runs late: the threads hold the GIL the loop needs.
 """
@@ -70,11 +71,16 @@ class PublishLane:
     thread takes a share of it from the event loop that answers the refusals.
     """
 
-    def __init__(self, threads: int = 4, max_queued: int = 512, name: str = "tidegate-publish"
-                 ) -> None:
+    def __init__(self, threads: int = 4, max_queued: int = 512, name: str = "tidegate-publish",
+                 *, batch: Callable[[list[Any]], list[Any]] | None = None,
+                 max_batch: int = 32) -> None:
         self.threads, self.max_queued, self.name = threads, max_queued, name
+        # Jobs submitted with an ``item`` may run together: a thread that finds several waiting
+        # hands their items to ``batch`` at once (one broker round trip for all, so the GIL
+        # changes hands a few times per batch instead of a few times per job).
+        self.batch, self.max_batch = batch, max_batch
         self._cond = threading.Condition()
-        self._heap: list[tuple[int, int, Callable[[], None]]] = []
+        self._heap: list[tuple[int, int, Any]] = []
         self._waiting = [0] * len(Priority)  # waiting jobs per class
         self._seq = itertools.count()
         self._running: dict[int, float] = {}  # job seq -> start (monotonic)
@@ -107,9 +113,12 @@ class PublishLane:
         return Shed(f"api overloaded ({why}): priority {priority.name} shed",
                     priority=priority, retry_after=max(1.0, min(wait, 30.0)))
 
-    async def run(self, priority: Priority, budget_s: float, fn: Callable[[], Any]) -> Any:
+    async def run(self, priority: Priority, budget_s: float, fn: Callable[[], Any],
+                  item: Any = None) -> Any:
         """Run ``fn`` on a lane thread; :class:`Shed` if it is still waiting for a thread after
-        ``budget_s`` (CRITICAL waits as long as it takes)."""
+        ``budget_s`` (CRITICAL waits as long as it takes). With ``item`` (and a lane built with
+        ``batch``) the job may instead run as part of ``batch([..., item, ...])``, whose entry
+        for it is its result, or the exception it raises."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future = loop.create_future()
         state = ["queued"]  # -> "running" (lane thread) or "expired" (event loop), under _cond
@@ -126,6 +135,11 @@ class PublishLane:
                 loop.call_soon_threadsafe(settle, False, exc)
             else:
                 loop.call_soon_threadsafe(settle, True, result)
+
+        def hand(outcome: Any) -> None:  # this job's entry of a batch
+            loop.call_soon_threadsafe(settle, not isinstance(outcome, BaseException), outcome)
+
+        job.item, job.hand = item, hand  # type: ignore[attr-defined]
 
         def expire() -> None:
             with self._cond:
@@ -165,30 +179,59 @@ class PublishLane:
             self._gauges()
             self._cond.notify()
 
+    def _take(self) -> tuple[int, list[Any]]:
+        """Under _cond: the next job, and the batchable ones waiting behind it (in order)."""
+        jobs: list[Any] = []
+        seq = -1
+        while self._heap and len(jobs) < self.max_batch:
+            rank, s, (job, state) = self._heap[0]
+            if jobs and (self.batch is None or job.item is None or jobs[0].item is None):
+                break
+            heapq.heappop(self._heap)
+            if state[0] != "queued":
+                continue
+            state[0] = "running"
+            self._waiting[rank] -= 1
+            seq = s if seq < 0 else seq
+            jobs.append(job)
+            if self.batch is None or job.item is None:
+                break
+        return seq, jobs
+
     def _work(self) -> None:
         while True:
             with self._cond:
-                while True:
+                jobs: list[Any] = []
+                while not jobs:
                     while not self._heap:
                         self._cond.wait()
-                    rank, seq, (job, state) = heapq.heappop(self._heap)
-                    if state[0] == "queued":
-                        break
-                state[0] = "running"
-                self._waiting[rank] -= 1
+                    seq, jobs = self._take()
                 started = time.monotonic()
                 self._running[seq] = started
                 self._gauges()
             try:
-                job()
+                if len(jobs) == 1:
+                    jobs[0]()
+                else:
+                    self._run_batch(jobs)
             except BaseException:  # job() hands its errors over; this is a bug in the lane
                 log.exception("publish lane job failed")
             finally:
                 took = time.monotonic() - started
                 with self._cond:
                     del self._running[seq]
-                    self._service_s += 0.1 * (took - self._service_s)
+                    # the service time per job: what a waiting job's expected wait is made of
+                    self._service_s += 0.1 * (took / len(jobs) - self._service_s)
                     self._gauges()
+
+    def _run_batch(self, jobs: list[Any]) -> None:
+        assert self.batch is not None
+        try:
+            outcomes = self.batch([job.item for job in jobs])
+        except BaseException as exc:  # the batch as a whole failed: each job gets the error
+            outcomes = [exc] * len(jobs)
+        for job, outcome in zip(jobs, outcomes, strict=True):
+            job.hand(outcome)
 
     def _gauges(self) -> None:  # under _cond
         metrics.API_LANE.labels(state="running").set(len(self._running))

@@ -72,6 +72,7 @@ class ApiSettings(BaseSettings):
     idempotency_ttl_s: int = Field(default=86_400, ge=60)
     broker_retry_after_s: int = Field(default=5, ge=1)
     publish_threads: int = Field(default=2, ge=1, le=256)  # the publish lane's concurrency
+    publish_batch: int = Field(default=32, ge=1, le=500)  # keyless POSTs published together
     max_queued: int = Field(default=512, ge=1)  # jobs waiting for a publish thread, at most
     gil_switch_ms: float = Field(default=1.0, ge=0, le=100)  # served process; 0: Python's 5 ms
 
@@ -322,7 +323,9 @@ def create_api(
     if producer.limiter is None:
         producer.limiter = client_limiter(settings, RateLimitConfig(
             api_settings.client_rate_per_s, api_settings.client_burst), state, name="api-client")
-    lane = PublishLane(api_settings.publish_threads, api_settings.max_queued)
+    lane = PublishLane(api_settings.publish_threads, api_settings.max_queued,
+                       batch=lambda items: publish_items(items),
+                       max_batch=api_settings.publish_batch)
     lag = LoopLag()
     cached = CachedState(producer, RateLimitConfig(api_settings.client_rate_per_s,
                                                    api_settings.client_burst))
@@ -411,10 +414,15 @@ def create_api(
     def publish_many(tickets: list[_Ticket], client: str) -> list[Answer | BaseException]:
         """The blocking half of a batch on one lane thread: each job's record and gates, then
         one batch publish (producers/batch.py) of those left to publish."""
-        out: list[Answer | BaseException | None] = [None] * len(tickets)
+        return publish_items([(t, client) for t in tickets])
+
+    def publish_items(items: list[tuple[_Ticket, str]]) -> list[Answer | BaseException]:
+        """:func:`publish_many` for jobs of several requests (and clients): the lane runs the
+        single POSTs waiting for a thread together, one broker round trip for all of them."""
+        out: list[Answer | BaseException | None] = [None] * len(items)
         todo: list[tuple[int, _Ticket, Any]] = []
         pending: dict[str, int] = {}
-        for k, t in enumerate(tickets):
+        for k, (t, client) in enumerate(items):
             t = t.with_id()
             reservation = None
             try:
@@ -500,8 +508,11 @@ def create_api(
             pending_until = time.monotonic() + submissions.pending_wait_s
             while True:
                 try:
+                    # keyless jobs may share a broker round trip with others waiting; a
+                    # keyed one runs alone (a repeat of its key must see its record settled)
                     return await lane.run(t.p.priority, t.budget,
-                                          functools.partial(publish, t, client))
+                                          functools.partial(publish, t, client),
+                                          (t, client) if t.fingerprint is None else None)
                 except IdempotencyConflict:  # the same key is being enqueued by another request
                     if time.monotonic() >= pending_until:
                         raise

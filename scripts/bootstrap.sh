@@ -2,7 +2,8 @@
 # Create the virtual environment and install Tidegate with its dev extra. Re-runs only when
 # pyproject.toml changed (the Makefile's stamp file decides). Also installs the Debian
 # docker-compose package, used without an engine to validate docker-compose.yml, and Debian's
-# chromium + chromium-driver for the status page's browser test (best effort, like compose).
+# chromium + chromium-driver for the status page's browser test, and wrk for
+# bench/api_overload.py (best effort, like compose).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
@@ -43,6 +44,12 @@ if ! { [ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ]; } && [ "$(id -u
   (apt-get install -y -q chromium chromium-driver >/dev/null 2>&1 ||
    { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q chromium chromium-driver >/dev/null 2>&1; }) ||
     echo "bootstrap: could not install chromium; the browser test will skip and say so" >&2
+fi
+if ! command -v wrk >/dev/null && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+  step "installing wrk with apt-get (bench/api_overload.py's load generator)"
+  (apt-get install -y -q wrk >/dev/null 2>&1 ||
+   { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q wrk >/dev/null 2>&1; }) ||
+    echo "bootstrap: could not install wrk; bench/api_overload.py will use its asyncio client" >&2
 fi
 touch "$VENV/.installed"
 step "done in $(( SECONDS - started )) s"
