@@ -1,4 +1,4 @@
-"""The worker-loss scenario shared by test_worker_liveness.py and the kill drill.
+"""The worker-loss scenario of the kill drill, and fixtures test_worker_liveness.py shares.
 
 A worker takes long tasks (each 60 s at the simulators) of a mixed batch: unkeyed charges
 (not idempotent), keyed charges and index jobs (idempotent); short email jobs keep flowing
