@@ -186,6 +186,7 @@ class SharedDepthCache:
         self._recent: dict[str, tuple[DepthEstimate, float, int]] = {}
         self._flusher: threading.Thread | None = None
         self._wake = threading.Event()
+        self.failing = False  # the last merge failed (its counts are kept for the next)
         self.probe = probe
         self.redis = redis_client
         self.ttl_s = ttl_s
@@ -205,8 +206,11 @@ class SharedDepthCache:
             self._pending[queue] = self._pending.get(queue, 0) + count
             self._published_here[queue] = self._published_here.get(queue, 0) + count
             if self._flusher is None:
-                self._flusher = threading.Thread(target=self._flush_loop, daemon=True,
-                                                 name="tidegate-depth-flush")
+                # The thread holds the cache weakly: a dropped producer's cache is collected
+                # and its thread ends, instead of living (and flushing) for the process.
+                self._flusher = threading.Thread(
+                    target=_flush_loop, args=(weakref.ref(self), self._wake, self.flush_s),
+                    daemon=True, name="tidegate-depth-flush")
                 self._flusher.start()
         self._wake.set()
 
@@ -225,17 +229,12 @@ class SharedDepthCache:
                     for queue, n in pending.items():
                         pipe.incrby(self._key(queue, "published"), n)
                     pipe.execute()
+                self.failing = False
             except (redis.RedisError, OSError):
+                self.failing = True
                 with self._lock:  # keep them for the next try: the counter only ever grows
                     for queue, n in pending.items():
                         self._pending[queue] = self._pending.get(queue, 0) + n
-
-    def _flush_loop(self) -> None:
-        while True:
-            self._wake.wait()
-            self._wake.clear()
-            time.sleep(self.flush_s)  # gather a batch, then merge it
-            self.flush()
 
     def depth(self, queue: str) -> QueueDepth:
         """The freshest shared reading (at most ``ttl_s`` old unless the probe is failing)."""
@@ -343,19 +342,39 @@ class SharedDepthCache:
         return DepthEstimate(cached[0], 0, cached[1])
 
 
+def _flush_loop(ref: weakref.ref[SharedDepthCache], wake: threading.Event,
+                flush_s: float) -> None:
+    """A cache's background merges, until the cache is gone (checked every few seconds)."""
+    while True:
+        if not wake.wait(5.0):
+            if ref() is None:
+                return
+            continue
+        wake.clear()
+        time.sleep(flush_s)  # gather a batch, then merge it
+        cache = ref()
+        if cache is None:
+            return
+        cache.flush()
+        del cache
+
+
 _LIVE_CACHES: weakref.WeakSet[SharedDepthCache] = weakref.WeakSet()
 
 
-def flush_all() -> None:
+def flush_all(*, skip_failing: bool = False) -> None:
     """Merge every live cache's unflushed publish counts into the shared counters now.
 
     Runs at interpreter exit (the flusher is a daemon thread: without this a producer's last
     ``flush_s`` of publishes would never reach the counter the drain rate is computed from),
     and lets a test settle every cache before it empties the shared database: a count that
     lands afterwards would be read as messages published since the next reading.
+    ``skip_failing`` leaves out caches whose Redis refused their last merge (their own thread
+    keeps trying): one whose server is gone would cost a connect timeout per call.
     """
     for cache in list(_LIVE_CACHES):
-        cache.flush()
+        if not (skip_failing and cache.failing):
+            cache.flush()
 
 
 atexit.register(flush_all)

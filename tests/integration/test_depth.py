@@ -242,6 +242,39 @@ def test_shared_cache_measures_the_drain_rate(state_redis):
         CountingProbe.depth = probe_clock
 
 
+def test_a_cache_whose_redis_is_gone_costs_no_wait_and_is_collected_with_its_producer():
+    """A producer whose state Redis went away (a failover drill, a decommissioned server) must
+    not make every later flush_all wait out a connect timeout, nor live on in its thread."""
+    import gc
+    import socket
+    import weakref
+
+    from workers.depth import _LIVE_CACHES, flush_all
+
+    # A server that takes connections and never answers: each try waits its socket_timeout.
+    silent = socket.create_server(("127.0.0.1", 0))
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+
+    dead = redis.Redis(port=silent.getsockname()[1], socket_connect_timeout=3,
+                       socket_timeout=3, retry=Retry(NoBackoff(), 0))
+    cache = SharedDepthCache(CountingProbe(), dead, ttl_s=30, window_s=60)
+    try:
+        cache.record_published("q", 3)
+        wait_until(lambda c=cache: c.failing, 30, message="the background merge failed")
+        started = time.monotonic()
+        flush_all(skip_failing=True)
+        assert time.monotonic() - started < 2.0  # a try would have waited 3 s
+        assert cache._pending == {"q": 3}  # kept for a later merge
+    finally:
+        silent.close()
+    ref = weakref.ref(cache)
+    del cache
+    gc.collect()
+    assert ref() is None, "the flusher thread kept the cache alive"
+    assert all(c is not None for c in _LIVE_CACHES)
+
+
 def test_drain_from_samples_uses_the_window_and_never_goes_negative():
     # newest first: [time, published, backlog]
     assert drain_from_samples([[10, 0, 5]], 10) is None
