@@ -148,6 +148,8 @@ def test_two_replayers_still_exactly_once(broker, sims, policy_file, moto_sqs,
     finally:
         stats = [_stats(first), _stats(second)]
     _assert_exactly_once(sims["email"], addresses)
-    assert sum(s["deleted"] for s in stats) == N
-    assert sum(s["published"] for s in stats) >= N  # a duplicate publish is allowed...
-    # ...but never a duplicate effect (asserted above through the ledger)
+    # An entry whose visibility ran out while one replayer held it (a loaded machine) is
+    # received, published and deleted by the other too: a duplicate publish and delete are
+    # allowed, never a duplicate effect (asserted above through the ledger).
+    deleted, published = (sum(s[k] for s in stats) for k in ("deleted", "published"))
+    assert N <= deleted <= published
