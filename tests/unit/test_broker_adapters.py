@@ -108,3 +108,35 @@ def test_which_publish_errors_are_the_broker_refusing():
     assert amqp.refused_publish(NotFound("no exchange")) and not amqp.unroutable(NotFound("x"))
     assert not amqp.refused_publish(ValueError("a bug"))
     assert not redis.unroutable(no_route) and not sqs.refused_publish(ValueError("a bug"))
+
+
+def test_a_new_broker_is_one_adapter_and_one_registry_entry(monkeypatch):
+    """What docs/architecture.md's "Adding a broker" promises: the settings accept its scheme
+    and every component asks it (here the probe and the priorities), nothing else edited."""
+    import workers.brokers as brokers
+    from workers.depth import QueueDepth, probe_for
+    from workers.topology import broker_priority
+
+    class FakeProbe:
+        def depth(self, queue: str) -> QueueDepth:
+            return QueueDepth(queue, 7, 0, None, None, None, "fake", 0.0)
+
+    class FakeBroker(BrokerAdapter):
+        name = "fake"
+        schemes = ("fake",)
+        priorities = {Priority.CRITICAL: 1, Priority.HIGH: 4, Priority.MEDIUM: 7,
+                      Priority.LOW: 9}
+
+        def depth_probe(self, settings):
+            return FakeProbe()
+
+    adapter = FakeBroker()
+    monkeypatch.setitem(brokers.BROKERS, "fake", adapter)
+    monkeypatch.setitem(brokers._BY_SCHEME, "fake", adapter)
+    monkeypatch.setattr(brokers, "SCHEMES", brokers.SCHEMES | {"fake"})
+    settings = load_settings(broker_url="fake://somewhere/")
+    assert settings.transport == "fake"
+    assert probe_for(settings).depth("search").ready == 7
+    assert broker_priority(Priority.MEDIUM, settings.transport) == 7
+    assert adapter.priority_from(8) is Priority.MEDIUM  # its own scale, read back
+    assert (adapter.flags_redelivery, adapter.publish_options(settings)) == (False, {})
