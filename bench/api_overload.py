@@ -9,6 +9,12 @@ answers 503 at once: the cost of HTTP, routing and middleware alone on this mach
    30% MEDIUM, 30% LOW; one client in five is a "greedy" token far over its rate (429s);
 3. floor: the same schedule against ``/bench/floor``.
 
+The load comes from ``wrk`` where it is installed (bench/api_overload.lua: one connection per
+wrk thread, open loop, each answer timed and filed by status and priority), else from an
+asyncio client in this process (``--client python``), which costs the shared cores far more.
+Each phase prints the API process's share of a core and its CPU time per answer, and how far
+behind schedule the client sent (a slow server holds its connections).
+
 Prints p50/p99/max latency and throughput per status code, the floor's, the ratios and the
 targets (429/503 p99 <= 50 ms and <= 3x the floor; 202 p99 <= TIDEGATE_API_MAX_WAIT_MS +
 50 ms; no answer slower than 1 s; CRITICAL 100% accepted). Loopback only, bounded in time.
