@@ -145,7 +145,16 @@ def report_failure(app: Any, dispatcher: Any, message: Any, record: dl.DeadLette
 
 class PoisonAwareConsumer(LoopThreadQos):
     """Celery's consumer, with poison messages dead-lettered instead of dropped (and prefetch
-    changes kept on the loop thread: :mod:`workers.qos`)."""
+    changes kept on the loop thread: :mod:`workers.qos`), without native delayed delivery."""
+
+    class Blueprint(LoopThreadQos.Blueprint):
+        # Celery's DelayedDelivery step (started when any queue is a quorum queue) routes
+        # countdowns through topic exchanges only; Tidegate's per-queue exchanges are direct,
+        # so it never applies, yet it declared 28 quorum queues and, after each reconnect,
+        # retried every node of the failover list, a dead one for 17 s before consuming
+        # again (tests/drills/test_quorum_failover.py; docs/ha.md).
+        default_steps = [step for step in LoopThreadQos.Blueprint.default_steps
+                         if not step.endswith(":DelayedDelivery")]
 
     def create_task_handler(self, *args: Any, **kwargs: Any):
         handle = super().create_task_handler(*args, **kwargs)

@@ -81,6 +81,7 @@ def test_a_worker_serves_quorum_queues_and_dead_letters_into_them(
     worker = start_worker_on(quorum_broker)("payments,search", concurrency=2,
                                             env={"TIDEGATE_POLICY_FILE": str(policy)})
     assert "Global QoS is disabled" in worker.output()
+    assert "delayed delivery" not in worker.output()  # Celery's step: no use on direct exchanges
     producer = Producer(app)
     run = uuid.uuid4().hex[:6]
     # a priority is accepted and ignored by the queue (admission sheds LOW first instead)
