@@ -86,6 +86,8 @@ class PublishLane:
         self._running: dict[int, float] = {}  # job seq -> start (monotonic)
         self._service_s = 0.002
         self._started = False
+        self._gauge_running = metrics.API_LANE.labels(state="running")
+        self._gauge_waiting = metrics.API_LANE.labels(state="waiting")
 
     # -- the event loop's view (no blocking: a lock held for microseconds)
     def expected_wait(self, priority: Priority = Priority.LOW) -> float:
@@ -234,8 +236,8 @@ class PublishLane:
             job.hand(outcome)
 
     def _gauges(self) -> None:  # under _cond
-        metrics.API_LANE.labels(state="running").set(len(self._running))
-        metrics.API_LANE.labels(state="waiting").set(sum(self._waiting))
+        self._gauge_running.set(len(self._running))
+        self._gauge_waiting.set(sum(self._waiting))
 
 
 class LoopLag:

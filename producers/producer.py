@@ -241,6 +241,15 @@ class Producer:
                 f"payload is {size} bytes; the limit is {self.max_message_bytes} bytes"
             )
 
+    def _queue_of(self, task: str) -> str:
+        """The task's queue by the policy file's patterns, remembered per task name (a known
+        task: the cache is as big as the app's task list; the match is an fnmatch loop)."""
+        cache: dict[str, str] = self.__dict__.setdefault("_queue_cache", {})
+        found = cache.get(task)
+        if found is None:
+            found = cache[task] = self.topology.queue_for_task(task)
+        return found
+
     def _prepare(self, task: str, args: Any, kwargs: Any, priority: Any,
                  idempotency_key: str | None, queue: str | None, deadline_s: float | None,
                  task_id: str | None) -> _Prepared:
@@ -248,7 +257,7 @@ class Producer:
         prio = Priority.parse(priority)
         self._check_task(task)
         self._check_payload(args, kwargs)
-        target = queue or self.topology.queue_for_task(task)
+        target = queue or self._queue_of(task)
         try:
             self.topology.check_queue(target)
         except ConfigError as exc:
