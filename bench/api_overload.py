@@ -31,6 +31,7 @@ import itertools
 import json
 import os
 import random
+import resource
 import shutil
 import subprocess
 import sys
@@ -73,7 +74,7 @@ def bench_app():
 class Server:
     """redis-server and the API, on free loopback ports, stopped for sure."""
 
-    def __init__(self, tmp: Path) -> None:
+    def __init__(self, tmp: Path, workers: int = 1) -> None:
         self.redis_port, self.port = free_port(), free_port()
         self.redis = Proc(["redis-server", "--port", str(self.redis_port), "--bind", "127.0.0.1",
                            "--save", "", "--appendonly", "no"], {}, tmp / "redis.log", "redis")
@@ -96,7 +97,9 @@ class Server:
         self.url = f"http://127.0.0.1:{self.port}"
         self.api = Proc([sys.executable, "-m", "uvicorn", "bench.api_overload:bench_app",
                          "--factory", "--port", str(self.port), "--host", "127.0.0.1",
-                         "--no-access-log", "--log-level", "warning"], env, tmp / "api.log",
+                         "--no-access-log", "--log-level", "warning",
+                         *(["--workers", str(workers)] if workers > 1 else [])],
+                        env, tmp / "api.log",
                         "api")
         wait_until(lambda: not self.api.alive() or httpx.get(f"{self.url}/healthz", timeout=2)
                    .status_code == 200, 60, interval=0.2, message="api up")
@@ -198,10 +201,12 @@ class WrkLoad:
         self.late = 0
         self.late_ms: list[float] = []
         self.cpu_note = ""
+        self.client_cpu_s = 0.0
 
     def run(self, seconds: float, rate: float | None) -> float:
         with tempfile.TemporaryDirectory(prefix="tidegate-wrk-") as out:
             mode = "mix" if rate else "critical"
+            before = resource.getrusage(resource.RUSAGE_CHILDREN)
             started = time.monotonic()
             done = subprocess.run(
                 ["wrk", "-t", str(self.connections), "-c", str(self.connections),
@@ -210,6 +215,9 @@ class WrkLoad:
                  "--", out, self.path, str(rate or 0), str(self.connections), mode],
                 capture_output=True, text=True, timeout=seconds + 60)
             took = time.monotonic() - started
+            after = resource.getrusage(resource.RUSAGE_CHILDREN)
+            self.client_cpu_s = (after.ru_utime - before.ru_utime
+                                 + after.ru_stime - before.ru_stime)
             if done.returncode:
                 raise SystemExit(f"wrk failed: {done.stderr or done.stdout}")
             errors = [line for line in done.stdout.splitlines() if line.startswith("wrk:")]
@@ -256,9 +264,25 @@ def report(label: str, load: Load | WrkLoad, took: float) -> dict[int, dict[str,
 
 
 def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of process ``pid`` so far (Linux /proc)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    """User + system CPU time so far of process ``pid`` and its live descendants (uvicorn's
+    worker processes with ``--api-workers``), from Linux /proc."""
+    parent: dict[int, int] = {}
+    ticks: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:  # gone meanwhile
+            continue
+        parent[int(entry.name)] = int(fields[1])
+        ticks[int(entry.name)] = int(fields[11]) + int(fields[12])
+    total, todo = 0, [pid]
+    while todo:
+        p = todo.pop()
+        total += ticks.get(p, 0)
+        todo.extend(child for child, ppid in parent.items() if ppid == p)
+    return total / os.sysconf("SC_CLK_TCK")
 
 
 def drive(load: Load | WrkLoad, seconds: float, rate: float | None, pid: int) -> float:
@@ -271,7 +295,9 @@ def drive(load: Load | WrkLoad, seconds: float, rate: float | None, pid: int) ->
     load.cpu_note = (f"  api process: {cpu:.1f} CPU-s in {took:.1f} s ({cpu / took:.0%} of one "
                      f"core), {cpu * 1000 / max(1, len(load.results)):.2f} ms CPU per answer; "
                      f"load average {load0:.1f} -> {os.getloadavg()[0]:.1f} on "
-                     f"{os.cpu_count()} cores")
+                     f"{os.cpu_count()} cores"
+                     + (f"; the client (wrk) {load.client_cpu_s:.1f} CPU-s"
+                        if isinstance(load, WrkLoad) else ""))
     return took
 
 
@@ -280,13 +306,15 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=10.0, help="overload phase length")
     parser.add_argument("--factor", type=float, default=3.0, help="offered load x capacity")
     parser.add_argument("--connections", type=int, default=128)
+    parser.add_argument("--api-workers", type=int, default=1,
+                        help="API processes (as tidegate api --workers N)")
     parser.add_argument("--client", choices=("wrk", "python"),
                         default="wrk" if shutil.which("wrk") else "python",
                         help="load generator: wrk (default where installed) or asyncio")
     args = parser.parse_args()
     random.seed(7)
     with tempfile.TemporaryDirectory(prefix="tidegate-bench-api-") as tmp:
-        server = Server(Path(tmp))
+        server = Server(Path(tmp), args.api_workers)
         try:
             port = server.port
             make = WrkLoad if args.client == "wrk" else Load
@@ -298,7 +326,8 @@ def main() -> int:
             print(f"capacity R = {capacity:.0f} accepted jobs/s (closed loop, 32 connections, "
                   f"CRITICAL only); offered load {args.factor:.0f}R = {rate:.0f} requests/s over "
                   f"{args.connections} connections for {args.seconds:.0f} s; mix 10% CRITICAL, "
-                  f"30% HIGH/MEDIUM/LOW, 1 in 5 from a token over its {CLIENT_RATE}/s rate\n")
+                  f"30% HIGH/MEDIUM/LOW, 1 in 5 from a token over its {CLIENT_RATE}/s rate; "
+                  f"{args.api_workers} API process(es), client {args.client}\n")
             over = make(port, "/v1/jobs", args.connections)
             api = report("api  /v1/jobs", over, drive(over, args.seconds, rate, server.api.pid))
             floor_load = make(port, "/bench/floor", args.connections)
