@@ -58,6 +58,10 @@ QUEUE_GAUGES = (
      "live_workers"),
     ("tidegate_queue_orphaned_messages", "Unacked messages held by workers whose heartbeat "
      "expired, until the orphan sweep restores them (Redis).", "orphaned"),
+    ("tidegate_queue_held_retries_messages", "Of in flight, retries a worker holds until their "
+     "countdown ends (Redis; not work in progress).", "held_retries"),
+    ("tidegate_queue_capacity_tasks", "Tasks the live workers on the queue run at once (their "
+     "pool sizes summed).", "capacity"),
 )
 
 CLUSTER_COUNTERS = (

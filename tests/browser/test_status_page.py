@@ -193,6 +193,11 @@ def test_status_page_shows_depth_moving_and_an_open_breaker(
             return True
 
         wait_until(panels, 15, interval=0.3, message="payments' load and workers panels")
+        # the same two figures for Prometheus
+        samples = exporter.samples()
+        payments = (("queue", "payments"),)
+        assert samples[("tidegate_queue_capacity_tasks", payments)] == 3
+        assert samples[("tidegate_queue_held_retries_messages", payments)] == 1
         # the adaptive limit: one line on search's card, none on payments' (static bulkhead)
         limit = '[data-dependency-card="search"] [data-concurrency="search"]'
         wait_until(lambda: driver.find_element(By.CSS_SELECTOR, limit).get_attribute(
