@@ -15,8 +15,11 @@ own). This holds for every store, the memory one included; ``sync_interval = 0``
 every outcome at once.
 
 :meth:`CircuitBreaker.closed_generation` and :meth:`CircuitBreaker.count_success` are the
-success path :class:`~resilience.policy.Policy` takes while the breaker is CLOSED and no
-merge is due: an attribute read, and one count under a lock.
+success path the breaker layer takes while the breaker is CLOSED and no merge is due: an
+attribute read, and one ``next()`` of the generation's tally (an ``itertools.count``, atomic
+without a lock; a merge reads it the same way and remembers where it read, a new generation
+starts a new tally, so a success that started under an older one lands in a tally nobody
+reads - as the lock-guarded generation check dropped it).
 
 Opening rule: with at least ``minimum_calls`` calls in the last ``window`` seconds, the failure
 rate (or the slow-call rate) at or above its threshold opens the breaker - the seed's
@@ -27,6 +30,7 @@ success (the dependency answered; the error belongs to the caller).
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import threading
@@ -165,7 +169,11 @@ class CircuitBreaker:
         self.sync_interval = self.config.sync_interval
         self._lock = threading.Lock()
         self._listeners: list[StateListener] = []
-        self._pending = 0  # successes since the last merge (failures merge at once)
+        # successes since the last merge (failures merge at once): this generation's tally,
+        # read back (and consumed by one) at each merge; ``_fast`` pairs it with its generation
+        self._tally = itertools.count()
+        self._tally_base = 0
+        self._fast: tuple[int, itertools.count] = (-1, self._tally)
         self._batch_until = -math.inf  # successes may wait for the merge until then
         self._last_sync = -math.inf
         self._snap = BreakerSnapshot("closed", -1, 0.0)
@@ -194,7 +202,8 @@ class CircuitBreaker:
             else:
                 self._local_until = self._retry_at = -math.inf
             if snap.generation != old.generation:
-                self._pending = 0
+                self._tally, self._tally_base = itertools.count(), 0
+            self._fast = (snap.generation, self._tally)
             self._fast_until = (
                 self._batch_until
                 if snap.state == "closed" and snap.generation >= 0 and now >= self._dirty_until
@@ -217,9 +226,10 @@ class CircuitBreaker:
     ) -> BreakerSnapshot:
         """Merge the pending successes (with their age) and the given outcome; apply."""
         with self._lock:
-            earlier = self._pending
+            read = next(self._tally)
+            earlier = read - self._tally_base
+            self._tally_base = read + 1
             age = now - self._last_sync if earlier else 0.0
-            self._pending = 0
             self._last_sync = now
             # the next batch ends after sync_interval, or where the window's bucket ends
             width = self.config.window / BUCKETS_PER_WINDOW
@@ -260,9 +270,9 @@ class CircuitBreaker:
 
     def count_success(self, generation: int) -> None:
         """Count one fast (not slow) success started under ``generation``; merged later."""
-        with self._lock:
-            if self._snap.generation == generation:
-                self._pending += 1
+        gen, tally = self._fast
+        if gen == generation:
+            next(tally)
 
     # -- one attempt
     def acquire(self) -> Permit:
@@ -313,7 +323,7 @@ class CircuitBreaker:
             elif now < self._batch_until and now >= self._dirty_until:
                 # a success while the window holds no failure seen here cannot open the
                 # breaker: count it now, merge it later
-                self._pending += 1
+                next(self._tally)
                 return outcome
         self._sync(now, 1, failed, slow)
         return outcome
@@ -356,7 +366,7 @@ class CircuitBreaker:
     def reset(self) -> None:
         """Close now and forget the window."""
         with self._lock:
-            self._pending = 0
+            self._tally_base = next(self._tally) + 1
         self._apply(
             self.store.breaker_force(self.name, self.config, "closed", 0.0), self.clock.now()
         )

@@ -19,6 +19,7 @@ from .errors import ConfigError, DeadlineExceeded
 
 __all__ = [
     "Deadline",
+    "as_deadline",
     "client_timeout",
     "current",
     "deadline_scope",
@@ -78,27 +79,35 @@ def new_deadline(expires_at: float, clock: Clock) -> Deadline:
 
 _tuple_new = tuple.__new__
 
-_current: contextvars.ContextVar[Deadline | None] = contextvars.ContextVar(
+# What is published: a Deadline, or the chain's plain ``(expires_at, clock)`` pair in the
+# same shape (the timeout layer publishes one per attempt, and a named tuple costs several
+# times a plain one to build); read it through current(), which always gives a Deadline.
+_current: contextvars.ContextVar[tuple[float, Clock] | None] = contextvars.ContextVar(
     "tidegate_deadline", default=None
 )
 
 
+def as_deadline(d: tuple[float, Clock] | None) -> Deadline | None:
+    """A published ``(expires_at, clock)`` pair as a :class:`Deadline` (None stays None)."""
+    return d if d is None or type(d) is Deadline else _tuple_new(Deadline, d)
+
+
 def current() -> Deadline | None:
     """The deadline in force here, if any."""
-    return _current.get()
+    return as_deadline(_current.get())
 
 
 def remaining() -> float | None:
     """Seconds left of the current budget, ``None`` when no deadline is set."""
     d = _current.get()
-    return None if d is None else d.remaining()
+    return None if d is None else max(0.0, d[0] - d[1].now())
 
 
 @contextmanager
 def deadline_scope(budget: float | Deadline, *, clock: Clock = SYSTEM_CLOCK) -> Iterator[Deadline]:
     """Run the block under a budget; an enclosing tighter deadline wins (never extends it)."""
     new = budget if isinstance(budget, Deadline) else Deadline.after(budget, clock)
-    effective = new.tighter(_current.get())
+    effective = new.tighter(current())
     token = _current.set(effective)
     try:
         yield effective
@@ -117,7 +126,7 @@ def client_timeout(default: float, floor: float = 0.001) -> float:
     d = _current.get()
     if d is None:
         return float(default)
-    left = d.remaining()
+    left = d[0] - d[1].now()  # expires_at - clock.now(): a Deadline or a published pair
     if left <= 0:
         raise DeadlineExceeded("deadline exceeded before the client call started")
     return max(floor, min(float(default), left))

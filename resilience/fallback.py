@@ -182,6 +182,12 @@ class Fallback:
     def on_success(self, ctx: CallContext, result: Any) -> None:
         """Called with every successful result (the cached fallback stores it)."""
 
+    @property
+    def sees_successes(self) -> bool:
+        """Whether :meth:`on_success` does anything: the fallback layer skips building its
+        context on every success when it does not."""
+        return type(self).on_success is not Fallback.on_success
+
     def __or__(self, other: Fallback) -> FallbackChain:
         return FallbackChain((*_items(self), *_items(other)))
 
@@ -210,6 +216,10 @@ class FallbackChain(Fallback):
     def on_success(self, ctx: CallContext, result: Any) -> None:
         for s in self.strategies:
             s.on_success(ctx, result)
+
+    @property
+    def sees_successes(self) -> bool:
+        return any(s.sees_successes for s in self.strategies)
 
     def __repr__(self) -> str:
         return " | ".join(map(repr, self.strategies))

@@ -43,7 +43,7 @@ from .adaptive import AdaptiveLimiter
 from .breaker import CircuitBreaker
 from .bulkhead import Bulkhead
 from .callstats import CallStats
-from .chain import Call, Chain, Layer, new_call
+from .chain import Chain, Layer, new_call
 from .clock import SYSTEM_CLOCK, Clock
 from .errors import ConfigError, RejectedError, TransientError, did_you_mean
 from .events import EVENTS, CallFinished, EventBus
@@ -81,7 +81,6 @@ __all__ = [
 ]
 
 T = TypeVar("T")
-_tuple_new = tuple.__new__
 log = logging.getLogger(__name__)
 
 def _rate_limit(p: Policy) -> Layer | None:
@@ -272,9 +271,8 @@ class Policy:
     ) -> T | Any:
         """Run ``fn(*args, **kwargs)`` through the chain. ``client`` keys the rate limit."""
         prio = priority if type(priority) is Priority else Priority.parse(priority)
-        try:
-            c = _tuple_new(Call, (fn, args, kwargs, idempotency_key, prio, client, 1, None))
-            return self._run(c)
+        try:  # the call as the chain carries it (resilience.chain.new_call)
+            return self._run((fn, args, kwargs, idempotency_key, prio, client, 1, None))
         except BaseException as error:
             self._failed(error)
             raise

@@ -125,12 +125,12 @@ class Timeout:
     def budget(self, bound: _deadline.Deadline | None = None) -> float:
         """This attempt's limit: the timeout, or less if the deadline (or ``bound``, a call's
         deadline not published yet) is nearer."""
-        d = _deadline._current.get()
-        if bound is not None and (d is None or bound.expires_at < d.expires_at):
+        d = _get()  # an (expires_at, clock) pair, a Deadline or not
+        if bound is not None and (d is None or bound[0] < d[0]):
             d = bound
         if d is None:
             return self.seconds
-        left = d.expires_at - d.clock.now()
+        left = d[0] - d[1].now()
         if left <= 0:
             raise DeadlineExceeded("deadline exceeded before the attempt started")
         return min(self.seconds, left)
@@ -172,48 +172,57 @@ class Timeout:
             raise self._expired(limit) from None
 
     def run_inline(self, fn: Callable[[Any], T], c: tuple) -> T:
-        """:meth:`inline` of ``fn(c)``: the chain's ``next(c)``, ``c`` the chain's ``Call``,
-        also bounded by ``c[7]``, its deadline (not published yet; None when there is none).
-        Its signature is a layer's ``call(next, c)``: the cooperative timeout layer is this
-        method itself, one frame fewer per attempt.
+        """:meth:`inline` of ``fn(c)``, ``c`` shaped like the chain's call (its deadline at
+        index 7): :meth:`around` built for one attempt."""
+        return self.around(fn)(c)
+
+    def around(self, next: Callable[[tuple], T]) -> Callable[[tuple], T]:
+        """The cooperative attempt around ``next``, the chain's ``next(c)`` (the timeout
+        layer's closure): also bounded by ``c[7]``, the call's deadline (an ``(expires_at,
+        clock)`` pair not published yet; None when there is none).
 
         The attempt's scope is published once: the attempt's own expiry, or the nearer
-        deadline when that is tighter (not published again if it already is).
+        deadline when that is tighter (not published again if it already is). The timeout
+        is read per attempt (``timeout_ms = "p99x2"`` moves it).
         """
-        bound = c[7]
-        clock = self.clock
-        now = clock.now()
-        current = outer = _get()
-        if bound is not None and (outer is None or bound.expires_at < outer.expires_at):
-            outer = bound
-        if outer is None:
-            limit = self.seconds
-            expires = now + limit
-            scope = _tuple_new(_deadline.Deadline, (expires, clock))  # new_deadline, inlined
-        else:
-            expires = outer.expires_at
-            limit = expires - now
-            if limit <= 0:
-                raise DeadlineExceeded("deadline exceeded before the attempt started")
-            if limit > self.seconds:
-                limit = self.seconds
-                expires = now + limit
-                scope = _tuple_new(_deadline.Deadline, (expires, clock))
+        timeout, clock, now, expired = self, self.clock, self.clock.now, self._expired
+
+        def attempt(c: tuple) -> T:
+            start = now()
+            current = outer = _get()
+            bound = c[7]
+            if bound is not None and (outer is None or bound[0] < outer[0]):
+                outer = bound
+            limit = timeout.seconds
+            if outer is None:  # the scope is published as a plain pair (see deadline._current)
+                expires = start + limit
+                scope = (expires, clock)
             else:
-                scope = outer  # the deadline is the tighter bound: reuse it
-        token = None if scope is current else _set(scope)
-        try:
-            result = fn(c)
-        except Exception as exc:
-            if clock.now() >= expires:
-                raise self._expired(limit) from exc  # a late error is a timeout too
-            raise
-        finally:
-            if token is not None:
-                _reset(token)
-        if clock.now() >= expires:  # a late result is a timeout (the Policy may keep it)
-            raise LateResult(str(self._expired(limit)), result)
-        return result
+                expires = outer[0]
+                left = expires - start
+                if left <= 0:
+                    raise DeadlineExceeded("deadline exceeded before the attempt started")
+                if left > limit:
+                    expires = start + limit
+                    scope = (expires, clock)
+                else:  # the deadline is the tighter bound: reuse it
+                    limit = left
+                    scope = outer
+            token = None if scope is current else _set(scope)
+            try:
+                result = next(c)
+            except Exception as exc:
+                if now() >= expires:
+                    raise expired(limit) from exc  # a late error is a timeout too
+                raise
+            finally:
+                if token is not None:
+                    _reset(token)
+            if now() >= expires:  # a late result is a timeout (the Policy may keep it)
+                raise LateResult(str(expired(limit)), result)
+            return result
+
+        return attempt
 
     async def acall(self, fn: Callable[..., Awaitable[T]], *args: Any, **kwargs: Any) -> T:
         """Await one attempt within the limit (under a bulkhead slot if there is a bulkhead)."""

@@ -8,36 +8,40 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from ..adaptive import SUCCESS, AdaptiveLimiter, outcome
-from ..chain import Call
+from ..chain import Compiled
 
 __all__ = ["AdaptiveLimitLayer"]
 
 
-class AdaptiveLimitLayer:
+class AdaptiveLimitLayer(Compiled):
     def __init__(self, limiter: AdaptiveLimiter) -> None:
         self.limiter = limiter
-        self._now = limiter.clock.now
-        self._acquire = limiter.acquire
-        self._release = limiter.release
 
-    def call(self, next: Callable[[Call], Any], c: Call) -> Any:
-        self._acquire(c[4])  # c[4]: c.priority
-        start = self._now()
-        try:
-            result = next(c)
-        except BaseException as exc:
-            self._release(self._now() - start, outcome(exc))
-            raise
-        self._release(self._now() - start, SUCCESS)
-        return result
+    def wrap(self, next: Callable[[tuple], Any]) -> Callable[[tuple], Any]:
+        now, acquire, release = self.limiter.clock.now, self.limiter.acquire, \
+            self.limiter.release
 
-    async def acall(self, next: Callable[[Call], Awaitable[Any]], c: Call) -> Any:
-        await self.limiter.aacquire(c.priority)
-        start = self._now()
+        def adaptive_limit(c: tuple) -> Any:
+            acquire(c[4])  # c.priority
+            start = now()
+            try:
+                result = next(c)
+            except BaseException as exc:
+                release(now() - start, outcome(exc))
+                raise
+            release(now() - start, SUCCESS)
+            return result
+
+        return adaptive_limit
+
+    async def acall(self, next: Callable[[tuple], Awaitable[Any]], c: tuple) -> Any:
+        await self.limiter.aacquire(c[4])
+        now = self.limiter.clock.now
+        start = now()
         try:
             result = await next(c)
         except BaseException as exc:
-            self._release(self._now() - start, outcome(exc))
+            self.limiter.release(now() - start, outcome(exc))
             raise
-        self._release(self._now() - start, SUCCESS)
+        self.limiter.release(now() - start, SUCCESS)
         return result

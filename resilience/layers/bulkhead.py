@@ -7,28 +7,34 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from ..bulkhead import Bulkhead
-from ..chain import Call
+from ..chain import Compiled
 
 __all__ = ["BulkheadLayer"]
 
 
-class BulkheadLayer:
+class BulkheadLayer(Compiled):
     def __init__(self, bulkhead: Bulkhead) -> None:
         self.bulkhead = bulkhead
-        self._take = bulkhead.try_take  # raises queue.Empty when full
-        self._put_back = bulkhead.put_back
 
-    def call(self, next: Callable[[Call], Any], c: Call) -> Any:
-        try:
-            self._take()
-        except queue.Empty:  # full: wait up to max_wait for a slot, or BulkheadFull
-            self.bulkhead.acquire()
-        try:
-            return next(c)
-        finally:
-            self._put_back(True)
+    def wrap(self, next: Callable[[tuple], Any]) -> Callable[[tuple], Any]:
+        take = self.bulkhead.try_take  # raises queue.Empty when full
+        put_back = self.bulkhead.put_back
+        acquire = self.bulkhead.acquire
+        empty = queue.Empty
 
-    async def acall(self, next: Callable[[Call], Awaitable[Any]], c: Call) -> Any:
+        def bulkhead(c: tuple) -> Any:
+            try:
+                take()
+            except empty:  # full: wait up to max_wait for a slot, or BulkheadFull
+                acquire()
+            try:
+                return next(c)
+            finally:
+                put_back(True)
+
+        return bulkhead
+
+    async def acall(self, next: Callable[[tuple], Awaitable[Any]], c: tuple) -> Any:
         await self.bulkhead.aacquire()
         try:
             return await next(c)

@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from ..chain import Call
+from ..chain import Compiled
 from ..errors import PermanentError, TransientError
 from ..events import EVENTS, CallFinished, EventBus, FallbackServed
 from ..fallback import CallContext, Fallback, NoFallback
@@ -21,7 +21,7 @@ def task_name(fn: Callable[..., Any]) -> str:
     return f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', repr(fn))}"
 
 
-class FallbackLayer:
+class FallbackLayer(Compiled):
     """Serve ``fallback`` for errors of ``on`` types (never for a ``PermanentError``)."""
 
     def __init__(
@@ -37,11 +37,10 @@ class FallbackLayer:
         self.on = on
         self.events = events
 
-    def _context(self, c: Call) -> CallContext:
-        return CallContext(self.dependency, task_name(c.fn), c.args, c.kwargs, c.key,
-                           int(c.priority))
+    def _context(self, c: tuple) -> CallContext:
+        return CallContext(self.dependency, task_name(c[0]), c[1], c[2], c[3], int(c[4]))
 
-    def _recover(self, c: Call, error: Exception) -> Any:
+    def _recover(self, c: tuple, error: Exception) -> Any:
         if isinstance(error, PermanentError) or not isinstance(error, self.on):
             raise error
         try:
@@ -52,15 +51,22 @@ class FallbackLayer:
         self.events.emit(CallFinished(self.dependency, "fallback"))
         return result
 
-    def call(self, next: Callable[[Call], Any], c: Call) -> Any:
-        try:
-            result = next(c)
-        except Exception as error:
-            return self._recover(c, error)
-        self.fallback.on_success(self._context(c), result)
-        return result
+    def wrap(self, next: Callable[[tuple], Any]) -> Callable[[tuple], Any]:
+        layer = self
+        keeps = self.fallback.sees_successes  # else a success has nothing to show it
 
-    async def acall(self, next: Callable[[Call], Awaitable[Any]], c: Call) -> Any:
+        def fallback(c: tuple) -> Any:
+            try:
+                result = next(c)
+            except Exception as error:
+                return layer._recover(c, error)
+            if keeps:
+                layer.fallback.on_success(layer._context(c), result)
+            return result
+
+        return fallback
+
+    async def acall(self, next: Callable[[tuple], Awaitable[Any]], c: tuple) -> Any:
         try:
             result = await next(c)
         except Exception as error:

@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import functools
 from collections.abc import Awaitable, Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from typing import Any
 
-from ..chain import Call
+from ..chain import Compiled
 from ..clock import SYSTEM_CLOCK, Clock
 from ..errors import DeadlineExceeded
 from ..events import EVENTS, EventBus, Hedged
@@ -21,7 +22,7 @@ from ..retry import RetryBudget
 __all__ = ["HedgeLayer"]
 
 
-class HedgeLayer:
+class HedgeLayer(Compiled):
     def __init__(self, name: str, config: HedgeConfig, budget: RetryBudget, *,
                  pool_size: int = 64, clock: Clock = SYSTEM_CLOCK,
                  events: EventBus = EVENTS) -> None:
@@ -33,10 +34,10 @@ class HedgeLayer:
         self.pool = ThreadPoolExecutor(max_workers=pool_size,
                                        thread_name_prefix=f"hedge-{name}")
 
-    def _may_hedge(self, c: Call) -> bool:
+    def _may_hedge(self, c: tuple) -> bool:
         """A hedge may start: the deadline is not past, and the retry budget pays for it."""
-        d = c.deadline
-        if d is not None and d.expires_at <= self.clock.now():
+        d = c[7]  # c.deadline: an (expires_at, clock) pair
+        if d is not None and d[0] <= self.clock.now():
             return False
         if not self.budget.try_spend():
             self.events.emit(Hedged(self.name, "refused"))
@@ -44,11 +45,15 @@ class HedgeLayer:
         self.events.emit(Hedged(self.name, "started"))
         return True
 
-    def _submit(self, next: Callable[[Call], Any], c: Call) -> Future:
+    def _submit(self, next: Callable[[tuple], Any], c: tuple) -> Future:
         return self.pool.submit(contextvars.copy_context().run, next, c)
 
-    def call(self, next: Callable[[Call], Any], c: Call) -> Any:
+    def wrap(self, next: Callable[[tuple], Any]) -> Callable[[tuple], Any]:
+        return functools.partial(self._hedged, next)
+
+    def _hedged(self, next: Callable[[tuple], Any], c: tuple) -> Any:
         now = self.clock.now
+        d = c[7]
         first = self._submit(next, c)
         pending = {first}
         hedges = self.config.max
@@ -57,8 +62,8 @@ class HedgeLayer:
         while pending:
             if hedges:
                 timeout = max(0.0, hedge_at - now())
-            elif c.deadline is not None:
-                timeout = max(0.0, c.deadline.expires_at - now())
+            elif d is not None:
+                timeout = max(0.0, d[0] - now())
             else:
                 timeout = None
             done, pending = wait(pending, timeout, FIRST_COMPLETED)
@@ -73,7 +78,7 @@ class HedgeLayer:
             if hedges and now() >= hedge_at:
                 if self._may_hedge(c):
                     hedges -= 1
-                    pending.add(self._submit(next, c._replace(attempt=c.attempt + 1)))
+                    pending.add(self._submit(next, (*c[:6], c[6] + 1, c[7])))
                     hedge_at = now() + self.config.delay
                 else:
                     hedges = 0
@@ -84,7 +89,7 @@ class HedgeLayer:
         assert error is not None
         raise error
 
-    async def acall(self, next: Callable[[Call], Awaitable[Any]], c: Call) -> Any:
+    async def acall(self, next: Callable[[tuple], Awaitable[Any]], c: tuple) -> Any:
         loop = asyncio.get_running_loop()
         first = asyncio.ensure_future(next(c))
         pending = {first}
@@ -108,7 +113,7 @@ class HedgeLayer:
                     if self._may_hedge(c):
                         hedges -= 1
                         pending.add(asyncio.ensure_future(
-                            next(c._replace(attempt=c.attempt + 1))))
+                            next((*c[:6], c[6] + 1, c[7]))))
                         hedge_at = loop.time() + self.config.delay
                     else:
                         hedges = 0

@@ -18,7 +18,7 @@ from typing import Any
 
 from .. import deadline as _deadline
 from ..callstats import CallStats
-from ..chain import Call
+from ..chain import Compiled
 from ..errors import LateResult, RejectedError
 from ..events import EVENTS, CallFinished, EventBus
 from ..retry import Retrier, _allowance, current_allowance
@@ -31,7 +31,7 @@ _get, _set, _reset = _deadline._current.get, _deadline._current.set, _deadline._
 _allowance_get = _allowance.get  # current_allowance(), one frame fewer on the hot path
 
 
-class RetryLayer:
+class RetryLayer(Compiled):
     def __init__(
         self,
         retrier: Retrier,
@@ -45,13 +45,13 @@ class RetryLayer:
         self.stats = stats
         self.events = events
 
-    def _first_failed(self, c: Call, first: Exception) -> bool:
+    def _first_failed(self, c: tuple, first: Exception) -> bool:
         """Count the request; True if the call may be retried."""
         if self.stats is not None:
             self.stats.fold()  # the budget sees every earlier success before a retry is decided
         if self.retrier.budget is not None:
             self.retrier.budget.record_request()
-        return self.idempotent or c.key is not None
+        return self.idempotent or c[3] is not None  # c.key
 
     def _kept(self, late: LateResult) -> Any:
         log.warning("%s: answered after the attempt timeout; the result is kept (the call may "
@@ -60,7 +60,7 @@ class RetryLayer:
         return late.result
 
     @staticmethod
-    def _attempts(next: Callable[[Call], Any], c: Call) -> Callable[[], Any]:
+    def _attempts(next: Callable[[tuple], Any], c: tuple) -> Callable[[], Any]:
         """Attempts 2, 3, ... of ``c``, one per call (each counted in the allowance)."""
         numbers = iter(range(2, 1 << 30))
         allowance = current_allowance()
@@ -70,26 +70,35 @@ class RetryLayer:
                 allowance.made += 1
             n = builtins.next(numbers)
             try:
-                return next(c._replace(attempt=n))
+                return next((*c[:6], n, c[7]))  # c._replace(attempt=n)
             except RejectedError as exc:  # refused now, but earlier attempts went out
                 exc.after_attempts = n - 1  # type: ignore[attr-defined]
                 raise
 
         return attempt
 
-    def call(self, next: Callable[[Call], Any], c: Call) -> Any:
-        allowance = _allowance_get()
-        if allowance is not None:
-            allowance.made += 1
-        try:
-            return next(c)
-        except Exception as exc:  # cancellation and interrupts surface as they are
-            first = exc
+    def wrap(self, next: Callable[[tuple], Any]) -> Callable[[tuple], Any]:
+        after_first = self._after_first
+
+        def retry(c: tuple) -> Any:
+            allowance = _allowance_get()
+            if allowance is not None:
+                allowance.made += 1
+            try:
+                return next(c)
+            except Exception as exc:  # cancellation and interrupts surface as they are
+                first = exc
+            return after_first(next, c, first)
+
+        return retry
+
+    def _after_first(self, next: Callable[[tuple], Any], c: tuple, first: Exception) -> Any:
+        """Attempt 1 failed: give up, keep a late answer, or let tenacity run the rest."""
         if not self._first_failed(c, first):
             if isinstance(first, LateResult):
                 return self._kept(first)
             raise first
-        d = c.deadline  # published while tenacity waits, so it stops before the deadline
+        d = c[7]  # the call's deadline, published while tenacity waits: it stops before it
         token = _set(d) if d is not None and d is not _get() else None
         try:
             result = self.retrier.resume(first, self._attempts(next, c))
@@ -99,7 +108,7 @@ class RetryLayer:
         self.events.emit(CallFinished(self.retrier.name, "success"))
         return result
 
-    async def acall(self, next: Callable[[Call], Awaitable[Any]], c: Call) -> Any:
+    async def acall(self, next: Callable[[tuple], Awaitable[Any]], c: tuple) -> Any:
         allowance = current_allowance()
         if allowance is not None:
             allowance.made += 1

@@ -11,26 +11,30 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from ..chain import Call
+from ..chain import Compiled, call_deadline
 from ..timeout import COOPERATIVE, Timeout
 
 __all__ = ["TimeoutLayer"]
 
 
-class TimeoutLayer:
+class TimeoutLayer(Compiled):
+    publishes_deadline = True  # the attempt's scope: the nearer of it and the call's deadline
+
     def __init__(self, timeout: Timeout) -> None:
         self.timeout = timeout
         self.cooperative = timeout.mode == COOPERATIVE
+
+    def wrap(self, next: Callable[[tuple], Any]) -> Callable[[tuple], Any]:
         if self.cooperative:
-            # the call's deadline rides in ``c`` (published once, there, if it is the
-            # nearer); run_inline has a layer's signature, so it is this layer's call
-            self.call = timeout.run_inline  # type: ignore[method-assign]
+            return self.timeout.around(next)
+        run_abandon = self.timeout.run_abandon
 
-    def call(self, next: Callable[[Call], Any], c: Call) -> Any:
-        """The abandon mode (the cooperative one is ``Timeout.run_inline``, set above)."""
-        return self.timeout.run_abandon(c.deadline, next, (c,), {})
+        def abandon(c: tuple) -> Any:
+            return run_abandon(call_deadline(c), next, (c,), {})
 
-    async def acall(self, next: Callable[[Call], Awaitable[Any]], c: Call) -> Any:
+        return abandon
+
+    async def acall(self, next: Callable[[tuple], Awaitable[Any]], c: tuple) -> Any:
         if self.cooperative:
             return await self.timeout.bounded(next, c)
         return await self.timeout.acall(next, c)  # the abandon mode's slot

@@ -150,3 +150,30 @@ def test_timeout_p99x2_follows_the_p99_within_floor_and_ceiling():
                                         "timeout": {"floor_ms": 50, "ceiling_ms": 40}})
     with pytest.raises(ConfigError, match="adaptive timeout only"):
         PolicyConfig.from_mapping("p", {"timeout_ms": 80, "timeout": {"floor_ms": 10}})
+
+
+def test_the_callee_reads_a_deadline_and_custom_layers_a_call():
+    """The chain carries the call as a plain tuple and publishes plain (expires_at, clock)
+    pairs; what a callee reads (current(), remaining(), client_timeout()) and what a layer of
+    the user's own gets are still a Deadline and a Call."""
+    clock = FakeClock()
+    seen = []
+
+    class Peek:
+        def call(self, next, c):
+            seen.append((type(c), c.attempt, c.deadline[0]))
+            return next(c)
+
+        async def acall(self, next, c):
+            return await next(c)
+
+    p = Policy(PolicyConfig(name="peek", timeout=0.08, deadline=0.2), clock=clock)
+    inside = p.call(lambda: (dl.current(), dl.remaining(), dl.client_timeout(1.0)))
+    assert isinstance(inside[0], dl.Deadline)
+    assert inside[0].expires_at == pytest.approx(clock.now() + 0.08)
+    assert inside[1] == pytest.approx(0.08) and inside[2] == pytest.approx(0.08)
+    assert dl.current() is None
+    chain = Chain([DeadlineLayer(0.3, clock), Peek(), TimeoutLayer(Timeout(0.1, clock=clock,
+                                                                          mode="cooperative"))])
+    assert chain.call(dl.remaining) == pytest.approx(0.1)
+    assert seen == [(Call, 1, pytest.approx(clock.now() + 0.3))]
