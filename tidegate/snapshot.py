@@ -193,11 +193,11 @@ class Observer:
         self.deferred = (deferred if deferred is not None
                          else deferred_counter(settings, self.topology))
         # heartbeats live in the broker's Redis on a Redis broker, else in the state Redis
-        self.broker_redis = broker_for(settings).heartbeats_in_broker
+        broker = broker_for(settings)
+        self.broker_redis = broker.heartbeats_in_broker
         self.liveness = liveness_client or (
-            redis_client(settings.broker_url, socket_timeout=STATE_TIMEOUT_S,
-                         socket_connect_timeout=STATE_TIMEOUT_S)
-            if self.broker_redis else self.state)
+            broker.client(settings, timeout_s=STATE_TIMEOUT_S) if self.broker_redis
+            else self.state)
         configs = {d.name: PolicyConfig.from_mapping(d.name, d.policy)
                    for d in self.topology.dependencies}
         self.breaker_configs = {d.name: (d.queue, configs[d.name].breaker)

@@ -99,6 +99,17 @@ def test_what_differs_per_broker():
     assert redis.publish_options(settings) == {} == sqs.publish_options(settings)
 
 
+def test_direct_clients_are_bounded_and_only_where_tidegate_reads_the_broker_itself():
+    settings = load_settings(broker_url="redis://127.0.0.1:6379/0")
+    client = BROKERS["redis"].client(settings, timeout_s=0.5)  # no connection made yet
+    kwargs = client.connection_pool.connection_kwargs
+    assert (kwargs["socket_timeout"], kwargs["socket_connect_timeout"]) == (0.5, 0.5)
+    assert BROKERS["redis"].client(settings).connection_pool.connection_kwargs[
+        "socket_timeout"] == settings.read_timeout_s
+    with pytest.raises(ConfigError, match="no direct client"):
+        BROKERS["amqp"].client(settings)
+
+
 def test_which_publish_errors_are_the_broker_refusing():
     from amqp.exceptions import ChannelError, NotFound
 

@@ -93,6 +93,11 @@ class BrokerAdapter:
         "broker unavailable"), as opposed to a bug to raise."""
         return self.unroutable(exc)
 
+    def client(self, settings: Settings, *, timeout_s: float | None = None) -> Any:
+        """A client of the broker's own API, where Tidegate reads it directly (Redis, SQS);
+        ``timeout_s`` bounds each call instead of the settings' timeouts."""
+        raise ConfigError(f"no direct client for the {self.name!r} transport")
+
     # -- depth ------------------------------------------------------------------------------
     def depth_probe(self, settings: Settings) -> DepthProbe:
         """The probe that reads a queue's depth (``workers.depth``)."""

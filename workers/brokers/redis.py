@@ -94,12 +94,13 @@ class RedisBroker(BrokerAdapter):
             conf["broker_use_ssl"] = {"ssl_cert_reqs": ssl.CERT_NONE}  # kombu's rediss default
         return conf
 
-    def client(self, settings: Settings) -> Any:
+    def client(self, settings: Settings, *, timeout_s: float | None = None) -> Any:
         """A client of the broker's own Redis (not the state store); ``sentinel://`` too."""
         from resilience.stores import redis_client
 
-        return redis_client(settings.broker_url, socket_timeout=settings.read_timeout_s,
-                            socket_connect_timeout=settings.connect_timeout_s)
+        return redis_client(settings.broker_url,
+                            socket_timeout=timeout_s or settings.read_timeout_s,
+                            socket_connect_timeout=timeout_s or settings.connect_timeout_s)
 
     def depth_probe(self, settings: Settings) -> RedisDepthProbe:
         return RedisDepthProbe(self.client(settings))

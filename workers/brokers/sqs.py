@@ -9,6 +9,7 @@ environment), approximate depth counters, and a DLQ read with SQS's own calls.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import time
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
@@ -50,9 +51,13 @@ class SQSBroker(BrokerAdapter):
             },
         }
 
-    def client(self, settings: Settings) -> Any:
+    def client(self, settings: Settings, *, timeout_s: float | None = None) -> Any:
         """A boto3 client of the broker's SQS (bounded timeouts, two attempts)."""
-        return sqs_client(broker_sqs_config(settings))
+        config = broker_sqs_config(settings)
+        if timeout_s:
+            config = dataclasses.replace(config, connect_timeout=timeout_s,
+                                         read_timeout=timeout_s)
+        return sqs_client(config)
 
     def depth_probe(self, settings: Settings) -> SQSDepthProbe:
         return SQSDepthProbe(self.client(settings), prefix=settings.sqs_queue_prefix)
