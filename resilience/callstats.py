@@ -42,7 +42,7 @@ class CallStats:
         events: EventBus = EVENTS,
     ) -> None:
         self.dependency = dependency
-        self.latency = latency or LatencyRecorder()
+        self.latency = latency if latency is not None else LatencyRecorder()  # empty is falsy
         self.fold_interval = fold_interval
         self.events = events
         self._now = now

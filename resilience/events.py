@@ -27,6 +27,7 @@ __all__ = [
     "Event",
     "EventBus",
     "FallbackServed",
+    "HedgeDelaySet",
     "Hedged",
     "Listener",
     "LoadShed",
@@ -134,6 +135,14 @@ class Hedged(Event):
 
     dependency: str
     result: str
+
+
+@dataclass(frozen=True, slots=True)
+class HedgeDelaySet(Event):
+    """A ``hedge.delay = "p95"`` delay moved to ``seconds`` (the observed percentile)."""
+
+    dependency: str
+    seconds: float
 
 
 @dataclass(frozen=True, slots=True)

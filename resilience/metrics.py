@@ -235,6 +235,13 @@ HEDGES = get_or_create(
     ("dependency", "result"),
 )
 
+HEDGE_DELAY = get_or_create(
+    Gauge,
+    "tidegate_hedge_delay_seconds",
+    'The delay before a hedge under hedge.delay = "p95" (the observed percentile).',
+    ("dependency",),
+)
+
 _GAUGE = {"closed": 0, "half_open": 1, "open": 2}
 
 
@@ -278,6 +285,7 @@ _HANDLERS: dict[type[ev.Event], Any] = {
     ev.AttemptDurations: _durations,
     ev.ConcurrencyLimit: _concurrency,
     ev.Hedged: lambda e: HEDGES.labels(dependency=e.dependency, result=e.result).inc(),
+    ev.HedgeDelaySet: lambda e: HEDGE_DELAY.labels(dependency=e.dependency).set(e.seconds),
     ev.StoreDegraded: lambda e: STORE_DEGRADED.labels(store=e.store).set(int(e.degraded)),
     ev.StoreFailed: lambda e: STORE_ERRORS.labels(store=e.store, operation=e.operation).inc(),
 }

@@ -48,6 +48,7 @@ from .clock import SYSTEM_CLOCK, Clock
 from .errors import ConfigError, RejectedError, TransientError, did_you_mean
 from .events import EVENTS, CallFinished, EventBus
 from .fallback import DeferralSink, Fallback
+from .hedge import HedgeDelay
 from .latency import LatencyRecorder
 from .layers import (
     AdaptiveLimitLayer,
@@ -113,7 +114,7 @@ def _hedge(p: Policy) -> Layer | None:
     a = p.config.adaptive_limit
     slots = a.max if a is not None else p.config.bulkhead.max_concurrent
     return HedgeLayer(p.name, h, p.retry_budget, pool_size=slots * (h.max + 1), clock=p.clock,
-                      events=p.events)
+                      events=p.events, delay=p.hedge_delay)
 
 
 def _breaker(p: Policy) -> Layer:
@@ -217,11 +218,18 @@ class Policy:
                 events=events,
             )
         )
+        # hedge.delay = "p95": the delay follows the latency window, refreshed as it folds
+        self.hedge_delay = (HedgeDelay(config.hedge, dependency=self.name, events=events)
+                            if config.hedge is not None else None)
+        latency = LatencyRecorder()
+        on_successes: list[Callable[[int], Any]] = [self.retry_budget.record_request]
+        if self.hedge_delay is not None and self.hedge_delay.q is not None:
+            on_successes.append(self.hedge_delay.follower(latency, clock.now))
         # a first-attempt success is one append here; folded into these in bulk
         self.stats = CallStats(
             self.name,
-            on_successes=(self.retry_budget.record_request,),
-            latency=LatencyRecorder(),
+            on_successes=on_successes,
+            latency=latency,
             now=clock.now,
             events=events,
         )

@@ -7,7 +7,7 @@ defaults), the file's keys and units, and the fallback strategy a spec names.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import Any
 
@@ -77,7 +77,13 @@ FILE_SECTIONS: Mapping[str, Mapping[str, tuple[str, float]]] = MappingProxyType(
         "initial": ("initial", 1),
     },
     "rate_limit": {"rate_per_s": ("rate", 1), "burst": ("burst", 1)},
-    "hedge": {"delay_ms": ("delay", 1000), "max": ("max", 1)},
+    "hedge": {  # delay_ms, or delay = "p95" (from initial_ms, never below floor_ms)
+        "delay_ms": ("delay", 1000),
+        "delay": ("percentile", 1),
+        "max": ("max", 1),
+        "floor_ms": ("floor", 1000),
+        "initial_ms": ("initial", 1000),
+    },
     "fallback": {
         "kind": ("kind", 1),
         "ttl_s": ("ttl", 1),
@@ -188,6 +194,10 @@ class PolicyConfig:
                 f"{self.name}: not idempotent, so it may not declare a retry; calls carrying "
                 "an idempotency key retry with the default schedule (or set idempotent = true)"
             )
+        h = self.hedge
+        if h is not None and h.percentile is not None:  # resolve the defaults (hedge.py)
+            initial = h.initial if h.initial is not None else max(h.min_delay, self.timeout / 2)
+            object.__setattr__(self, "hedge", replace(h, floor=h.min_delay, initial=initial))
         if self.hedge is not None and not self.idempotent:
             raise ConfigError(f"{self.name}: not idempotent, so it may not hedge (a hedge runs "
                               "the call twice at once; set idempotent = true)")

@@ -83,6 +83,17 @@ def _timeout_ms(value: Any) -> Any:
 TimeoutMs = Annotated[Any, BeforeValidator(_timeout_ms)]
 
 
+def _percentile(value: Any) -> Any:
+    """``hedge.delay``: "p50".."p99" (the delay follows that percentile of the latency)."""
+    if not (isinstance(value, str) and re.fullmatch(r"p[5-9][0-9]", value)):
+        raise PydanticCustomError("percentile",
+                                  'input should be a percentile from "p50" to "p99", like "p95"')
+    return value
+
+
+Percentile = Annotated[Any, BeforeValidator(_percentile)]
+
+
 class TimeoutTable(_Table):
     mode: Literal["cooperative", "abandon"] | None = None
     floor_ms: Number | None = None  # with timeout_ms = "p99x2"
@@ -122,8 +133,22 @@ class RateLimitTable(_Table):
 
 
 class HedgeTable(_Table):
-    delay_ms: Number
+    """``delay_ms = 35``, or ``delay = "p95"``: the delay follows the dependency's observed
+    95th percentile (from ``initial_ms``, never below ``floor_ms``)."""
+
+    delay_ms: Number | None = None
+    delay: Percentile | None = None
     max: Count | None = None
+    floor_ms: Number | None = None  # with delay = "p95"
+    initial_ms: Number | None = None  # with delay = "p95": before 20 attempts are in
+
+    @model_validator(mode="after")
+    def _one_delay(self) -> HedgeTable:
+        if (self.delay_ms is None) == (self.delay is None):
+            raise ValueError('give delay_ms (a fixed delay) or delay = "p95", one of them')
+        if self.delay is None and (self.floor_ms is not None or self.initial_ms is not None):
+            raise ValueError('floor_ms and initial_ms go with delay = "p95"')
+        return self
 
 
 class FallbackTable(_Table):

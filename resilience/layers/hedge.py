@@ -16,7 +16,7 @@ from ..chain import Compiled
 from ..clock import SYSTEM_CLOCK, Clock
 from ..errors import DeadlineExceeded
 from ..events import EVENTS, EventBus, Hedged
-from ..hedge import HedgeConfig
+from ..hedge import HedgeConfig, HedgeDelay
 from ..retry import RetryBudget
 
 __all__ = ["HedgeLayer"]
@@ -25,9 +25,11 @@ __all__ = ["HedgeLayer"]
 class HedgeLayer(Compiled):
     def __init__(self, name: str, config: HedgeConfig, budget: RetryBudget, *,
                  pool_size: int = 64, clock: Clock = SYSTEM_CLOCK,
-                 events: EventBus = EVENTS) -> None:
+                 events: EventBus = EVENTS, delay: HedgeDelay | None = None) -> None:
         self.name = name
         self.config = config
+        # the delay, read per call: fixed, or moved by the policy with the observed latency
+        self.delay = delay if delay is not None else HedgeDelay(config)
         self.budget = budget
         self.clock = clock
         self.events = events
@@ -57,7 +59,7 @@ class HedgeLayer(Compiled):
         first = self._submit(next, c)
         pending = {first}
         hedges = self.config.max
-        hedge_at = now() + self.config.delay
+        hedge_at = now() + self.delay.seconds
         error: BaseException | None = None
         while pending:
             if hedges:
@@ -79,7 +81,7 @@ class HedgeLayer(Compiled):
                 if self._may_hedge(c):
                     hedges -= 1
                     pending.add(self._submit(next, (*c[:6], c[6] + 1, c[7])))
-                    hedge_at = now() + self.config.delay
+                    hedge_at = now() + self.delay.seconds
                 else:
                     hedges = 0
             elif not hedges and not done and timeout is not None:
@@ -94,7 +96,7 @@ class HedgeLayer(Compiled):
         first = asyncio.ensure_future(next(c))
         pending = {first}
         hedges = self.config.max
-        hedge_at = loop.time() + self.config.delay
+        hedge_at = loop.time() + self.delay.seconds
         error: BaseException | None = None
         try:
             while pending:
@@ -114,7 +116,7 @@ class HedgeLayer(Compiled):
                         hedges -= 1
                         pending.add(asyncio.ensure_future(
                             next((*c[:6], c[6] + 1, c[7]))))
-                        hedge_at = loop.time() + self.config.delay
+                        hedge_at = loop.time() + self.delay.seconds
                     else:
                         hedges = 0
         finally:

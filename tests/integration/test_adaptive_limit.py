@@ -131,3 +131,37 @@ def test_hedged_reads_against_a_heavy_tail(sim: Sim) -> None:
                                     {"dependency": "hedge_sim", "result": "won"}) - before
     assert won >= 1
     assert sim.ledger()["requests"] > 40
+
+
+def test_hedge_delay_p95_learns_the_tail_of_the_real_simulator(sim: Sim) -> None:
+    """delay = "p95" against 10 ms answers with 4% of them 20x slower: it starts at half the
+    attempt timeout (no hedge), then follows the observed p95 (a fast answer; the floor,
+    20 ms, holds), after which the slow first attempts are hedged and the hedges win."""
+    sim.control(latency_ms=10, tail_rate=0.04, tail_factor=20)
+    config = PolicyConfig.from_mapping("hedge_p95_sim", {
+        "idempotent": True, "timeout_ms": 2000, "deadline_ms": 4000,
+        "hedge": {"delay": "p95", "max": 1, "floor_ms": 20},
+    })
+    policy = Policy(config)
+    assert policy.hedge_delay is not None and policy.hedge_delay.seconds == 1.0
+    labels = {"dependency": "hedge_p95_sim", "result": "won"}
+    with httpx.Client(base_url=sim.url, timeout=10) as http:
+        def get_price() -> dict:
+            response = http.get("/price")
+            response.raise_for_status()
+            return response.json()
+
+        for _ in range(30):  # 20 samples in, then the first refresh
+            policy.call(get_price)
+        # below the 200 ms tail once the window holds enough (a few dozen samples can hold
+        # more than 5% slow ones), never below the floor
+        wait_until(lambda: (policy.call(get_price), policy.hedge_delay.seconds < 0.2)[1],
+                   timeout=10, message="the hedge delay following the p95")
+        assert policy.hedge_delay.seconds >= 0.02
+        before = REGISTRY.get_sample_value("tidegate_hedges_total", labels) or 0
+        for _ in range(150):  # ~6 slow first attempts expected; none in 150: p = 0.2%
+            policy.call(get_price)
+    assert REGISTRY.get_sample_value("tidegate_hedge_delay_seconds",
+                                     {"dependency": "hedge_p95_sim"}) == \
+        pytest.approx(policy.hedge_delay.seconds)
+    assert (REGISTRY.get_sample_value("tidegate_hedges_total", labels) or 0) - before >= 1

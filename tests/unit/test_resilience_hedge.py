@@ -148,3 +148,67 @@ def test_hedges_stop_at_the_deadline_and_the_wait_ends_there():
         release.set()
     assert time.monotonic() - start < 10  # not the 30 s the attempts would take
     assert [e.result for e in seen].count("started") <= 3
+
+
+def test_hedge_delay_p95_follows_the_latency_window_from_its_initial_value():
+    """delay = "p95": half the attempt timeout until 20 attempts are in, then the window's
+    95th percentile (refreshed at most once a second as the stats fold), never below the
+    floor."""
+    from prometheus_client import REGISTRY
+
+    from resilience.clock import FakeClock
+
+    clock = FakeClock()
+    cfg = PolicyConfig.from_mapping("search", {"idempotent": True, "timeout_ms": 80,
+                                               "deadline_ms": 200, "hedge": {"delay": "p95"}})
+    assert cfg.hedge == HedgeConfig(percentile="p95", floor=0.005, initial=0.04)
+    p = Policy(cfg, clock=clock)
+    layer_delay = next(x for x in p.chain.layers if isinstance(x, HedgeLayer)).delay
+    assert layer_delay is p.hedge_delay and p.hedge_delay.seconds == 0.04
+
+    def feed(durations):
+        for d in durations:
+            p.stats.success(d)
+        clock.advance(1.0)
+        p.stats.fold()
+
+    feed([0.010] * 10)  # too few samples: still the initial delay
+    assert p.hedge_delay.seconds == 0.04
+    feed([0.010] * 90 + [0.030] * 10)  # 110 samples, 10 slow ones: p95 is the slow value
+    assert p.hedge_delay.seconds == pytest.approx(0.030)
+    assert REGISTRY.get_sample_value("tidegate_hedge_delay_seconds",
+                                     {"dependency": "search"}) == pytest.approx(0.030)
+    feed([0.001] * 2000)  # a very fast dependency: the floor (5 ms by default) holds
+    assert p.hedge_delay.seconds == pytest.approx(0.005)
+    fixed = Policy(PolicyConfig.from_mapping("s2", {"idempotent": True,
+                                                    "hedge": {"delay_ms": 35}}))
+    assert fixed.hedge_delay.seconds == 0.035 and fixed.hedge_delay.q is None
+
+
+@pytest.mark.parametrize("table, message", [
+    ({"delay": "p95", "delay_ms": 30}, "not both"),
+    ({"delay": "p100"}, 'from "p50" to "p99"'),
+    ({"delay_ms": 30, "floor_ms": 2}, 'go with delay = "p95"'),
+    ({"max": 2}, 'needs delay_ms or delay = "p95"'),
+])
+def test_bad_hedge_delay_in_the_policy_table(table, message):
+    with pytest.raises(ConfigError, match=message):
+        PolicyConfig.from_mapping("search", {"idempotent": True, "hedge": table})
+
+
+def test_the_policy_file_schema_checks_hedge_delay():
+    from workers.policy_file import parse_policy
+
+    def parsed(hedge):
+        return parse_policy({"dependencies": {"search": {
+            "url": "http://127.0.0.1:1", "queue": "search", "idempotent": True,
+            "hedge": hedge}}})
+
+    parsed({"delay": "p95", "floor_ms": 3, "initial_ms": 40, "max": 2})
+    for hedge, message in [({"delay": 95}, 'percentile from "p50" to "p99"'),
+                           ({"delay": "p95", "delay_ms": 30}, "one of them"),
+                           ({}, "one of them"),
+                           ({"delay_ms": 30, "initial_ms": 5}, 'go with delay = "p95"')]:
+        with pytest.raises(ConfigError, match=message) as err:
+            parsed(hedge)
+        assert "dependencies.search.hedge" in str(err.value)
