@@ -9,6 +9,10 @@ ratio per broker (target >= 0.9x) for the idempotent task, and for a non-idempot
 which also waits for its mark read before running (docs/delivery.md, "Cost").
 
     .venv/bin/python bench/pipeline_throughput.py [--jobs 2000] [--rounds 5]
+        [--brokers redis amqp] [--redis-broker URL] [--amqp-broker URL] [--state URL]
+
+``--state`` is flushed before each broker's run: point it (and ``--redis-broker``) at a private
+redis-server on a shared machine.
 """
 
 from __future__ import annotations
@@ -40,12 +44,13 @@ STATE_URL = "redis://127.0.0.1:6379/8"
 KINDS = ("bare", "tidegate", "once")  # once: the non-idempotent resilient task
 
 
-def _ensure_vhost() -> None:
+def _ensure_vhost(url: str) -> None:
+    vhost = url.rsplit("/", 1)[-1] or "/"
     names = subprocess.run(["rabbitmqctl", "-q", "list_vhosts"], capture_output=True, text=True,
                            timeout=60).stdout.split()
-    if "tidegate_bench" not in names:
-        subprocess.run(["rabbitmqctl", "-q", "add_vhost", "tidegate_bench"], check=True)
-        subprocess.run(["rabbitmqctl", "-q", "set_permissions", "-p", "tidegate_bench", "guest",
+    if vhost not in names:
+        subprocess.run(["rabbitmqctl", "-q", "add_vhost", vhost], check=True)
+        subprocess.run(["rabbitmqctl", "-q", "set_permissions", "-p", vhost, "guest",
                         ".*", ".*", ".*"], check=True)
 
 
@@ -65,18 +70,19 @@ def _run(kind: str, jobs: int, app, producer, counter: redis.Redis) -> float:
     return jobs / (time.perf_counter() - started)
 
 
-def bench_broker(name: str, url: str, jobs: int, rounds: int, tmp: Path) -> dict[str, float]:
-    os.environ.update(TIDEGATE_BROKER_URL=url, TIDEGATE_REDIS_URL=STATE_URL)
+def bench_broker(name: str, url: str, jobs: int, rounds: int, tmp: Path,
+                 state_url: str = STATE_URL) -> dict[str, float]:
+    os.environ.update(TIDEGATE_BROKER_URL=url, TIDEGATE_REDIS_URL=state_url)
     from producers import Producer
     from workers.application import create_app
     from workers.settings import load_settings
 
-    app = create_app(load_settings(broker_url=url, redis_url=STATE_URL))
+    app = create_app(load_settings(broker_url=url, redis_url=state_url))
     app.loader.import_default_modules()
     import bench.tasks  # noqa: F401  (registers the bench tasks in this process)
 
     producer = Producer(app)
-    counter = redis.Redis.from_url(STATE_URL, socket_timeout=5)
+    counter = redis.Redis.from_url(state_url, socket_timeout=5)
     counter.flushdb()
     if name == "amqp":
         from kombu import Connection
@@ -84,7 +90,7 @@ def bench_broker(name: str, url: str, jobs: int, rounds: int, tmp: Path) -> dict
         with Connection(url, connect_timeout=5) as conn:
             installation(app).topology.declare(conn)
             conn.default_channel.queue_purge("default")
-    env = {"TIDEGATE_BROKER_URL": url, "TIDEGATE_REDIS_URL": STATE_URL,
+    env = {"TIDEGATE_BROKER_URL": url, "TIDEGATE_REDIS_URL": state_url,
            "PYTHONPATH": str(ROOT)}
     worker = Worker("default", env, tmp, concurrency=8, extra=("-I", "bench.tasks"))
     worker.wait_ready(90)
@@ -106,16 +112,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--jobs", type=int, default=2000)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--brokers", nargs="*", default=list(BROKERS))
+    parser.add_argument("--redis-broker", default=BROKERS["redis"])
+    parser.add_argument("--amqp-broker", default=BROKERS["amqp"])
+    parser.add_argument("--state", default=STATE_URL, help="flushed: never a shared database")
     args = parser.parse_args(argv)
+    urls = {"redis": args.redis_broker, "amqp": args.amqp_broker}
     if "amqp" in args.brokers:
-        _ensure_vhost()
+        _ensure_vhost(urls["amqp"])
     print(f"pipeline throughput: {args.jobs} no-op jobs per run, {args.rounds} rounds A/B/C, "
           "1 worker (8 threads), median jobs/s")
     print(f"{'broker':<8}{'bare Celery':>14}{'Tidegate':>12}{'ratio':>9}"
           f"{'not idempotent':>17}{'ratio':>9}")
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.brokers:
-            r = bench_broker(name, BROKERS[name], args.jobs, args.rounds, Path(tmp))
+            r = bench_broker(name, urls[name], args.jobs, args.rounds, Path(tmp), args.state)
             print(f"{name:<8}{r['bare']:>14.0f}{r['tidegate']:>12.0f}"
                   f"{r['tidegate'] / r['bare']:>9.2f}x{r['once']:>17.0f}"
                   f"{r['once'] / r['bare']:>9.2f}x", flush=True)

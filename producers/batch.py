@@ -60,8 +60,17 @@ class _Intercept:
         return None
 
 
-def redis_batch(producer: Any, jobs: Sequence[tuple[str, Send]]) -> list[BatchOutcome]:
-    """Publish ``(queue, send)`` jobs on kombu's Redis transport: one transaction per queue."""
+def redis_batch(producer: Any, jobs: Sequence[tuple[str, Send]],
+                statuses: Sequence[tuple[Any, ...] | None] | None = None,
+                dbs: tuple[int, int] | None = None) -> list[BatchOutcome]:
+    """Publish ``(queue, send)`` jobs on kombu's Redis transport: one transaction per queue.
+
+    ``statuses`` (one command or None per job) and ``dbs`` (the job-status database, the
+    broker's): where job statuses live on the broker's own server, each published job's
+    "queued" ``SET`` runs at the end of its queue's transaction (``SELECT`` there and back):
+    no write of its own, and a status exists exactly when its message does. Their replies
+    decide nothing (a status is best effort; ``NX`` may find a later one).
+    """
     import redis
 
     collect = _Collect()
@@ -94,6 +103,12 @@ def redis_batch(producer: Any, jobs: Sequence[tuple[str, Send]]) -> list[BatchOu
                 spans.append((i, len(job_commands)))
                 for name, args in job_commands:
                     getattr(pipe, name)(*args)
+            tail = [c for i in indices if statuses and (c := statuses[i]) is not None]
+            if tail and dbs is not None:
+                pipe.execute_command("SELECT", dbs[0])
+                for command in tail:
+                    pipe.execute_command(*command)
+                pipe.execute_command("SELECT", dbs[1])
             try:
                 replies = pipe.execute(raise_on_error=False)
             except (redis.RedisError, OSError) as exc:  # EXEC aborted, or no reply

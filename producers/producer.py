@@ -218,6 +218,11 @@ class Producer:
         self.limiter = limiter
         # Known down -> refused at once, re-probed in the background (producers.broker_gate).
         self._gate = BrokerGate(self._probe_broker)
+        # statuses on the Redis broker's own server: "queued" rides in the publish transaction
+        self._status_dbs = (self.broker.status_dbs(self.settings, self.jobs.client)
+                            if self.jobs is not None and not (
+                                app.conf.broker_transport_options or {}).get("global_keyprefix")
+                            else None)
 
     # -- validation -------------------------------------------------------------------------
     def task_names(self) -> list[str]:
@@ -404,8 +409,8 @@ class Producer:
         for p, outcome in zip(ps, outcomes, strict=True):
             if outcome is None:
                 counts[p.queue] = counts.get(p.queue, 0) + 1
-                statuses.append((p.task_id, "queued", {"task": p.task, "queue": p.queue,
-                                                       "priority": p.priority.name.lower()}))
+                if self._status_dbs is None:  # else written in the publish transaction
+                    statuses.append((p.task_id, "queued", _queued_fields(p)))
                 results.append(self._done(EnqueueResult(p.task_id, "queued", p.queue, p.task,
                                                          p.priority, p.idempotency_key)))
             else:
@@ -422,7 +427,36 @@ class Producer:
 
     def _redis_batch(self, producer: Any, ps: list[_Prepared],
                      sends: list[tuple[str, Any]]) -> list[BaseException | None]:
-        return redis_batch(producer, sends)
+        return redis_batch(producer, sends, self._queued_statuses(ps), self._status_dbs)
+
+    def _queued_statuses(self, ps: list[_Prepared]) -> list[tuple[Any, ...] | None]:
+        """Each job's "queued" ``SET`` to run inside its publish transaction (statuses on the
+        Redis broker's own server), else None. A paused status store gives None for all, and
+        then nothing is written (as a paused ``write`` would not)."""
+        if self._status_dbs is None or self.jobs is None:
+            return [None] * len(ps)
+        return [self.jobs.due(p.task_id, "queued", only_if="NX", **_queued_fields(p))
+                for p in ps]
+
+    def _publish_in_transaction(self, p: _Prepared, producer: Any = None) -> None:
+        """One job whose "queued" status lives on the Redis broker's own server: the message,
+        its signal, its ``task-sent`` event and the status in one ``MULTI``/``EXEC``, one round
+        trip (a ``send_task`` makes two, and the status was a third socket write). Raises as
+        :meth:`_publish` does."""
+        self._check_gate(p)
+        status = self._queued_statuses([p])
+        try:
+            with self.app.producer_or_acquire(producer) as kombu_producer:
+                [outcome] = redis_batch(kombu_producer, [(p.queue, functools.partial(
+                    self._send, p))], status, self._status_dbs)
+        except (OperationalError, KombuError, OSError, TimeoutError) as exc:
+            outcome = exc  # no connection: nothing was published
+        if outcome is not None:
+            raise self._publish_error(p, outcome) from None
+        if self.throttle is not None:
+            self.throttle.cache.record_published(p.queue)
+        if status[0] is None and self.jobs is not None:  # paused: counted as skipped
+            self.jobs.write(p.task_id, "queued", only_if="NX", **_queued_fields(p))
 
     def _sqs_batch(self, producer: Any, ps: list[_Prepared],
                    sends: list[tuple[str, Any]]) -> list[BaseException | None]:
@@ -511,6 +545,8 @@ class Producer:
         )
 
     def _publish(self, p: _Prepared, producer: Any = None) -> None:
+        if self._status_dbs is not None:
+            return self._publish_in_transaction(p, producer)
         self._check_gate(p)
         options = self._send_options(p, producer)
         try:
@@ -539,8 +575,7 @@ class Producer:
         if self.throttle is not None:
             self.throttle.cache.record_published(p.queue)
         if self.jobs is not None:  # NX: a worker may have moved the job on already
-            self.jobs.write(p.task_id, "queued", only_if="NX", task=p.task, queue=p.queue,
-                            priority=p.priority.name.lower())
+            self.jobs.write(p.task_id, "queued", only_if="NX", **_queued_fields(p))
 
     def _refused(self, p: _Prepared, reason: str) -> None:
         metrics.REFUSED.labels(queue=p.queue, priority=p.priority.name.lower(),
@@ -557,6 +592,10 @@ class Producer:
     def _safe_broker(self) -> str:
         """The broker URL without its password, for error messages and logs."""
         return self.app.connection_for_write().as_uri(include_password=False)
+
+
+def _queued_fields(p: _Prepared) -> dict[str, Any]:
+    return {"task": p.task, "queue": p.queue, "priority": p.priority.name.lower()}
 
 
 def _unroutable(exc: BaseException) -> bool:

@@ -61,6 +61,20 @@ redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
 return false
 """
 
+# The mark, the lease and the job's "running" status in one script (a standalone Redis: the three
+# keys are in different cluster slots). KEYS: 1 mark, 2 lease, 3 job status. ARGV: 1 started
+# record, 2 ttl ms, 3 lease token, 4 lease ttl ms, 5 status doc, 6 status ttl ms. The status
+# is written only for a first run that took the lease (what the worker would write next).
+# Returns {mark already there or '', 1 if the lease was taken}.
+_BEGIN_RUNNING_LUA = """
+local cur = redis.call('GET', KEYS[1])
+if not cur then redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2]) end
+local leased = redis.call('SET', KEYS[2], ARGV[3], 'NX', 'PX', ARGV[4])
+if leased then leased = 1 else leased = 0 end
+if (not cur) and leased == 1 then redis.call('SET', KEYS[3], ARGV[5], 'PX', ARGV[6]) end
+return {cur or '', leased}
+"""
+
 
 class StoreUnavailable(TransientError):
     """The idempotency store cannot be reached: the task must not run blind (nothing called)."""
@@ -84,6 +98,7 @@ class Mark:
     result: Any = None
     live: bool = False  # another run of this mark holds its lease: it is in flight right now
     leased: bool = False  # this run holds the lease (until ``let_go``)
+    status_sent: bool = False  # the "running" status given to ``begin`` was written with it
 
 
 def ttl_from_env() -> int:
@@ -112,6 +127,9 @@ class IdempotencyStore:
         self.ttl_ms = int(ttl_s * 1000)
         self.prefix = prefix
         self._begin = client.register_script(_BEGIN_LUA)
+        # a standalone server (not a cluster: its keys would be in different slots)
+        self._begin_running = (client.register_script(_BEGIN_RUNNING_LUA)
+                               if getattr(client, "connection_pool", None) is not None else None)
         self._set_nx_get = True  # until the server says SET NX GET is a syntax error (< 7.0)
         self._errors = (redis.exceptions.RedisError, OSError)
         self._syntax_error = redis.exceptions.ResponseError
@@ -132,19 +150,30 @@ class IdempotencyStore:
         # Beside the marks, not under them: whatever scans the marks reads JSON records only.
         return f"{self.prefix}-run:{task}:{key}"
 
-    def begin(self, task: str, key: str, worker: str | None = None) -> Mark:
+    def begin(self, task: str, key: str, worker: str | None = None,
+              status: tuple[Any, ...] | None = None) -> Mark:
         """Take the ``started`` mark atomically, or report the mark already there; and take
-        the run's lease unless another run holds it (then the mark is ``live``)."""
+        the run's lease unless another run holds it (then the mark is ``live``).
+
+        ``status``: the job's "running" ``SET`` (``JobStatuses.due``), written in the same
+        script when this is a first run that took the lease (``Mark.status_sent``), so a
+        non-idempotent task pays one round trip before its body and no extra socket write."""
         record = json.dumps({"s": "started", "w": worker or socket.gethostname(),
                              "t": time.time()})
         name, lease = self.key(task, key), self.lease_key(task, key)
-        raw, leased = self._guard("begin", lambda: self._take(name, record, lease))
+        sent = False
+        if status is not None and self._begin_running is not None:
+            raw, leased = self._guard("begin", lambda: self._take_running(name, record, lease,
+                                                                          status))
+            sent = raw is None and leased
+        else:
+            raw, leased = self._guard("begin", lambda: self._take(name, record, lease))
         if raw is None:
             if not leased:
                 # No mark, yet a lease: a fresh run (no mark until done) is in flight.
                 return Mark(key, MarkState.NEW, live=True)
             self._leases.hold(lease)
-            return Mark(key, MarkState.NEW, leased=True)
+            return Mark(key, MarkState.NEW, leased=True, status_sent=sent)
         doc = json.loads(raw)
         state = MarkState(doc["s"])
         if leased and state is MarkState.STARTED:
@@ -173,22 +202,38 @@ class IdempotencyStore:
             return self._take(name, record, lease)
         return raw, bool(leased)
 
-    def hold(self, task: str, key: str) -> None:
+    def _take_running(self, name: str, record: str, lease: str,
+                      status: tuple[Any, ...]) -> tuple[Any, bool]:
+        # status is ("SET", key, doc, "PX", ttl ms): the script writes it as it is
+        _, job, doc, _, ttl_ms = status[:5]
+        cur, leased = self._begin_running(
+            keys=[name, lease, job],
+            args=[record, self.ttl_ms, self._token, self._leases.ttl_ms, doc, ttl_ms])
+        return (cur or None), bool(leased)
+
+    def hold(self, task: str, key: str, also: tuple[tuple[Any, ...], ...] = ()) -> bool:
         """The lease alone, for a run that takes no mark first (fresh idempotent work): sent
-        without waiting where the store has a reply-later line."""
+        without waiting where the store has a reply-later line, in one socket write with
+        ``also`` (the job's "running" status). Returns whether ``also`` was sent (not
+        without a line: the caller writes it then)."""
         lease = self.lease_key(task, key)
         if self._later is None:
             self._guard("hold", lambda: self.client.set(lease, self._token,
                                                         px=self._leases.ttl_ms))
-        else:
-            try:
-                self._later.send("SET", lease, self._token, "PX", self._leases.ttl_ms)
-            except ReplyLaterError as exc:
-                raise StoreUnavailable(f"idempotency store unreachable (hold): {exc}") from None
+            self._leases.hold(lease)
+            return False
+        try:
+            self._later.send_many(("SET", lease, self._token, "PX", self._leases.ttl_ms), *also)
+        except ReplyLaterError as exc:
+            raise StoreUnavailable(f"idempotency store unreachable (hold): {exc}") from None
         self._leases.hold(lease)
+        return True
 
-    def finish(self, task: str, key: str, result: Any = None) -> None:
-        """Mark the effect as done; later duplicates are acked without running."""
+    def finish(self, task: str, key: str, result: Any = None,
+               also: tuple[tuple[Any, ...], ...] = ()) -> bool:
+        """Mark the effect as done; later duplicates are acked without running. ``also``
+        (the job's "succeeded" status) goes in the same socket write where there is a
+        reply-later line; returns whether it was sent (else the caller writes it)."""
         try:
             doc = json.dumps({"s": "done", "t": time.time(), "r": result}, default=str)
         except (TypeError, ValueError):
@@ -196,12 +241,13 @@ class IdempotencyStore:
         lease = self.lease_key(task, key)
         if self._later is None:
             self._guard("finish", lambda: self._set_and_drop(self.key(task, key), doc, lease))
-            return
+            return False
         try:
-            self._later.send("SET", self.key(task, key), doc, "PX", self.ttl_ms)
-            self._later.send("DEL", lease)
+            self._later.send_many(("SET", self.key(task, key), doc, "PX", self.ttl_ms),
+                                  ("DEL", lease), *also)
         except ReplyLaterError as exc:
             raise StoreUnavailable(f"idempotency store unreachable (finish): {exc}") from None
+        return True
 
     def let_go(self, task: str, key: str) -> None:
         """The run is over: stop extending its lease (``finish``, ``release`` and ``dead``

@@ -4,7 +4,12 @@ One small key per job, ``tidegate:job:<id>`` in the shared-state Redis, holding 
 state as JSON with a TTL (the idempotency TTL, ``TIDEGATE_IDEMPOTENCY_TTL_S``): written where
 Tidegate already decides each step, so no result backend is needed. Each write is one ``SET``,
 sent without waiting for its reply where the writer has a :class:`~workers.redis_line.ReplyLater`
-line (workers and producers do): the hot path pays a socket write, not a round trip.
+line (workers and producers do): the hot path pays a socket write, not a round trip. A worker
+sends "running" and "succeeded" in the same socket write as the task's run lease and done mark
+(one write at each end of a task instead of two or three), and a non-idempotent task's
+"running" inside the script that takes its mark (:meth:`JobStatuses.due`). Where the statuses
+live on the Redis broker's own server (``make run``: databases 0 and 1 of one server), the
+Producer's "queued" goes inside the publish's own transaction (``producers.batch``).
 
 =============  ===========================================================  ==============
 state          written by                                                   extra fields
@@ -93,6 +98,15 @@ class JobStatuses:
         command: tuple[Any, ...] = ("SET", job_key(job_id), json.dumps(doc, default=str),
                                     "PX", self.ttl_ms)
         return (*command, only_if) if only_if else command
+
+    def due(self, job_id: str | None, state: str, *, only_if: str | None = None,
+            **fields: Any) -> tuple[Any, ...] | None:
+        """The ``SET`` for ``state``, for a caller that sends it with its own writes (a
+        worker's mark and lease, a producer's publish transaction); None when no write is due
+        (no id, or writes paused after a failure). If that send fails, call :meth:`write`."""
+        if not job_id or self._clock() < self._paused_until:
+            return None  # (a paused write is counted as skipped by the caller's write())
+        return self.command(job_id, state, only_if=only_if, **fields)
 
     def write(self, job_id: str | None, state: str, *, only_if: str | None = None,
               wait: bool = False, **fields: Any) -> None:

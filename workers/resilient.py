@@ -391,15 +391,24 @@ class ResilientTask(Task):
                               getattr(self.request, "eta", None), deadline)
             except Shed as exc:
                 return self._dead_letter(state, ex, dl.SHED, exc, mark=False)
+        # "running", written with the mark or the lease where they share a line: one socket
+        # write (or none beyond the mark's round trip) instead of one more per task
+        running_fields = {"worker": ex.worker, "attempt": ex.attempt,
+                          "replayed_from": h.read(self.request, REPLAYED_FROM)}
+        running = _job_due(state, ex, "running", **running_fields)
+        running_sent = False
         if ex.reads_mark:
             try:
-                mark = state.idempotency.begin(self.name, ex.mark, worker=ex.worker)
+                mark = state.idempotency.begin(self.name, ex.mark, worker=ex.worker,
+                                               status=running)
             except StoreUnavailable as exc:
                 return self._retry_or_dead_letter(state, ex, exc, nothing_called=True)
+            running_sent = mark.status_sent
         else:
             mark = Mark(ex.mark, MarkState.NEW)  # a round trip saved: nothing can be there
             try:  # no mark, but a lease, so a redelivery can see this run is in flight
-                state.idempotency.hold(self.name, ex.mark)
+                running_sent = state.idempotency.hold(
+                    self.name, ex.mark, also=(running,) if running else ()) and bool(running)
                 ex.leased = True
             except StoreUnavailable as exc:
                 log.warning("%s[%s]: run lease not taken: %s", ex.task, ex.task_id, exc)
@@ -430,8 +439,8 @@ class ResilientTask(Task):
             ex.reached_before = True  # the unfinished delivery may have reached it
             log.warning("%s[%s]: redelivered after an unfinished delivery; running again "
                         "(idempotent)", ex.task, ex.task_id)
-        _job(state, ex, "running", worker=ex.worker, attempt=ex.attempt,
-             replayed_from=h.read(self.request, REPLAYED_FROM))
+        if not running_sent:
+            _job(state, ex, "running", **running_fields)
         try:
             with _lineage_of(ex):
                 result = self.run(*args, **kwargs)
@@ -460,14 +469,21 @@ class ResilientTask(Task):
             self._report_deferred(ex, result)
             raise Ignore()  # acked; Celery sends no task-succeeded, so DEFERRED stands
         result = _jsonable(result)
-        try:
-            state.idempotency.finish(self.name, ex.mark, result)
+        succeeded = {"worker": ex.worker, "fallbacks": ex.fallbacks or None}
+        done = _job_due(state, ex, "succeeded", **succeeded)
+        sent = False
+        try:  # the done mark, the lease's removal and "succeeded" in one socket write
+            sent = state.idempotency.finish(self.name, ex.mark, result,
+                                            also=(done,) if done else ()) and bool(done)
         except StoreUnavailable as exc:
             # The effect happened; only the mark is stale ("started"). A duplicate then runs
             # again if idempotent, or is dead-lettered as outcome unknown: never repeated.
             log.warning("%s[%s]: done, but the done mark was not stored: %s", ex.task,
                         ex.task_id, exc)
-        _job(state, ex, "succeeded", worker=ex.worker, fallbacks=ex.fallbacks or None)
+        if sent:
+            count_outcome(ex.queue, "succeeded")
+        else:
+            _job(state, ex, "succeeded", **succeeded)
         if ex.fallbacks:
             log.warning("%s[%s]: done degraded (fallbacks: %s)", ex.task, ex.task_id,
                         ", ".join(ex.fallbacks))
@@ -625,6 +641,16 @@ class ResilientTask(Task):
         raise DeadLettered(f"{reason}: {what[:500]} (dead-lettered to "
                            f"{installation(self.app).topology.dead_letter_queue(ex.queue)}, "
                            f"record {record.id})", reason, record.id)
+
+
+def _job_due(state: WorkerState, ex: Execution, status: str, **fields: Any
+             ) -> tuple[Any, ...] | None:
+    """This delivery's job-status ``SET`` to send with the mark's own write, or None where
+    it cannot ride along (no statuses, paused, or not the idempotency store's Redis)."""
+    jobs = state.jobs
+    if jobs is None or jobs.client is not state.idempotency.client:
+        return None
+    return jobs.due(ex.task_id, status, task=ex.task, queue=ex.queue, **fields)
 
 
 def _job(state: WorkerState, ex: Execution, status: str, **fields: Any) -> None:

@@ -188,3 +188,38 @@ def test_a_deferred_job_points_at_its_replay(broker, sims, policy_file, moto_sqs
     assert doc["state"] == "replayed" and doc["replay_id"] != deferred.id
     assert jobs.read(doc["replay_id"])["state"] == "succeeded"
     assert sims["email"].ledger()["applied"] == 1
+
+
+def test_queued_is_written_in_the_publish_transaction_on_the_brokers_server(redis_up,
+                                                                           state_redis):
+    """Statuses on the Redis broker's own server: "queued" goes in the publish's MULTI/EXEC
+    (no write of its own), for single and batch enqueues; on another server it does not."""
+    import redis
+
+    from producers import Job, Producer
+    from tests.conftest import BROKER_DB, REDIS_BROKER_URL, STATE_DB
+    from workers.application import create_app
+    from workers.jobs import job_key
+    from workers.settings import load_settings
+
+    redis.Redis.from_url(REDIS_BROKER_URL).flushdb()
+    app = create_app(load_settings(broker_url=REDIS_BROKER_URL, redis_url=STATE_REDIS_URL))
+    try:
+        producer = Producer(app, deferral=None)
+        assert producer._status_dbs == (STATE_DB, BROKER_DB)
+        one = producer.enqueue("search.index", ["d1"], priority="low")
+        many = producer.enqueue_many([Job("search.index", [f"d{i}"]) for i in range(3)])
+        for job_id in [one.id, *(r.id for r in many)]:
+            doc = json.loads(state_redis.get(job_key(job_id)))
+            assert (doc["state"], doc["queue"]) == ("queued", "search")
+        assert producer.jobs._replies._lines == []  # the status line was never opened
+        depth = producer.throttle.cache.probe.depth("search")
+        assert depth.ready == 4
+        # the same server under another name, or another server: written after the publish
+        other = Producer(create_app(load_settings(
+            broker_url=REDIS_BROKER_URL.replace("127.0.0.1", "localhost"),
+            redis_url=STATE_REDIS_URL)), deferral=None)
+        assert other._status_dbs is None
+        other.app.close()
+    finally:
+        app.close()

@@ -42,6 +42,21 @@ def test_writes_land_and_replies_are_read_in_batches(state_redis: redis.Redis,
     assert client_ids(state_redis, line_name) == []
 
 
+def test_send_many_writes_several_commands_at_once(state_redis: redis.Redis,
+                                                  line_name: str) -> None:
+    line = ReplyLater(redis_client(STATE_REDIS_URL, socket_timeout=2.0), max_unread=4,
+                      name=line_name)
+    line.send("SET", "rl:gone", "x", "PX", 60_000)
+    for i in range(3):  # 1 + 3 commands at a time: the replies owed are read first
+        line.send_many(("SET", f"rl:m{i}", "a", "PX", 60_000), ("DEL", "rl:gone"),
+                       ("SET", f"rl:n{i}", "b", "PX", 60_000))
+        assert line.unread() <= 4
+    wait_until(lambda: state_redis.get("rl:n2") == b"b", 5, message="the last write")
+    assert state_redis.exists("rl:gone") == 0
+    assert all(state_redis.get(f"rl:m{i}") == b"a" for i in range(3))
+    line.close()
+
+
 def test_each_thread_has_its_own_connection(state_redis: redis.Redis, line_name: str) -> None:
     line = ReplyLater(redis_client(STATE_REDIS_URL, socket_timeout=2.0), name=line_name)
 

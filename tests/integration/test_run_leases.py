@@ -52,6 +52,35 @@ def test_a_fresh_run_holds_a_lease_without_a_mark(state_redis):
     store.close()
 
 
+def test_the_running_status_rides_with_the_mark_and_the_lease(state_redis):
+    """A job's "running" and "succeeded" statuses go with the mark's own writes: in the begin
+    script only for a first run that took the lease, never over a finished job's status."""
+    from workers.jobs import JobStatuses, job_key
+    from workers.redis_line import ReplyLater
+
+    line = ReplyLater(state_redis)
+    store = IdempotencyStore(state_redis, ttl_s=60, lease_s=5, replies=line)
+    jobs = JobStatuses(state_redis, 60, replies=line)
+    mark = store.begin("t", "key:s", worker="w1", status=jobs.due("j1", "running"))
+    assert (mark.state, mark.leased, mark.status_sent) == (MarkState.NEW, True, True)
+    assert jobs.read("j1")["state"] == "running"
+    assert store.finish("t", "key:s", 1, also=(jobs.due("j1", "succeeded"),)) is True
+    line.flush()
+    assert jobs.read("j1")["state"] == "succeeded"
+    assert state_redis.exists("tidegate:idem-run:t:key:s") == 0
+    # a duplicate finds the mark done: no status written over "succeeded"
+    dup = store.begin("t", "key:s", worker="w2", status=jobs.due("j1", "running"))
+    assert (dup.state, dup.status_sent) == (MarkState.DONE, False)
+    assert jobs.read("j1")["state"] == "succeeded"
+    # a fresh run's lease and its status in one write
+    assert store.hold("t", "task:j2", also=(jobs.due("j2", "running"),)) is True
+    line.flush()
+    assert jobs.read("j2")["state"] == "running"
+    assert state_redis.exists("tidegate:idem-run:t:task:j2") == 1
+    assert state_redis.exists(job_key("j3")) == 0
+    store.close()
+
+
 def test_a_redelivered_copy_waits_for_the_run_in_flight(broker, sims, producer, start_worker,
                                                        policy_file, tmp_path: Path):
     sims["email"].control(latency_ms=4000)  # the first run is at the provider for 4 s

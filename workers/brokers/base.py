@@ -98,6 +98,12 @@ class BrokerAdapter:
         ``timeout_s`` bounds each call instead of the settings' timeouts."""
         raise ConfigError(f"no direct client for the {self.name!r} transport")
 
+    def status_dbs(self, settings: Settings, client: Any) -> tuple[int, int] | None:
+        """``(status db, broker db)`` when the job-status client ``client`` reaches the
+        broker's own server, so a job's "queued" status can be written in the publish's own
+        transaction (``producers.batch.redis_batch``); None: written after the publish."""
+        return None
+
     # -- depth ------------------------------------------------------------------------------
     def depth_probe(self, settings: Settings) -> DepthProbe:
         """The probe that reads a queue's depth (``workers.depth``)."""

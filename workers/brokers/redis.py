@@ -94,6 +94,32 @@ class RedisBroker(BrokerAdapter):
             conf["broker_use_ssl"] = {"ssl_cert_reqs": ssl.CERT_NONE}  # kombu's rediss default
         return conf
 
+    def status_dbs(self, settings: Settings, client: Any) -> tuple[int, int] | None:
+        """Same plain ``redis://`` host, port and credentials, with the reliable-fetch
+        transport (its publish-batch hook); a name that differs (``localhost`` vs
+        ``127.0.0.1``) counts as another server. (The Producer also requires no
+        ``global_keyprefix``: kombu's client would prefix the status key too.)"""
+        from urllib.parse import unquote
+
+        pool = getattr(client, "connection_pool", None)
+        broker = urlsplit(settings.broker_url)
+        if pool is None or broker.scheme != "redis" or not settings.redis_reliable_fetch:
+            return None
+        kw = pool.connection_kwargs
+        if "path" in kw or kw.get("ssl"):
+            return None
+        try:
+            broker_db = int(broker.path.lstrip("/") or 0)
+            port = broker.port or 6379
+        except ValueError:
+            return None
+        same = ((kw.get("host"), kw.get("port")) == (broker.hostname or "localhost", port)
+                and kw.get("username") == (unquote(broker.username) if broker.username
+                                           else None)
+                and kw.get("password") == (unquote(broker.password) if broker.password
+                                           else None))
+        return (int(kw.get("db") or 0), broker_db) if same else None
+
     def client(self, settings: Settings, *, timeout_s: float | None = None) -> Any:
         """A client of the broker's own Redis (not the state store); ``sentinel://`` too."""
         from resilience.stores import redis_client
