@@ -33,6 +33,8 @@ BENCHMARKS: list[tuple[str, list[str], str]] = [
     ("api_overload.py", [], "API overload: answers by status at 3x capacity vs a 503 floor"),
     ("hedging.py", [], "Hedged reads: p99 against a 5% tail 10x slower, with and without"),
     ("adaptive_limit.py", [], "Adaptive limit vs static bulkheads while capacity changes"),
+    ("adaptive_limit.py", ["--processes", "3"],
+     "Adaptive limit across worker processes: each alone vs one limiter for all"),
 ]
 
 
