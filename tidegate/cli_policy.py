@@ -104,9 +104,9 @@ def _queue_rows(parsed: Any, queue: str) -> list[tuple[str, str, str]]:
     for key, value in (("enabled", rule.enabled), ("max_age_s", rule.max_age_s),
                        ("low", rule.thresholds.low), ("medium", rule.thresholds.medium),
                        ("high", rule.thresholds.high)):
-        origin = "file" if key in own else "[shedding]" if key in top else (
-            "autoscaling.acceptable_wait_s" if key == "max_age_s" else "default")
-        rows.append((f"shedding.{key}", _show(value, 1), origin))
+        origin = "file" if key in own else "[shedding]" if key in top else "default"
+        shown = "none" if value is None else _show(value, 1)  # no deadline: never shed by age
+        rows.append((f"shedding.{key}", shown, origin))
     return rows
 
 

@@ -468,8 +468,7 @@ def parse_policy(data: Mapping[str, Any], source: str = "<policy>") -> PolicyFil
         table = {**shedding.defaults.model_dump(exclude_unset=True),
                  **(shedding.queues[queue].model_dump(exclude_unset=True)
                     if queue in shedding.queues else {})}
-        age = table.pop("max_age_s", None) or per_queue.get(queue, scaling_default) \
-            .acceptable_wait_s
+        age = table.pop("max_age_s", None)  # unset: a job without a deadline has no budget
         enabled = table.pop("enabled", True)
         try:
             rules[queue] = ShedRule(age, SheddingThresholds.from_mapping(table), enabled)

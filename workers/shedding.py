@@ -8,9 +8,10 @@ other end. A worker is overloaded when both hold at once:
   ``in_flight`` counts the resilient deliveries running in this process;
 * what it takes from the queue is old: the message waited ``age`` of its ``budget``, where
   the budget is the job's deadline (``tidegate_deadline``, counted from its enqueue time) or,
-  without one, the queue's ``[shedding] max_age_s`` (default: the queue's
-  ``[autoscaling] acceptable_wait_s``, the wait the autoscaler aims for). A retry's wait
-  counts from when its countdown ended; a DLQ replay's from the replay.
+  without one, the queue's ``[shedding] max_age_s`` where the policy file sets one. A job
+  with neither is never shed by age: a backlog left by an outage is work its users still
+  want, and dead-lettering it would turn every outage into replays. A retry's wait counts
+  from when its countdown ended; a DLQ replay's from the replay.
 
     load = (in_flight / concurrency) * (age / budget)
 
@@ -63,12 +64,14 @@ SHED = get_or_create(
 class ShedRule:
     """One queue's worker-side shedding (``[shedding]`` / ``[shedding.QUEUE]``)."""
 
-    max_age_s: float = 30.0  # the budget of a job without a deadline (the queue's SLA)
+    max_age_s: float | None = None  # the budget of a job without a deadline (None: no budget)
     thresholds: SheddingThresholds = field(default_factory=SheddingThresholds)
     enabled: bool = True
 
     def __post_init__(self) -> None:
         v = self.max_age_s
+        if v is None:
+            return
         if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v) \
                 or v <= 0:
             raise ConfigError(f"max_age_s must be > 0, got {v!r}")
@@ -140,9 +143,10 @@ def _epoch(value: Any) -> float | None:
     return None
 
 
-def message_age(enqueued_at: Any, eta: Any, deadline: Any, max_age_s: float,
+def message_age(enqueued_at: Any, eta: Any, deadline: Any, max_age_s: float | None,
                 now: float) -> tuple[float, float] | None:
-    """``(waited, budget)`` of a message, or None when its enqueue time is unknown.
+    """``(waited, budget)`` of a message, or None when it has no age to shed by (its enqueue
+    time is unknown, or it has no deadline and the queue no ``max_age_s``).
 
     With a deadline the budget is the job's whole life (deadline - enqueue time) and the wait
     counts from the enqueue; without one the budget is the queue's ``max_age_s`` and the wait
@@ -153,6 +157,8 @@ def message_age(enqueued_at: Any, eta: Any, deadline: Any, max_age_s: float,
     end = _epoch(deadline)
     if end is not None and end > start:
         return max(0.0, now - start), end - start
+    if max_age_s is None:
+        return None
     ready = max(start, _epoch(eta) or start)
     return max(0.0, now - ready), max_age_s
 

@@ -160,10 +160,10 @@ def test_shipped_files_are_valid_and_every_number_is_marked(shipped: str):
     assert "valid" in lines[0] and "payments, search, email, default" in lines[0]
     rows = [line.split() for line in lines if line.startswith("    ")]
     assert rows and all(row[-1] in {"file", "default", "[backpressure]", "[autoscaling]",
-                                    "[shedding]", "autoscaling.acceptable_wait_s"}
+                                    "[shedding]"}
                         for row in rows)
-    # a worker's age budget is the queue's acceptable wait unless [shedding] names one
-    assert ["shedding.max_age_s", "30", "autoscaling.acceptable_wait_s"] in rows
+    # no age budget for a job without a deadline unless [shedding] names one
+    assert ["shedding.max_age_s", "none", "default"] in rows
     start = next(i for i, x in enumerate(lines) if x.startswith("[dependencies.payments]"))
     assert lines[start + 2].split() == ["timeout_ms", "80", "file"]
     assert any(r[:1] == ["retry.max_attempts"] and r[-1] == "default" for r in rows)

@@ -66,6 +66,12 @@ def test_message_age_deadline_eta_and_unknown() -> None:
     assert message_age(NOW - 60, eta, None, 30.0, NOW) == pytest.approx((3.0, 30.0))
     # no enqueue time (a plain send_task): no age, never shed
     assert message_age(None, None, None, 30.0, NOW) is None
+    # no deadline and no max_age_s (the default): a backlog is never shed by age, however old
+    assert message_age(NOW - 3600, None, None, None, NOW) is None
+    assert message_age(NOW - 8, None, NOW + 2, None, NOW) == (8.0, 10.0)  # a deadline still
+    default = QueueShedder("search", ShedRule(), WorkerLoad(2), clock=lambda: NOW)
+    default.worker_load._in_flight = 2
+    assert default.admit(Priority.LOW, NOW - 3600, None, None) is None
     assert not _shed(_shedder(2, 2), Priority.LOW, 0) and _shedder(2, 2).admit(
         Priority.LOW, None, None, None) is None
 
@@ -112,9 +118,9 @@ def test_policy_file_shedding_section() -> None:
     search, email = parsed.shedding["search"], parsed.shedding["email"]
     assert search.max_age_s == 5 and search.thresholds.low == 0.5
     assert search.thresholds.high == 2.0 and search.enabled
-    # left out: the queue's acceptable wait (the autoscaler's target) is its age budget
-    assert email.max_age_s == 12.0 and not email.enabled
-    assert parse_policy(_doc()).shedding["search"].max_age_s == 30.0  # autoscaling's default
+    # left out: no age budget for jobs without a deadline (the autoscaler's target is not one)
+    assert email.max_age_s is None and not email.enabled
+    assert parse_policy(_doc()).shedding["search"].max_age_s is None
     with pytest.raises(PolicyFileError) as info:
         parse_policy(_doc(serch={"low": 0.5}, search={"max_age_s": 0, "lo": 1},
                           email={"low": 0.95}))
