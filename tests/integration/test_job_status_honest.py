@@ -51,10 +51,18 @@ def test_failed_charges_tell_only_what_is_known(broker, api, sims, policy_file, 
         assert r.status_code == 202, r.text
         return r.json()["id"]
 
+    seen: dict[str, dict] = {}
+
     def dead(job_id: str) -> dict:
-        return wait_until(lambda: (r := api.get(f"/v1/jobs/{job_id}", headers=AUTH).json())
-                          .get("state") == "dead_lettered" and r, 30, interval=0.2,
-                          message=f"job {job_id} dead-lettered")
+        def check() -> dict | None:
+            seen[job_id] = r = api.get(f"/v1/jobs/{job_id}", headers=AUTH).json()
+            return r if r.get("state") == "dead_lettered" else None
+
+        try:  # a loaded machine: the worker may take a while; say what it showed last
+            return wait_until(check, 60, interval=0.2, message=f"job {job_id} dead-lettered")
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}; last status {seen.get(job_id)}; payments ledger "
+                                 f"{sims['payments'].ledger()}") from None
 
     # 1. its deadline passed before a worker took it: nothing ran, nothing charged
     late = post(args=["acct-late", 100], deadline_ms=300)
