@@ -37,10 +37,12 @@ from resilience.errors import (
     PermanentError,
     RateLimited,
     RejectedError,
+    Shed,
     TidegateError,
     TransientError,
 )
 from resilience.ratelimit import RateLimitConfig
+from resilience.shedding import Priority
 from workers.depth import DepthUnavailable
 from workers.errors import BrokerUnavailable, InvalidPayload, UnknownQueue, UnknownTask
 from workers.idempotency import ttl_from_env
@@ -412,10 +414,21 @@ def create_api(
             raise
         return settle(result, reservation)
 
-    def publish_many(tickets: list[_Ticket], client: str) -> list[Answer | BaseException]:
+    def publish_many(tickets: list[_Ticket], client: str,
+                     since: float) -> list[Answer | BaseException]:
         """The blocking half of a batch on one lane thread: each job's record and gates, then
-        one batch publish (producers/batch.py) of those left to publish."""
-        return publish_items([(t, client) for t in tickets])
+        one batch publish (producers/batch.py) of those left to publish. A job whose own
+        budget (a short ``deadline_ms``) ran out while the batch waited for this thread is
+        shed alone, as it would have been on its own; the rest of the batch goes on."""
+        waited = time.monotonic() - since
+        late = {k for k, t in enumerate(tickets)
+                if waited > t.budget and t.p.priority is not Priority.CRITICAL}
+        kept = [t for k, t in enumerate(tickets) if k not in late]
+        published = iter(publish_items([(t, client) for t in kept]))
+        return [Shed(f"api overloaded (no publish thread within {t.budget * 1000:.0f} ms): "
+                     f"priority {t.p.priority.name} shed", priority=t.p.priority,
+                     retry_after=1.0) if k in late else next(published)
+                for k, t in enumerate(tickets)]
 
     def publish_items(items: list[tuple[_Ticket, str]]) -> list[Answer | BaseException]:
         """:func:`publish_many` for jobs of several requests (and clients): the lane runs the
@@ -523,8 +536,10 @@ def create_api(
 
     async def submit_many(client: str, bodies: list[Any]) -> list[Answer]:
         """A batch: each job admitted on the loop as a single one is, then the admitted ones
-        published together on one lane thread (the most important job's place and budget).
-        A job whose idempotency key another request is enqueueing right now is retried alone."""
+        published together on one lane thread (the most important job's place in the lane,
+        the longest budget: a job with a shorter one is shed alone if the batch waited past
+        it). A job whose idempotency key another request is enqueueing right now is retried
+        alone."""
         answers: list[Answer | None] = [None] * len(bodies)
         tickets: list[tuple[int, _Ticket]] = []
         pending: dict[str, int] = {}
@@ -535,10 +550,10 @@ def create_api(
                 answers[k] = answer(exc)
         if tickets:
             top = min((t for _, t in tickets), key=lambda t: int(t.p.priority))
-            budget = min(t.budget for _, t in tickets)
+            budget = max(t.budget for _, t in tickets)
             try:
                 outcomes = await lane.run(top.p.priority, budget, functools.partial(
-                    publish_many, [t for _, t in tickets], client))
+                    publish_many, [t for _, t in tickets], client, time.monotonic()))
             except (Problem, TidegateError) as exc:  # shed while waiting for a lane thread
                 outcomes = [exc] * len(tickets)
             for (k, _), outcome in zip(tickets, outcomes, strict=True):

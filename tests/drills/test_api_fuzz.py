@@ -124,10 +124,12 @@ def _fuzz(operation, mode, base_url: str, statuses: Counter) -> None:
         case.validate_response(response, headers=AUTH, checks=[
             c for c in checks if not (shed and c.__name__ == "not_a_server_error")])
         if operation.label == "POST /v1/jobs/batch" and response.status_code == 200:
-            inner = [r["status"] for r in response.json()["results"]]
-            for status in inner:
-                statuses[("batch item", mode.value, status)] += 1
-            assert all(status < 500 for status in inner), inner
+            items = response.json()["results"]
+            for r in items:  # a job shed for its own short deadline_ms, as a single one is
+                shed_item = r["status"] == 503 and r.get("error") == "shed" \
+                    and r.get("retry_after_s")
+                statuses[("batch item", mode.value, "503 shed" if shed_item else r["status"])] += 1
+                assert r["status"] < 500 or shed_item, items
 
     run()
 
