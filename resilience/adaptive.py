@@ -13,7 +13,9 @@ baseline (BBR's min-RTT filter)::
 So while latency stays within ``tolerance`` of the baseline the limit grows by a small queue
 allowance (``log10(limit)``, as TCP Vegas sizes its queue) and, once latency rises, it falls
 in proportion - never below ``min`` nor above ``max``. A failed attempt (a timeout, a 5xx, a
-connection error) cuts it by ``backoff``; a refused or permanently rejected one says nothing
+connection error) cuts it by ``backoff``, once per round trip (the failures of one overload
+episode are one signal, as TCP cuts its window once per loss event); a refused or
+permanently rejected one says nothing
 about load and is not sampled. The limit only grows while at least half of it is in use (an
 idle limit proves nothing). Why a gradient rather than Vegas's difference of queues, and why
 this baseline: docs/resilience.md.
@@ -71,7 +73,8 @@ class AdaptiveLimitConfig:
     how far latency may rise over the baseline before the limit falls; ``smoothing`` how much
     of each step is taken; ``short_window`` samples in the latency average;
     ``baseline_window`` seconds the baseline remembers its minimum (a dependency that became
-    slower for good is the new normal after that long); ``backoff`` the cut per failure;
+    slower for good is the new normal after that long); ``backoff`` the cut per failure
+    (at most one per round trip, the latency average);
     ``max_waiters`` the queue's length (None: ``max``); ``report_every`` seconds between
     :class:`~resilience.events.ConcurrencyLimit` events while the limit holds still.
     """
@@ -164,6 +167,7 @@ class AdaptiveLimiter:
         self._seq = 0
         self._lock = threading.Lock()
         self._reported: tuple[int, float] = (0, -math.inf)  # (limit, when)
+        self._cut_until = -math.inf  # failures before then belong to the last cut's episode
 
     # -- what the metrics show
     @property
@@ -311,8 +315,11 @@ class AdaptiveLimiter:
                 if target < limit or 2 * busy >= limit:  # grow only a limit in use
                     limit += (target - limit) * c.smoothing
                     self._limit = max(c.min, min(c.max, limit))
-            elif result == FAILURE:
+            elif result == FAILURE and now >= self._cut_until:
+                # one cut per round trip: the failures of one overload episode are one
+                # signal (TCP cuts its window once per loss event, not per lost packet)
                 self._limit = max(c.min, self._limit * c.backoff)
+                self._cut_until = now + (self._short if self._short is not None else took)
             self._admit()
             report = self._report_due(now)
         if report is not None:

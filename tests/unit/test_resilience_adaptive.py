@@ -67,6 +67,23 @@ def test_never_below_min_and_failures_cut_it():
     assert lim.limit == 3
 
 
+def test_a_burst_of_failures_within_one_round_trip_cuts_once():
+    """The failures of one overload episode are one signal: cut once per round trip (the
+    latency average), as TCP cuts its window once per loss event."""
+    lim, clock, _ = limiter(max=40, initial=30)
+    drive(lim, clock, 0.05, 1)  # a round trip of ~50 ms is known
+    before = lim._limit
+    for _ in range(10):  # ten 503s within 20 ms
+        lim.acquire()
+        clock.advance(0.002)
+        lim.release(0.002, FAILURE)
+    assert lim._limit == pytest.approx(before * 0.9)  # not 0.9 ** 10
+    clock.advance(0.05)  # the next round trip: a new episode, a new cut
+    lim.acquire()
+    lim.release(0.05, FAILURE)
+    assert lim._limit == pytest.approx(before * 0.81)
+
+
 def test_an_idle_limit_does_not_grow():
     lim, clock, _ = limiter()
     for _ in range(500):  # one call at a time: far below half the limit
