@@ -5,6 +5,11 @@ callers, so the answer says exactly what the producer decided: 202 queued or def
 naming the bad field, 429 (client over its rate) or 503 (shed under backpressure, broker
 unreachable) with a ``Retry-After`` computed from the queue's drain rate. ``/healthz`` and
 ``/readyz`` are never shed and need no token.
+
+This module holds the routes and the admission of a request (on the event loop) on its way to
+a publish thread; what they are built from lives beside it: the models and settings
+(:mod:`producers.http_schema`), the refusals (:mod:`producers.http_errors`), reading a request
+(:mod:`producers.http_input`) and the API's own bookkeeping (:mod:`producers.http_health`).
 """
 
 from __future__ import annotations
@@ -13,198 +18,40 @@ import asyncio
 import contextlib
 import dataclasses
 import functools
-import hashlib
-import json
 import logging
-import math
 import sys
 import time
 import uuid
 from collections.abc import AsyncIterator
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 import redis
 from fastapi import FastAPI, Path, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError
-from pydantic_settings import BaseSettings, SettingsConfigDict
-from starlette.requests import ClientDisconnect
+from pydantic import ValidationError
 
 from resilience.errors import (
-    ConfigError,
-    DeferralError,
-    PermanentError,
-    RateLimited,
-    RejectedError,
     Shed,
     TidegateError,
-    TransientError,
 )
 from resilience.ratelimit import RateLimitConfig
 from resilience.shedding import Priority
-from workers.depth import DepthUnavailable
-from workers.errors import BrokerUnavailable, InvalidPayload, UnknownQueue, UnknownTask
 from workers.idempotency import ttl_from_env
 from workers.jobs import JobStatuses
 
-from . import metrics
 from .admission import CachedState, LoopLag, PublishLane
-from .idempotency import IdempotencyConflict, IdempotencyUnavailable, SubmissionStore
+from .http_errors import Problem, _problem_for, _validation_problem
+from .http_health import _CountResponses, _depths, _readiness
+from .http_input import Tokens, _nesting_exceeds, _parse_json, _read_body
+from .http_schema import BATCH_MAX, MAX_NESTING, ApiSettings, JobAccepted, JobRequest, JobStatus
+from .idempotency import IdempotencyConflict, SubmissionStore
 from .producer import EnqueueResult, Producer, client_limiter, state_client
 
-__all__ = ["ApiSettings", "JobRequest", "create_api"]
+__all__ = ["MAX_NESTING", "ApiSettings", "JobRequest", "Problem", "_nesting_exceeds",
+           "create_api"]
 
 log = logging.getLogger(__name__)
-
-BATCH_MAX = 500
-MAX_NESTING = 64  # JSON depth of a body; far below where Python recursion gives out
-
-
-class ApiSettings(BaseSettings):
-    """The HTTP service's own knobs (``TIDEGATE_API_*``); tokens and body limit live in
-    :class:`workers.settings.Settings`."""
-
-    model_config = SettingsConfigDict(env_prefix="TIDEGATE_API_", frozen=True, extra="ignore")
-
-    client_rate_per_s: float = Field(default=50.0, gt=0)  # per bearer token, cluster-wide
-    client_burst: int = Field(default=100, ge=1)
-    max_wait_ms: int = Field(default=250, ge=0, le=30_000)  # throttle wait inside a request
-    idempotency_ttl_s: int = Field(default=86_400, ge=60)
-    broker_retry_after_s: int = Field(default=5, ge=1)
-    publish_threads: int = Field(default=2, ge=1, le=256)  # the publish lane's concurrency
-    publish_batch: int = Field(default=32, ge=1, le=500)  # keyless POSTs published together
-    max_queued: int = Field(default=512, ge=1)  # jobs waiting for a publish thread, at most
-    gil_switch_ms: float = Field(default=1.0, ge=0, le=100)  # served process; 0: Python's 5 ms
-
-
-PriorityName = Literal["critical", "high", "medium", "low"]  # resilience.Priority, spelled
-
-
-class JobRequest(BaseModel):
-    """The body of ``POST /v1/jobs``."""
-
-    model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
-
-    task: Annotated[str, Field(min_length=1, max_length=200, examples=["payments.charge"])]
-    args: list[Any] = Field(default_factory=list)
-    kwargs: dict[str, Any] = Field(default_factory=dict)
-    # Strict: JSON true or 1.0 is not a priority (lax ints would read true as 1, "high").
-    priority: PriorityName | Annotated[StrictInt, Field(ge=0, le=3)] = "high"
-    idempotency_key: Annotated[str, Field(min_length=1, max_length=255)] | None = None
-    queue: Annotated[str, Field(min_length=1, max_length=200)] | None = None
-    deadline_ms: Annotated[int, Field(gt=0, le=86_400_000)] | None = None
-
-
-class JobAccepted(BaseModel):
-    id: str
-    state: Literal["queued", "deferred"]
-    queue: str
-    task: str
-    priority: str
-    idempotency_key: str | None = None
-
-
-class JobStatus(BaseModel):
-    """The body of ``GET /v1/jobs/{id}``: the job's latest state (``workers.jobs``)."""
-
-    model_config = ConfigDict(extra="allow")
-
-    id: str
-    state: Literal["queued", "running", "retrying", "succeeded", "failed", "dead_lettered",
-                   "deferred", "replayed"]
-    at: float = Field(description="epoch seconds of this state")
-    task: str | None = None
-    queue: str | None = None
-    priority: str | None = None
-    worker: str | None = None
-    attempt: int | None = None
-    retry_in_s: float | None = Field(None, description="retrying: the countdown")
-    reason: str | None = Field(None, description="dead_lettered: the DLQ reason")
-    record: str | None = Field(None, description="dead_lettered/replayed: the DLQ record id")
-    dlq: str | None = None
-    error: str | None = None
-    deferred_id: str | None = Field(None, description="deferred: the SQS entry")
-    dependency: str | None = None
-    replay_id: str | None = Field(None, description="replayed: the replay's own job id")
-    replay: dict[str, Any] | None = Field(None, description="replayed: the replay's status")
-    replayed_from: str | None = None
-    job: str | None = Field(None, description="a worker's deferral: the deferred job's id")
-    outcome: Literal["not_attempted", "unknown"] | None = Field(
-        None, description="dead_lettered/failed, graceful fallback: whether a write reached "
-        "the dependency")
-    message: str | None = Field(None, description="dead_lettered/failed, graceful fallback: "
-                                "what to tell the user (states only what is known)")
-
-
-class Problem(Exception):
-    """An HTTP answer other than 2xx, raised from inside the handlers."""
-
-    def __init__(self, status: int, error: str, message: str, *, field: str | None = None,
-                 retry_after: float | None = None) -> None:
-        super().__init__(message)
-        self.status, self.error, self.message = status, error, message
-        self.field, self.retry_after = field, retry_after
-
-    def body(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"error": self.error, "message": self.message}
-        if self.field:
-            out["field"] = self.field
-        if self.retry_after is not None:
-            out["retry_after_s"] = round(self.retry_after, 3)
-        return out
-
-    def headers(self) -> dict[str, str]:
-        headers = {}
-        if self.retry_after is not None:
-            headers["Retry-After"] = str(max(1, math.ceil(self.retry_after)))
-        if self.status == 401:
-            headers["WWW-Authenticate"] = 'Bearer realm="tidegate"'
-        return headers
-
-    def response(self) -> JSONResponse:
-        return JSONResponse(self.body(), status_code=self.status, headers=self.headers())
-
-
-def _field_of(error: dict[str, Any]) -> str:
-    return ".".join(str(p) for p in error.get("loc", ()) if p not in ("body",)) or "body"
-
-
-def _validation_problem(exc: ValidationError) -> Problem:
-    first = exc.errors()[0]
-    where = _field_of(first)
-    message = "; ".join(f"{_field_of(e)}: {e['msg']}" for e in exc.errors()[:5])
-    return Problem(422, "invalid_request", message, field=where.split(".")[0])
-
-
-def _problem_for(exc: TidegateError, settings: ApiSettings) -> Problem:
-    """What each of the producer's errors means over HTTP."""
-    if isinstance(exc, UnknownTask):
-        return Problem(422, "unknown_task", str(exc), field="task")
-    if isinstance(exc, UnknownQueue):
-        return Problem(422, "unknown_queue", str(exc), field="queue")
-    if isinstance(exc, InvalidPayload):
-        text = str(exc)
-        field = next((f for f in ("idempotency_key", "kwargs", "deadline") if f in text), "args")
-        return Problem(422, "invalid_payload", text,
-                       field="deadline_ms" if field == "deadline" else field)
-    if isinstance(exc, RateLimited):
-        return Problem(429, "rate_limited", str(exc), retry_after=exc.retry_after or 1.0)
-    if isinstance(exc, RejectedError):  # Backpressure, Shed
-        return Problem(503, exc.reason, str(exc), retry_after=exc.retry_after or 1.0)
-    if isinstance(exc, IdempotencyConflict):
-        return Problem(409, "idempotency_conflict", str(exc), field="idempotency_key",
-                       retry_after=1.0)
-    if isinstance(exc, BrokerUnavailable | IdempotencyUnavailable | DeferralError):
-        return Problem(503, "unavailable", str(exc),
-                       retry_after=float(settings.broker_retry_after_s))
-    if isinstance(exc, ConfigError | PermanentError):
-        return Problem(422, "invalid_request", str(exc))
-    if isinstance(exc, TransientError):
-        return Problem(503, "unavailable", str(exc),
-                       retry_after=float(settings.broker_retry_after_s))
-    return Problem(500, "internal_error", "internal error")
-
 
 LATER = "(drawn on the publish lane)"  # task_id placeholder until the job is admitted
 Answer = tuple[int, dict[str, Any], dict[str, str]]  # status, body, headers
@@ -225,91 +72,6 @@ class _Ticket:
             return self
         return dataclasses.replace(self, p=dataclasses.replace(
             self.p, task_id=str(uuid.uuid4()), fresh_id=True))
-CLIENT_CLOSED = 499  # the client hung up before the answer (nginx's code; never sent)
-
-
-class ClientGone(Problem):
-    """The client hung up mid-body: nothing to answer, nothing to log, not a server error."""
-
-    def __init__(self) -> None:
-        super().__init__(CLIENT_CLOSED, "client_closed_request",
-                         "the client closed the connection before sending the whole body")
-
-
-class Tokens:
-    """Bearer tokens, looked up by their SHA-256 (so the time taken says nothing about how much
-    of a token matched); a client is named by its token's hash."""
-
-    def __init__(self, tokens: frozenset[str]) -> None:
-        self._tokens = [t.encode() for t in tokens]
-        # digest -> client name: one hash and one dict lookup per request instead of a
-        # constant-time comparison with every token (41 of them cost the event loop 4%)
-        self._by_digest = {hashlib.sha256(t).digest(): "token-" + hashlib.sha256(t).hexdigest()[:16]
-                           for t in self._tokens}
-
-    def client(self, header: str | None) -> str:
-        if not self._tokens:
-            raise Problem(401, "unauthorized",
-                          "no API tokens are configured (set TIDEGATE_API_TOKENS)")
-        scheme, _, value = (header or "").partition(" ")
-        if scheme.lower() != "bearer" or not value.strip():
-            raise Problem(401, "unauthorized", "missing bearer token (Authorization: Bearer ...)")
-        client = self._by_digest.get(hashlib.sha256(value.strip().encode()).digest())
-        if client is None:
-            raise Problem(401, "unauthorized", "invalid bearer token")
-        return client
-
-
-async def _read_body(request: Request, limit: int) -> bytes:
-    """The body, refusing with 413 as soon as it is known to exceed ``limit``."""
-    declared = request.headers.get("content-length")
-    if declared is not None:
-        try:
-            too_big = int(declared) > limit
-        except ValueError:
-            raise Problem(400, "bad_request", "invalid Content-Length") from None
-        if too_big:
-            raise Problem(413, "payload_too_large",
-                          f"body of {declared} bytes exceeds the limit of {limit} bytes")
-    chunks, size = [], 0
-    try:
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:  # chunked or lying about its length
-                raise Problem(413, "payload_too_large",
-                              f"body exceeds the limit of {limit} bytes")
-            chunks.append(chunk)
-    except ClientDisconnect:
-        raise ClientGone() from None
-    return b"".join(chunks)
-
-
-def _parse_json(raw: bytes) -> Any:
-    try:
-        value = json.loads(raw)
-    except (ValueError, UnicodeDecodeError, RecursionError) as exc:  # deep nesting: RecursionError
-        raise Problem(422, "invalid_json", f"body is not valid JSON: {exc}", field="body"
-                      ) from None
-    if _nesting_exceeds(value, MAX_NESTING):  # else validation/serialisation recurse: a 500
-        raise Problem(422, "invalid_json", f"body nests deeper than {MAX_NESTING} levels",
-                      field="body")
-    return value
-
-
-def _nesting_exceeds(value: Any, limit: int) -> bool:
-    """Whether JSON ``value`` nests arrays/objects deeper than ``limit`` (iterative: no
-    recursion on hostile input)."""
-    stack = [(value, 1)]
-    while stack:
-        item, depth = stack.pop()
-        children = item.values() if isinstance(item, dict) else item if isinstance(
-            item, list) else None
-        if children is None:
-            continue
-        if depth > limit:
-            return True
-        stack.extend((child, depth + 1) for child in children)
-    return False
 
 
 def create_api(
@@ -649,87 +411,3 @@ def create_api(
         return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)
 
     return app
-
-
-class _CountResponses:
-    """``tidegate_api_requests_total`` by route and status: plain ASGI, because Starlette's
-    BaseHTTPMiddleware costs a task and two streams per request, a lot beside a refusal. A
-    client that hung up (ClientDisconnect) counts as 499, never as a server error."""
-
-    def __init__(self, app: Any) -> None:
-        self.app = app
-        self._children: dict[tuple[str, int], Any] = {}
-
-    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        status = 500
-
-        async def sent(message: dict[str, Any]) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
-        try:
-            await self.app(scope, receive, sent)
-        except ClientDisconnect:  # hung up where _read_body could not see it: not our error
-            status = CLIENT_CLOSED
-        finally:
-            key = (_route(scope), status)
-            child = self._children.get(key)
-            if child is None:  # labels() is a lock and a dict of tuples: once per pair
-                child = self._children[key] = metrics.HTTP_REQUESTS.labels(
-                    route=key[0], status=str(status))
-            child.inc()
-
-
-def _route(scope: dict[str, Any]) -> str:
-    route = scope.get("route")
-    return getattr(route, "path", None) or "unmatched"
-
-
-def _depths(producer: Producer) -> list[dict[str, Any]]:
-    out = []
-    throttle = producer.throttle
-    for queue in producer.topology.work_queues:
-        entry: dict[str, Any] = {"queue": queue}
-        try:
-            if throttle is not None:
-                est = throttle.cache.estimate(queue)
-                d = est.reading
-                entry["published_since_reading"] = est.published_since
-                entry["drain_rate_per_s"] = est.drain_rate
-                cfg = throttle.config(queue)
-                entry["low_watermark"], entry["high_watermark"] = (cfg.low_watermark,
-                                                                   cfg.high_watermark)
-            else:
-                from workers.depth import probe_for
-
-                d = probe_for(producer.settings, producer.topology).depth(queue)
-            entry.update(ready=d.ready, in_flight=d.in_flight, delayed=d.delayed,
-                         backlog=d.backlog, oldest_age_s=d.oldest_age_s, consumers=d.consumers,
-                         source=d.source, age_s=round(max(0.0, time.time() - d.measured_at), 3))
-        except DepthUnavailable as exc:
-            entry["error"] = str(exc)
-        out.append(entry)
-    return out
-
-
-def _readiness(producer: Producer, state: Any) -> dict[str, str]:
-    import redis
-
-    checks = {}
-    try:
-        state.ping()
-        checks["state_redis"] = "ok"
-    except (redis.RedisError, OSError) as exc:
-        checks["state_redis"] = f"unavailable: {exc}"
-    try:
-        with producer.app.connection_for_write() as conn:
-            conn.ensure_connection(max_retries=1, timeout=producer.settings.connect_timeout_s)
-        checks["broker"] = "ok"
-    except Exception as exc:  # any failure to connect means not ready, whatever its type
-        checks["broker"] = f"unavailable: {type(exc).__name__}"
-    return checks
