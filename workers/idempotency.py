@@ -11,7 +11,7 @@ Every delivery of a resilient task takes a mark before it calls anything:
 
 Taking the mark is one ``SET NX GET`` (Redis >= 7.0; a script on older servers): set only if
 absent, and report what was there, atomically. The worker skips it where nothing can be there
-(``Execution.reads_mark`` in ``workers.resilient``). The ``done`` mark is written without
+(``Execution.reads_mark`` in ``workers.execution``). The ``done`` mark is written without
 waiting for Redis' reply when the store has a :class:`~workers.redis_line.ReplyLater` line
 (the worker's does): it reaches Redis before the task's ack, and the task does not wait.
 
@@ -20,7 +20,7 @@ worker died. So each run also holds a lease, ``tidegate:idem-run:<task>:<key>``,
 TTL (``LEASE_S``) that a thread in the worker process keeps extending while the run lasts and
 that ``finish``, ``release`` and ``dead`` delete. A delivery that finds the mark ``started``
 (or absent) while another run holds the lease knows that run is in flight, in this worker or
-another live one (:attr:`Mark.live`); ``workers.resilient`` then parks it instead of running
+another live one (:attr:`Mark.live`); ``workers.outcomes`` then parks it instead of running
 it alongside. The lease is taken in the same pipelined round trip as the mark (``SET NX``), so
 it costs no extra wait; the first run of fresh idempotent work, which skips the mark read,
 sends its lease without waiting (:meth:`IdempotencyStore.hold`).

@@ -160,7 +160,7 @@ def _configure(app: Any, settings: Settings, topology: Topology) -> None:
         worker_detect_quorum_queues=True,
         # A connection loss does not kill running tasks (prefork would terminate them, then
         # respawn children for seconds): they finish and record their outcome in the marks,
-        # and RabbitMQ's redelivered copy is parked until then (workers.resilient).
+        # and RabbitMQ's redelivered copy is parked until then (workers.outcomes.park).
         worker_cancel_long_running_tasks_on_connection_loss=False,
         worker_hijack_root_logger=False,
         broker_connection_timeout=settings.connect_timeout_s,

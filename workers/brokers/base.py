@@ -41,7 +41,7 @@ class BrokerAdapter:
     #: Tidegate's priorities as this broker's message priority numbers; None: no priorities
     priorities: ClassVar[Mapping[Priority, int] | None] = None
     #: the broker marks a redelivered message (``delivery_info["redelivered"]``), so a repeat
-    #: of a job can be told from a first delivery (``workers.resilient``'s fresh ids)
+    #: of a job can be told from a first delivery (``workers.execution``'s fresh ids)
     flags_redelivery: ClassVar[bool] = False
     #: a message rejected without requeue reaches its DLQ through the broker itself, so a
     #: worker that could not publish the dead-letter copy may reject instead of requeueing
