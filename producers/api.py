@@ -61,7 +61,7 @@ Answer = tuple[int, dict[str, Any], dict[str, str]]  # status, body, headers
 class _Ticket:
     """A job admitted on the event loop, on its way to a publish thread."""
 
-    p: Any  # producers.producer._Prepared
+    p: Any  # producers.model.Prepared
     budget: float
     depth_decided: bool
     may_defer: bool

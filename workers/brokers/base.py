@@ -51,7 +51,7 @@ class BrokerAdapter:
     #: workers on this broker run the liveness threads (heartbeat, sweeps, extensions)
     runs_liveness: ClassVar[bool] = True
     #: how ``Producer.enqueue_many`` publishes a batch here (a mechanism of
-    #: ``producers.producer``'s ``_BATCH_MECHANISMS``); None: one publish at a time
+    #: ``producers.publishing``'s ``BATCH_MECHANISMS``); None: one publish at a time
     batch_publish: ClassVar[str | None] = None
     #: the broker is an SQS endpoint: SQS is set up, so queue-for-later counts may be read
     provides_sqs: ClassVar[bool] = False
