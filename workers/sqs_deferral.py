@@ -14,7 +14,8 @@ drains when it is back. Promises it keeps:
 
 Queues are created when missing (with the redrive policy and retention) or used as given when
 configured by URL. The boto3 client has connect/read timeouts and bounded retries: no call
-can hang.
+can hang (``workers.sqs_client``). What the queues are and what an entry holds:
+``workers.deferral_format`` (re-exported here).
 """
 
 from __future__ import annotations
@@ -25,12 +26,24 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 from resilience import metrics
-from resilience.errors import ConfigError, DeferralError
+from resilience.errors import DeferralError
 from resilience.fallback import DeferredRequest
+from workers.deferral_format import (
+    ENTRY_VERSION,
+    SQS_MAX_BATCH,
+    DeferredEntry,
+    QueueStats,
+    SqsQueueSpec,
+    decode_entry,
+    encode_entry,
+    is_url,
+)
+from workers.deferral_format import SQS_MAX_RETENTION_S as SQS_MAX_RETENTION_S  # re-export
+from workers.sqs_client import SqsClientConfig, sqs_client
 
 __all__ = [
     "ENTRY_VERSION",
@@ -48,9 +61,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-ENTRY_VERSION = 1
-SQS_MAX_BATCH = 10  # ReceiveMessage / DeleteMessageBatch limit
-SQS_MAX_RETENTION_S = 14 * 24 * 3600
 DEFAULT_MAX_MESSAGE_BYTES = 262_144  # SQS's historical default, used until the queue says
 
 NEAR_RETENTION = metrics.get_or_create(
@@ -86,190 +96,12 @@ class DeferredEntryTooLarge(DeferralError):
 
 
 @dataclass(frozen=True)
-class SqsClientConfig:
-    """How to reach SQS. Credentials left ``None`` fall back to boto3's default chain."""
-
-    endpoint_url: str | None = None
-    region: str = "us-east-1"
-    access_key_id: str | None = field(default=None, repr=False)
-    secret_access_key: str | None = field(default=None, repr=False)
-    connect_timeout: float = 2.0
-    read_timeout: float = 5.0
-    max_attempts: int = 3  # botocore "standard" retry mode, first attempt included
-
-    def __post_init__(self) -> None:
-        for name in ("connect_timeout", "read_timeout"):
-            value = getattr(self, name)
-            if not (isinstance(value, int | float) and 0 < value <= 300):
-                raise ConfigError(f"SQS {name} must be in (0, 300] seconds, got {value!r}")
-        if not (isinstance(self.max_attempts, int) and 1 <= self.max_attempts <= 10):
-            raise ConfigError(f"SQS max_attempts must be 1-10, got {self.max_attempts!r}")
-
-
-def sqs_client(cfg: SqsClientConfig) -> Any:
-    """A boto3 SQS client that cannot hang: finite timeouts, bounded retries."""
-    import boto3
-    from botocore.config import Config
-
-    config = Config(
-        connect_timeout=cfg.connect_timeout,
-        read_timeout=cfg.read_timeout,
-        retries={"max_attempts": cfg.max_attempts, "mode": "standard"},
-        max_pool_connections=20,
-    )
-    return boto3.session.Session().client(
-        "sqs",
-        endpoint_url=cfg.endpoint_url,
-        region_name=cfg.region,
-        aws_access_key_id=cfg.access_key_id,
-        aws_secret_access_key=cfg.secret_access_key,
-        config=config,
-    )
-
-
-def _is_url(value: str) -> bool:
-    return value.startswith(("http://", "https://"))
-
-
-def _check_queue_name(value: str, what: str) -> str:
-    if _is_url(value):
-        return value
-    ok = 1 <= len(value) <= 80 and all(c.isalnum() or c in "-_" for c in value)
-    if not ok:
-        raise ConfigError(
-            f"{what} {value!r} is not a legal SQS queue name (1-80 of A-Z a-z 0-9 - _) "
-            "nor a queue URL"
-        )
-    return value
-
-
-@dataclass(frozen=True)
-class SqsQueueSpec:
-    """One dependency's deferral queue and its DLQ, each a queue name or a queue URL.
-
-    Names are created if missing, with ``RedrivePolicy`` (``max_receive_count``) and
-    ``retention_s``; URLs are used as given and never modified.
-    """
-
-    dependency: str
-    queue: str
-    dead_letter_queue: str
-    max_receive_count: int = 10
-    retention_s: int = SQS_MAX_RETENTION_S
-    near_retention_s: int = 24 * 3600  # entries closer than this to expiry are flagged
-
-    def __post_init__(self) -> None:
-        _check_queue_name(self.queue, f"{self.dependency}: deferral queue")
-        _check_queue_name(self.dead_letter_queue, f"{self.dependency}: deferral DLQ")
-        if not (isinstance(self.max_receive_count, int) and 1 <= self.max_receive_count <= 1000):
-            raise ConfigError(
-                f"{self.dependency}: max_receive_count must be 1-1000, "
-                f"got {self.max_receive_count!r}"
-            )
-        retention_ok = isinstance(self.retention_s, int) and self.retention_s >= 60
-        if not (retention_ok and self.retention_s <= SQS_MAX_RETENTION_S):
-            raise ConfigError(
-                f"{self.dependency}: retention must be 60-{SQS_MAX_RETENTION_S} s, "
-                f"got {self.retention_s!r}"
-            )
-        if not (isinstance(self.near_retention_s, int) and self.near_retention_s >= 0):
-            raise ConfigError(f"{self.dependency}: near_retention_s must be >= 0")
-
-    @classmethod
-    def named(cls, dependency: str, prefix: str = "tidegate-deferred-", **kw: Any) -> SqsQueueSpec:
-        """``tidegate-deferred-email`` and ``tidegate-deferred-email-dlq``."""
-        base = f"{prefix}{dependency}".replace(".", "-")
-        return cls(dependency, base, f"{base}-dlq", **kw)
-
-
-# --------------------------------------------------------------------------- entries
-
-
-def encode_entry(request: DeferredRequest) -> str:
-    """The JSON body stored in SQS (versioned, so old entries stay readable)."""
-    return json.dumps(
-        {
-            "v": ENTRY_VERSION,
-            "dependency": request.dependency,
-            "task": request.task,
-            "args": list(request.args),
-            "kwargs": dict(request.kwargs),
-            "idempotency_key": request.idempotency_key,
-            "priority": int(request.priority),
-            "reason": request.reason,
-            "first_deferred_at": request.first_deferred_at,
-            "deferrals": int(request.deferrals),
-        },
-        separators=(",", ":"),
-        allow_nan=False,
-    )
-
-
-def decode_entry(body: str) -> DeferredRequest:
-    """Parse a stored body; a ValueError names what is wrong (the entry is poison)."""
-    data = json.loads(body)
-    if not isinstance(data, dict):
-        raise ValueError("entry is not a JSON object")
-    if data.get("v") != ENTRY_VERSION:
-        raise ValueError(f"unknown entry version {data.get('v')!r}")
-    missing = [k for k in ("dependency", "task", "idempotency_key") if not data.get(k)]
-    if missing:
-        raise ValueError(f"entry lacks {', '.join(missing)}")
-    if not isinstance(data.get("args", []), list) or not isinstance(data.get("kwargs", {}), dict):
-        raise ValueError("entry args must be a list and kwargs an object")
-    return DeferredRequest(
-        dependency=str(data["dependency"]),
-        task=str(data["task"]),
-        args=tuple(data.get("args", [])),
-        kwargs=dict(data.get("kwargs", {})),
-        idempotency_key=str(data["idempotency_key"]),
-        priority=int(data.get("priority", 1)),
-        reason=str(data.get("reason", "")),
-        first_deferred_at=float(data.get("first_deferred_at", 0.0)),
-        deferrals=int(data.get("deferrals", 1)),
-    )
-
-
-@dataclass(frozen=True)
-class DeferredEntry:
-    """One received SQS message: the request (None if it is poison) and SQS's view of it."""
-
-    message_id: str
-    receipt_handle: str
-    receive_count: int
-    sent_at: float  # epoch seconds: when this message entered SQS (retention counts from here)
-    request: DeferredRequest | None
-    error: str | None = None  # why ``request`` is None
-    body_bytes: int = 0
-
-    def age(self, now: float | None = None) -> float:
-        return max(0.0, (time.time() if now is None else now) - self.sent_at)
-
-
-@dataclass(frozen=True)
-class QueueStats:
-    """Approximate counts from GetQueueAttributes (SQS never gives exact ones)."""
-
-    visible: int
-    in_flight: int
-    delayed: int
-    dead: int
-
-    @property
-    def total(self) -> int:
-        return self.visible + self.in_flight + self.delayed
-
-
-@dataclass(frozen=True)
 class _Resolved:
     url: str
     dlq_url: str
     max_bytes: int
     retention_s: int
     max_receive_count: int | None
-
-
-# --------------------------------------------------------------------------- the store
 
 
 class SqsDeferralStore:
@@ -304,7 +136,7 @@ class SqsDeferralStore:
             raise self._error(action, exc) from exc
 
     def _url_of(self, name_or_url: str, attributes: dict[str, str] | None) -> str:
-        if _is_url(name_or_url):
+        if is_url(name_or_url):
             return name_or_url
         try:
             return self.client.create_queue(QueueName=name_or_url, Attributes=attributes or {})[
@@ -330,7 +162,7 @@ class SqsDeferralStore:
         spec = self.spec
         retention = {"MessageRetentionPeriod": str(spec.retention_s)}
         dlq_url = self._url_of(spec.dead_letter_queue, retention)
-        if _is_url(spec.queue):
+        if is_url(spec.queue):
             url = spec.queue
         else:
             dlq_arn = self.client.get_queue_attributes(
