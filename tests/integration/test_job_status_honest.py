@@ -83,6 +83,12 @@ def test_failed_charges_tell_only_what_is_known(broker, api, sims, policy_file, 
     # if no earlier delivery reached the provider (the retry carries tidegate_reached)
     sims["payments"].control(mode="healthy")
     force_breaker(settings, policy_file, "payments", "open", seconds=600)
+    # The worker trusts its last merge with the shared state for the breaker's sync_interval
+    # (0.25 s) before it reads it again: a charge sent sooner would see the circuit closed
+    # (seen: both charges applied). Nothing to poll for: wait out twice that bound.
+    from resilience.breaker import BreakerConfig
+
+    time.sleep(2 * BreakerConfig().sync_interval)
 
     def last_attempt(key: str, reached: bool) -> str:
         headers = {"tidegate_idempotency_key": key, "tidegate_priority": "CRITICAL",
