@@ -1,12 +1,14 @@
 """Publish a batch of jobs at broker speed, and say of each job whether the broker took it.
 
-Each job is still published by Celery's own ``app.send_task`` (so its message, headers,
-properties, protocol-2 body and ``task-sent`` event are exactly what Celery would publish);
-only where the message goes differs:
+Each job is published through kombu's ``Producer._publish`` with the message Celery would
+publish for it (headers, properties, protocol-2 body and ``task-sent`` event): built by
+``app.send_task`` for one job per (task, queue), and for the others from that one
+(:mod:`producers.messages`); only where the messages go differs:
 
 * **Redis**: the transport hands each message's final commands (``LPUSH`` to the priority
   list, the reliable-fetch signal, ``PUBLISH`` of the event) to kombu's publish-batch hook
-  (``_publish_batch``) instead of running them; they run as one ``MULTI``/``EXEC`` per queue.
+  (``_publish_batch``) instead of running them; they run as one ``MULTI``/``EXEC`` per queue,
+  the signal rung once per queue with as many tokens as its jobs (``RING_MANY``).
   A transaction is all or nothing, so a queue's jobs are either all in or all out, and a
   command Redis refuses inside it (``WRONGTYPE``, out of memory) fails only its own job.
 * **RabbitMQ**: the batch is published on a channel of its own in confirm mode without waiting
@@ -73,6 +75,8 @@ def redis_batch(producer: Any, jobs: Sequence[tuple[str, Send]],
     """
     import redis
 
+    from workers.transport import RING, RING_MANY
+
     collect = _Collect()
     commands: list[list[tuple[str, tuple[Any, ...]]] | BaseException] = []
     producer._batch_local.current = _Intercept(collect)
@@ -97,12 +101,23 @@ def redis_batch(producer: Any, jobs: Sequence[tuple[str, Send]],
         for indices in by_queue.values():
             pipe = client.pipeline(transaction=True)
             spans = []
+            rings: dict[Any, list[Any]] = {}  # signal list -> [count, cap, ttl]
             for i in indices:
                 job_commands = commands[i]
                 assert not isinstance(job_commands, BaseException)
-                spans.append((i, len(job_commands)))
+                n = 0
                 for name, args in job_commands:
+                    if name == "eval" and args and args[0] is RING:  # rung once per list below
+                        ring = rings.setdefault(args[2], [0, *args[3:5]])
+                        ring[0] += 1
+                        continue
                     getattr(pipe, name)(*args)
+                    n += 1
+                spans.append((i, n))
+            for key, (count, cap, ttl) in rings.items():
+                # the signal tokens (hints: a consumer finds untokened messages within its
+                # BRPOP timeout), so a failure here fails no job
+                pipe.eval(RING_MANY, 1, key, count, cap, ttl)
             tail = [c for i in indices if statuses and (c := statuses[i]) is not None]
             if tail and dbs is not None:
                 pipe.execute_command("SELECT", dbs[0])

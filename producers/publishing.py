@@ -34,6 +34,7 @@ from . import metrics
 from .backpressure import Throttle
 from .batch import AmqpConfirms, NotConfirmed, redis_batch, sqs_batch
 from .broker_gate import BrokerGate
+from .messages import MessageTemplate, capture, fast_path_usable
 from .model import EnqueueResult, Prepared
 
 __all__ = ["BATCH_MECHANISMS", "Publishing"]
@@ -78,9 +79,9 @@ class Publishing:
             for p in ps:
                 self._refused(p, "broker_unavailable")
             return [exc] * len(ps)
-        sends = [(p.queue, functools.partial(self._send, p)) for p in ps]
         try:
             with self.app.producer_or_acquire() as producer:
+                sends = self._batch_sends(ps, producer)
                 mechanism = BATCH_MECHANISMS.get(self.broker.batch_publish or "")
                 if mechanism is not None:
                     outcomes = getattr(self, mechanism)(producer, ps, sends)
@@ -109,6 +110,42 @@ class Publishing:
 
     def _send(self, p: Prepared, producer: Any) -> None:
         self.app.send_task(p.task, **self._send_options(p, producer))
+
+    def _batch_sends(self, ps: list[Prepared], producer: Any) -> list[tuple[str, Any]]:
+        """Each job's publish: from its (task, queue)'s message template where one could be
+        made (:mod:`producers.messages`: Celery builds one message per group, kombu publishes
+        every job of it), else ``send_task`` as for a single call."""
+        plain = [(p.queue, functools.partial(self._send, p)) for p in ps]
+        if not fast_path_usable(self.app):
+            return plain
+        templates: dict[tuple[str, str], MessageTemplate | None] = {}
+        sends = []
+        for p, fallback in zip(ps, plain, strict=True):
+            key = (p.task, p.queue)
+            if key not in templates:
+                templates[key] = self._template(p, producer)
+            template = templates[key]
+            sends.append(fallback if template is None else
+                         (p.queue, functools.partial(self._send_templated, template, p)))
+        return sends
+
+    def _template(self, p: Prepared, producer: Any) -> MessageTemplate | None:
+        """The message template of ``p``'s (task, queue), or None (then ``send_task``)."""
+        own = self._message_headers(p, time.time())
+        try:
+            calls = capture(producer, lambda pr: self.app.send_task(
+                p.task, **self._send_options(p, pr, own)))
+            if not calls or calls[0][1] != self.broker.priority(p.priority):
+                raise ValueError("the message priority is not the job's")
+            return MessageTemplate(self.app, calls, p.task_id, p.args, p.kwargs, own)
+        except Exception as exc:  # anything unexpected: Celery builds each message itself
+            log.debug("no message template for %s on %s (%s): send_task per job",
+                      p.task, p.queue, exc)
+            return None
+
+    def _send_templated(self, template: MessageTemplate, p: Prepared, producer: Any) -> None:
+        template.publish(producer, p.task_id, p.args, p.kwargs, self.broker.priority(p.priority),
+                         self._message_headers(p, time.time()))
 
     def _redis_batch(self, producer: Any, ps: list[Prepared],
                      sends: list[tuple[str, Any]]) -> list[BaseException | None]:
@@ -212,9 +249,9 @@ class Publishing:
     def _publish_options(self) -> dict[str, Any]:
         return self.broker.publish_options(self.settings)  # RabbitMQ: mandatory, bounded
 
-    def _send_options(self, p: Prepared, producer: Any = None) -> dict[str, Any]:
-        """``app.send_task``'s options for one job (the same for a single and a batch)."""
-        now = time.time()
+    @staticmethod
+    def _message_headers(p: Prepared, now: float) -> dict[str, Any]:
+        """Tidegate's headers of one job's message (Celery adds them after its own)."""
         message_headers = {
             h.PRIORITY: p.priority.name,
             h.ENQUEUED_AT: now,
@@ -222,10 +259,15 @@ class Publishing:
             h.DEADLINE: now + p.deadline_s if p.deadline_s else None,
             h.FRESH_ID: 1 if p.fresh_id else None,
         }
+        return {k: v for k, v in message_headers.items() if v is not None}
+
+    def _send_options(self, p: Prepared, producer: Any = None,
+                      headers: dict[str, Any] | None = None) -> dict[str, Any]:
+        """``app.send_task``'s options for one job (the same for a single and a batch)."""
         options = dict(
             args=p.args, kwargs=p.kwargs, task_id=p.task_id, queue=p.queue,
             priority=self.broker.priority(p.priority),
-            headers={k: v for k, v in message_headers.items() if v is not None},
+            headers=self._message_headers(p, time.time()) if headers is None else headers,
             retry=False, producer=producer, **self._publish_options(),
         )
         if producer is not None and self._declared(p.queue, producer):

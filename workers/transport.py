@@ -71,6 +71,16 @@ redis.call('LTRIM', KEYS[1], 0, tonumber(ARGV[1]) - 1)
 redis.call('PEXPIRE', KEYS[1], ARGV[2])
 """
 
+# RING rung ARGV[1] times at once (a batch's jobs of one queue, producers/batch.py): the same
+# end state, one command instead of one per message. KEYS[1] signal list. ARGV: 1 count,
+# 2 cap, 3 ttl ms.
+RING_MANY = """
+local n = math.min(tonumber(ARGV[1]), tonumber(ARGV[2]))
+for _ = 1, n do redis.call('LPUSH', KEYS[1], '1') end
+redis.call('LTRIM', KEYS[1], 0, tonumber(ARGV[2]) - 1)
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+"""
+
 # KEYS: unacked, unacked_index, holders, then per queue: its signal list and its data lists
 # in priority-step order. ARGV: 1 queues, 2 steps, 3 now, 4 ttl ms, 5 holder (this worker's
 # liveness id, "" for none), 6.. per queue "1" to record as unacked ("0": consumed with
@@ -310,5 +320,5 @@ class Transport(kombu_redis.Transport):
     recorded_tag: str | None = None  # the message being handed over, recorded by FETCH
 
 
-__all__ = ["FETCH", "HOLDERS_KEY", "RING", "SIGNAL_PREFIX", "TRANSPORT_PATH", "Channel", "QoS",
-           "Transport"]
+__all__ = ["FETCH", "HOLDERS_KEY", "RING", "RING_MANY", "SIGNAL_PREFIX", "TRANSPORT_PATH",
+           "Channel", "QoS", "Transport"]

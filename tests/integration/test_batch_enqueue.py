@@ -6,15 +6,17 @@ queued is on its queue (and consumed once), a job reported failed is not.
 
 from __future__ import annotations
 
+import base64
 import json
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
 import redis
 
 from resilience.errors import Backpressure
-from tests.conftest import REDIS_BROKER_URL, STATE_REDIS_URL, VHOST
+from tests.conftest import BROKER_DB, REDIS_BROKER_URL, REDIS_PORT, STATE_REDIS_URL, VHOST
 from tests.support.procs import wait_until
 from workers import headers as h
 from workers.errors import BrokerUnavailable, InvalidPayload, UnknownTask
@@ -121,6 +123,124 @@ def test_batch_messages_are_what_send_task_publishes(broker, bp_app, state_redis
                 shapes.append((msg.body, msg.content_type, msg.content_encoding,
                                *normal(headers, props)))
     assert shapes[0] == shapes[1]
+
+
+def _events(broker):
+    """Start listening to ``task-sent`` events; the returned function reads them as
+    (the event, the rest of its message without the body or delivery tag)."""
+    if broker.name == "redis":  # redis-cli: one line per field, a message's JSON on one
+        sub = subprocess.Popen(["redis-cli", "-p", str(REDIS_PORT), "psubscribe",
+                                f"/{BROKER_DB}.celeryev/task.sent"],
+                               stdout=subprocess.PIPE, text=True)
+        assert sub.stdout is not None
+        ack = [sub.stdout.readline().strip() for _ in range(3)]
+        assert ack[0] == "psubscribe", ack
+
+        def read_redis() -> list[tuple[dict, str]]:
+            time.sleep(1.0)  # published already; let redis-cli print them
+            sub.terminate()
+            lines = sub.communicate(timeout=10)[0].splitlines()
+            out = []
+            for i in range(0, len(lines) - 3, 4):
+                assert lines[i] == "pmessage", lines[i:i + 4]
+                message = json.loads(lines[i + 3])
+                event = json.loads(base64.b64decode(message.pop("body")))
+                message["properties"].pop("delivery_tag")
+                out.append((event, json.dumps(message)))
+            return out
+        return read_redis
+    from kombu import Connection, Exchange, Queue
+
+    conn = Connection(broker.url, connect_timeout=5)
+    queue = Queue("tidegate-test-events", Exchange("celeryev", type="topic"),
+                  routing_key="task.sent", auto_delete=True, durable=False)
+    queue(conn.default_channel).declare()
+
+    def read_amqp() -> list[tuple[dict, str]]:
+        out = []
+        while (msg := conn.default_channel.basic_get(queue.name, no_ack=True)) is not None:
+            out.append((json.loads(msg.body), json.dumps(
+                [msg.headers, sorted(msg.properties), msg.delivery_info["routing_key"]])))
+        queue(conn.default_channel).delete()
+        conn.close()
+        return out
+    return read_amqp
+
+
+def test_every_job_of_a_batch_is_the_message_celery_builds(broker, bp_app, state_redis):
+    """A batch builds its messages from a template (producers/messages.py): every job of it,
+    not only the one Celery built, must be what ``send_task`` publishes for that job, in the
+    same key order, and so must its ``task-sent`` event."""
+    from kombu import Connection
+
+    from producers import Job, Producer
+
+    jobs = [Job("search.index", ["a", 1.5, [1, [2]]], {"body": {"k": "é"}}, priority="critical",
+                idempotency_key="key-a"),
+            Job("search.index", ["b"], priority="low", deadline_s=30),
+            Job("search.index", [], {"n": None, "t": True}, priority="medium")]
+    producer = Producer(bp_app, throttle=None)
+    read_events = _events(broker)
+    for i, job in enumerate(jobs):
+        producer.enqueue(job.task, job.args, job.kwargs, priority=job.priority,
+                         idempotency_key=job.idempotency_key, deadline_s=job.deadline_s,
+                         task_id=f"single-{i}")
+    built = []
+    send_task = bp_app.send_task
+    bp_app.send_task = lambda *a, **kw: built.append(a[0]) or send_task(*a, **kw)
+    try:
+        results = producer.enqueue_many([Job(j.task, j.args, j.kwargs, j.priority,
+                                             j.idempotency_key, None, j.deadline_s,
+                                             f"batch-{i}") for i, j in enumerate(jobs)])
+    finally:
+        del bp_app.send_task
+    assert _queued(results) == [0, 1, 2]
+    assert built == ["search.index"]  # Celery built one message (the template), not three
+
+    def normal(headers: dict, props: dict) -> tuple:
+        headers = dict(headers, **{h.ENQUEUED_AT: 0})
+        if h.DEADLINE in headers:
+            headers[h.DEADLINE] = 0
+        props = {k: v for k, v in props.items() if k != "delivery_tag"}
+        return json.dumps(headers), json.dumps(props)  # key order counts too
+
+    def shape(message_id: str, text: str) -> str:
+        return text.replace(message_id, "ID")
+
+    if broker.name == "redis":
+        client = redis.Redis.from_url(REDIS_BROKER_URL)
+        raw = [json.loads(m) for k in redis_priority_lists("search")
+               for m in client.lrange(k, 0, -1)]
+        messages = {m["headers"]["id"]: m for m in raw}
+        # one token per message, the batch's rung at once (RING_MANY)
+        assert client.llen("_tidegate.signal.search") == 6
+        got = {tid: shape(tid, json.dumps([list(m), m["body"], m["content-type"],
+                                            m["content-encoding"],
+                                            *normal(m["headers"], m["properties"])]))
+               for tid, m in messages.items()}
+    else:
+        got = {}
+        with Connection(broker.url, connect_timeout=5) as conn:
+            while (msg := conn.default_channel.basic_get("search", no_ack=True)) is not None:
+                props = dict(msg.properties)
+                headers = props.pop("application_headers")
+                got[headers["id"]] = shape(headers["id"], json.dumps([
+                    str(msg.body), msg.content_type, msg.content_encoding,
+                    *normal(headers, props)]))
+    assert len(got) == 6
+    for i in range(3):
+        assert got[f"batch-{i}"] == got[f"single-{i}"], i
+
+    events = read_events()
+
+    def event_shape(event: dict, rest: str) -> tuple[str, str]:
+        uuid = event["uuid"]
+        return uuid, shape(uuid, json.dumps(dict(event, clock=0, timestamp=0)) + rest)
+
+    sent = dict(event_shape(*e) for e in events)
+    assert len(sent) == 6, events
+    for i in range(3):
+        assert sent[f"batch-{i}"] == sent[f"single-{i}"], i
 
 
 def test_half_accepted_batch_says_which_jobs_are_in(broker, bp_app, state_redis):
@@ -253,11 +373,18 @@ def test_rabbitmq_connection_lost_mid_batch_never_reports_an_unconfirmed_job(
 
     from producers import Job, Producer
 
-    class CutMidBatch(Producer):
+    def cut(p, producer) -> None:
+        if p.args == ["d5"]:
+            producer.channel.connection._transport.sock.shutdown(socket.SHUT_RDWR)
+
+    class CutMidBatch(Producer):  # either way a job is built: send_task, or its template
         def _send(self, p, producer):
-            if p.args == ["d5"]:
-                producer.channel.connection._transport.sock.shutdown(socket.SHUT_RDWR)
+            cut(p, producer)
             super()._send(p, producer)
+
+        def _send_templated(self, template, p, producer):
+            cut(p, producer)
+            super()._send_templated(template, p, producer)
 
     producer = CutMidBatch(bp_app, throttle=None)
     producer.enqueue_many([Job("search.index", ["warm"])])  # the confirm channel exists
