@@ -92,7 +92,7 @@ def _variants(app, producer, jobs: int):
         run = batch(size)
 
         def without_templates() -> None:
-            import producers.producer as pp
+            import producers.publishing as pp
 
             real = pp.fast_path_usable
             pp.fast_path_usable = lambda app: False
