@@ -297,14 +297,22 @@ class AmqpConfirms:
 
     # -- the batch
     def publish(self, producer: Any, jobs: Sequence[tuple[str, Send]], task_ids: Sequence[str],
-                timeout_s: float) -> list[BatchOutcome]:
-        """Publish every job, then wait up to ``timeout_s`` for all their confirms."""
+                timeout_s: float, after: Send | None = None) -> list[BatchOutcome]:
+        """Publish every job, then ``after`` (the batch's events: a failure there fails no job
+        unless it lost the connection), then wait up to ``timeout_s`` for all the confirms."""
         self._outcomes = [None] * len(jobs)
         self._ids = {tid: i for i, tid in enumerate(task_ids)}
         self._first, self._owner, self._unconfirmed = {}, {}, set()
         sent = [False] * len(jobs)
         with _corked(self.connection):
             broken = self._send_all(producer, jobs, sent)
+            if broken is None and after is not None:
+                self._current = -1  # no job's: its ack or nack decides nothing
+                try:
+                    after(producer)
+                except Exception as exc:
+                    if _connection_error(exc):
+                        broken = exc
         deadline = time.monotonic() + timeout_s
         while self._unconfirmed and broken is None:
             remaining = deadline - time.monotonic()
@@ -318,7 +326,7 @@ class AmqpConfirms:
                 broken = exc
         waiting = {self._owner[t] for t in self._unconfirmed if t in self._owner}
         for job in waiting:
-            if sent[job] and self._outcomes[job] is None and self._first.get(job) in \
+            if job >= 0 and sent[job] and self._outcomes[job] is None and self._first.get(job) in \
                     self._unconfirmed:
                 self._outcomes[job] = NotConfirmed(
                     f"connection lost before its confirm ({broken})" if broken else

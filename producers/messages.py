@@ -31,7 +31,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["MessageTemplate", "capture", "fast_path_usable"]
+__all__ = ["EventBatch", "MessageTemplate", "capture", "fast_path_usable"]
 
 # Where the per-job values sit in kombu's Producer._publish's positional arguments.
 _BODY, _PRIORITY, _HEADERS, _PROPERTIES, _DECLARE = 0, 1, 4, 5, 10
@@ -158,11 +158,44 @@ class MessageTemplate:
         return out
 
     def publish(self, producer: Any, task_id: str, args: Any, kwargs: Any, priority: int,
-                own_headers: dict[str, Any]) -> None:
-        """Publish one job through kombu's ``Producer._publish`` (the transport's own path).
+                own_headers: dict[str, Any], events: EventBatch | None = None) -> None:
+        """Publish one job through kombu's ``Producer._publish`` (the transport's own path);
+        its ``task-sent`` event too, or into ``events`` to go out with the batch's others.
 
         Declarations ride with the group's first message only (kombu caches them anyway).
         """
-        for call in self.build(task_id, args, kwargs, priority, own_headers):
-            producer._publish(*call)
+        calls = self.build(task_id, args, kwargs, priority, own_headers)
+        producer._publish(*calls[0])
+        if len(calls) == 2:
+            if events is None:
+                producer._publish(*calls[1])
+            else:
+                events.add(calls[1])
         self._declare = [[], []]
+
+
+class EventBatch:
+    """A batch's ``task-sent`` events as one message: a list body routed ``task.multi``, the
+    form Celery's own dispatcher gives buffered events (``EventDispatcher.flush``), which its
+    ``EventReceiver`` (Flower, ``celery events``) reads event by event. One message instead of
+    one per job: on RabbitMQ each is three frames and a confirm."""
+
+    def __init__(self) -> None:
+        self.call: tuple[Any, ...] | None = None
+        self.bodies: list[Any] = []
+
+    def add(self, call: tuple[Any, ...]) -> None:
+        if self.call is None:
+            self.call = call
+        self.bodies.append(call[_BODY])
+
+    def publish(self, producer: Any) -> None:
+        """Publish the events added since the last call (none: nothing)."""
+        if self.call is None or not self.bodies:
+            return
+        c, bodies = self.call, self.bodies
+        self.bodies = []
+        # the JSON list of the events' own JSON texts: what kombu's dumps gives for the list
+        body = ("[" + ", ".join(bodies) + "]" if isinstance(bodies[0], str)
+                else b"[" + b", ".join(bodies) + b"]")
+        producer._publish(body, *c[1:6], "task.multi", *c[7:])

@@ -34,7 +34,7 @@ from . import metrics
 from .backpressure import Throttle
 from .batch import AmqpConfirms, NotConfirmed, redis_batch, sqs_batch
 from .broker_gate import BrokerGate
-from .messages import MessageTemplate, capture, fast_path_usable
+from .messages import EventBatch, MessageTemplate, capture, fast_path_usable
 from .model import EnqueueResult, Prepared
 
 __all__ = ["BATCH_MECHANISMS", "Publishing"]
@@ -49,6 +49,10 @@ BATCH_MECHANISMS = {
     "confirms": "_amqp_batch",  # a confirm-mode channel, every confirm awaited once
     "send_message_batch": "_sqs_batch",  # SendMessageBatch in tens per queue
 }
+# Mechanisms that publish a batch's task-sent events as one message after its jobs (RabbitMQ:
+# one message and confirm per batch instead of per job). On Redis each job's event stays in
+# its queue's transaction, so an event exists exactly when its job does.
+EVENTS_AFTER = {"_amqp_batch"}
 
 
 class Publishing:
@@ -81,9 +85,13 @@ class Publishing:
             return [exc] * len(ps)
         try:
             with self.app.producer_or_acquire() as producer:
-                sends = self._batch_sends(ps, producer)
                 mechanism = BATCH_MECHANISMS.get(self.broker.batch_publish or "")
-                if mechanism is not None:
+                # task-sent events as one message after the jobs where the mechanism takes it
+                events = EventBatch() if mechanism in EVENTS_AFTER else None
+                sends = self._batch_sends(ps, producer, events)
+                if events is not None:
+                    outcomes = getattr(self, mechanism)(producer, ps, sends, events)
+                elif mechanism is not None:
                     outcomes = getattr(self, mechanism)(producer, ps, sends)
                 else:  # one publish at a time
                     outcomes = [_outcome(send, producer) for _, send in sends]
@@ -111,7 +119,8 @@ class Publishing:
     def _send(self, p: Prepared, producer: Any) -> None:
         self.app.send_task(p.task, **self._send_options(p, producer))
 
-    def _batch_sends(self, ps: list[Prepared], producer: Any) -> list[tuple[str, Any]]:
+    def _batch_sends(self, ps: list[Prepared], producer: Any, events: EventBatch | None = None
+                     ) -> list[tuple[str, Any]]:
         """Each job's publish: from its (task, queue)'s message template where one could be
         made (:mod:`producers.messages`: Celery builds one message per group, kombu publishes
         every job of it), else ``send_task`` as for a single call."""
@@ -126,7 +135,8 @@ class Publishing:
                 templates[key] = self._template(p, producer)
             template = templates[key]
             sends.append(fallback if template is None else
-                         (p.queue, functools.partial(self._send_templated, template, p)))
+                         (p.queue, functools.partial(self._send_templated, template, p,
+                                                     events)))
         return sends
 
     def _template(self, p: Prepared, producer: Any) -> MessageTemplate | None:
@@ -143,9 +153,10 @@ class Publishing:
                       p.task, p.queue, exc)
             return None
 
-    def _send_templated(self, template: MessageTemplate, p: Prepared, producer: Any) -> None:
+    def _send_templated(self, template: MessageTemplate, p: Prepared,
+                        events: EventBatch | None, producer: Any) -> None:
         template.publish(producer, p.task_id, p.args, p.kwargs, self.broker.priority(p.priority),
-                         self._message_headers(p, time.time()))
+                         self._message_headers(p, time.time()), events)
 
     def _redis_batch(self, producer: Any, ps: list[Prepared],
                      sends: list[tuple[str, Any]]) -> list[BaseException | None]:
@@ -184,12 +195,14 @@ class Publishing:
                    sends: list[tuple[str, Any]]) -> list[BaseException | None]:
         return sqs_batch(producer, sends)
 
-    def _amqp_batch(self, producer: Any, ps: list[Prepared],
-                    sends: list[tuple[str, Any]]) -> list[BaseException | None]:
+    def _amqp_batch(self, producer: Any, ps: list[Prepared], sends: list[tuple[str, Any]],
+                    events: EventBatch | None = None) -> list[BaseException | None]:
         confirms = AmqpConfirms.for_connection(producer.connection)
         batch_producer = self.app.amqp.Producer(confirms.channel, auto_declare=False)
         timeout = self.settings.publish_timeout_s
-        outcomes = confirms.publish(batch_producer, sends, [p.task_id for p in ps], timeout)
+        after = events.publish if events is not None else None
+        outcomes = confirms.publish(batch_producer, sends, [p.task_id for p in ps], timeout,
+                                    after)
         again = [i for i, o in enumerate(outcomes) if o is not None and _unroutable(o)]
         if again:  # a queue vanished behind kombu's declaration cache: declare, publish again
             log.warning("batch publish was unroutable for %d jobs; re-declaring the topology",
@@ -199,7 +212,7 @@ class Publishing:
             confirms = AmqpConfirms.for_connection(producer.connection)
             batch_producer = self.app.amqp.Producer(confirms.channel, auto_declare=False)
             retried = confirms.publish(batch_producer, [sends[i] for i in again],
-                                       [ps[i].task_id for i in again], timeout)
+                                       [ps[i].task_id for i in again], timeout, after)
             for i, outcome in zip(again, retried, strict=True):
                 outcomes[i] = outcome
         return outcomes

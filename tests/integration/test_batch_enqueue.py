@@ -153,16 +153,24 @@ def _events(broker):
 
     conn = Connection(broker.url, connect_timeout=5)
     queue = Queue("tidegate-test-events", Exchange("celeryev", type="topic"),
-                  routing_key="task.sent", auto_delete=True, durable=False)
+                  routing_key="task.#", auto_delete=True, durable=False)
     queue(conn.default_channel).declare()
+
+    multi: list[bool] = []
 
     def read_amqp() -> list[tuple[dict, str]]:
         out = []
         while (msg := conn.default_channel.basic_get(queue.name, no_ack=True)) is not None:
-            out.append((json.loads(msg.body), json.dumps(
-                [msg.headers, sorted(msg.properties), msg.delivery_info["routing_key"]])))
+            body = json.loads(msg.body)
+            key = msg.delivery_info["routing_key"]
+            # a batch's events come as one list routed task.multi (Celery's own form)
+            for event in body if isinstance(body, list) else [body]:
+                if event.get("type") == "task-sent":
+                    multi.append(key == "task.multi")
+                    out.append((event, json.dumps([msg.headers, sorted(msg.properties)])))
         queue(conn.default_channel).delete()
         conn.close()
+        assert multi == [False] * 3 + [True] * 3  # single: one each; the batch's: one list
         return out
     return read_amqp
 
@@ -382,9 +390,9 @@ def test_rabbitmq_connection_lost_mid_batch_never_reports_an_unconfirmed_job(
             cut(p, producer)
             super()._send(p, producer)
 
-        def _send_templated(self, template, p, producer):
+        def _send_templated(self, template, p, events, producer):
             cut(p, producer)
-            super()._send_templated(template, p, producer)
+            super()._send_templated(template, p, events, producer)
 
     producer = CutMidBatch(bp_app, throttle=None)
     producer.enqueue_many([Job("search.index", ["warm"])])  # the confirm channel exists

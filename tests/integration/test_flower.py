@@ -117,3 +117,17 @@ def test_dead_letter_is_a_failure_in_the_result_backend(
         assert type(bad.result).__name__ == "DeadLettered"
     finally:
         plain.close()
+
+
+def test_flower_sees_every_job_of_a_batch_as_sent(broker, producer, flower):
+    """A batch's task-sent events (one list message routed task.multi on RabbitMQ, one event
+    per job in each queue's transaction on Redis) reach Flower as one task each."""
+    from producers import Job
+
+    results = producer.enqueue_many([Job("search.index", [f"doc-{i}"]) for i in range(5)])
+    ids = [r.id for r in results]
+    assert all(r.state == "queued" for r in results), results
+    got = wait_until(lambda: (t := flower.tasks()) and all(i in t for i in ids) and t, 60,
+                     interval=0.5, message="five sent tasks in flower")
+    assert {got[i]["name"] for i in ids} == {"search.index"}
+    assert all(got[i]["sent"] for i in ids), got
