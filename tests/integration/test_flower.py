@@ -124,6 +124,15 @@ def test_flower_sees_every_job_of_a_batch_as_sent(broker, producer, flower):
     per job in each queue's transaction on Redis) reach Flower as one task each."""
     from producers import Job
 
+    # Events are not kept for a receiver that is not listening yet (Redis pub/sub; on RabbitMQ
+    # Flower's queue is bound when it starts): a single job Flower shows says it listens.
+    probes: list[str] = []
+
+    def listening() -> bool:
+        probes.append(producer.enqueue("search.index", ["doc-probe"]).id)
+        return any(p in (flower.tasks() or {}) for p in probes)
+
+    wait_until(listening, 60, interval=1.0, message="flower receiving events")
     results = producer.enqueue_many([Job("search.index", [f"doc-{i}"]) for i in range(5)])
     ids = [r.id for r in results]
     assert all(r.state == "queued" for r in results), results
