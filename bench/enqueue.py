@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -31,20 +30,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from tidegate.stack import ensure_vhost  # noqa: E402
+
 QUEUE, TASK = "search", "search.index"
 BATCHES = (1, 10, 100, 1000)
 TARGETS = {"redis": 3.0, "amqp": 5.0}  # batch of 100 vs the send_task loop
 PRIORITIES = ("critical", "high", "medium", "low")
-
-
-def _ensure_vhost(url: str) -> None:
-    vhost = url.rsplit("/", 1)[-1] or "/"
-    names = subprocess.run(["rabbitmqctl", "-q", "list_vhosts"], capture_output=True, text=True,
-                           timeout=60).stdout.split()
-    if vhost not in names:
-        subprocess.run(["rabbitmqctl", "-q", "add_vhost", vhost], check=True, timeout=60)
-        subprocess.run(["rabbitmqctl", "-q", "set_permissions", "-p", vhost, "guest", ".*",
-                        ".*", ".*"], check=True, timeout=60)
 
 
 def _purge(app, broker: str) -> None:
@@ -178,7 +169,7 @@ def main(argv: list[str] | None = None) -> None:
         verdicts = []
         for broker in args.brokers:
             if broker == "amqp":
-                _ensure_vhost(urls[broker])
+                ensure_vhost(urls[broker].rsplit("/", 1)[-1] or "/")
             r = bench_broker(broker, urls[broker], args.state, args.jobs, args.rounds, policy)
             base = r["send_task loop"]
             print(f"{broker:<8}" + "".join(

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -34,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.tasks import COUNTER  # noqa: E402
-from tidegate.stack import Worker, wait_until  # noqa: E402
+from tidegate.stack import Worker, ensure_vhost, wait_until  # noqa: E402
 
 BROKERS = {
     "redis": "redis://127.0.0.1:6379/8",
@@ -42,16 +41,6 @@ BROKERS = {
 }
 STATE_URL = "redis://127.0.0.1:6379/8"
 KINDS = ("bare", "tidegate", "once")  # once: the non-idempotent resilient task
-
-
-def _ensure_vhost(url: str) -> None:
-    vhost = url.rsplit("/", 1)[-1] or "/"
-    names = subprocess.run(["rabbitmqctl", "-q", "list_vhosts"], capture_output=True, text=True,
-                           timeout=60).stdout.split()
-    if vhost not in names:
-        subprocess.run(["rabbitmqctl", "-q", "add_vhost", vhost], check=True)
-        subprocess.run(["rabbitmqctl", "-q", "set_permissions", "-p", vhost, "guest",
-                        ".*", ".*", ".*"], check=True)
 
 
 def _run(kind: str, jobs: int, app, producer, counter: redis.Redis) -> float:
@@ -118,7 +107,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     urls = {"redis": args.redis_broker, "amqp": args.amqp_broker}
     if "amqp" in args.brokers:
-        _ensure_vhost(urls["amqp"])
+        ensure_vhost(urls["amqp"].rsplit("/", 1)[-1] or "/")
     print(f"pipeline throughput: {args.jobs} no-op jobs per run, {args.rounds} rounds A/B/C, "
           "1 worker (8 threads), median jobs/s")
     print(f"{'broker':<8}{'bare Celery':>14}{'Tidegate':>12}{'ratio':>9}"

@@ -57,7 +57,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.tasks import ATTEMPTS, COUNTER  # noqa: E402
-from tidegate.stack import BIN, Proc, Worker, free_port, wait_until  # noqa: E402
+from tidegate.stack import BIN, Proc, Worker, ensure_vhost, free_port, wait_until  # noqa: E402
 
 RABBIT = "127.0.0.1", 5672
 VHOST = "tidegate_bench"
@@ -425,15 +425,6 @@ class PrivateRabbit:
 
 
 # -- the stack -------------------------------------------------------------------------------
-def ensure_vhost() -> None:
-    names = subprocess.run(["rabbitmqctl", "-q", "list_vhosts"], capture_output=True,
-                           text=True, timeout=60).stdout.split()
-    if VHOST not in names:
-        subprocess.run(["rabbitmqctl", "-q", "add_vhost", VHOST], check=True, timeout=60)
-        subprocess.run(["rabbitmqctl", "-q", "set_permissions", "-p", VHOST, "guest", ".*",
-                        ".*", ".*"], check=True, timeout=60)
-
-
 def bench_policy(tmp: Path) -> Path:
     """The shipped policy, with the search dependency's queue retries in milliseconds, a
     not-idempotent dependency for bench.resilient_fail_once, breakers that never open on the
@@ -876,7 +867,7 @@ def run(args: argparse.Namespace, tmp: Path, policy: Path, servers: list[RedisSe
                 proxy = AmqpCounter("broker", ("127.0.0.1", rabbit.port), "/")
             except OSError as exc:
                 print(f"(no private RabbitMQ node: {exc}; the shared one, CPU not measured)")
-                ensure_vhost()
+                ensure_vhost(VHOST)
                 proxy = AmqpCounter("broker")
         # Prefork's children each hold state clients and periodic publishers of their own:
         # one idles beside the others, for its polling only.
@@ -913,7 +904,7 @@ def run(args: argparse.Namespace, tmp: Path, policy: Path, servers: list[RedisSe
                     print(f"(the private RabbitMQ node did not start: {str(exc)[:200]}; the "
                           "shared one, CPU not measured)")
                     rabbit = None
-                    ensure_vhost()
+                    ensure_vhost(VHOST)
                     proxy.upstream, proxy.vhost = RABBIT, VHOST
             w = start_worker(env_for(proxy.url(), amqp_state.url(), policy, counter.url()), tmp)
             procs.append(w)

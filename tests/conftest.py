@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from tidegate.stack import ROOT, MotoServer, Sim, Worker, wait_until, write_policy
+from tidegate.stack import ROOT, MotoServer, Sim, Worker, ensure_vhost, wait_until, write_policy
 from workers.installation import installation
 
 # Under pytest-xdist each worker takes the slot of its index (gw0 -> 0, gw1 -> 1, ...), plus
@@ -57,12 +57,7 @@ def redis_up() -> str:
 @pytest.fixture(scope="session")
 def rabbitmq_up() -> str:
     _services("rabbitmq")
-    existing = subprocess.run(["rabbitmqctl", "-q", "list_vhosts"], capture_output=True,
-                              text=True, timeout=60).stdout.split()
-    if VHOST not in existing:
-        subprocess.run(["rabbitmqctl", "-q", "add_vhost", VHOST], check=True, timeout=60)
-        subprocess.run(["rabbitmqctl", "-q", "set_permissions", "-p", VHOST, "guest", ".*",
-                        ".*", ".*"], check=True, timeout=60)
+    ensure_vhost(VHOST)
     return AMQP_URL
 
 

@@ -17,7 +17,7 @@ import sys
 import time
 import tomllib
 import uuid
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +68,25 @@ def wait_until(predicate: Callable[[], Any], timeout: float = 30.0, interval: fl
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout}s waiting for {message}"
                          + (f" (last error: {last_exc!r})" if last_exc else ""))
+
+
+def ensure_vhost(name: str, ctl: Sequence[str] = ("rabbitmqctl",), user: str = "guest",
+                 timeout: float = 60.0) -> None:
+    """Create the RabbitMQ vhost ``name`` with full permissions for ``user`` unless it exists:
+    tests and benches each keep their queues in a vhost of their own on the shared broker.
+
+    ``ctl`` is the rabbitmqctl command line to use (a private node or cluster passes its own,
+    with ``-n <node>`` and its cookie's environment).
+    """
+    listed = subprocess.run([*ctl, "-q", "list_vhosts"], capture_output=True, text=True,
+                            timeout=timeout)
+    if listed.returncode != 0:
+        raise RuntimeError(f"rabbitmqctl list_vhosts failed ({listed.returncode}): "
+                           f"{(listed.stderr or listed.stdout).strip()[:500]}")
+    if name in listed.stdout.split():
+        return
+    for args in (("add_vhost", name), ("set_permissions", "-p", name, user, ".*", ".*", ".*")):
+        subprocess.run([*ctl, "-q", *args], check=True, timeout=timeout)
 
 
 class Proc:

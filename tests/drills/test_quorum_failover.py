@@ -37,6 +37,7 @@ from tests.conftest import STATE_REDIS_URL, Broker
 from tests.support.load import MixedLoad, account, settled
 from tests.support.procs import ROOT, free_port_block, wait_until
 from tests.support.quorum import declared, quorum_policy
+from tidegate.stack import ensure_vhost
 
 SCALE = float(os.environ.get("TIDEGATE_DRILL_SCALE", "0") or 0)
 pytestmark = [
@@ -78,8 +79,7 @@ class RabbitCluster:
         return ";".join(f"amqp://guest:guest@127.0.0.1:{self.base + i}/{vhost}" for i in range(3))
 
     def add_vhost(self, vhost: str) -> None:
-        self.run("add_vhost", vhost, node=2)
-        self.run("set_permissions", "-p", vhost, "guest", ".*", ".*", ".*", node=2)
+        ensure_vhost(vhost, self.ctl(node=2), timeout=120)
 
     def kill(self, node: int) -> None:
         os.kill(int((self.dir / f"node{node}" / "pid").read_text().strip()), signal.SIGKILL)

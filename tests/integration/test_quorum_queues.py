@@ -8,7 +8,6 @@ on a three-node cluster is ``tests/drills/test_quorum_failover.py``.
 
 from __future__ import annotations
 
-import subprocess
 import uuid
 
 import pytest
@@ -17,6 +16,7 @@ from kombu import Connection, Exchange, Queue
 from tests.conftest import SLOT, STATE_REDIS_URL, Broker
 from tests.support.procs import wait_until
 from tests.support.quorum import declared, quorum_policy
+from tidegate.stack import ensure_vhost
 
 pytestmark = pytest.mark.integration
 VHOST = f"tidegate_test_{SLOT}_quorum"
@@ -25,12 +25,7 @@ QUORUM = ("payments", "search", "email")  # "default" stays classic
 
 @pytest.fixture
 def quorum_broker(rabbitmq_up: str) -> Broker:
-    existing = subprocess.run(["rabbitmqctl", "-q", "list_vhosts"], capture_output=True,
-                              text=True, timeout=60).stdout.split()
-    if VHOST not in existing:
-        subprocess.run(["rabbitmqctl", "-q", "add_vhost", VHOST], check=True, timeout=60)
-        subprocess.run(["rabbitmqctl", "-q", "set_permissions", "-p", VHOST, "guest", ".*",
-                        ".*", ".*"], check=True, timeout=60)
+    ensure_vhost(VHOST)
     return Broker("amqp", f"amqp://guest:guest@127.0.0.1:5672/{VHOST}")
 
 
