@@ -345,8 +345,7 @@ class CachedState:
             return
         allowed, retry_after = self.local_limit.try_acquire(client)
         if not allowed:
-            metrics.REFUSED.labels(queue=queue, priority=priority.name.lower(),
-                                   reason="rate_limited").inc()
+            metrics.refused(queue, priority.name.lower(), "rate_limited").inc()
             raise RateLimited(f"api-client: rate limited key {client!r}",
                               retry_after=retry_after, dependency="api-client")
 

@@ -42,6 +42,7 @@ from workers.jobs import JobStatuses
 
 from .admission import CachedState, LoopLag, PublishLane
 from .http_errors import Problem, _problem_for, _validation_problem
+from .http_fast import JobsFastPath, TidegateAPI
 from .http_health import _CountResponses, _depths, _readiness
 from .http_input import Tokens, _nesting_exceeds, _parse_json, _read_body
 from .http_schema import BATCH_MAX, MAX_NESTING, ApiSettings, JobAccepted, JobRequest, JobStatus
@@ -79,7 +80,7 @@ def create_api(
     *,
     api_settings: ApiSettings | None = None,
     state: Any = None,
-) -> FastAPI:
+) -> TidegateAPI:
     """The FastAPI app over ``producer`` (built from the environment if not given)."""
     producer = producer or Producer()
     settings = producer.settings
@@ -110,7 +111,7 @@ def create_api(
         yield
         cached.close()
 
-    app = FastAPI(
+    app = TidegateAPI(
         lifespan=lifespan,
         title="Tidegate",
         version="1",
@@ -118,7 +119,14 @@ def create_api(
                     "See docs/http-api.md.",
     )
 
+    async def handle_job(authorization: str | None, raw: bytes) -> Answer:
+        """``POST /v1/jobs`` from its Authorization header and body (producers/http_fast.py
+        serves it without the framework; the FastAPI route below documents it)."""
+        client = tokens.client(authorization)
+        return await submit(client, _parse_json(raw))
+
     app.add_middleware(_CountResponses)
+    app.fast_path = _CountResponses(JobsFastPath(None, handle_job, limit))
 
     @app.exception_handler(Problem)
     async def problem(_: Request, exc: Problem) -> JSONResponse:
@@ -338,9 +346,10 @@ def create_api(
     )
     async def post_job(request: Request) -> JSONResponse:
         """Enqueue one job; 202 with its id, state (queued or deferred) and queue."""
-        client = tokens.client(request.headers.get("authorization"))
-        body = _parse_json(await _read_body(request, limit))
-        status, payload, headers = await submit(client, body)
+        # TidegateAPI serves this route with JobsFastPath; this handler documents it (OpenAPI)
+        # and serves it where the app is mounted inside another one
+        status, payload, headers = await handle_job(request.headers.get("authorization"),
+                                                    await _read_body(request, limit))
         return JSONResponse(payload, status_code=status, headers=headers)
 
     @app.post(

@@ -229,8 +229,7 @@ class Throttle:
 
     def refusal(self, d: Decision, waited: float) -> Backpressure:
         """The Backpressure error for a refused decision (counted in the metrics)."""
-        metrics.REFUSED.labels(queue=d.queue, priority=d.priority.name.lower(),
-                               reason="backpressure").inc()
+        metrics.refused(d.queue, d.priority.name.lower(), "backpressure").inc()
         metrics.THROTTLE_WAIT.labels(queue=d.queue).observe(waited)
         return Backpressure(
             f"{d.queue}: backpressure, priority {d.priority.name} at depth {d.depth}",

@@ -98,8 +98,7 @@ class Producer(Preparing, Publishing):
         try:
             self.limiter.acquire(client)
         except RateLimited:
-            metrics.REFUSED.labels(queue=p.queue, priority=p.priority.name.lower(),
-                                   reason="rate_limited").inc()
+            metrics.refused(p.queue, p.priority.name.lower(), "rate_limited").inc()
             raise
 
     def _defer(self, p: Prepared, breakers: dict[str, Any] | None = None

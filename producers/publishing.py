@@ -335,8 +335,7 @@ class Publishing:
             self.jobs.write(p.task_id, "queued", only_if="NX", **_queued_fields(p))
 
     def _refused(self, p: Prepared, reason: str) -> None:
-        metrics.REFUSED.labels(queue=p.queue, priority=p.priority.name.lower(),
-                               reason=reason).inc()
+        metrics.refused(p.queue, p.priority.name.lower(), reason).inc()
 
     def _redeclare(self) -> None:
         with self.app.connection_for_write() as conn:
