@@ -15,12 +15,14 @@ never makes a refusal wait for a thread or the broker:
   wait, so new requests are refused at once instead of queueing behind it. Jobs that may share
   a round trip (keyless POSTs) and find others waiting are published as one batch.
 - :class:`LoopLag` refuses LOW, then MEDIUM, then HIGH outright while every publish thread is
-  busy and the event loop runs late: the threads hold the GIL the loop needs.
+  busy and the event loop runs late or the process nears a core's worth of CPU: the threads
+  hold the GIL the loop needs.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import dataclasses
 import heapq
@@ -241,35 +243,56 @@ class PublishLane:
 
 
 class LoopLag:
-    """How late the event loop runs a 10 ms timer: the queueing time every request pays
-    before the app sees it. Refusing the least important work as it grows keeps the answers
-    fast (the publish threads hold the GIL the loop needs)."""
+    """How loaded the serving process is, from two readings taken by a 10 ms timer on its
+    event loop: how late the timer runs (the queueing time every request pays before the app
+    sees it) and the process's CPU time per second of wall time over the last ~200 ms (all
+    its threads: the event loop and the publish lane share one GIL, so past ~0.8 of a core
+    requests start to wait in the socket backlog). Refusing the least important work as
+    either grows keeps the answers fast; only what is admitted costs the publish work, so
+    shedding it is what brings the CPU share back down."""
 
     # lag (s) from which each class is refused outright; CRITICAL never
     SHED_FROM = {Priority.LOW: 0.010, Priority.MEDIUM: 0.020, Priority.HIGH: 0.040,
                  Priority.CRITICAL: math.inf}
+    # CPU share of one core from which each class is refused outright; CRITICAL never
+    CPU_FROM = {Priority.LOW: 0.55, Priority.MEDIUM: 0.65, Priority.HIGH: 0.75,
+                Priority.CRITICAL: math.inf}
+    WINDOW = 20  # ticks the CPU share is measured over
 
-    def __init__(self, tick_s: float = 0.01) -> None:
-        self.tick_s = tick_s
+    def __init__(self, tick_s: float = 0.01,
+                 cpu_clock: Callable[[], float] = time.process_time) -> None:
+        self.tick_s, self.cpu_clock = tick_s, cpu_clock
         self.lag_s = 0.0
+        self.cpu_share = 0.0
         self._task: asyncio.Task | None = None
 
     def refusal(self, priority: Priority) -> Shed | None:
         if self._task is None:
             self._task = asyncio.get_running_loop().create_task(self._watch())
-        if self.lag_s < self.SHED_FROM[priority]:
+        if self.lag_s >= self.SHED_FROM[priority]:
+            why = f"event loop {self.lag_s * 1000:.0f} ms behind"
+        elif self.cpu_share >= self.CPU_FROM[priority]:
+            why = f"process at {self.cpu_share:.0%} of a core"
+        else:
             return None
-        return Shed(f"api overloaded (event loop {self.lag_s * 1000:.0f} ms behind): "
-                    f"priority {priority.name} shed", priority=priority, retry_after=1.0)
+        return Shed(f"api overloaded ({why}): priority {priority.name} shed",
+                    priority=priority, retry_after=1.0)
 
     async def _watch(self) -> None:
+        readings: collections.deque[tuple[float, float]] = collections.deque(
+            maxlen=self.WINDOW + 1)
         try:
             while True:
                 before = time.monotonic()
                 await asyncio.sleep(self.tick_s)
-                lag = max(0.0, time.monotonic() - before - self.tick_s)
+                now = time.monotonic()
+                lag = max(0.0, now - before - self.tick_s)
                 # rise at once, fall over a few ticks: hysteresis against flapping
                 self.lag_s = lag if lag > self.lag_s else self.lag_s + 0.3 * (lag - self.lag_s)
+                readings.append((now, self.cpu_clock()))
+                (t0, cpu0), (t1, cpu1) = readings[0], readings[-1]
+                if t1 > t0:
+                    self.cpu_share = (cpu1 - cpu0) / (t1 - t0)
         finally:
             self._task = None
 

@@ -57,6 +57,6 @@ def test_the_fast_path_answers_as_the_route_does(case, broker, api_policy,  # no
 
 
 def _count(metrics: str, status: int) -> float:
-    found = re.search(r'^tidegate_api_requests_total\{route="/v1/jobs",status="%d"\} (\S+)$'
-                      % status, metrics, re.M)
+    found = re.search(rf'^tidegate_api_requests_total\{{route="/v1/jobs",status="{status}"\}} '
+                      r'(\S+)$', metrics, re.M)
     return float(found.group(1)) if found else 0.0
