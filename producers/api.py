@@ -92,7 +92,7 @@ def create_api(
     lane = PublishLane(api_settings.publish_threads, api_settings.max_queued,
                        batch=lambda items: publish_items(items),
                        max_batch=api_settings.publish_batch)
-    lag = LoopLag()
+    lag = LoopLag(publishing=lane.occupancy)
     cached = CachedState(producer, RateLimitConfig(api_settings.client_rate_per_s,
                                                    api_settings.client_burst))
     tokens = Tokens(settings.tokens())
@@ -271,8 +271,8 @@ def create_api(
         if decision is not None and not decision.admitted:
             raise producer.throttle.refusal(decision, 0.0)
         producer._check_gate(p)  # broker known down: 503 at once (no I/O)
-        # a late loop is shed only while publishing competes with it for the GIL
-        shed = ((lag.refusal(p.priority) if lane.busy() else None)
+        # a late loop or a busy CPU sheds only while publishing competes for the GIL
+        shed = (lag.refusal(p.priority, lane.busy())
                 or lane.refusal(p.priority, budget))
         if shed is not None:
             producer._refused(p, "shed")

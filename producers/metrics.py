@@ -8,7 +8,8 @@ from prometheus_client import Counter, Gauge, Histogram
 
 from resilience.metrics import get_or_create
 
-__all__ = ["API_LANE", "ENQUEUED", "HTTP_REQUESTS", "REFUSED", "THROTTLE_WAIT", "refused"]
+__all__ = ["API_LANE", "API_LOAD", "ENQUEUED", "HTTP_REQUESTS", "REFUSED", "THROTTLE_WAIT",
+           "refused"]
 
 ENQUEUED = get_or_create(
     Counter, "tidegate_producer_enqueued_total",
@@ -29,6 +30,11 @@ API_LANE = get_or_create(
     Gauge, "tidegate_api_publish_lane",
     "The HTTP API's publish lane: jobs publishing (state=running) and waiting for a thread.",
     ("state",))
+API_LOAD = get_or_create(
+    Gauge, "tidegate_api_load",
+    "The HTTP API process's load as its overload shedder sees it: loop_lag_seconds (how late "
+    "a 10 ms timer runs) and cpu_share (CPU seconds per wall second over ~200 ms).",
+    ("measure",))
 
 
 @functools.lru_cache(maxsize=1024)

@@ -10,11 +10,13 @@ from producers.admission import LoopLag
 from resilience.shedding import Priority
 
 
-def _refused_at(share: float) -> set[str]:
+def _refused_at(share: float, publishing: float = 1.0) -> set[str]:
     """The classes refused once the watcher has seen the process spend ``share`` of a core
-    (a CPU clock running at that fraction of wall time)."""
+    (a CPU clock running at that fraction of wall time) with ``publishing`` of the lane's
+    threads busy."""
     start = time.monotonic()
-    lag = LoopLag(cpu_clock=lambda: (time.monotonic() - start) * share)
+    lag = LoopLag(cpu_clock=lambda: (time.monotonic() - start) * share,
+                  publishing=lambda: publishing)
 
     async def main() -> set[str]:
         lag.refusal(Priority.CRITICAL)  # starts the watcher
@@ -32,6 +34,13 @@ def test_cpu_share_sheds_by_priority_and_never_critical():
     assert _refused_at(0.6) == {"LOW"}
     assert _refused_at(0.7) == {"LOW", "MEDIUM"}
     assert _refused_at(0.95) == {"LOW", "MEDIUM", "HIGH"}
+
+
+def test_cpu_spent_on_something_else_than_publishing_sheds_nothing():
+    # a process busy elsewhere (an embedding app, a worker beside the API) with an idle lane:
+    # shedding jobs would not bring its CPU down
+    assert _refused_at(0.95, publishing=0.25) == set()
+    assert _refused_at(0.95, publishing=0.5) == {"LOW", "MEDIUM", "HIGH"}
 
 
 def test_the_refusal_says_why_and_when_to_retry():
