@@ -107,10 +107,6 @@ class PublishLane:
         """Every thread is publishing (so publishing competes with the event loop)."""
         return len(self._running) >= self.threads
 
-    def occupancy(self) -> float:
-        """The share of the lane's threads publishing right now (0..1)."""
-        return len(self._running) / self.threads
-
     def refusal(self, priority: Priority, budget_s: float) -> Shed | None:
         """Why a job of ``priority`` allowed to queue ``budget_s`` may not enter, or None."""
         full = len(self._heap) >= self.max_queued
@@ -265,23 +261,25 @@ class LoopLag:
 
     def __init__(self, tick_s: float = 0.01,
                  cpu_clock: Callable[[], float] = time.process_time,
-                 publishing: Callable[[], float] = lambda: 1.0) -> None:
+                 publishing: Callable[[], bool] = lambda: True) -> None:
         self.tick_s, self.cpu_clock, self.publishing = tick_s, cpu_clock, publishing
         self.lag_s = 0.0
         self.cpu_share = 0.0
-        self.publishing_share = 0.0  # mean of ``publishing()`` (lane threads busy) per tick
+        self.publishing_share = 0.0  # share of ticks at which ``publishing()`` (lane full)
+        self.ticks = 0
         self._task: asyncio.Task | None = None
 
     def refusal(self, priority: Priority, lane_busy: bool = True) -> Shed | None:
         """Why a job of ``priority`` is refused now, or None. Lag counts while every publish
         thread is busy (``lane_busy``: a late loop is then the threads' doing); the CPU share
-        while the lane has been at least half busy over the window (the CPU is then spent
-        on publishing, which shedding reduces, not on something else in the process)."""
+        once measured over a whole window in which every lane thread was busy at a quarter of
+        the ticks or more (the CPU is then spent on publishing, which shedding reduces, not on
+        something else in the process; clients one at a time never fill a lane of two)."""
         if self._task is None:
             self._task = asyncio.get_running_loop().create_task(self._watch())
         if lane_busy and self.lag_s >= self.SHED_FROM[priority]:
             why = f"event loop {self.lag_s * 1000:.0f} ms behind"
-        elif self.publishing_share >= 0.5 and self.cpu_share >= self.CPU_FROM[priority]:
+        elif self.publishing_share >= 0.25 and self.cpu_share >= self.CPU_FROM[priority]:
             why = f"process at {self.cpu_share:.0%} of a core"
         else:
             return None
@@ -291,7 +289,7 @@ class LoopLag:
     async def _watch(self) -> None:
         readings: collections.deque[tuple[float, float]] = collections.deque(
             maxlen=self.WINDOW + 1)
-        busy: collections.deque[float] = collections.deque(maxlen=self.WINDOW)
+        busy: collections.deque[bool] = collections.deque(maxlen=self.WINDOW)
         lag_gauge = metrics.API_LOAD.labels(measure="loop_lag_seconds")
         cpu_gauge = metrics.API_LOAD.labels(measure="cpu_share")
         try:
@@ -304,7 +302,10 @@ class LoopLag:
                 self.lag_s = lag if lag > self.lag_s else self.lag_s + 0.3 * (lag - self.lag_s)
                 readings.append((now, self.cpu_clock()))
                 busy.append(self.publishing())
-                self.publishing_share = sum(busy) / len(busy)
+                self.ticks += 1
+                # a share over less than a whole window is not one (a process starting up)
+                self.publishing_share = (sum(busy) / len(busy)
+                                         if len(busy) == self.WINDOW else 0.0)
                 (t0, cpu0), (t1, cpu1) = readings[0], readings[-1]
                 if t1 > t0:
                     self.cpu_share = (cpu1 - cpu0) / (t1 - t0)

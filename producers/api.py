@@ -92,7 +92,7 @@ def create_api(
     lane = PublishLane(api_settings.publish_threads, api_settings.max_queued,
                        batch=lambda items: publish_items(items),
                        max_batch=api_settings.publish_batch)
-    lag = LoopLag(publishing=lane.occupancy)
+    lag = LoopLag(publishing=lane.busy)
     cached = CachedState(producer, RateLimitConfig(api_settings.client_rate_per_s,
                                                    api_settings.client_burst))
     tokens = Tokens(settings.tokens())
