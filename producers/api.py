@@ -152,11 +152,16 @@ def create_api(
             submissions.complete(reservation, accepted)
         return 202, accepted, {}
 
-    def gate(t: _Ticket, client: str, pending: int = 0) -> EnqueueResult | None:
-        """Cluster-wide rate limit, deferral, depth (if the loop had no fresh reading): the
-        deferred result, or None when the job is to be published."""
+    def gate(t: _Ticket, client: str, pending: int = 0, limited: Any = False
+             ) -> EnqueueResult | None:
+        """Cluster-wide rate limit (unless already decided: ``limited``, the refusal or
+        None), deferral, depth (if the loop had no fresh reading): the deferred result, or
+        None when the job is to be published."""
         p = t.p
-        producer._rate_limit(p, client)
+        if limited is False:
+            producer._rate_limit(p, client)
+        elif limited is not None:
+            raise limited
         result = producer._defer(p) if t.may_defer else None
         if result is None and not t.depth_decided and producer.throttle is not None:
             d = producer.throttle.decide(p.queue, p.priority, pending)
@@ -206,6 +211,11 @@ def create_api(
         out: list[Answer | BaseException | None] = [None] * len(items)
         todo: list[tuple[int, _Ticket, Any]] = []
         pending: dict[str, int] = {}
+        # keyless jobs (never a replay) ask the cluster-wide limiter together: one round trip
+        keyless = [k for k, (t, _) in enumerate(items) if t.fingerprint is None]
+        limited: dict[int, Any] = dict(zip(keyless, producer._rate_limit_many(
+            [(items[k][0].p, items[k][1]) for k in keyless]), strict=True)) if len(
+            keyless) > 1 else {}
         for k, (t, client) in enumerate(items):
             t = t.with_id()
             reservation = None
@@ -214,7 +224,7 @@ def create_api(
                 if replayed is not None:
                     out[k] = replayed
                     continue
-                result = gate(t, client, pending.get(t.p.queue, 0))
+                result = gate(t, client, pending.get(t.p.queue, 0), limited.get(k, False))
             except BaseException as exc:  # this job's answer; the others go on
                 if reservation is not None:
                     submissions.release(reservation)

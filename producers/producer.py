@@ -101,6 +101,23 @@ class Producer(Preparing, Publishing):
             metrics.refused(p.queue, p.priority.name.lower(), "rate_limited").inc()
             raise
 
+    def _rate_limit_many(self, jobs: list[tuple[Prepared, str | None]]
+                         ) -> list[RateLimited | None]:
+        """:meth:`_rate_limit` for several jobs in one store call (one Redis round trip):
+        each job's refusal, or None where it may go on."""
+        limiter = self.limiter
+        asked = [k for k, (_, client) in enumerate(jobs) if client is not None]
+        out: list[RateLimited | None] = [None] * len(jobs)
+        if limiter is None or not asked:
+            return out
+        decisions = limiter.try_acquire_many([jobs[k][1] for k in asked])  # type: ignore[misc]
+        for k, (allowed, retry_after) in zip(asked, decisions, strict=True):
+            if not allowed:
+                p, client = jobs[k]
+                metrics.refused(p.queue, p.priority.name.lower(), "rate_limited").inc()
+                out[k] = limiter.refusal(client or "-", retry_after)
+        return out
+
     def _defer(self, p: Prepared, breakers: dict[str, Any] | None = None
                ) -> EnqueueResult | None:
         if self.deferral is None:

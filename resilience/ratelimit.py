@@ -53,13 +53,20 @@ class RateLimiter:
             raise ConfigError(f"rate limit cost {cost} exceeds burst {self.config.burst}")
         return self.store.gcra(f"{self.name}:{key}", self.config.rate, self.config.burst, cost)
 
+    def try_acquire_many(self, keys: list[str]) -> list[tuple[bool, float]]:
+        """:meth:`try_acquire` (cost 1) for each of ``keys`` in order, in one store call (one
+        Redis round trip): a batch of requests from many clients."""
+        return self.store.gcra_many([(f"{self.name}:{key}", self.config.rate,
+                                      self.config.burst, 1) for key in keys])
+
+    def refusal(self, key: str, retry_after: float) -> RateLimited:
+        """The error (and event) of a refused :meth:`try_acquire`."""
+        self.events.emit(Rejected(self.name, RateLimited.reason, retry_after))
+        return RateLimited(f"{self.name}: rate limited key {key!r}",
+                           retry_after=retry_after, dependency=self.name)
+
     def acquire(self, key: str = "-", cost: int = 1) -> None:
         """Return if allowed, else raise :class:`RateLimited` with ``retry_after``."""
         allowed, retry_after = self.try_acquire(key, cost)
         if not allowed:
-            self.events.emit(Rejected(self.name, RateLimited.reason, retry_after))
-            raise RateLimited(
-                f"{self.name}: rate limited key {key!r}",
-                retry_after=retry_after,
-                dependency=self.name,
-            )
+            raise self.refusal(key, retry_after)

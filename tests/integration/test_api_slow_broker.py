@@ -74,11 +74,13 @@ def api(black_hole: int, policy_file: Path, tmp_path: Path, state_redis) -> Iter
         yield url
 
 
-def _post(url: str, priority: str, n: int, timeout: float = 60) -> tuple[int, str, float]:
+def _post(url: str, priority: str, n: int, timeout: float = 60,
+          key: str | None = None) -> tuple[int, str, float]:
     started = time.monotonic()
     try:
         r = httpx.post(f"{url}/v1/jobs", headers=AUTH, timeout=timeout, json={
-            "task": "search.index", "args": [f"d{n}"], "priority": priority})
+            "task": "search.index", "args": [f"d{n}"], "priority": priority,
+            **({"idempotency_key": key} if key else {})})
     except httpx.HTTPError as exc:
         return 0, type(exc).__name__, time.monotonic() - started
     return r.status_code, r.json().get("error", ""), time.monotonic() - started
@@ -87,9 +89,10 @@ def _post(url: str, priority: str, n: int, timeout: float = 60) -> tuple[int, st
 def test_a_hung_broker_gets_requests_refused_at_once(api: str) -> None:
     with ThreadPoolExecutor(8) as pool:
         # these take both publish threads and hang there (the broker never answers); the
-        # client gives up after a few seconds, the server's publishes hang on
+        # client gives up after a few seconds, the server's publishes hang on. Keyed, so each
+        # runs alone: keyless jobs arriving together may share one thread as a batch
         for i in range(2):
-            pool.submit(_post, api, "critical", i, 8)
+            pool.submit(_post, api, "critical", i, 8, f"hang-{i}")
         wait_until(lambda: 'tidegate_api_publish_lane{state="running"} 2.0' in httpx.get(
             f"{api}/metrics", timeout=5).text, 30, message="both publish threads busy")
         answers = list(pool.map(lambda n: _post(api, ["high", "medium", "low"][n % 3], n),

@@ -111,3 +111,28 @@ def test_client_without_timeouts_is_refused():
 
     with pytest.raises(ConfigError, match="socket_timeout"):
         RedisStore(redis.Redis.from_url(_redis.REDIS_URL))
+
+
+def test_a_batch_of_rate_limit_decisions_is_what_one_at_a_time_would_be(prefix):
+    """``try_acquire_many`` (one pipelined round trip) decides each key in order, as the same
+    calls one at a time do; a dead Redis falls back to local state for all of them."""
+    from resilience.ratelimit import RateLimitConfig, RateLimiter
+
+    clock = FakeClock()
+    config = RateLimitConfig(rate=1.0, burst=2)
+    batched = RateLimiter("batch", config, RedisStore(_redis.client(), prefix=prefix,
+                                                      clock=clock))
+    single = RateLimiter("single", config, RedisStore(_redis.client(), prefix=prefix,
+                                                      clock=clock))
+    keys = ["a", "a", "b", "a", "b", "b", "c"]
+    got = batched.try_acquire_many(keys)
+    assert [allowed for allowed, _ in got] == [True, True, True, False, True, False, True]
+    assert got == [single.try_acquire(k) for k in keys]
+    assert got[3][1] == pytest.approx(1.0)  # a's next token is a second away
+    clock.advance(1.0)
+    assert [a for a, _ in batched.try_acquire_many(["a", "a"])] == [True, False]
+
+    dead = redis_client("redis://127.0.0.1:1/0", socket_timeout=0.05,
+                        socket_connect_timeout=0.05)
+    local = RateLimiter("dead", config, RedisStore(dead, prefix="down", name="gcra-down-test"))
+    assert [a for a, _ in local.try_acquire_many(["x", "x", "x"])] == [True, True, False]
