@@ -27,15 +27,22 @@ confirmed, never as queued.
 from __future__ import annotations
 
 import contextlib
+import logging
 import socket
 import time
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .amqp_frames import FrameEncoder
 
 __all__ = ["AmqpConfirms", "BatchOutcome", "NotConfirmed", "Refused", "redis_batch", "sqs_batch"]
 
 Send = Callable[[Any], None]  # publishes one job through the kombu producer it is given
 BatchOutcome = BaseException | None  # None: the broker confirmed the job
+FLUSH_BYTES = 16 * 1024  # a RabbitMQ batch's frames are written in chunks of about this size
+
+log = logging.getLogger(__name__)
 
 
 class _Collect:
@@ -247,6 +254,16 @@ class AmqpConfirms:
         self._current = -1
         self._outcomes: list[BatchOutcome] = []
         self._unconfirmed: set[int] = set()
+        # a batch's frames, encoded here and written in chunks (producers/amqp_frames.py);
+        # None once a message came out other than py-amqp's own: py-amqp writes them all
+        from .amqp_frames import FrameEncoder  # py-amqp's: imported where RabbitMQ is used
+
+        self._frames: FrameEncoder | None = FrameEncoder(self.channel.channel_id)
+        self._pending: list[bytes] = []
+        self._pending_size = 0
+        self._buffering = False
+        self._verify = False
+        self._timeout: float | None = None
 
     @classmethod
     def for_connection(cls, connection: Any) -> AmqpConfirms:
@@ -265,12 +282,75 @@ class AmqpConfirms:
             self.channel.close()
 
     # -- py-amqp callbacks
-    def _publish(self, msg: Any, *args: Any, confirm_timeout: Any = None, **kwargs: Any) -> Any:
+    def _publish(self, msg: Any, exchange: str = "", routing_key: str = "",
+                 mandatory: bool = False, immediate: bool = False, timeout: float | None = None,
+                 confirm_timeout: float | None = None) -> Any:
+        """``basic_publish`` without waiting for the confirm: in a batch, the message's frames
+        join the batch's next write; else (or a body py-amqp splits) py-amqp writes them."""
+        frames = None
+        if self._buffering and self._frames is not None:
+            frames = self._encode(msg, exchange, routing_key, mandatory, immediate)
         tag, self.next_tag = self.next_tag, self.next_tag + 1
         self._owner[tag] = self._current
         self._first.setdefault(self._current, tag)
         self._unconfirmed.add(tag)
-        return self.channel._basic_publish(msg, *args, **kwargs)
+        if frames is None:
+            self.flush(timeout)  # what came before goes first
+            return self.channel._basic_publish(msg, exchange, routing_key, mandatory,
+                                               immediate, timeout)
+        self._timeout = timeout
+        self._pending.append(frames)
+        self._pending_size += len(frames)
+        if self._pending_size >= FLUSH_BYTES:
+            self.flush(timeout)
+        return None
+
+    def _encode(self, msg: Any, *route: Any) -> bytes | None:
+        """The message's frames (None: py-amqp writes it). Raises before the message takes a
+        delivery tag, so a message that cannot be encoded fails its own job only."""
+        from .amqp_frames import reference_frames
+
+        conn = self.channel.connection
+        if conn is None:
+            from amqp.exceptions import RecoverableConnectionError
+
+            raise RecoverableConnectionError("basic_publish: connection closed")
+        frame_max, channel_id = conn.frame_max, self.channel.channel_id
+        assert self._frames is not None
+        try:
+            frames = self._frames.frames(msg, *route, frame_max)
+        except Exception:  # py-amqp's own encoding, and its own error for what it refuses
+            return reference_frames(msg, channel_id, *route, frame_max)
+        if frames is not None and self._verify:  # once per batch: py-amqp's bytes, exactly
+            self._verify = False
+            expected = reference_frames(msg, channel_id, *route, frame_max)
+            if frames != expected:
+                log.warning("batch frames differ from py-amqp's; py-amqp encodes from now on")
+                self._frames = None
+                return expected
+        return frames
+
+    def flush(self, timeout: float | None = None) -> None:
+        """Write the frames collected so far in one socket write (py-amqp's write path: its
+        write timeout, its blocked-connection check, its sent-frames count for heartbeats)."""
+        if not self._pending:
+            return
+        data, count = b"".join(self._pending), len(self._pending)
+        self._pending, self._pending_size = [], 0
+        conn = self.channel.connection
+        from amqp.exceptions import RecoverableConnectionError
+
+        if conn is None:
+            raise RecoverableConnectionError("basic_publish: connection closed")
+        if conn.client_properties.get("capabilities", {}).get("connection.blocked", False):
+            with contextlib.suppress(TimeoutError):  # handle a connection.blocked first
+                conn.drain_events(timeout=0)
+        try:
+            with conn.transport.having_timeout(timeout):
+                conn.transport.write(data)
+        except TimeoutError:  # as py-amqp: a write timeout is a dead socket
+            raise RecoverableConnectionError("basic_publish: timed out") from None
+        conn.bytes_sent += count
 
     def _settle(self, delivery_tag: int, multiple: bool, error: BaseException | None) -> None:
         tags = ([t for t in self._unconfirmed if t <= delivery_tag] if multiple
@@ -304,15 +384,26 @@ class AmqpConfirms:
         self._ids = {tid: i for i, tid in enumerate(task_ids)}
         self._first, self._owner, self._unconfirmed = {}, {}, set()
         sent = [False] * len(jobs)
-        with _corked(self.connection):
-            broken = self._send_all(producer, jobs, sent)
-            if broken is None and after is not None:
-                self._current = -1  # no job's: its ack or nack decides nothing
-                try:
-                    after(producer)
-                except Exception as exc:
-                    if _connection_error(exc):
+        if self._frames is not None:
+            self._frames.reset()
+        self._buffering, self._verify, self._timeout = True, True, None
+        try:
+            with _corked(self.connection) if self._frames is None else contextlib.nullcontext():
+                broken = self._send_all(producer, jobs, sent)
+                if broken is None and after is not None:
+                    self._current = -1  # no job's: its ack or nack decides nothing
+                    try:
+                        after(producer)
+                    except Exception as exc:
+                        if _connection_error(exc):
+                            broken = exc
+                if broken is None:
+                    try:
+                        self.flush(self._timeout)
+                    except Exception as exc:  # the jobs in this write were sent, or not
                         broken = exc
+        finally:
+            self._buffering, self._pending, self._pending_size = False, [], 0
         deadline = time.monotonic() + timeout_s
         while self._unconfirmed and broken is None:
             remaining = deadline - time.monotonic()

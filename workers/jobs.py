@@ -129,18 +129,23 @@ class JobStatuses:
 
     def write_many(self, writes: list[tuple[str, str, dict[str, Any]]], *,
                    only_if: str | None = None) -> None:
-        """``(job_id, state, fields)`` records in one pipeline: one round trip for a batch of
-        jobs instead of one socket write each (never raises, as :meth:`write`)."""
+        """``(job_id, state, fields)`` records in one socket write, its replies read later
+        as :meth:`write`'s are (without a ReplyLater line: one pipeline, one round trip);
+        never raises, as :meth:`write`."""
         if not writes:
             return
         if self._clock() < self._paused_until:
             self.skipped += len(writes)
             return
         try:
+            commands = [self.command(job_id, state, only_if=only_if, **fields)
+                        for job_id, state, fields in writes]
+            if self._replies is not None:
+                self._replies.send_many(*commands)
+                return
             with self.client.pipeline(transaction=False) as pipe:
-                for job_id, state, fields in writes:
-                    pipe.execute_command(*self.command(job_id, state, only_if=only_if,
-                                                       **fields))
+                for command in commands:
+                    pipe.execute_command(*command)
                 pipe.execute()
         except Exception as exc:  # the same answer as write(): pause, say so once
             self._paused_until = self._clock() + PAUSE_S
