@@ -13,7 +13,14 @@ publish for it (headers, properties, protocol-2 body and ``task-sent`` event): b
   command Redis refuses inside it (``WRONGTYPE``, out of memory) fails only its own job.
 * **RabbitMQ**: the batch is published on a channel of its own in confirm mode without waiting
   per message, then every confirm is awaited once. Acks, nacks and returns (``mandatory``:
-  no queue took it) are mapped back to the job by delivery tag and task id.
+  no queue took it) are mapped back to the job by delivery tag and task id. Each message's
+  frames are encoded here, byte for byte py-amqp's (:mod:`producers.amqp_frames`), and
+  written in chunks of ``FLUSH_BYTES``: py-amqp's serialization of each message's ~25
+  headers and its write per message were over half of a job's publish (bench/RESULTS.md).
+  A message takes its delivery tag once encoded, so one that cannot be encoded fails alone;
+  when a write fails, its messages and earlier ones whose confirm had not come are reported
+  not confirmed (the broker may or may not hold them), and the jobs not yet written are not
+  sent.
 
 Either way a job counts as queued only once the broker confirmed it (``EXEC`` replied, or the
 ack arrived); a job whose confirmation never came (connection lost) is reported as not
@@ -446,7 +453,8 @@ class AmqpConfirms:
 @contextlib.contextmanager
 def _corked(connection: Any) -> Iterator[None]:
     """Hold the batch's frames in the kernel until it is all written (Linux ``TCP_CORK``):
-    sent frame by frame, each write costs a loaded loopback about a millisecond."""
+    sent frame by frame, each write costs a loaded loopback about a millisecond. Only where
+    py-amqp writes every message (the batch's own encoder turned off after a mismatch)."""
     sock = getattr(getattr(connection.connection, "_transport", None), "sock", None)
     cork = getattr(socket, "TCP_CORK", None)
     try:
