@@ -99,6 +99,9 @@ class TaskStatics(NamedTuple):
     max_attempts: int
     honours_fresh_ids: bool  # the broker flags redeliveries, so h.FRESH_ID can be trusted
     broker: BrokerAdapter  # how to read a message's broker priority
+    # (state db, broker db) where the message's ack can follow the done mark in its socket
+    # write (workers.ack_writes): the state on the Redis broker's own server
+    ack_dbs: tuple[int, int] | None
 
 
 
@@ -162,8 +165,21 @@ def statics_of(task: ResilientTask) -> TaskStatics:
             # only where the broker flags redeliveries (SQS does not): a repeat looks fresh
             honours_fresh_ids=broker.flags_redelivery,
             broker=broker,
+            ack_dbs=_ack_dbs(task, installed.settings, broker),
         )
     return static
+
+
+def _ack_dbs(task: ResilientTask, settings: Any, broker: BrokerAdapter
+             ) -> tuple[int, int] | None:
+    """Where the done mark may ride in the ack (``workers.ack_writes``): a task acked late,
+    the state store's reply-later line on the broker's server, no key prefix (kombu's client
+    would prefix the ack's keys; the line's commands are not)."""
+    idem = state_for(task.app).idempotency
+    if not task.acks_late or idem.replies is None or (
+            task.app.conf.broker_transport_options or {}).get("global_keyprefix"):
+        return None
+    return broker.status_dbs(settings, idem.client)
 
 
 def execution_of(task: ResilientTask, args: tuple, kwargs: dict) -> Execution:

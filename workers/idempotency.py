@@ -13,7 +13,9 @@ Taking the mark is one ``SET NX GET`` (Redis >= 7.0; a script on older servers):
 absent, and report what was there, atomically. The worker skips it where nothing can be there
 (``Execution.reads_mark`` in ``workers.execution``). The ``done`` mark is written without
 waiting for Redis' reply when the store has a :class:`~workers.redis_line.ReplyLater` line
-(the worker's does): it reaches Redis before the task's ack, and the task does not wait.
+(the worker's does): it reaches Redis before the task's ack, and the task does not wait;
+where the state is on the Redis broker's server, the ack follows it in the same socket write
+on that line (``finish(ride=...)``, ``workers.ack_writes``).
 
 **Run leases.** A ``started`` mark alone cannot tell a run that is still going from one whose
 worker died. So each run also holds a lease, ``tidegate:idem-run:<task>:<key>``, with a short
@@ -39,6 +41,7 @@ import os
 import socket
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
@@ -51,6 +54,9 @@ PREFIX = "tidegate:idem"
 LEASE_S = 10.0  # a run's lease outlives its worker by at most this
 
 log = logging.getLogger("tidegate.worker")
+
+# finish()'s hook: (its commands, the line's send) -> whether they will go with the ack
+Ride = Callable[[tuple[tuple[Any, ...], ...], Callable[..., None]], bool]
 
 # Redis < 7.0 only (SET cannot combine NX and GET there). KEYS[1] mark. ARGV: 1 started-record,
 # 2 ttl ms. Returns the mark already there, or nil once it has set ours.
@@ -136,6 +142,11 @@ class IdempotencyStore:
         self._later = replies
         self._leases = Leases(client, lease_s)
         self._token = f"{socket.gethostname()}:{os.getpid()}"
+
+    @property
+    def replies(self) -> ReplyLater | None:
+        """The reply-later line the marks are written on (None: each write waits)."""
+        return self._later
 
     def key(self, task: str, key: str) -> str:
         return f"{self.prefix}:{task}:{key}"
@@ -230,10 +241,13 @@ class IdempotencyStore:
         return True
 
     def finish(self, task: str, key: str, result: Any = None,
-               also: tuple[tuple[Any, ...], ...] = ()) -> bool:
+               also: tuple[tuple[Any, ...], ...] = (), ride: Ride | None = None) -> bool:
         """Mark the effect as done; later duplicates are acked without running. ``also``
         (the job's "succeeded" status) goes in the same socket write where there is a
-        reply-later line; returns whether it was sent (else the caller writes it)."""
+        reply-later line; returns whether it was sent (else the caller writes it).
+
+        ``ride``: given the commands and the line's send, queues them to go with the
+        message's ack (``workers.ack_writes``) and says whether it did."""
         try:
             doc = json.dumps({"s": "done", "t": time.time(), "r": result}, default=str)
         except (TypeError, ValueError):
@@ -242,9 +256,11 @@ class IdempotencyStore:
         if self._later is None:
             self._guard("finish", lambda: self._set_and_drop(self.key(task, key), doc, lease))
             return False
+        commands = (("SET", self.key(task, key), doc, "PX", self.ttl_ms), ("DEL", lease), *also)
+        if ride is not None and ride(commands, self._later.send_many):
+            return True
         try:
-            self._later.send_many(("SET", self.key(task, key), doc, "PX", self.ttl_ms),
-                                  ("DEL", lease), *also)
+            self._later.send_many(*commands)
         except ReplyLaterError as exc:
             raise StoreUnavailable(f"idempotency store unreachable (finish): {exc}") from None
         return True

@@ -6,8 +6,10 @@ Tidegate already decides each step, so no result backend is needed. Each write i
 sent without waiting for its reply where the writer has a :class:`~workers.redis_line.ReplyLater`
 line (workers and producers do): the hot path pays a socket write, not a round trip. A worker
 sends "running" and "succeeded" in the same socket write as the task's run lease and done mark
-(one write at each end of a task instead of two or three), and a non-idempotent task's
-"running" inside the script that takes its mark (:meth:`JobStatuses.due`). Where the statuses
+(one write at each end of a task instead of two or three; the end one also carries the
+message's ack where the statuses are on the Redis broker's server: ``workers.ack_writes``),
+and a non-idempotent task's "running" inside the script that takes its mark
+(:meth:`JobStatuses.due`). Where the statuses
 live on the Redis broker's own server (``make run``: databases 0 and 1 of one server), the
 Producer's "queued" goes inside the publish's own transaction (``producers.batch``).
 

@@ -50,6 +50,7 @@ from celery.exceptions import Ignore, Retry, SoftTimeLimitExceeded
 
 from resilience.errors import PermanentError, Shed, TransientError
 from resilience.fallback import Deferred
+from workers import ack_writes
 from workers import deadletter as dl
 from workers import headers as h
 from workers.errors import DeadLettered, InvalidPayload
@@ -61,8 +62,9 @@ from workers.execution import (
     job_status,
     job_status_due,
     lineage_of,
+    statics_of,
 )
-from workers.idempotency import Mark, MarkState, StoreUnavailable
+from workers.idempotency import Mark, MarkState, Ride, StoreUnavailable
 from workers.jobs import count_outcome
 from workers.outcomes import (
     DEFERRED,
@@ -265,9 +267,11 @@ class ResilientTask(Task):
         succeeded = {"worker": ex.worker, "fallbacks": ex.fallbacks or None}
         done = job_status_due(state, ex, "succeeded", **succeeded)
         sent = False
-        try:  # the done mark, the lease's removal and "succeeded" in one socket write
+        try:  # the done mark, the lease's removal and "succeeded" in one socket write, with
+            # the message's ack where it can (workers.ack_writes)
             sent = state.idempotency.finish(self.name, ex.mark, result,
-                                            also=(done,) if done else ()) and bool(done)
+                                            also=(done,) if done else (),
+                                            ride=_ack_ride(self, ex)) and bool(done)
         except StoreUnavailable as exc:
             # The effect happened; only the mark is stale ("started"). A duplicate then runs
             # again if idempotent, or is dead-lettered as outcome unknown: never repeated.
@@ -282,6 +286,16 @@ class ResilientTask(Task):
                         ", ".join(ex.fallbacks))
         return result
 
+
+
+def _ack_ride(task: ResilientTask, ex: Execution) -> Ride | None:
+    """The done mark's ride in the message's ack, where this worker acks it (see
+    ``workers.ack_writes``); None: the mark goes on its own."""
+    dbs = statics_of(task).ack_dbs
+    if dbs is None or not ack_writes.rides_here():
+        return None
+    return lambda commands, send: ack_writes.ride_with_ack(
+        ex.task_id, ack_writes.Rider(commands, send, dbs))
 
 
 def resilient_task(name: str, *, dependency: str, idempotent: bool,

@@ -43,6 +43,7 @@ before. Off with ``TIDEGATE_REDIS_RELIABLE_FETCH=false`` (``workers.application`
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from queue import Empty
@@ -56,7 +57,9 @@ from kombu.utils.encoding import bytes_to_str
 from kombu.utils.json import dumps, loads
 from redis import exceptions as redis_errors
 
-from workers import liveness
+from workers import ack_writes, liveness
+
+log = logging.getLogger("tidegate.worker")
 
 SIGNAL_PREFIX = "_tidegate.signal."  # never "<queue><sep><n>": not a queue's sub-list
 SIGNAL_CAP = 100  # tokens kept per queue: wakes that many idle consumers at once
@@ -154,6 +157,35 @@ class QoS(kombu_redis.QoS):
             return
         super().append(message, delivery_tag)
 
+    def _riders(self, delivery_tag: str) -> list[ack_writes.Rider]:
+        message = self._delivered.get(delivery_tag) if ack_writes.waiting() else None
+        if message is None:
+            return []
+        return ack_writes.take((message.headers or {}).get("id")
+                               or message.properties.get("correlation_id"))
+
+    def ack(self, delivery_tag: str) -> None:
+        """kombu's ack; where a task's state writes wait for it (``workers.ack_writes``), its
+        commands follow them on the task's line, in the same socket write, unanswered."""
+        riders = self._riders(delivery_tag)
+        if not riders:
+            return super().ack(delivery_tag)
+        ack = [("ZREM", self.unacked_index_key, delivery_tag),
+               ("HDEL", self.unacked_key, delivery_tag), ("HDEL", HOLDERS_KEY, delivery_tag)]
+        try:
+            riders[0].send_with_ack(ack, [c for r in riders[1:] for c in r.commands])
+        except OSError as exc:  # the line is down: the writes alone, then kombu's own ack
+            log.warning("ack with the done mark not sent (%s); acking on its own", exc)
+            for rider in riders:
+                rider.send_otherwise()
+            return super().ack(delivery_tag)
+        virtual.QoS.ack(self, delivery_tag)
+
+    def reject(self, delivery_tag: str, requeue: bool = False) -> None:
+        for rider in self._riders(delivery_tag):  # not an ack: they go on their own
+            rider.send_otherwise()
+        super().reject(delivery_tag, requeue)
+
 
 class Channel(kombu_redis.Channel):
     """kombu's Redis channel; publishing, the BRPOP-driven fetch and restore's token differ."""
@@ -222,6 +254,8 @@ class Channel(kombu_redis.Channel):
     # -- consuming --------------------------------------------------------------------------
     def basic_consume(self, queue: str, no_ack: bool = False, *args: Any, **kwargs: Any) -> Any:
         self._no_ack[queue] = bool(no_ack)
+        if not no_ack and self.ack_emulation:
+            ack_writes.consuming()  # this process acks what it runs (workers.ack_writes)
         return super().basic_consume(queue, no_ack, *args, **kwargs)
 
     def _basic_cancel(self, consumer_tag: str) -> Any:
