@@ -267,6 +267,7 @@ class LoopLag:
         self.cpu_share = 0.0
         self.publishing_share = 0.0  # share of ticks at which ``publishing()`` (lane full)
         self.ticks = 0
+        self._asked = 0.0
         self._task: asyncio.Task | None = None
 
     def refusal(self, priority: Priority, lane_busy: bool = True) -> Shed | None:
@@ -275,6 +276,7 @@ class LoopLag:
         once measured over a whole window in which every lane thread was busy at a quarter of
         the ticks or more (the CPU is then spent on publishing, which shedding reduces, not on
         something else in the process; clients one at a time never fill a lane of two)."""
+        self._asked = time.monotonic()
         if self._task is None:
             self._task = asyncio.get_running_loop().create_task(self._watch())
         if lane_busy and self.lag_s >= self.SHED_FROM[priority]:
@@ -293,7 +295,8 @@ class LoopLag:
         lag_gauge = metrics.API_LOAD.labels(measure="loop_lag_seconds")
         cpu_gauge = metrics.API_LOAD.labels(measure="cpu_share")
         try:
-            while True:
+            # a 100 Hz timer only while requests come (an idle API wakes for nothing)
+            while time.monotonic() - self._asked < IDLE_STOP_S:
                 before = time.monotonic()
                 await asyncio.sleep(self.tick_s)
                 now = time.monotonic()
@@ -313,6 +316,9 @@ class LoopLag:
                 cpu_gauge.set(self.cpu_share)
         finally:
             self._task = None
+            self.lag_s = self.cpu_share = self.publishing_share = 0.0  # a restart measures anew
+            lag_gauge.set(0.0)
+            cpu_gauge.set(0.0)
 
 
 class _PublishGate:

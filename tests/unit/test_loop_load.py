@@ -62,3 +62,23 @@ def test_the_refusal_says_why_and_when_to_retry():
 
     shed = asyncio.run(asyncio.wait_for(main(), 10))
     assert "of a core" in str(shed) and shed.retry_after == 1.0
+
+
+def test_the_watcher_stops_when_no_request_asks(monkeypatch):
+    """An idle API does not wake 100 times a second: the watcher ends once nothing asked for
+    IDLE_STOP_S, and the next request starts it again."""
+    import producers.admission as admission
+
+    monkeypatch.setattr(admission, "IDLE_STOP_S", 0.1)
+    lag = LoopLag()
+
+    async def main() -> tuple[bool, bool]:
+        lag.refusal(Priority.LOW)
+        deadline = time.monotonic() + 10
+        while lag._task is not None and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        stopped = lag._task is None
+        lag.refusal(Priority.LOW)
+        return stopped, lag._task is not None
+
+    assert asyncio.run(main()) == (True, True)
