@@ -126,7 +126,7 @@ def create_api(
         return await submit(client, _parse_json(raw))
 
     app.add_middleware(_CountResponses)
-    app.fast_path = _CountResponses(JobsFastPath(None, handle_job, limit))
+    app.fast_path = _CountResponses(JobsFastPath(handle_job, limit))
 
     @app.exception_handler(Problem)
     async def problem(_: Request, exc: Problem) -> JSONResponse:
@@ -213,9 +213,8 @@ def create_api(
         pending: dict[str, int] = {}
         # keyless jobs (never a replay) ask the cluster-wide limiter together: one round trip
         keyless = [k for k, (t, _) in enumerate(items) if t.fingerprint is None]
-        limited: dict[int, Any] = dict(zip(keyless, producer._rate_limit_many(
-            [(items[k][0].p, items[k][1]) for k in keyless]), strict=True)) if len(
-            keyless) > 1 else {}
+        limited = dict(zip(keyless, producer._rate_limit_many(
+            [(items[k][0].p, items[k][1]) for k in keyless]), strict=True))
         for k, (t, client) in enumerate(items):
             t = t.with_id()
             reservation = None

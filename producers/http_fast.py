@@ -6,7 +6,7 @@ machinery (router, dependency solving, request object, exception handlers, respo
 costs as much CPU as the decision itself; under a load of three times what the API can
 publish, that is the difference between answering every refusal in milliseconds and a
 kernel backlog of seconds. The route stays declared in FastAPI for the OpenAPI schema and
-``/docs``; this middleware answers it first, through the same handler, with the same status
+``/docs``; this app answers it first, through the same handler, with the same status
 codes, bodies and headers (``tests/integration/test_api*.py`` run through it).
 
 :class:`TidegateAPI` (the app ``create_api`` returns) hands the route to it before FastAPI's
@@ -19,13 +19,14 @@ other route; an unexpected error reaches uvicorn, which logs it and answers 500.
 from __future__ import annotations
 
 import json
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from fastapi import FastAPI
 from starlette.requests import ClientDisconnect
 
-from .http_errors import Problem
+from .http_errors import ClientGone, Problem
+from .http_input import read_bounded
 
 __all__ = ["JobsFastPath", "TidegateAPI"]
 
@@ -46,12 +47,12 @@ _encode = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",",
 
 
 class JobsFastPath:
-    """ASGI middleware: ``POST /v1/jobs`` goes to ``handle(authorization, body)``, which returns
-    (status, JSON body, headers) or raises :class:`Problem`; anything else goes on to ``app``.
-    ``limit``: the body size refused with 413 (declared or streamed)."""
+    """ASGI app for ``POST /v1/jobs`` (:meth:`serves` says which requests): the body goes to
+    ``handle(authorization, body)``, which returns (status, JSON body, headers) or raises
+    :class:`Problem`; ``limit``: the body size refused with 413 (declared or streamed)."""
 
-    def __init__(self, app: Any, handle: Handle, limit: int) -> None:
-        self.app, self.handle, self.limit = app, handle, limit
+    def __init__(self, handle: Handle, limit: int) -> None:
+        self.handle, self.limit = handle, limit
 
     @staticmethod
     def serves(scope: dict[str, Any]) -> bool:
@@ -59,22 +60,19 @@ class JobsFastPath:
                 and scope["path"] == scope.get("root_path", "") + PATH)
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if not self.serves(scope):
-            await self.app(scope, receive, send)
-            return
         scope["route"] = _ROUTE
         authorization = declared = None
         for name, value in scope["headers"]:
             if name == b"authorization":
                 authorization = value.decode("latin-1")
             elif name == b"content-length":
-                declared = value
+                declared = value.decode("latin-1")
         try:
-            body = await self._body(declared, receive)
+            body = await read_bounded(declared, _chunks(receive), self.limit)
             status, payload, headers = await self.handle(authorization, body)
+        except ClientGone:  # nothing to answer; the counter files it as 499
+            raise ClientDisconnect() from None
         except Problem as exc:
-            if exc.status == 499:  # ClientGone: nothing to answer
-                raise ClientDisconnect() from None
             status, payload, headers = exc.status, exc.body(), exc.headers()
         raw = _encode(payload).encode()
         await send({"type": "http.response.start", "status": status, "headers": [
@@ -82,30 +80,16 @@ class JobsFastPath:
             *((k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers.items())]})
         await send({"type": "http.response.body", "body": raw})
 
-    async def _body(self, declared: bytes | None, receive: Any) -> bytes:
-        """The body, refused with 413 as soon as it is known to exceed the limit."""
-        if declared is not None:
-            try:
-                too_big = int(declared) > self.limit
-            except ValueError:
-                raise Problem(400, "bad_request", "invalid Content-Length") from None
-            if too_big:
-                raise Problem(413, "payload_too_large", f"body of {declared.decode()} bytes "
-                              f"exceeds the limit of {self.limit} bytes")
-        chunks: list[bytes] = []
-        size = 0
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                raise ClientDisconnect()
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > self.limit:  # chunked, or lying about its length
-                raise Problem(413, "payload_too_large",
-                              f"body exceeds the limit of {self.limit} bytes")
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+async def _chunks(receive: Any) -> AsyncIterator[bytes]:
+    """A request's body chunks from ASGI ``receive`` (as Starlette's ``Request.stream``)."""
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientDisconnect()
+        yield message.get("body", b"")
+        if not message.get("more_body", False):
+            return
 
 
 class TidegateAPI(FastAPI):

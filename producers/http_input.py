@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import Request
@@ -41,7 +42,14 @@ class Tokens:
 
 async def _read_body(request: Request, limit: int) -> bytes:
     """The body, refusing with 413 as soon as it is known to exceed ``limit``."""
-    declared = request.headers.get("content-length")
+    return await read_bounded(request.headers.get("content-length"), request.stream(), limit)
+
+
+async def read_bounded(declared: str | None, chunks: AsyncIterator[bytes], limit: int
+                       ) -> bytes:
+    """A body from its declared Content-Length and its ``chunks``, refused with 413 as soon as
+    it is known to exceed ``limit`` (declared, or streamed: chunked or lying about its length);
+    a client gone mid-body is :class:`ClientGone` (the chunks raise ``ClientDisconnect``)."""
     if declared is not None:
         try:
             too_big = int(declared) > limit
@@ -50,17 +58,17 @@ async def _read_body(request: Request, limit: int) -> bytes:
         if too_big:
             raise Problem(413, "payload_too_large",
                           f"body of {declared} bytes exceeds the limit of {limit} bytes")
-    chunks, size = [], 0
+    parts, size = [], 0
     try:
-        async for chunk in request.stream():
+        async for chunk in chunks:
             size += len(chunk)
-            if size > limit:  # chunked or lying about its length
+            if size > limit:
                 raise Problem(413, "payload_too_large",
                               f"body exceeds the limit of {limit} bytes")
-            chunks.append(chunk)
+            parts.append(chunk)
     except ClientDisconnect:
         raise ClientGone() from None
-    return b"".join(chunks)
+    return parts[0] if len(parts) == 1 else b"".join(parts)
 
 
 def _parse_json(raw: bytes) -> Any:
