@@ -24,7 +24,9 @@ its task id; the reliable-fetch transport's ack (``workers.transport.QoS``) take
 of the message it acks. Only where that ack runs in this process and thread (a threads or solo
 pool: the consumer was started here, :func:`consuming`), on a plain ``redis://`` broker
 whose server holds the state database, without ``global_keyprefix``. A message rejected
-instead of acked sends its riders' writes on their own.
+instead of acked sends its riders' writes on their own, and so does one that a closing
+channel restores unacked (the connection went before Celery acked): its redelivery finds
+the done mark and is acked as a duplicate, as before the ack carried the mark.
 """
 
 from __future__ import annotations

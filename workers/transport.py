@@ -186,6 +186,16 @@ class QoS(kombu_redis.QoS):
             rider.send_otherwise()
         super().reject(delivery_tag, requeue)
 
+    def restore_unacked(self, client: Any = None) -> Any:
+        """kombu's restore (the channel closes with messages unacked); a finished task's
+        writes waiting for an ack that will not come are sent first, so that its redelivery
+        finds the done mark (and is acked as a duplicate) as it did before the ack carried it."""
+        if ack_writes.waiting():
+            for tag in list(self._delivered):
+                for rider in self._riders(tag):
+                    rider.send_otherwise()
+        return super().restore_unacked(client)
+
 
 class Channel(kombu_redis.Channel):
     """kombu's Redis channel; publishing, the BRPOP-driven fetch and restore's token differ."""

@@ -111,6 +111,22 @@ def test_a_rejected_message_sends_its_writes_on_their_own(
     assert not r.hexists("unacked", tag)
 
 
+def test_a_channel_closed_before_the_ack_stores_the_mark_before_the_redelivery(
+        producer, celery_app, state_redis, r, line):
+    """The connection goes before Celery acks a finished task: kombu restores the message;
+    its done mark, which waited for that ack, is stored too (a redelivery must find it)."""
+    conn, channel, job_id, _ = _fetched(producer, celery_app, "ack-restore")
+    try:
+        assert ack_writes.ride_with_ack(job_id, _rider(line, MARK + job_id))
+        channel.qos.restore_unacked()  # what kombu does as the channel closes
+        line.flush()
+    finally:
+        conn.release()
+    assert json.loads(state_redis.get(MARK + job_id))["s"] == "done"
+    assert sum(r.llen(k) for k in redis_priority_lists("search")) == 1  # back in its queue
+    assert ack_writes.take(job_id) == []  # nothing left waiting
+
+
 def test_a_line_that_cannot_write_falls_back_to_kombus_ack(
         producer, celery_app, state_redis, r, line):
     conn, channel, job_id, tag = _fetched(producer, celery_app, "ack-fallback")
