@@ -1,6 +1,7 @@
 """API overload: the real HTTP API at ~3x what it can publish, beside a 503-at-once floor.
 
-A private ``redis-server`` (broker and state) and the API under uvicorn in a subprocess, as
+A private ``redis-server`` (state, and broker by default; ``--broker amqp``: the local RabbitMQ
+with publisher confirms, in a vhost of the run's own) and the API under uvicorn in a subprocess, as
 ``tidegate api`` serves it, plus one route the benchmark adds, ``POST /bench/floor``, which
 answers 503 at once: the cost of HTTP, routing and middleware alone on this machine.
 
@@ -15,12 +16,17 @@ asyncio client in this process (``--client python``), which costs the shared cor
 Each phase prints the API process's share of a core and its CPU time per answer, and how far
 behind schedule the client sent (a slow server holds its connections).
 
+It also prints the least CPU the offered load needs of the API process: 10% of it accepted at
+phase 1's CPU per accepted job, 90% refused at the floor's CPU per answer. Where that is near one
+core, a Python process (one GIL) cannot answer in milliseconds whatever it decides.
+
 Prints p50/p99/max latency and throughput per status code, the floor's, the ratios and the
 targets (429/503 p99 <= 50 ms and <= 3x the floor; 202 p99 <= TIDEGATE_API_MAX_WAIT_MS +
 50 ms; no answer slower than 1 s; CRITICAL 100% accepted). Loopback only, bounded in time.
 
     .venv/bin/python bench/api_overload.py            # ~40 s
     .venv/bin/python bench/api_overload.py --seconds 20 --factor 3
+    .venv/bin/python bench/api_overload.py --broker amqp
 """
 
 from __future__ import annotations
@@ -45,7 +51,7 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tidegate.stack import Proc, free_port, wait_until  # noqa: E402
+from tidegate.stack import Proc, ensure_vhost, free_port, wait_until  # noqa: E402
 
 MAX_WAIT_MS = 250
 TOKENS = [f"bench-token-{i}" for i in range(40)]
@@ -74,15 +80,20 @@ def bench_app():
 class Server:
     """redis-server and the API, on free loopback ports, stopped for sure."""
 
-    def __init__(self, tmp: Path, workers: int = 1) -> None:
+    def __init__(self, tmp: Path, workers: int = 1, broker: str = "redis") -> None:
         self.redis_port, self.port = free_port(), free_port()
+        self.vhost = f"tidegate_apibench_{os.getpid()}" if broker == "amqp" else ""
         self.redis = Proc(["redis-server", "--port", str(self.redis_port), "--bind", "127.0.0.1",
                            "--save", "", "--appendonly", "no"], {}, tmp / "redis.log", "redis")
         policy = tmp / "policy.toml"
         policy.write_text((ROOT / "workers" / "policy.toml").read_text()
                           + "\n[backpressure]\nlow_watermark = 10000000\n"
                             "high_watermark = 20000000\n")
-        env = {"TIDEGATE_BROKER_URL": f"redis://127.0.0.1:{self.redis_port}/0",
+        broker_url = f"redis://127.0.0.1:{self.redis_port}/0"
+        if self.vhost:  # the shared RabbitMQ, a vhost of this run's own (deleted at stop)
+            ensure_vhost(self.vhost)
+            broker_url = f"amqp://guest:guest@127.0.0.1:5672/{self.vhost}"
+        env = {"TIDEGATE_BROKER_URL": broker_url,
                "TIDEGATE_REDIS_URL": f"redis://127.0.0.1:{self.redis_port}/1",
                "TIDEGATE_POLICY_FILE": str(policy),
                "TIDEGATE_API_TOKENS": ",".join([*TOKENS, GREEDY]),
@@ -109,6 +120,9 @@ class Server:
     def stop(self) -> None:
         self.api.stop()
         self.redis.stop()
+        if self.vhost:
+            subprocess.run(["rabbitmqctl", "-q", "delete_vhost", self.vhost], timeout=120,
+                           capture_output=True)
 
 
 def request_bytes(path: str, token: str, priority: str, n: int) -> bytes:
@@ -141,6 +155,7 @@ class Load:
         self.reasons: dict[tuple[int, str], list[float]] = defaultdict(list)
         self.late = 0  # requests sent later than scheduled (the client fell behind)
         self.cpu_note = ""
+        self.cpu_s = 0.0  # the API process's CPU seconds in the phase (drive)
 
     def pick(self, n: int) -> tuple[str, str]:
         priority = MIX[n % len(MIX)]
@@ -201,6 +216,7 @@ class WrkLoad:
         self.late = 0
         self.late_ms: list[float] = []
         self.cpu_note = ""
+        self.cpu_s = 0.0  # the API process's CPU seconds in the phase (drive)
         self.client_cpu_s = 0.0
 
     def run(self, seconds: float, rate: float | None) -> float:
@@ -291,7 +307,7 @@ def drive(load: Load | WrkLoad, seconds: float, rate: float | None, pid: int) ->
     cpu0, load0 = cpu_seconds(pid), os.getloadavg()[0]
     took = (load.run(seconds, rate) if isinstance(load, WrkLoad)
             else asyncio.run(load.run(seconds, rate)))
-    cpu = cpu_seconds(pid) - cpu0
+    cpu = load.cpu_s = cpu_seconds(pid) - cpu0
     load.cpu_note = (f"  api process: {cpu:.1f} CPU-s in {took:.1f} s ({cpu / took:.0%} of one "
                      f"core), {cpu * 1000 / max(1, len(load.results)):.2f} ms CPU per answer; "
                      f"load average {load0:.1f} -> {os.getloadavg()[0]:.1f} on "
@@ -299,6 +315,17 @@ def drive(load: Load | WrkLoad, seconds: float, rate: float | None, pid: int) ->
                      + (f"; the client (wrk) {load.client_cpu_s:.1f} CPU-s"
                         if isinstance(load, WrkLoad) else ""))
     return took
+
+
+def budget(rate: float, accept_ms: float, refuse_ms: float) -> None:
+    """The least CPU the API process needs at ``rate`` requests/s: every CRITICAL request (10%)
+    accepted at phase 1's CPU per accepted job, every other one refused at the floor's CPU per
+    answer (nothing cheaper answers HTTP here). Above ~80% of one core, requests wait for the
+    one core a Python process has, whatever the code decides (docs: bench/RESULTS.md)."""
+    need = rate * (0.1 * accept_ms + 0.9 * refuse_ms) / 1000
+    print(f"\nleast API CPU at the offered load: {need:.0%} of one core ({rate:.0f}/s x "
+          f"(10% x {accept_ms:.2f} ms per accepted job in phase 1 + 90% x {refuse_ms:.2f} ms "
+          f"per floor answer)); refusal/accept CPU = {refuse_ms / max(accept_ms, 1e-9):.2f}")
 
 
 def main() -> int:
@@ -311,10 +338,13 @@ def main() -> int:
     parser.add_argument("--client", choices=("wrk", "python"),
                         default="wrk" if shutil.which("wrk") else "python",
                         help="load generator: wrk (default where installed) or asyncio")
+    parser.add_argument("--broker", choices=("redis", "amqp"), default="redis",
+                        help="redis: a private redis-server (default); amqp: the local "
+                             "RabbitMQ, publisher confirms as shipped, a vhost of the run's own")
     args = parser.parse_args()
     random.seed(7)
     with tempfile.TemporaryDirectory(prefix="tidegate-bench-api-") as tmp:
-        server = Server(Path(tmp), args.api_workers)
+        server = Server(Path(tmp), args.api_workers, args.broker)
         try:
             port = server.port
             make = WrkLoad if args.client == "wrk" else Load
@@ -322,17 +352,21 @@ def main() -> int:
             took = drive(cap, 4.0, None, server.api.pid)
             accepted = sum(1 for _, s, _ in cap.results if s == 202)
             capacity = accepted / took
+            accept_ms = cap.cpu_s * 1000 / max(1, accepted)
             rate = args.factor * capacity
             print(f"capacity R = {capacity:.0f} accepted jobs/s (closed loop, 32 connections, "
                   f"CRITICAL only); offered load {args.factor:.0f}R = {rate:.0f} requests/s over "
                   f"{args.connections} connections for {args.seconds:.0f} s; mix 10% CRITICAL, "
                   f"30% HIGH/MEDIUM/LOW, 1 in 5 from a token over its {CLIENT_RATE}/s rate; "
-                  f"{args.api_workers} API process(es), client {args.client}\n")
+                  f"{args.api_workers} API process(es), broker {args.broker}, client "
+                  f"{args.client}\n")
             over = make(port, "/v1/jobs", args.connections)
             api = report("api  /v1/jobs", over, drive(over, args.seconds, rate, server.api.pid))
             floor_load = make(port, "/bench/floor", args.connections)
             floor = report("floor /bench/floor", floor_load,
                            drive(floor_load, args.seconds, rate, server.api.pid))
+            budget(args.factor * capacity, accept_ms,
+                   floor_load.cpu_s * 1000 / max(1, len(floor_load.results)))
             crit = [s for p, s, _ in over.results if p == "critical"]
             crit_ok = sum(1 for s in crit if s == 202)
             slow = sum(1 for _, _, t in over.results if t > SLOW_S)
