@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import STATE_REDIS_URL, VHOST, Broker, _purge_amqp
-from tests.support.load import MixedLoad, account, settled
+from tests.support.load import MixedLoad, account, dead_letter_details, settled
 from tests.support.policy import with_timeouts
 from tests.support.procs import wait_until
 
@@ -102,7 +102,9 @@ def run_drill(pool: str, sims, policy_file: Path, start_worker_on, rabbitmq_up: 
     # the provider never saw a second request with a key still in progress, and no copy was
     # dead-lettered as outcome unknown while its first run was still going.
     assert result.conflicts == 0, f"{line}: a job ran twice at once"
-    assert not result.reasons, line
+    # each dead letter with its error (an attempt timeout? a refused connection?), and the
+    # worker's log around it: a rare failure must explain itself from the first report
+    assert not result.reasons, f"{line}\n{dead_letter_details(app, log=worker.output())}"
     assert worker.alive(), worker.output()[-3000:]
     return line
 

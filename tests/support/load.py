@@ -81,8 +81,10 @@ def applications(sims: dict[str, Any], names: tuple[str, ...] = ("payments", "se
     return sorted(out, key=lambda a: a["applied_at"])
 
 
-def dead_lettered(app: Any, queues: tuple[str, ...] = ("payments", "search")) -> dict[str, str]:
-    """Job id -> dead-letter reason, from the DLQs of ``queues``."""
+def dead_letter_records(app: Any, queues: tuple[str, ...] = ("payments", "search")
+                        ) -> dict[str, Any]:
+    """Job id -> its dead-letter record (``workers.deadletter.DeadLetter``), from the DLQs of
+    ``queues``."""
     from workers.deadletter import DeadLetters
 
     out = {}
@@ -90,8 +92,32 @@ def dead_lettered(app: Any, queues: tuple[str, ...] = ("payments", "search")) ->
         for record in DeadLetters(app).list(queue):
             job = (record.args or [None])[0]
             if isinstance(job, str):
-                out[job] = record.reason
+                out[job] = record
     return out
+
+
+def dead_lettered(app: Any, queues: tuple[str, ...] = ("payments", "search")) -> dict[str, str]:
+    """Job id -> dead-letter reason, from the DLQs of ``queues``."""
+    return {job: record.reason for job, record in dead_letter_records(app, queues).items()}
+
+
+def dead_letter_details(app: Any, queues: tuple[str, ...] = ("payments", "search"),
+                        log: str = "", limit: int = 10) -> str:
+    """The dead-letter records of ``queues``, one block each (reason, error, attempts, worker,
+    task id, the traceback's last lines, and the lines of the worker's ``log`` that name the
+    task): a drill that fails on a dead letter shows why it was dead-lettered, not just that
+    it was."""
+    blocks = []
+    for job, r in sorted(dead_letter_records(app, queues).items())[:limit]:
+        age = r.dead_lettered_at - (r.first_seen or r.dead_lettered_at)
+        lines = [f"  {job}: {r.reason}: {r.exception_type}: {r.exception_message} "
+                 f"(attempts {r.attempts}, worker {r.worker}, task {r.task_id}, "
+                 f"dead-lettered {age:.1f} s after first seen)"]
+        lines += [f"      {t}" for t in (r.traceback or "").strip().splitlines()[-6:]]
+        if r.task_id:
+            lines += [f"    log: {t[:400]}" for t in log.splitlines() if r.task_id in t][:12]
+        blocks.append("\n".join(lines))
+    return "\n".join(blocks) or "  (no dead-letter records)"
 
 
 @dataclass
