@@ -4,6 +4,12 @@ Errors are sorted into the one tree: connection problems, timeouts, 429 and 5xx 
 transient (worth retrying if the work is idempotent); a 409 for a request that carries an
 idempotency key is :class:`~resilience.errors.InProgress` (an earlier request with that key
 is still running at the provider: nothing applied, ask again later); other 4xx are permanent.
+
+A pooled connection is dropped once idle ``downstream_keepalive_s`` (1 s), before the server
+drops it (httpx keeps one 5 s, exactly uvicorn's limit): a request written on a connection the
+server is closing at that moment is reset unread, and for a charge without a key that is a
+failure after sending, dead-lettered as "may have been charged" (seen in the connection-loss
+drill: a prefork child's connection idle ~4.9 s).
 """
 
 from __future__ import annotations
@@ -45,7 +51,9 @@ class DownstreamClient:
         self.base_url = base_url.rstrip("/")
         self._connect = settings.connect_timeout_s
         self._read = settings.read_timeout_s
-        self._http = httpx.Client(base_url=self.base_url, timeout=self._timeouts())
+        limits = httpx.Limits(keepalive_expiry=settings.downstream_keepalive_s)
+        self._http = httpx.Client(base_url=self.base_url, timeout=self._timeouts(),
+                                  limits=limits)
 
     def _timeouts(self) -> httpx.Timeout:
         # Inside a deadline scope every phase shrinks to what is left of the budget.

@@ -50,6 +50,11 @@ class Settings(BaseSettings):
     connect_timeout_s: float = Field(default=2.0, gt=0, le=60)
     read_timeout_s: float = Field(default=5.0, gt=0, le=300)
     publish_timeout_s: float = Field(default=5.0, gt=0, le=300)
+    # Dependencies' HTTP clients close a pooled connection idle this long, well below the
+    # servers' own idle limit (uvicorn, Node, Apache 5 s, gunicorn 2 s): a request sent as the
+    # server closes an idle connection fails unread ("Connection reset by peer"), and a
+    # non-idempotent write that fails after sending is dead-lettered, never retried.
+    downstream_keepalive_s: float = Field(default=1.0, gt=0, le=300)
 
     task_soft_time_limit_s: float = Field(default=60.0, gt=0)
     task_hard_time_limit_s: float = Field(default=90.0, gt=0)
