@@ -140,7 +140,10 @@ class Sim:
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc = Proc([str(BIN / "tidegate"), "downstream", "--name", name, "--port",
                           str(self.port)], {}, tmp / f"sim-{name}.log", f"sim-{name}")
-        self.http = httpx.Client(base_url=self.url, timeout=5.0)
+        # idle connections dropped after 1 s, well before uvicorn's 5 s (httpx keeps them
+        # 5 s): a call on one the simulator is closing would be reset (see workers.downstream)
+        self.http = httpx.Client(base_url=self.url, timeout=5.0,
+                                 limits=httpx.Limits(keepalive_expiry=1.0))
         wait_until(lambda: self.http.get("/control").status_code == 200, 30,
                    message=f"simulator {name} on {self.url}")
 

@@ -55,7 +55,9 @@ class Exporter(Proc):
         super().__init__([str(BIN / "tidegate"), "exporter", "--port", str(self.port),
                           "--interval", str(interval), "--ttl", str(ttl)], env,
                          tmp / f"exporter-{self.port}.log", "exporter")
-        self.http = httpx.Client(base_url=self.url, timeout=10.0)
+        # idle connections dropped before the exporter's 5 s keep-alive ends (workers.downstream)
+        self.http = httpx.Client(base_url=self.url, timeout=10.0,
+                                 limits=httpx.Limits(keepalive_expiry=1.0))
         wait_until(lambda: not self.alive() or self.http.get("/healthz").status_code == 200,
                    60, interval=0.1, message=f"exporter on {self.url}")
         if not self.alive():
