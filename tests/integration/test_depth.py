@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 
 import boto3
@@ -107,14 +108,47 @@ def test_redis_oldest_age_reads_the_next_message_out(redis_up):
 def test_rabbitmq_unknown_queue_and_unreachable_broker(rabbitmq_up):
     from workers.depth import RabbitMQDepthProbe
 
-    probe = RabbitMQDepthProbe(rabbitmq_up, management_url=None)
+    probe = RabbitMQDepthProbe(rabbitmq_up, management_url=None, missing_ttl_s=60)
     with pytest.raises(DepthUnavailable, match="no queue 'nope'"):
         probe.depth("nope")
+    # the broker closed the channel, not the connection: the probe keeps its connection
+    conn = probe._conn
+    assert conn is not None and conn.connected
+    with pytest.raises(DepthUnavailable, match="seen missing"):  # remembered, no I/O
+        probe.depth("nope")
+    probe.close()
     dead = RabbitMQDepthProbe("amqp://guest:guest@127.0.0.1:1//", connect_timeout=0.5)
     started = time.monotonic()
     with pytest.raises(DepthUnavailable):
         dead.depth("search")
     assert time.monotonic() - started < 10
+
+
+def test_rabbitmq_probe_of_a_missing_queue_keeps_its_connection(rabbitmq_up):
+    """The API's refresher asks for every work queue 20 times a second; one not declared yet
+    cost a new connection each time (a handshake and a login: ~20% of a core)."""
+    from kombu import Connection
+
+    from workers.depth import RabbitMQDepthProbe
+
+    queue = f"tg-probe-late-{os.getpid()}"
+    probe = RabbitMQDepthProbe(rabbitmq_up, management_url=None, missing_ttl_s=0.0)
+    try:
+        with pytest.raises(DepthUnavailable, match="no queue"):
+            probe.depth(queue)
+        conn = probe._conn
+        with Connection(rabbitmq_up) as other:  # declared by someone else meanwhile
+            other.default_channel.queue_declare(queue, auto_delete=False)
+            try:
+                assert probe.depth(queue).ready == 0  # seen at once (no miss remembered)
+                assert probe._conn is conn  # same connection, a new channel
+                with pytest.raises(DepthUnavailable, match="no queue"):
+                    probe.depth(f"{queue}-nope")
+                assert probe.depth(queue).ready == 0 and probe._conn is conn
+            finally:
+                other.default_channel.queue_delete(queue)
+    finally:
+        probe.close()
 
 
 @pytest.fixture

@@ -87,6 +87,7 @@ class RabbitMQDepthProbe:
         connect_timeout: float = 2.0,
         read_timeout: float = 5.0,
         clock: Callable[[], float] = time.time,
+        missing_ttl_s: float = 1.0,
     ) -> None:
         self.url = url
         self.management_url = management_url.rstrip("/") if management_url else None
@@ -94,7 +95,12 @@ class RabbitMQDepthProbe:
         self.read_timeout = read_timeout
         self.clock = clock
         self._conn: Any = None
+        self._chan: Any = None
         self._lock = threading.Lock()
+        # A queue not declared yet (no worker, nothing published) is probed again only after
+        # this long: the API's state refresher asks for every work queue 20 times a second.
+        self.missing_ttl_s = missing_ttl_s
+        self._missing: dict[str, float] = {}  # queue -> monotonic time its miss is forgotten
         # "amqp://h1//;amqp://h2//": kombu fails over along the list; vhost and login are the
         # first URL's (one cluster: the same on every node)
         parts = urlsplit(url.split(";")[0])
@@ -111,22 +117,30 @@ class RabbitMQDepthProbe:
                                     transport_options={"read_timeout": self.read_timeout,
                                                        "write_timeout": self.read_timeout})
             self._conn.ensure_connection(max_retries=1, timeout=self.connect_timeout)
-        return self._conn.default_channel
+        if self._chan is None:
+            self._chan = self._conn.channel()
+        return self._chan
 
     def _reset(self) -> None:
         if self._conn is not None:
             with contextlib.suppress(Exception):
                 self._conn.release()
-        self._conn = None
+        self._conn = self._chan = None
 
     def depth(self, queue: str) -> QueueDepth:
         from amqp.exceptions import NotFound
 
         with self._lock:
+            if time.monotonic() < self._missing.get(queue, 0.0):
+                raise DepthUnavailable(f"rabbitmq: no queue {queue!r} in vhost {self.vhost!r} "
+                                       f"(seen missing under {self.missing_ttl_s:g} s ago)")
             try:
                 _, ready, consumers = self._channel().queue_declare(queue=queue, passive=True)
             except NotFound:
-                self._reset()
+                # The broker closed the channel, not the connection: the next probe opens a
+                # channel (one round trip), not a connection (a handshake and a login).
+                self._chan = None
+                self._missing[queue] = time.monotonic() + self.missing_ttl_s
                 raise DepthUnavailable(f"rabbitmq: no queue {queue!r} in vhost "
                                        f"{self.vhost!r}") from None
             except Exception as exc:  # socket, connection closed, timeout: all transient
