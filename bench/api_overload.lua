@@ -74,6 +74,8 @@ function response(status, headers, body)
   local reason = "accepted"
   if status ~= 202 then
     reason = string.match(body or "", '"error":"([^"]*)"') or "?"
+    -- a job admitted to the publish lane and refused when its wait ran out, not at once
+    if string.find(body or "", "no publish thread", 1, true) then reason = reason .. "_waited" end
   end
   out:write(string.format("%d %s %s %.3f %.3f\n", status, reason, current, took, late_ms))
 end
