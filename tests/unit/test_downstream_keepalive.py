@@ -56,13 +56,11 @@ class StrictKeepAliveServer:
                     self.dropped += 1
                     # unread data in the buffer: the close is a reset, as from a real server
                     return
-                if not self._answer(conn):
+                if not self._answer(conn, port):
                     return
-                self.peers.append(port)
                 idle_since = time.monotonic()
 
-    @staticmethod
-    def _answer(conn: socket.socket) -> bool:
+    def _answer(self, conn: socket.socket, port: int) -> bool:
         data = b""
         while b"\r\n\r\n" not in data:
             chunk = conn.recv(65536)
@@ -74,6 +72,7 @@ class StrictKeepAliveServer:
                        if line.lower().startswith(b"content-length:")), 0)
         while len(body) < length:
             body += conn.recv(65536)
+        self.peers.append(port)  # before the answer: the client reads peers once answered
         payload = json.dumps({"id": "ch_1", "status": "applied"}).encode()
         conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
                      b"Content-Length: %d\r\n\r\n%s" % (len(payload), payload))
