@@ -11,13 +11,15 @@ task's writes, ``SELECT`` of the broker's database, the ack's ``ZREM`` / ``HDEL`
 back, in one socket write, without waiting for the replies.
 
 What it keeps: Redis runs one connection's commands in the order sent, so the mark is stored
-before the ack, as before, and both after the task's earlier writes on that line (its lease
-and ``running``). A worker killed before Redis read them leaves the message unacked and its
-mark ``started``: redelivered, it runs again if idempotent or is dead-lettered as "outcome
-unknown", as after any kill before the ack. A line that cannot be written falls back to
-kombu's own ack (``workers.transport``); the replies are read later like every other write
-on the line (a refused command is logged; a broken connection is reopened and whatever is
-unanswered sent again: each of these commands can be repeated).
+before the ack, as before. The line is the acking thread's (Celery's main loop), not the
+task thread's that sent the lease and ``running``: two connections keep no order between
+them, so ``IdempotencyStore.finish`` reads those writes' replies before it hands the mark
+over, and both land after them. A worker killed before Redis read them leaves the message
+unacked and its mark ``started``: redelivered, it runs again if idempotent or is
+dead-lettered as "outcome unknown", as after any kill before the ack. A line that cannot be
+written falls back to kombu's own ack (``workers.transport``); the replies are read later
+like every other write on the line (a refused command is logged; a broken connection is
+reopened and whatever is unanswered sent again: each of these commands can be repeated).
 
 How: the task (``workers.resilient``) hands a :class:`Rider` to :func:`ride_with_ack` under
 its task id; the reliable-fetch transport's ack (``workers.transport.QoS``) takes the riders
@@ -49,7 +51,7 @@ Command = tuple[Any, ...]
 class Rider:
     """One task's writes for the state database, and the line that sends them.
 
-    ``send``: writes commands on the task's reply-later line without waiting (raises
+    ``send``: writes commands on the calling thread's reply-later line without waiting (raises
     ``OSError`` when it cannot). ``dbs``: (state database, broker database)."""
 
     commands: tuple[Command, ...]

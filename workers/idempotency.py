@@ -257,8 +257,18 @@ class IdempotencyStore:
             self._guard("finish", lambda: self._set_and_drop(self.key(task, key), doc, lease))
             return False
         commands = (("SET", self.key(task, key), doc, "PX", self.ttl_ms), ("DEL", lease), *also)
-        if ride is not None and ride(commands, self._later.send_many):
-            return True
+        if ride is not None:
+            # The ride goes out on the acking thread's line, not on this one: this thread's
+            # earlier writes (the lease, "running") must be stored first, or Redis could run
+            # them after the done mark (two connections keep no order between them): a lease
+            # left behind and "running" over "succeeded". Their replies are what proves it;
+            # they are usually in by now (the task's body ran since).
+            try:
+                self._later.flush()
+            except ReplyLaterError as exc:
+                raise StoreUnavailable(f"idempotency store unreachable (finish): {exc}") from None
+            if ride(commands, self._later.send_many):
+                return True
         try:
             self._later.send_many(*commands)
         except ReplyLaterError as exc:

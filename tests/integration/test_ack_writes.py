@@ -155,3 +155,31 @@ def test_no_ride_in_a_process_that_does_not_consume(monkeypatch):
     assert not ack_writes.rides_here()
     assert not ack_writes.ride_with_ack("job", ack_writes.Rider((), lambda *c: None, (1, 0)))
     assert ack_writes.take("job") == []
+
+
+def test_a_riding_done_mark_is_handed_over_only_once_its_threads_writes_are_stored(
+        state_redis, line):
+    """The ride goes out on the acking thread's line, not on the task thread's: the lease and
+    "running" the task thread sent without waiting must be stored before it is handed over,
+    or Redis could run them after the done mark (no order between two connections)."""
+    from workers.idempotency import IdempotencyStore
+
+    store = IdempotencyStore(redis.Redis.from_url(STATE_REDIS_URL, socket_timeout=5),
+                             replies=line)
+    running = ("SET", "tidegate:job:test-ride", "running", "PX", 60_000)
+    try:
+        assert store.hold("test.ack_writes", "k1", also=(running,))
+        assert line.unread() == 2  # sent, not answered
+        seen: list = []
+
+        def ride(commands, send) -> bool:
+            seen.append((line.unread(),
+                         state_redis.exists(store.lease_key("test.ack_writes", "k1")),
+                         state_redis.get("tidegate:job:test-ride")))
+            return True
+
+        assert store.finish("test.ack_writes", "k1", ride=ride)
+        assert seen == [(0, 1, b"running")]
+    finally:
+        store.let_go("test.ack_writes", "k1")
+        store.close()
