@@ -15,6 +15,7 @@ drill: a prefork child's connection idle ~4.9 s).
 from __future__ import annotations
 
 import functools
+import os
 from typing import Any
 
 import httpx
@@ -99,11 +100,16 @@ def _retry_after(response: httpx.Response) -> float:
         return 1.0
 
 
-@functools.cache
 def client_for(name: str, app: Any = None) -> DownstreamClient:
     """The process-wide client for the dependency ``name``: its ``url`` in the policy file
     Tidegate was installed with on ``app`` (a task passes ``self.app``), else in
-    ``TIDEGATE_POLICY_FILE``."""
+    ``TIDEGATE_POLICY_FILE``. One per process: a prefork child never shares its parent's
+    pooled connections (two processes writing one socket)."""
+    return _client_for(name, app, os.getpid())
+
+
+@functools.cache
+def _client_for(name: str, app: Any, pid: int) -> DownstreamClient:
     if app is not None:
         from workers.installation import installation
 
