@@ -14,11 +14,6 @@ so only repeatable commands belong here (``SET key value``). Ordering: each thre
 command is in its socket before the thread goes on to ack, and a socket's data is delivered
 even if the process is killed right after, so Redis sees the mark before the ack.
 
-:meth:`ReplyLater.call` is the one round trip on a line: a command whose answer the caller
-needs (a non-idempotent task's mark), sent after the line's unanswered writes and answered
-with them, without redis-py's pool checkout (whose readiness check costs a thread-pool
-worker three more GIL hand-offs per command).
-
 redis-py has pipelines (sent and answered in one go) but nothing that lets a caller move on
 before the answer, hence this small class. Its connections come from the client's own
 connection settings (timeouts, TLS, credentials), outside the client's pool: one per thread
@@ -35,35 +30,7 @@ from typing import Any
 
 log = logging.getLogger("tidegate.redis")
 
-__all__ = ["ReplyLater", "ReplyLaterError", "pack"]
-
-
-def pack(commands: tuple[tuple[Any, ...], ...], encoding: str = "utf-8",
-         errors: str = "strict") -> bytes | None:
-    """``commands`` in Redis' wire format, byte for byte what redis-py's packer makes, as one
-    bytes object; None for an argument this does not take (anything but str, bytes, int,
-    float, or a command name with a space: redis-py's packer then does it).
-
-    Why: redis-py's pure-Python packer took 42 us for a done mark, its status and its ack
-    (8 commands, 25 arguments; this: 18 us), and that write is made on the worker's main
-    loop, the stage every message goes through. One bytes object is also one ``sendall``
-    (redis-py's chunks of over 6 KB would each be one more GIL hand-off)."""
-    out: list[bytes] = []
-    for command in commands:
-        name = command[0]
-        if type(name) is not str or " " in name:
-            return None
-        out.append(b"*%d\r\n" % len(command))
-        for arg in command:
-            kind = type(arg)
-            if kind is str:
-                arg = arg.encode(encoding, errors)
-            elif kind is int or kind is float:
-                arg = repr(arg).encode()
-            elif kind is not bytes:
-                return None
-            out.append(b"$%d\r\n%s\r\n" % (len(arg), arg))
-    return b"".join(out)
+__all__ = ["ReplyLater", "ReplyLaterError"]
 
 
 class ReplyLaterError(OSError):
@@ -73,13 +40,12 @@ class ReplyLaterError(OSError):
 class _Line:
     """One thread's connection and the commands on it that Redis has not answered yet."""
 
-    __slots__ = ("conn", "opened", "pid", "unread")
+    __slots__ = ("conn", "pid", "unread")
 
     def __init__(self, conn: Any) -> None:
         self.conn = conn
         self.pid = os.getpid()
         self.unread: deque[tuple[Any, ...]] = deque()
-        self.opened = 0  # times the connection was opened again (see ``ReplyLater.call``)
 
 
 class ReplyLater:
@@ -112,7 +78,7 @@ class ReplyLater:
             self._read_replies(line)
         line.unread.append(command)
         try:
-            line.conn.send_packed_command(self._packed(line, (command,)), False)
+            line.conn.send_command(*command)
         except self._errors as exc:
             self._resend(line, exc)
 
@@ -126,44 +92,9 @@ class ReplyLater:
             self._read_replies(line)
         line.unread.extend(commands)
         try:
-            line.conn.send_packed_command(self._packed(line, commands), False)
+            line.conn.send_packed_command(line.conn.pack_commands(commands), False)
         except self._errors as exc:
             self._resend(line, exc)
-
-    def call(self, *commands: tuple[Any, ...]) -> list[Any]:
-        """A round trip on this thread's line: ``commands`` in one socket write after the
-        writes still unanswered, then every reply read; returns the replies to ``commands``
-        (an error reply as its exception object, not raised).
-
-        Why: a command through redis-py's pool checks its connection out first, and that
-        check (a non-blocking ``recv`` between two ``settimeout`` calls) is three more points
-        where a thread-pool worker gives up the GIL and queues to get it back; here a round
-        trip is one ``send`` and one ``recv``. Raises ReplyLaterError when the connection
-        breaks or cannot be opened: whether ``commands`` ran is then unknown (the caller
-        decides what a repeat means; the unanswered writes are sent again as usual)."""
-        line = self._line()
-        try:
-            line.conn.send_packed_command(self._packed(line, commands), False)
-        except self._errors as exc:
-            self._resend(line, exc)
-            raise ReplyLaterError(f"Redis connection broke ({exc}): the call was not "
-                                  "answered") from None
-        opened = line.opened
-        self._read_replies(line)  # the writes sent before: logged as usual
-        if line.opened != opened:  # reopened while reading them: the call was lost or ran
-            raise ReplyLaterError("Redis connection broke: the call was not answered")
-        replies: list[Any] = []
-        try:
-            for _ in commands:
-                try:
-                    replies.append(line.conn.read_response())
-                except self._reply_error as exc:
-                    replies.append(exc)
-        except self._errors as exc:
-            line.conn.disconnect()
-            raise ReplyLaterError(f"Redis connection broke ({exc}): the call was not "
-                                  "answered") from None
-        return replies
 
     def unread(self) -> int:
         """Commands sent on this thread's line whose replies have not been read yet."""
@@ -190,12 +121,6 @@ class ReplyLater:
             line.conn.disconnect()
 
     # -- internals -------------------------------------------------------------------------
-    @staticmethod
-    def _packed(line: _Line, commands: tuple[tuple[Any, ...], ...]) -> list[bytes]:
-        encoder = line.conn.encoder
-        packed = pack(commands, encoder.encoding, encoder.encoding_errors)
-        return [packed] if packed is not None else line.conn.pack_commands(commands)
-
     def _line(self) -> _Line:
         line: _Line | None = getattr(self._local, "line", None)
         if line is None or line.pid != os.getpid():
@@ -227,7 +152,6 @@ class ReplyLater:
     def _resend(self, line: _Line, exc: BaseException) -> None:
         """The connection broke: open it again and send everything still unanswered."""
         line.conn.disconnect()
-        line.opened += 1
         try:
             for command in line.unread:
                 line.conn.send_command(*command)  # send_command connects first
