@@ -171,6 +171,9 @@ class Producer(Preparing, Publishing):
         if deferred is not None:
             return deferred
         if self.throttle is not None:
+            # A broker known down refuses at once: the throttle's depth probe would try to
+            # connect first (a RabbitMQ node stopping or booting holds it for the timeout).
+            self._check_gate(p)
             self.throttle.admit(p.queue, p.priority, self._wait_budget(p, max_wait_s))
         self._publish(p, producer)
         return self._done(EnqueueResult(p.task_id, "queued", p.queue, p.task, p.priority,
@@ -196,6 +199,7 @@ class Producer(Preparing, Publishing):
                 self._rate_limit(p, client)
                 deferred = self._defer(p, batch.breakers)
                 if deferred is None and self.throttle is not None:
+                    self._check_gate(p)  # known down: no depth probe (see enqueue)
                     self.throttle.admit(p.queue, p.priority, self._wait_budget(p, max_wait_s),
                                         batch.pending(p.queue))
             except TidegateError as exc:
@@ -238,6 +242,7 @@ class AsyncProducer:
         if deferred is not None:
             return deferred
         if pr.throttle is not None:
+            pr._check_gate(p)  # known down: no depth probe (see Producer.enqueue)
             await pr.throttle.admit_async(p.queue, p.priority, pr._wait_budget(p, max_wait_s))
         await asyncio.to_thread(pr._publish, p)
         return pr._done(EnqueueResult(p.task_id, "queued", p.queue, p.task, p.priority,
@@ -256,6 +261,7 @@ class AsyncProducer:
                 await asyncio.to_thread(pr._rate_limit, p, client)
                 deferred = await asyncio.to_thread(pr._defer, p, batch.breakers)
                 if deferred is None and pr.throttle is not None:
+                    pr._check_gate(p)
                     await pr.throttle.admit_async(p.queue, p.priority,
                                                   pr._wait_budget(p, max_wait_s),
                                                   pending=batch.pending(p.queue))
