@@ -318,14 +318,17 @@ def drive(load: Load | WrkLoad, seconds: float, rate: float | None, pid: int) ->
 
 
 def budget(rate: float, accept_ms: float, refuse_ms: float) -> None:
-    """The least CPU the API process needs at ``rate`` requests/s: every CRITICAL request (10%)
-    accepted at phase 1's CPU per accepted job, every other one refused at the floor's CPU per
-    answer (nothing cheaper answers HTTP here). Above ~80% of one core, requests wait for the
-    one core a Python process has, whatever the code decides (docs: bench/RESULTS.md)."""
-    need = rate * (0.1 * accept_ms + 0.9 * refuse_ms) / 1000
+    """The least CPU the API process needs at ``rate`` requests/s: every CRITICAL request (its
+    share of :data:`MIX`) accepted at phase 1's CPU per accepted job, every other one refused
+    at the floor's CPU per answer (nothing cheaper answers HTTP here). Above ~80% of one core,
+    requests wait for the one core a Python process has, whatever the code decides (docs:
+    bench/RESULTS.md)."""
+    critical = MIX.count("critical") / len(MIX)
+    need = rate * (critical * accept_ms + (1 - critical) * refuse_ms) / 1000
     print(f"\nleast API CPU at the offered load: {need:.0%} of one core ({rate:.0f}/s x "
-          f"(10% x {accept_ms:.2f} ms per accepted job in phase 1 + 90% x {refuse_ms:.2f} ms "
-          f"per floor answer)); refusal/accept CPU = {refuse_ms / max(accept_ms, 1e-9):.2f}")
+          f"({critical:.0%} x {accept_ms:.2f} ms per accepted job in phase 1 + "
+          f"{1 - critical:.0%} x {refuse_ms:.2f} ms per floor answer)); refusal/accept CPU = "
+          f"{refuse_ms / max(accept_ms, 1e-9):.2f}")
 
 
 def main() -> int:
