@@ -19,6 +19,8 @@ import redis
 from tidegate.stack import ROOT, MotoServer, Sim, Worker, ensure_vhost, wait_until, write_policy
 from workers.installation import installation
 
+pytest_plugins = ("tests.support.sentinel",)  # the sentinel_group fixture
+
 # Under pytest-xdist each worker takes the slot of its index (gw0 -> 0, gw1 -> 1, ...), plus
 # TIDEGATE_TEST_SLOT_BASE so that two whole runs can share one machine (base 0 and base 2).
 SLOT = int(os.environ.get("TIDEGATE_TEST_SLOT")

@@ -18,6 +18,9 @@ redis-py has pipelines (sent and answered in one go) but nothing that lets a cal
 before the answer, hence this small class. Its connections come from the client's own
 connection settings (timeouts, TLS, credentials), outside the client's pool: one per thread
 of a threads or prefork worker (under gevent or eventlet, one per greenlet: not meant there).
+Each send calls ``connect()`` first (a no-op when connected): redis-py's own lazy connect in
+``send_packed_command`` skips a Sentinel-managed connection's master lookup and would open
+``localhost:6379`` instead of the master the sentinels name.
 """
 
 from __future__ import annotations
@@ -78,6 +81,7 @@ class ReplyLater:
             self._read_replies(line)
         line.unread.append(command)
         try:
+            line.conn.connect()
             line.conn.send_command(*command)
         except self._errors as exc:
             self._resend(line, exc)
@@ -92,6 +96,7 @@ class ReplyLater:
             self._read_replies(line)
         line.unread.extend(commands)
         try:
+            line.conn.connect()
             line.conn.send_packed_command(line.conn.pack_commands(commands), False)
         except self._errors as exc:
             self._resend(line, exc)
@@ -153,8 +158,9 @@ class ReplyLater:
         """The connection broke: open it again and send everything still unanswered."""
         line.conn.disconnect()
         try:
+            line.conn.connect()
             for command in line.unread:
-                line.conn.send_command(*command)  # send_command connects first
+                line.conn.send_command(*command)
         except self._errors as again:
             line.conn.disconnect()
             lost = len(line.unread)
