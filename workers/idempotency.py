@@ -10,12 +10,15 @@ Every delivery of a resilient task takes a mark before it calls anything:
 * ``dead``      -> the message was dead-lettered: a duplicate is acked (``dlq replay`` clears it).
 
 Taking the mark is one ``SET NX GET`` (Redis >= 7.0; a script on older servers): set only if
-absent, and report what was there, atomically. The worker skips it where nothing can be there
-(``Execution.reads_mark`` in ``workers.execution``). The ``done`` mark is written without
-waiting for Redis' reply when the store has a :class:`~workers.redis_line.ReplyLater` line
-(the worker's does): it reaches Redis before the task's ack, and the task does not wait;
-where the state is on the Redis broker's server, the ack follows it in the same socket write
-on that line (``finish(ride=...)``, ``workers.ack_writes``).
+absent, and report what was there, atomically. The worker skips it where nothing can be
+there (``Execution.reads_mark`` in ``workers.execution``). Where the store has a reply-later
+line, the script that takes a non-idempotent task's mark (with its lease and "running") is a
+round trip on it (``ReplyLater.call``: one send and one recv, no pool checkout). The
+``done`` mark is written without waiting for Redis' reply when the store has a
+:class:`~workers.redis_line.ReplyLater` line (the worker's does): it reaches Redis before
+the task's ack, and the task does not wait; where the state is on the Redis broker's server,
+the ack follows it in the same socket write on that line (``finish(ride=...)``,
+``workers.ack_writes``).
 
 **Run leases.** A ``started`` mark alone cannot tell a run that is still going from one whose
 worker died. So each run also holds a lease, ``tidegate:idem-run:<task>:<key>``, with a short
@@ -139,6 +142,7 @@ class IdempotencyStore:
         self._set_nx_get = True  # until the server says SET NX GET is a syntax error (< 7.0)
         self._errors = (redis.exceptions.RedisError, OSError)
         self._syntax_error = redis.exceptions.ResponseError
+        self._no_script = redis.exceptions.NoScriptError
         self._later = replies
         self._leases = Leases(client, lease_s)
         self._token = f"{socket.gethostname()}:{os.getpid()}"
@@ -217,10 +221,37 @@ class IdempotencyStore:
                       status: tuple[Any, ...]) -> tuple[Any, bool]:
         # status is ("SET", key, doc, "PX", ttl ms): the script writes it as it is
         _, job, doc, _, ttl_ms = status[:5]
+        if self._later is not None:
+            replies = self._on_line(("EVALSHA", self._begin_running.sha, 3, name, lease, job,
+                                     record, self.ttl_ms, self._token, self._leases.ttl_ms,
+                                     doc, ttl_ms))
+            if replies is not None:
+                cur, leased = replies[0]
+                return (cur or None), bool(leased)
         cur, leased = self._begin_running(
             keys=[name, lease, job],
             args=[record, self.ttl_ms, self._token, self._leases.ttl_ms, doc, ttl_ms])
         return (cur or None), bool(leased)
+
+    def _on_line(self, *commands: tuple[Any, ...]) -> list[Any] | None:
+        """``commands``' replies through the reply-later line's round trip (one ``send``,
+        one ``recv``: no pool checkout, ``ReplyLater.call``), or None where the caller must
+        use its client instead: the script is not loaded on this server yet (the client's
+        script object loads it), or the connection broke. A broken call may have run; the
+        client's try then finds this delivery's own mark, as redis-py's retry of a command
+        whose reply was lost always did. Any other error reply is raised, as the client's."""
+        try:
+            replies = self._later.call(*commands)  # type: ignore[union-attr]
+        except ReplyLaterError as exc:
+            log.warning("mark round trip on the reply-later line failed (%s); "
+                        "trying the client", exc)
+            return None
+        for reply in replies:
+            if isinstance(reply, self._no_script):
+                return None
+            if isinstance(reply, Exception):
+                raise reply
+        return replies
 
     def hold(self, task: str, key: str, also: tuple[tuple[Any, ...], ...] = ()) -> bool:
         """The lease alone, for a run that takes no mark first (fresh idempotent work): sent

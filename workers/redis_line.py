@@ -14,6 +14,11 @@ so only repeatable commands belong here (``SET key value``). Ordering: each thre
 command is in its socket before the thread goes on to ack, and a socket's data is delivered
 even if the process is killed right after, so Redis sees the mark before the ack.
 
+:meth:`ReplyLater.call` is the one round trip on a line: a command whose answer the caller
+needs (a non-idempotent task's mark), sent after the line's unanswered writes and answered
+with them, without redis-py's pool checkout (whose readiness check costs a thread-pool
+worker three more GIL hand-offs per command).
+
 redis-py has pipelines (sent and answered in one go) but nothing that lets a caller move on
 before the answer, hence this small class. Its connections come from the client's own
 connection settings (timeouts, TLS, credentials), outside the client's pool: one per thread
@@ -43,12 +48,13 @@ class ReplyLaterError(OSError):
 class _Line:
     """One thread's connection and the commands on it that Redis has not answered yet."""
 
-    __slots__ = ("conn", "pid", "unread")
+    __slots__ = ("conn", "opened", "pid", "unread")
 
     def __init__(self, conn: Any) -> None:
         self.conn = conn
         self.pid = os.getpid()
         self.unread: deque[tuple[Any, ...]] = deque()
+        self.opened = 0  # times the connection was opened again (see ``ReplyLater.call``)
 
 
 class ReplyLater:
@@ -100,6 +106,42 @@ class ReplyLater:
             line.conn.send_packed_command(line.conn.pack_commands(commands), False)
         except self._errors as exc:
             self._resend(line, exc)
+
+    def call(self, *commands: tuple[Any, ...]) -> list[Any]:
+        """A round trip on this thread's line: ``commands`` in one socket write after the
+        writes still unanswered, then every reply read; returns the replies to ``commands``
+        (an error reply as its exception object, not raised).
+
+        Why: a command through redis-py's pool checks its connection out first, and that
+        check (a non-blocking ``recv`` between two ``settimeout`` calls) is three more points
+        where a thread-pool worker gives up the GIL and queues to get it back; here a round
+        trip is one ``send`` and one ``recv``. Raises ReplyLaterError when the connection
+        breaks or cannot be opened: whether ``commands`` ran is then unknown (the caller
+        decides what a repeat means; the unanswered writes are sent again as usual)."""
+        line = self._line()
+        try:
+            line.conn.connect()
+            line.conn.send_packed_command(line.conn.pack_commands(commands), False)
+        except self._errors as exc:
+            self._resend(line, exc)
+            raise ReplyLaterError(f"Redis connection broke ({exc}): the call was not "
+                                  "answered") from None
+        opened = line.opened
+        self._read_replies(line)  # the writes sent before: logged as usual
+        if line.opened != opened:  # reopened while reading them: the call was lost or ran
+            raise ReplyLaterError("Redis connection broke: the call was not answered")
+        replies: list[Any] = []
+        try:
+            for _ in commands:
+                try:
+                    replies.append(line.conn.read_response())
+                except self._reply_error as exc:
+                    replies.append(exc)
+        except self._errors as exc:
+            line.conn.disconnect()
+            raise ReplyLaterError(f"Redis connection broke ({exc}): the call was not "
+                                  "answered") from None
+        return replies
 
     def unread(self) -> int:
         """Commands sent on this thread's line whose replies have not been read yet."""
@@ -157,6 +199,7 @@ class ReplyLater:
     def _resend(self, line: _Line, exc: BaseException) -> None:
         """The connection broke: open it again and send everything still unanswered."""
         line.conn.disconnect()
+        line.opened += 1
         try:
             line.conn.connect()
             for command in line.unread:

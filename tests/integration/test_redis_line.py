@@ -118,3 +118,34 @@ def test_an_unreachable_server_is_a_clear_error() -> None:
     with pytest.raises(ReplyLaterError, match="may not be stored"):
         line.send("SET", "k", "v")
     assert line.unread() == 0
+
+
+def test_a_call_is_answered_after_the_writes_before_it(state_redis: redis.Redis,
+                                                       line_name: str) -> None:
+    line = ReplyLater(redis_client(STATE_REDIS_URL, socket_timeout=2.0), name=line_name)
+    state_redis.set("rl:c:text", "not a number")
+    line.send("SET", "rl:c:a", "1", "PX", 60_000)
+    line.send("INCR", "rl:c:text")  # refused: logged when read, not the call's reply
+    got, gone, refused = line.call(("GET", "rl:c:a"), ("DEL", "rl:c:none"),
+                                   ("INCR", "rl:c:text"))
+    assert (got, gone) == (b"1", 0)  # the write before it landed first, on the same line
+    assert isinstance(refused, redis.exceptions.ResponseError)  # returned, not raised
+    assert line.unread() == 0  # the earlier writes' replies were read on the way
+    assert len(client_ids(state_redis, line_name)) == 1  # this thread's line, no other
+    line.close()
+
+
+def test_a_call_on_a_broken_connection_raises_and_the_line_goes_on(state_redis: redis.Redis,
+                                                                   line_name: str) -> None:
+    line = ReplyLater(redis_client(STATE_REDIS_URL, socket_timeout=2.0), name=line_name)
+    line.send("SET", "rl:b:before", "1", "PX", 60_000)
+    line.flush()
+    [cid] = client_ids(state_redis, line_name)
+    state_redis.client_kill_filter(_id=cid)
+    line.send("SET", "rl:b:unanswered", "1", "PX", 60_000)  # may go into the dead socket
+    with pytest.raises(ReplyLaterError, match="not answered"):
+        line.call(("GET", "rl:b:before"))
+    assert line.call(("GET", "rl:b:before")) == [b"1"]  # a new connection
+    # the write that was unanswered when the connection broke was sent again
+    wait_until(lambda: state_redis.get("rl:b:unanswered") == b"1", 5, message="resent write")
+    line.close()

@@ -7,6 +7,7 @@ outcome (parked, then acked as a duplicate), it never runs alongside it.
 
 from __future__ import annotations
 
+import uuid
 from pathlib import Path
 
 import pytest
@@ -98,3 +99,33 @@ def test_a_redelivered_copy_waits_for_the_run_in_flight(broker, sims, producer, 
     ledger = sims["email"].ledger()
     assert ledger["applied"] == 1 and ledger["conflicts"] == 0, ledger
     assert ledger["effects"]["mail-lease"]["requests"] == 1  # the copy never called
+
+
+def test_the_mark_script_goes_on_the_reply_later_line(state_redis):
+    """A non-idempotent task's mark round trip is a call on its thread's reply-later line
+    (no pool checkout); an unloaded script or a broken line falls back to the client."""
+    from workers.jobs import JobStatuses
+    from workers.redis_line import ReplyLater
+
+    name = f"tidegate-test-{uuid.uuid4().hex[:8]}"
+    line = ReplyLater(state_redis, name=name)
+    store = IdempotencyStore(state_redis, ttl_s=60, lease_s=5, replies=line)
+    jobs = JobStatuses(state_redis, 60, replies=line)
+    store.begin("t", "key:warm", status=jobs.due("jw", "running"))  # loads the script
+    state_redis.delete("tidegate:idem:t:key:l1", "tidegate:idem-run:t:key:l1")
+    mark = store.begin("t", "key:l1", worker="w1", status=jobs.due("jl1", "running"))
+    assert (mark.state, mark.leased, mark.status_sent) == (MarkState.NEW, True, True)
+    [on_line] = [c for c in state_redis.client_list() if c.get("name") == name]
+    assert on_line["cmd"] == "evalsha"  # the line's connection ran it, not the pool's
+    assert jobs.read("jl1")["state"] == "running"
+    store.finish("t", "key:l1", 7)
+    dup = store.begin("t", "key:l1", worker="w2", status=jobs.due("jl1", "running"))
+    assert (dup.state, dup.result, dup.status_sent) == (MarkState.DONE, 7, False)
+    assert store._on_line(("EVALSHA", "0" * 40, 0)) is None  # not loaded: the client's way
+    [cid] = [c["id"] for c in state_redis.client_list() if c.get("name") == name]
+    state_redis.client_kill_filter(_id=cid)
+    state_redis.delete("tidegate:idem:t:key:l2", "tidegate:idem-run:t:key:l2")
+    again = store.begin("t", "key:l2", worker="w1", status=jobs.due("jl2", "running"))
+    assert (again.state, again.leased) == (MarkState.NEW, True)  # through the client
+    assert store.begin("t", "key:l2", worker="w2").state is MarkState.STARTED
+    store.close()
