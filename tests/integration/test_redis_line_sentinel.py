@@ -7,6 +7,7 @@ Sentinel drill's keyed charges found an earlier run's done marks and were acked 
 
 from __future__ import annotations
 
+import threading
 import uuid
 
 import pytest
@@ -48,6 +49,14 @@ def test_writes_go_to_the_master_the_sentinels_name(sentinel_group: SentinelGrou
             master.client_kill_filter(_id=cid)
         line.send("SET", keys[2], "c", "PX", 60_000)
         line.flush()
+        # a round trip as a thread's first use of its line (a non-idempotent task's mark
+        # script) opens the connection itself: on the master too
+        replies: list = []
+        first = threading.Thread(target=lambda: replies.extend(
+            line.call(("GET", keys[0]), ("EXISTS", keys[1]))))
+        first.start()
+        first.join(10)
+        assert replies == [b"a", 1]
         wait_until(lambda: master.get(keys[2]) == b"c", 10, message="the write after the kill")
         assert [master.get(k) for k in keys] == [b"a", b"b", b"c"]
         assert not any(_on_default_server(k) for k in keys)
