@@ -37,6 +37,7 @@ from .model import AUTO, BatchAdmission, EnqueueResult, Job, Prepared
 from .model import State as State
 from .prepare import Preparing
 from .publishing import BATCH_MECHANISMS, Publishing
+from .sent_events import sent_events_for
 
 __all__ = ["AUTO", "AsyncProducer", "EnqueueResult", "Job", "Producer", "client_limiter",
            "state_client"]
@@ -85,6 +86,7 @@ class Producer(Preparing, Publishing):
         self.limiter = limiter
         # Known down -> refused at once, re-probed in the background (producers.broker_gate).
         self._gate = BrokerGate(self._probe_broker)
+        self._sent_events = sent_events_for(app)  # RabbitMQ: task-sent without its own confirm
         # statuses on the Redis broker's own server: "queued" rides in the publish transaction
         self._status_dbs = (self.broker.status_dbs(self.settings, self.jobs.client)
                             if self.jobs is not None and not (

@@ -2,8 +2,10 @@
 
 Every publish goes out with the broker's options (RabbitMQ: ``mandatory``, bounded confirms),
 the ``tidegate_*`` headers a worker reads, and the job's "queued" status (in the publish
-transaction where the statuses live on the Redis broker's own server). A broker that cannot
-be reached trips the broker gate (``producers.broker_gate``) and becomes
+transaction where the statuses live on the Redis broker's own server). Where publishes wait
+for confirms, a job's ``task-sent`` event goes out after it without one
+(``producers.sent_events``). A broker that cannot be reached trips the broker gate
+(``producers.broker_gate``) and becomes
 :class:`~workers.errors.BrokerUnavailable`; a queue that vanished behind kombu's declaration
 cache is declared again and published once more. A batch goes through the mechanism its
 broker's adapter names (``producers.batch``). A mixin of :class:`~producers.producer.Producer`,
@@ -36,6 +38,7 @@ from .batch import AmqpConfirms, NotConfirmed, redis_batch, sqs_batch
 from .broker_gate import BrokerGate
 from .messages import EventBatch, MessageTemplate, capture, fast_path_usable
 from .model import EnqueueResult, Prepared
+from .sent_events import SentEvents
 
 __all__ = ["BATCH_MECHANISMS", "Publishing"]
 
@@ -67,6 +70,7 @@ class Publishing:
     throttle: Throttle | None
     _gate: BrokerGate
     _status_dbs: Any
+    _sent_events: SentEvents | None
 
     def _done(self, result: EnqueueResult) -> EnqueueResult:
         metrics.ENQUEUED.labels(queue=result.queue, priority=result.priority.name.lower(),
@@ -306,6 +310,8 @@ class Publishing:
             return self._publish_in_transaction(p, producer)
         self._check_gate(p)
         options = self._send_options(p, producer)
+        if self._sent_events is not None:  # task-sent after the job, without its own confirm
+            options["event_dispatcher"] = self._sent_events
         try:
             try:
                 self.app.send_task(p.task, **options)
