@@ -84,6 +84,20 @@ def test_sentinel_promotes_the_replica_and_everything_carries_on(
         with contextlib.suppress(AssertionError):  # a mark follows its effect by moments
             wait_until(lambda: not unmarked(), 30, message="the done marks")
         missing_marks = unmarked()
+        # so are the job statuses (the producer's "queued", the worker's "succeeded"), where
+        # the job status API reads them
+        from workers.jobs import JobStatuses
+
+        statuses = JobStatuses(state, 3600)
+        late = [job for job, (_, t) in load.accepted.items() if t > promoted_at + 1.0]
+
+        def states() -> dict[str, str | None]:
+            return {job: (statuses.read(load.ids[job]) or {}).get("state") for job in late}
+
+        with contextlib.suppress(AssertionError):  # "succeeded" follows the effect too
+            wait_until(lambda: set(states().values()) == {"succeeded"}, 30,
+                       message="the job statuses")
+        late_states = states()
     finally:
         app.close()
     print(f"\nsentinel drill: {result.line()}; promotion {promoted_at - killed_at:.1f} s "
@@ -95,6 +109,7 @@ def test_sentinel_promotes_the_replica_and_everything_carries_on(
     assert not result.doubled, result.doubled
     assert keyed and not missing_marks, (
         f"{len(missing_marks)} of {len(keyed)} done marks not on the master")
+    assert late_states and set(late_states.values()) == {"succeeded"}, late_states
     assert any(t > promoted_at for _, t in load.accepted.values()), "nothing accepted after"
 
 

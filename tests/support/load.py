@@ -23,13 +23,13 @@ from typing import Any
 KINDS = ("keyed", "unkeyed", "index")
 
 
-def _submit(producer: Any, kind: str, job: str) -> None:
+def _submit(producer: Any, kind: str, job: str) -> Any:
     if kind == "index":
-        producer.enqueue("search.index", [job], idempotency_key=None)
-    elif kind == "keyed":
-        producer.enqueue("payments.charge", [job], {"amount_cents": 100}, idempotency_key=job)
-    else:
-        producer.enqueue("payments.charge", [job], {"amount_cents": 100})
+        return producer.enqueue("search.index", [job], idempotency_key=None)
+    if kind == "keyed":
+        return producer.enqueue("payments.charge", [job], {"amount_cents": 100},
+                                idempotency_key=job)
+    return producer.enqueue("payments.charge", [job], {"amount_cents": 100})
 
 
 class MixedLoad:
@@ -39,6 +39,7 @@ class MixedLoad:
                  kinds: tuple[str, ...] = KINDS) -> None:
         self.producer, self.interval, self.prefix, self.kinds = producer, 1.0 / rate, prefix, kinds
         self.accepted: dict[str, tuple[str, float]] = {}  # job -> (kind, wall time accepted)
+        self.ids: dict[str, str] = {}  # job -> its task id (the job status API's id)
         self.refused: list[tuple[str, str]] = []  # (job, error)
         self.refusal_s: list[float] = []  # how long each refused enqueue took
         self._stop = threading.Event()
@@ -51,8 +52,9 @@ class MixedLoad:
             job = f"{self.prefix}-{kind}-{i}"
             started = time.monotonic()
             try:
-                _submit(self.producer, kind, job)
+                result = _submit(self.producer, kind, job)
                 self.accepted[job] = (kind, time.time())
+                self.ids[job] = getattr(result, "id", "")
             except Exception as exc:  # refused: counted, never silently lost
                 self.refused.append((job, f"{type(exc).__name__}: {exc}"))
                 self.refusal_s.append(time.monotonic() - started)
