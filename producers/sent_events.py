@@ -59,9 +59,8 @@ class SentEvents:
     def publish(self, type: str, fields: dict[str, Any], producer: Any = None,
                 **kwargs: Any) -> None:
         """Celery's ``EventDispatcher.publish`` signature; ``producer`` (the job's, in
-        confirm mode) is not used. Never raises: the job is already confirmed."""
-        kwargs.pop("retry", None)
-        kwargs.pop("retry_policy", None)
+        confirm mode) and Celery's retry options are not used: one fresh connection is
+        this one's retry. Never raises: the job is already confirmed."""
         with self._lock:
             for attempt in (1, 2):
                 try:
@@ -75,9 +74,6 @@ class SentEvents:
                         log.warning("%s event for %s not published (the job is queued): %s",
                                     type, fields.get("uuid"), exc)
 
-    def close(self) -> None:
-        with self._lock:
-            self._line.close()
 
 
 class _Line:

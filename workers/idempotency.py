@@ -221,16 +221,14 @@ class IdempotencyStore:
                       status: tuple[Any, ...]) -> tuple[Any, bool]:
         # status is ("SET", key, doc, "PX", ttl ms): the script writes it as it is
         _, job, doc, _, ttl_ms = status[:5]
+        keys = [name, lease, job]
+        args = [record, self.ttl_ms, self._token, self._leases.ttl_ms, doc, ttl_ms]
+        replies = None
         if self._later is not None:
-            replies = self._on_line(("EVALSHA", self._begin_running.sha, 3, name, lease, job,
-                                     record, self.ttl_ms, self._token, self._leases.ttl_ms,
-                                     doc, ttl_ms))
-            if replies is not None:
-                cur, leased = replies[0]
-                return (cur or None), bool(leased)
-        cur, leased = self._begin_running(
-            keys=[name, lease, job],
-            args=[record, self.ttl_ms, self._token, self._leases.ttl_ms, doc, ttl_ms])
+            replies = self._on_line(("EVALSHA", self._begin_running.sha, len(keys), *keys,
+                                     *args))
+        cur, leased = (replies[0] if replies is not None
+                       else self._begin_running(keys=keys, args=args))
         return (cur or None), bool(leased)
 
     def _on_line(self, *commands: tuple[Any, ...]) -> list[Any] | None:

@@ -23,7 +23,7 @@ redis-py has pipelines (sent and answered in one go) but nothing that lets a cal
 before the answer, hence this small class. Its connections come from the client's own
 connection settings (timeouts, TLS, credentials), outside the client's pool: one per thread
 of a threads or prefork worker (under gevent or eventlet, one per greenlet: not meant there).
-Each send calls ``connect()`` first (a no-op when connected): redis-py's own lazy connect in
+Every write calls ``connect()`` first (a no-op when connected): redis-py's own lazy connect in
 ``send_packed_command`` skips a Sentinel-managed connection's master lookup and would open
 ``localhost:6379`` instead of the master the sentinels name.
 """
@@ -115,8 +115,7 @@ class ReplyLater:
             self._read_replies(line)
         line.unread.append(command)
         try:
-            line.conn.connect()
-            line.conn.send_packed_command(self._packed(line, (command,)), False)
+            self._write(line, (command,))
         except self._errors as exc:
             self._resend(line, exc)
 
@@ -130,8 +129,7 @@ class ReplyLater:
             self._read_replies(line)
         line.unread.extend(commands)
         try:
-            line.conn.connect()
-            line.conn.send_packed_command(self._packed(line, commands), False)
+            self._write(line, commands)
         except self._errors as exc:
             self._resend(line, exc)
 
@@ -148,8 +146,7 @@ class ReplyLater:
         decides what a repeat means; the unanswered writes are sent again as usual)."""
         line = self._line()
         try:
-            line.conn.connect()
-            line.conn.send_packed_command(self._packed(line, commands), False)
+            self._write(line, commands)
         except self._errors as exc:
             self._resend(line, exc)
             raise ReplyLaterError(f"Redis connection broke ({exc}): the call was not "
@@ -197,10 +194,14 @@ class ReplyLater:
 
     # -- internals -------------------------------------------------------------------------
     @staticmethod
-    def _packed(line: _Line, commands: tuple[tuple[Any, ...], ...]) -> list[bytes]:
-        encoder = line.conn.encoder
-        packed = pack(commands, encoder.encoding, encoder.encoding_errors)
-        return [packed] if packed is not None else line.conn.pack_commands(commands)
+    def _write(line: _Line, commands: tuple[tuple[Any, ...], ...]) -> None:
+        """``commands`` in one socket write. ``connect()`` first (a no-op when connected):
+        redis-py's own lazy connect skips a Sentinel-managed connection's master lookup."""
+        conn = line.conn
+        conn.connect()
+        packed = pack(commands, conn.encoder.encoding, conn.encoder.encoding_errors)
+        conn.send_packed_command([packed] if packed is not None
+                                 else conn.pack_commands(commands), False)
 
     def _line(self) -> _Line:
         line: _Line | None = getattr(self._local, "line", None)
@@ -235,9 +236,7 @@ class ReplyLater:
         line.conn.disconnect()
         line.opened += 1
         try:
-            line.conn.connect()
-            for command in line.unread:
-                line.conn.send_command(*command)
+            self._write(line, tuple(line.unread))
         except self._errors as again:
             line.conn.disconnect()
             lost = len(line.unread)

@@ -25,6 +25,8 @@ from tests.conftest import Broker
 from tests.support.load import MixedLoad, account, settled
 from tests.support.procs import wait_until
 from workers.errors import BrokerUnavailable
+from workers.idempotency import IdempotencyStore, mark_key
+from workers.jobs import JobStatuses
 
 pytestmark = [pytest.mark.integration, pytest.mark.drill, pytest.mark.timeout(400)]
 SCALE = float(os.environ.get("TIDEGATE_DRILL_SCALE", "1"))
@@ -73,12 +75,14 @@ def test_sentinel_promotes_the_replica_and_everything_carries_on(
         # The worker's done marks (written without waiting, on its own connections) are on
         # the master the sentinels name: a keyed charge served after the promotion has one.
         state = redis_client(g.state_url, socket_timeout=2.0, socket_connect_timeout=2.0)
-        keyed = [job for job, (kind, t) in load.accepted.items()
-                 if kind == "keyed" and t > promoted_at + 1.0]
+        marks = IdempotencyStore(state)
+        after = [job for job, (_, t) in load.accepted.items() if t > promoted_at + 1.0]
+        keyed = [job for job in after if load.accepted[job][0] == "keyed"]
 
         def unmarked() -> list[str]:
-            marks = state.mget([f"tidegate:idem:payments.charge:key:{job}" for job in keyed])
-            return [job for job, mark in zip(keyed, marks, strict=True)
+            got = state.mget([marks.key("payments.charge", mark_key(job, None))
+                              for job in keyed])
+            return [job for job, mark in zip(keyed, got, strict=True)
                     if mark is None or b'"done"' not in mark]
 
         with contextlib.suppress(AssertionError):  # a mark follows its effect by moments
@@ -86,13 +90,10 @@ def test_sentinel_promotes_the_replica_and_everything_carries_on(
         missing_marks = unmarked()
         # so are the job statuses (the producer's "queued", the worker's "succeeded"), where
         # the job status API reads them
-        from workers.jobs import JobStatuses
-
         statuses = JobStatuses(state, 3600)
-        late = [job for job, (_, t) in load.accepted.items() if t > promoted_at + 1.0]
 
         def states() -> dict[str, str | None]:
-            return {job: (statuses.read(load.ids[job]) or {}).get("state") for job in late}
+            return {job: (statuses.read(load.ids[job]) or {}).get("state") for job in after}
 
         with contextlib.suppress(AssertionError):  # "succeeded" follows the effect too
             wait_until(lambda: set(states().values()) == {"succeeded"}, 30,

@@ -54,7 +54,7 @@ class MixedLoad:
             try:
                 result = _submit(self.producer, kind, job)
                 self.accepted[job] = (kind, time.time())
-                self.ids[job] = getattr(result, "id", "")
+                self.ids[job] = result.id
             except Exception as exc:  # refused: counted, never silently lost
                 self.refused.append((job, f"{type(exc).__name__}: {exc}"))
                 self.refusal_s.append(time.monotonic() - started)
