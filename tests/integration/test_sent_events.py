@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import socket
 from pathlib import Path
 
 import pytest
@@ -69,6 +70,36 @@ def test_the_event_goes_out_on_a_channel_without_confirms(broker, amqp_app):
         assert line.conn is not None
         assert not line.conn.default_channel._confirm_selected  # the job's channel is
         assert _queued_ids(broker.url, "search") == ["sent-1"]
+    finally:
+        queue(conn.default_channel).delete()
+        conn.close()
+
+
+@pytest.mark.parametrize("broker", ["amqp"], indirect=True)
+def test_a_broken_events_connection_is_opened_again(broker, amqp_app):
+    """The events connection's socket shut under it (a broker restart, an idle cut): the next
+    event goes out on a fresh connection, nothing dropped."""
+    from producers import Producer
+
+    conn, queue = _listen(broker.url)
+    try:
+        producer = Producer(amqp_app, throttle=None)
+        producer.enqueue("search.index", ["doc-a"], task_id="sent-a")
+        line = producer._sent_events._line  # type: ignore[union-attr]
+        first = line.conn
+        first.connection.transport.sock.shutdown(socket.SHUT_RDWR)
+        producer.enqueue("search.index", ["doc-b"], task_id="sent-b")
+        assert line.conn is not first  # opened again
+        uuids: list[str] = []
+
+        def both() -> bool:
+            while (msg := conn.default_channel.basic_get(queue.name, no_ack=True)) is not None:
+                uuids.append(json.loads(msg.body)["uuid"])
+            return len(uuids) >= 2
+
+        wait_until(both, 10, message="both task-sent events")
+        assert uuids == ["sent-a", "sent-b"]
+        assert producer._sent_events.dropped == 0  # type: ignore[union-attr]
     finally:
         queue(conn.default_channel).delete()
         conn.close()
